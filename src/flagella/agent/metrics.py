@@ -1,0 +1,88 @@
+"""Prometheus metrics, computed on each scrape from the agent's live state.
+
+Names follow Cilium (``cilium_`` becomes ``flagella_``): drop and forward
+counters come from the kernel's per-CPU metrics map, summed over CPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from flagella.agent.server import AgentServer
+
+DIRECTIONS = {1: "INGRESS", 2: "EGRESS"}
+
+#: Drop reasons (positive codes, Cilium's numbering) and their Cilium strings.
+REASONS = {
+    0: "Forwarded",
+    130: "Invalid source mac",
+    132: "Invalid source ip",
+    133: "Policy denied",
+    134: "Invalid packet",
+    135: "CT: Truncated or invalid header",
+    137: "CT: Unknown L4 protocol",
+    141: "Error writing to packet",
+    156: "Invalid IPv6 extension header",
+    157: "IPv6 fragmentation not supported",
+    160: "First IPv4 fragment not found",
+}
+
+
+def reason_name(code: int) -> str:
+    return REASONS.get(code, f"Unknown reason {code}")
+
+
+class AgentCollector(Collector):
+    def __init__(self, server: AgentServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Any]:
+        core = self.server.core
+        drops = CounterMetricFamily("flagella_drop_count", "Dropped packets", labels=["reason", "direction"])
+        drop_bytes = CounterMetricFamily("flagella_drop_bytes", "Dropped bytes", labels=["reason", "direction"])
+        fwd = CounterMetricFamily("flagella_forward_count", "Forwarded packets", labels=["direction"])
+        fwd_bytes = CounterMetricFamily("flagella_forward_bytes", "Forwarded bytes", labels=["direction"])
+        try:
+            counters = core.dp.metrics()
+        except Exception:
+            counters = {}
+        for (reason, d), c in counters.items():
+            direction = DIRECTIONS.get(d, "UNKNOWN")
+            if reason == 0:
+                fwd.add_metric([direction], c.packets)
+                fwd_bytes.add_metric([direction], c.bytes)
+            else:
+                drops.add_metric([reason_name(reason), direction], c.packets)
+                drop_bytes.add_metric([reason_name(reason), direction], c.bytes)
+        yield from (drops, drop_bytes, fwd, fwd_bytes)
+        yield GaugeMetricFamily("flagella_endpoint_count", "Endpoints", value=len(core.endpoints))
+        regen = CounterMetricFamily("flagella_endpoint_regenerations", "Endpoint regenerations", labels=["outcome"])
+        for outcome in ("success", "fail"):
+            regen.add_metric([outcome], core.stats.regenerations.get(outcome, 0))
+        yield regen
+        yield GaugeMetricFamily("flagella_policy_count", "Policies", value=len(core.engine.policies))
+        yield GaugeMetricFamily("flagella_policy_max_revision", "Policy revision", value=core.engine.revision)
+        yield CounterMetricFamily("flagella_policy_import_errors", "Rejected policy imports", value=core.stats.import_errors)
+        yield GaugeMetricFamily("flagella_identity_count", "Identities", value=len(core.allocator.all()))
+        repairs = CounterMetricFamily("flagella_map_repairs", "Map entries repaired by the sync controller", labels=["map"])
+        for name, n in core.stats.repairs.items():
+            repairs.add_metric([name], n)
+        yield repairs
+        failing = sum(1 for c in self.server.controllers if c.consecutive_failures)
+        yield GaugeMetricFamily("flagella_controllers_failing", "Controllers failing", value=failing)
+
+
+def start_metrics(server: AgentServer) -> None:
+    addr = server.core.settings.metrics_addr
+    if not addr:
+        return
+    host, _, port = addr.rpartition(":")
+    collector = AgentCollector(server)
+    REGISTRY.register(collector)
+    start_http_server(int(port), addr=host or "127.0.0.1")

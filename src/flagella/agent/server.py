@@ -1,0 +1,332 @@
+"""The agent process: API socket, controllers, metrics, event monitor.
+
+One asyncio loop. Requests are handled one at a time under a lock (every
+operation ends with the kernel enforcing its result, so there is nothing to
+gain from interleaving them), while controllers run on their intervals:
+
+* ``sync-maps`` makes every map equal to the desired state and counts
+  repairs (drift from bpftool or anything else);
+* ``ct-gc`` deletes expired conntrack entries;
+* ``events`` drains the kernel's event ring into the monitor subscribers.
+
+A controller that raises is counted as failing until its next success
+(``controllers_failing`` metric, ``status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from flagella import rpc
+from flagella.agent.core import AgentCore, parse_kv
+from flagella.agent.metrics import start_metrics
+from flagella.datapath.desired import PolicyKey
+from flagella.errors import FlagellaError, InputError
+from flagella.policy.query import parse_query
+
+log = structlog.get_logger("flagella.agent")
+
+
+@dataclass
+class Controller:
+    name: str
+    interval: float
+    func: Callable[[], Any]
+    runs: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_error: str = ""
+    last_run: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "interval_s": self.interval,
+            "runs": self.runs,
+            "failures": self.failures,
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class AgentServer:
+    core: AgentCore
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    controllers: list[Controller] = field(default_factory=list)
+    subscribers: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        s = self.core.settings
+        self.controllers = [
+            Controller("sync-maps", s.controllers.sync_interval_s, self.core.sync_all),
+            Controller("ct-gc", s.conntrack.gc_interval_non_tcp_s, self.core.ct_gc),
+        ]
+        self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "status": lambda p: self.status(),
+            "endpoint.create": self.endpoint_create,
+            "endpoint.list": lambda p: [ep.to_json() for ep in sorted(self.core.endpoints.values(), key=lambda e: e.id)],
+            "endpoint.get": lambda p: self._endpoint_detail(p),
+            "endpoint.delete": lambda p: self.core.delete_endpoint(_req(p, "name")).to_json(),
+            "endpoint.labels": lambda p: self.core.set_endpoint_labels(
+                _req(p, "name"), parse_kv(p.get("set", []), "--set"), p.get("unset", [])
+            ).to_json(),
+            "namespace.labels": lambda p: self.core.set_namespace_labels(
+                _req(p, "namespace"), parse_kv(p.get("set", []), "--set"), p.get("unset", [])
+            ),
+            "policy.import": self.policy_import,
+            "policy.get": lambda p: {
+                "revision": self.core.engine.revision,
+                "policies": [pol.source for pol in self.core.engine.policies.values()],
+            },
+            "policy.delete": lambda p: {
+                "revision": self.core.delete_policies(p.get("names", []), p.get("namespace"), bool(p.get("all")))
+            },
+            "policy.wait": self.policy_wait,
+            "policy.trace": lambda p: self.core.trace([parse_query(q) for q in p.get("queries", [])]),
+            "identity.list": lambda p: list(self.core.identities().values()),
+            "identity.get": self.identity_get,
+            "bpf.policy": self.bpf_policy,
+            "bpf.ct": lambda p: self.bpf_ct(),
+            "bpf.ipcache": lambda p: sorted(
+                ({"prefix": str(k), "identity": v} for k, v in self.core.dp.ipcache.items()),
+                key=lambda r: r["prefix"],
+            ),
+            "bpf.metrics": lambda p: self.bpf_metrics(),
+        }
+
+    # -- handlers -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        out = self.core.status()
+        failing = [c.name for c in self.controllers if c.consecutive_failures]
+        out["controllers"] = [c.to_json() for c in self.controllers]
+        out["controllers_failing"] = len(failing)
+        out["uptime_s"] = round(time.time() - self.started, 1)
+        return out
+
+    def endpoint_create(self, p: dict[str, Any]) -> dict[str, Any]:
+        named = {}
+        for item in p.get("named_ports") or []:
+            from flagella.policy.query import parse_named_ports
+
+            for name, ports in parse_named_ports([item], "--named-port").items():
+                named.setdefault(name, []).extend(sorted(ports))
+        ep = self.core.create_endpoint(
+            name=_req(p, "name"),
+            namespace=str(p.get("namespace") or "default"),
+            labels=parse_kv(p.get("labels") or [], "--labels"),
+            namespace_labels=parse_kv(p.get("namespace_labels") or [], "--namespace-labels"),
+            service_account=p.get("service_account"),
+            ipv4=p.get("ipv4"),
+            ipv6=p.get("ipv6"),
+            named_ports=named,
+        )
+        return ep.to_json()
+
+    def _endpoint_detail(self, p: dict[str, Any]) -> dict[str, Any]:
+        ep = self.core.find(_req(p, "name"))
+        out = ep.to_json()
+        out["identity_labels"] = sorted(str(x) for x in self.core._security_labels(ep))
+        pol = self.core.engine.resolved.get(ep.id)
+        if pol is not None:
+            out["policy"] = {
+                "selected_rules": sorted(pol.selected),
+                "ingress_entries": len(pol.ingress),
+                "egress_entries": len(pol.egress),
+            }
+        return out
+
+    def policy_import(self, p: dict[str, Any]) -> dict[str, Any]:
+        docs = p.get("documents")
+        if not isinstance(docs, list):
+            raise InputError("documents: expected a list")
+        return {"revision": self.core.import_policies(docs, p.get("sources"))}
+
+    def policy_wait(self, p: dict[str, Any]) -> dict[str, Any]:
+        revision = int(p.get("revision", self.core.engine.revision))
+        behind = [ep.id for ep in self.core.endpoints.values() if ep.policy_revision < revision]
+        return {"revision": revision, "waiting": behind}
+
+    def identity_get(self, p: dict[str, Any]) -> dict[str, Any]:
+        ident = int(_req(p, "id"))
+        found = self.core.identities().get(ident)
+        if found is None:
+            raise InputError(f"identity {ident} not found")
+        return found
+
+    def bpf_policy(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        ep = self.core.find(_req(p, "name"))
+        rows = []
+        for key, (value, counters) in sorted(self.core.dp.policy_counters(ep.id).items()):
+            rows.append(_policy_row(key, value.verdict, value.proxy_port, counters.packets, counters.bytes))
+        return rows
+
+    def bpf_ct(self) -> list[dict[str, Any]]:
+        now = self.core.dp.now_ns()
+        return [
+            {
+                "endpoint": r.ep_id,
+                "direction": "egress" if r.egress else "ingress",
+                "proto": r.proto,
+                "src": f"{r.saddr}:{r.sport}",
+                "dst": f"{r.daddr}:{r.dport}",
+                "expires_in_s": round((r.expires_ns - now) / 1e9, 1),
+                "packets": r.packets,
+                "bytes": r.bytes,
+                "flags": r.flags,
+            }
+            for r in self.core.dp.ct_entries()
+        ]
+
+    def bpf_metrics(self) -> list[dict[str, Any]]:
+        from flagella.agent.metrics import DIRECTIONS, reason_name
+
+        return [
+            {"reason": reason_name(reason), "direction": DIRECTIONS.get(d, "UNKNOWN"), "packets": c.packets, "bytes": c.bytes}
+            for (reason, d), c in sorted(self.core.dp.metrics().items())
+        ]
+
+    # -- serving -------------------------------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            try:
+                req = rpc.decode(line)
+                if not isinstance(req, dict) or not isinstance(req.get("method"), str):
+                    raise InputError("request: expected {\"method\": ..., \"params\": {...}}")
+                method = req["method"]
+                params = req.get("params") or {}
+                if not isinstance(params, dict):
+                    raise InputError("params: expected an object")
+                if method == "monitor":
+                    await self.stream_events(params, writer)
+                    return
+                handler = self.handlers.get(method)
+                if handler is None:
+                    raise InputError(f"unknown method {method!r}")
+                async with self.lock:
+                    result = handler(params)
+                writer.write(rpc.ok(result))
+            except FlagellaError as exc:
+                writer.write(rpc.error(exc))
+            except Exception as exc:  # a bug: report it, keep serving
+                log.exception("request-failed")
+                writer.write(rpc.error(RuntimeError(f"internal error: {exc}")))
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def stream_events(self, params: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        kind = params.get("type")
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
+        self.subscribers.append(queue)
+        try:
+            writer.write(rpc.ok({"subscribed": True}))
+            await writer.drain()
+            while True:
+                event = await queue.get()
+                if kind and event.get("type") != kind:
+                    continue
+                writer.write(rpc.encode(event))
+                await writer.drain()
+        finally:
+            self.subscribers.remove(queue)
+
+    async def run_controller(self, c: Controller) -> None:
+        while True:
+            await asyncio.sleep(c.interval)
+            async with self.lock:
+                try:
+                    c.func()
+                    c.consecutive_failures = 0
+                except Exception as exc:
+                    c.failures += 1
+                    c.consecutive_failures += 1
+                    c.last_error = str(exc)
+                    log.warning("controller-failed", controller=c.name, error=str(exc))
+                c.runs += 1
+                c.last_run = time.time()
+
+    async def pump_events(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            events = await loop.run_in_executor(None, self.core.dp.poll_events, 200)
+            for ev in events:
+                for q in list(self.subscribers):
+                    with contextlib.suppress(asyncio.QueueFull):
+                        q.put_nowait(ev)
+            if not events:
+                await asyncio.sleep(0.05)
+
+    async def serve(self) -> None:
+        path = self.core.settings.socket_path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server = await asyncio.start_unix_server(self.handle, path=path, limit=rpc.MAX_LINE)
+        os.chmod(path, 0o660)
+        start_metrics(self)
+        tasks = [asyncio.create_task(self.run_controller(c)) for c in self.controllers]
+        tasks.append(asyncio.create_task(self.pump_events()))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("agent-ready", socket=path)
+        async with server:
+            await stop.wait()
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        log.info("agent-stopped")
+
+
+def _req(p: dict[str, Any], key: str) -> Any:
+    value = p.get(key)
+    if value in (None, ""):
+        raise InputError(f"{key}: required")
+    return value
+
+
+def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nbytes: int) -> dict[str, Any]:
+    names = {1: "allow", 2: "deny", 3: "redirect"}
+    span = 1 << key.wild_bits
+    ports = "any" if key.wild_bits >= 16 else (
+        str(key.port) if span == 1 else f"{key.port}-{key.port + span - 1}"
+    )
+    return {
+        "direction": "egress" if key.egress else "ingress",
+        "identity": key.identity,
+        "protocol": key.protocol,
+        "ports": ports,
+        "verdict": names.get(verdict, str(verdict)),
+        "proxy_port": proxy_port,
+        "packets": packets,
+        "bytes": nbytes,
+    }
+
+
+def run_agent(core: AgentCore) -> None:
+    core.restore()
+    server = AgentServer(core)
+    asyncio.run(server.serve())
+
+

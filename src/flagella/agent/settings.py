@@ -1,0 +1,145 @@
+"""Agent settings: typed, grouped by concern, validated once.
+
+Read from a YAML or JSON file (``flagella agent --config FILE``) whose keys
+mirror these groups, e.g.::
+
+    state_dir: /var/run/flagella
+    network: {ipv4_cidr: 10.244.0.0/24, ipv6_cidr: "fd00:10:244::/112"}
+    policy: {enforcement: default, legacy_host_allows_world: false}
+    conntrack: {tcp_established_s: 21600}
+
+Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flagella.errors import InputError
+from flagella.policy.resolver import PolicySettings
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    ipv4_cidr: str = "10.244.0.0/24"
+    ipv6_cidr: str = "fd00:10:244::/112"
+    mtu: int = 1500
+    #: Bytes of encapsulation overhead; 0 = no tunnel (routes keep the device MTU).
+    tunnel_overhead: int = 0
+
+
+@dataclass(frozen=True)
+class ConntrackSettings:
+    tcp_established_s: int = 21600
+    tcp_syn_s: int = 60
+    non_tcp_s: int = 60
+    closing_s: int = 10
+    gc_interval_s: float = 60.0
+    gc_interval_non_tcp_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    sync_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    state_dir: str = "/var/run/flagella"
+    socket: str = ""  # default: <state_dir>/flagella.sock
+    bpf_dir: str = "/sys/fs/bpf/flagella"
+    metrics_addr: str = "127.0.0.1:9962"
+    trace_events: bool = False
+    label_prefixes: tuple[str, ...] = ()
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
+    controllers: ControllerSettings = field(default_factory=ControllerSettings)
+
+    @property
+    def socket_path(self) -> str:
+        return self.socket or str(Path(self.state_dir) / "flagella.sock")
+
+    def validate(self) -> AgentSettings:
+        try:
+            ipaddress.IPv4Network(self.network.ipv4_cidr)
+        except ValueError as exc:
+            raise InputError(f"network.ipv4_cidr: {exc}") from None
+        if self.network.ipv6_cidr:
+            try:
+                ipaddress.IPv6Network(self.network.ipv6_cidr)
+            except ValueError as exc:
+                raise InputError(f"network.ipv6_cidr: {exc}") from None
+        if self.policy.enforcement not in ("default", "always", "never"):
+            raise InputError("policy.enforcement: must be default, always or never")
+        if self.policy.allow_localhost not in ("always", "policy"):
+            raise InputError("policy.allow_localhost: must be always or policy")
+        if not 576 <= self.network.mtu <= 65520:
+            raise InputError("network.mtu: must be 576-65520")
+        if not 0 <= self.network.tunnel_overhead < 200:
+            raise InputError("network.tunnel_overhead: must be 0-199")
+        host, sep, port = self.metrics_addr.rpartition(":")
+        if self.metrics_addr and (not sep or not port.isdigit()):
+            raise InputError("metrics_addr: must be HOST:PORT (or empty to disable)")
+        for name in ("tcp_established_s", "tcp_syn_s", "non_tcp_s", "closing_s"):
+            if getattr(self.conntrack, name) <= 0:
+                raise InputError(f"conntrack.{name}: must be positive")
+        if self.controllers.sync_interval_s <= 0:
+            raise InputError("controllers.sync_interval_s: must be positive")
+        return self
+
+
+def _build(cls: Any, data: Mapping[str, Any], path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise InputError(f"{path or 'settings'}: expected a mapping")
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        f = known.get(str(key).replace("-", "_"))
+        where = f"{path}.{key}" if path else str(key)
+        if f is None:
+            raise InputError(f"{where}: unknown setting")
+        default = getattr(cls(), f.name)
+        if is_dataclass(default):
+            kwargs[f.name] = _build(type(default), value, where)
+        elif isinstance(default, tuple):
+            if not isinstance(value, list):
+                raise InputError(f"{where}: expected a list")
+            kwargs[f.name] = tuple(str(v) for v in value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise InputError(f"{where}: expected true or false")
+            kwargs[f.name] = value
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{where}: expected a number")
+            kwargs[f.name] = type(default)(value)
+        else:
+            kwargs[f.name] = str(value)
+    return cls(**kwargs)
+
+
+def load_settings(path: str | Path | None, **overrides: Any) -> AgentSettings:
+    data: Mapping[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise InputError(f"settings file: {exc}") from None
+        try:
+            loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise InputError(f"settings file {path}: {exc}") from None
+        data = loaded or {}
+    settings: AgentSettings = _build(AgentSettings, data, "")
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    if clean:
+        settings = replace(settings, **clean)
+    return settings.validate()

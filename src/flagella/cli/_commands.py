@@ -1,0 +1,357 @@
+"""Agent-facing commands: ``agent``, ``endpoint``, ``namespace``, ``policy import|get|delete``,
+``identity``, ``bpf``, ``monitor``, ``status``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from flagella.cli._client import call, stream
+from flagella.errors import AgentUnavailable, FlagellaError, InputError, PolicyValidationError
+from flagella.policy.api import load_policy_files
+
+SocketOpt = Annotated[str | None, typer.Option("--socket", help="Agent socket (or $FLAGELLA_SOCKET)")]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="text or json")]
+
+endpoint_app = typer.Typer(no_args_is_help=True, help="Manage endpoints (pods).")
+namespace_app = typer.Typer(no_args_is_help=True, help="Namespace labels.")
+identity_app = typer.Typer(no_args_is_help=True, help="Security identities.")
+bpf_app = typer.Typer(no_args_is_help=True, help="Raw kernel maps.")
+bpf_policy_app = typer.Typer(no_args_is_help=True)
+bpf_ct_app = typer.Typer(no_args_is_help=True)
+bpf_ipcache_app = typer.Typer(no_args_is_help=True)
+bpf_metrics_app = typer.Typer(no_args_is_help=True)
+bpf_app.add_typer(bpf_policy_app, name="policy", help="Policy map entries of an endpoint.")
+bpf_app.add_typer(bpf_ct_app, name="ct", help="Connection tracking entries.")
+bpf_app.add_typer(bpf_ipcache_app, name="ipcache", help="IP/CIDR -> identity.")
+bpf_app.add_typer(bpf_metrics_app, name="metrics", help="Datapath drop/forward counters.")
+
+
+def run(method: str, params: dict[str, Any], socket: str | None) -> Any:
+    try:
+        return call(socket, method, params)
+    except PolicyValidationError:
+        raise
+    except InputError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except AgentUnavailable as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except FlagellaError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def emit(result: Any, output: str, text: Any = None) -> None:
+    if output == "json" or text is None:
+        typer.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        typer.echo(text(result))
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells)
+
+
+# -- agent ------------------------------------------------------------------------------
+
+
+def agent(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Settings file (YAML/JSON)")] = None,
+    state_dir: Annotated[str | None, typer.Option("--state-dir")] = None,
+    socket: SocketOpt = None,
+    metrics_addr: Annotated[str | None, typer.Option("--metrics-addr", help="HOST:PORT, '' disables")] = None,
+    bpf_dir: Annotated[str | None, typer.Option("--bpf-dir")] = None,
+) -> None:
+    """Run the agent in the foreground."""
+    from flagella.agent import run
+
+    try:
+        run(config, state_dir=state_dir, socket=socket, metrics_addr=metrics_addr, bpf_dir=bpf_dir)
+    except InputError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def status(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    """Exit 0 when the agent answers."""
+    result = run("status", {}, socket)
+
+    def text(r: dict[str, Any]) -> str:
+        ctl = r["controllers"]
+        healthy = sum(1 for c in ctl if not c["consecutive_failures"])
+        return "\n".join(
+            [
+                "Flagella: OK",
+                f"Endpoints: {r['endpoints']}",
+                f"Policies: {r['policies']} (revision {r['revision']})",
+                f"Identities: {r['identities']}",
+                f"Controller Status: {healthy}/{len(ctl)} healthy",
+                f"Map repairs: {sum(r['repairs'].values())}",
+            ]
+        )
+
+    emit(result, output, text)
+
+
+# -- endpoints -------------------------------------------------------------------------------
+
+
+def _ep_text(eps: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            e["id"],
+            "Enabled" if e["policy_enforcement"]["ingress"] else "Disabled",
+            "Enabled" if e["policy_enforcement"]["egress"] else "Disabled",
+            e["identity"],
+            f"{e['namespace']}/{e['name']}",
+            ",".join(f"{k}={v}" for k, v in sorted(e["labels"].items())),
+            e["ipv6"] or "",
+            e["ipv4"] or "",
+            e["state"],
+        ]
+        for e in eps
+    ]
+    return table(
+        rows,
+        ["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY", "NAME", "LABELS", "IPv6", "IPv4", "STATUS"],
+    )
+
+
+@endpoint_app.command("create")
+def endpoint_create(
+    name: str,
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+    labels: Annotated[str, typer.Option("--labels", "-l", help="k=v,...")] = "",
+    namespace_labels: Annotated[str, typer.Option("--namespace-labels")] = "",
+    service_account: Annotated[str | None, typer.Option("--service-account")] = None,
+    ipv4: Annotated[str | None, typer.Option("--ipv4")] = None,
+    ipv6: Annotated[str | None, typer.Option("--ipv6")] = None,
+    named_port: Annotated[list[str], typer.Option("--named-port", help="NAME=PORT/PROTO")] = [],  # noqa: B006
+    socket: SocketOpt = None,
+    output: OutputOpt = "text",
+) -> None:
+    """Create a pod (netns + veth + addresses), give it an identity and enforce policy."""
+    result = run(
+        "endpoint.create",
+        {
+            "name": name,
+            "namespace": namespace,
+            "labels": [labels] if labels else [],
+            "namespace_labels": [namespace_labels] if namespace_labels else [],
+            "service_account": service_account,
+            "ipv4": ipv4,
+            "ipv6": ipv6,
+            "named_ports": named_port,
+        },
+        socket,
+    )
+    emit(result, output, lambda r: _ep_text([r]))
+
+
+@endpoint_app.command("list")
+def endpoint_list(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    emit(run("endpoint.list", {}, socket), output, _ep_text)
+
+
+@endpoint_app.command("get")
+def endpoint_get(name: str, socket: SocketOpt = None, output: OutputOpt = "json") -> None:
+    emit(run("endpoint.get", {"name": name}, socket), output)
+
+
+@endpoint_app.command("delete")
+def endpoint_delete(names: list[str], socket: SocketOpt = None) -> None:
+    for name in names:
+        r = run("endpoint.delete", {"name": name}, socket)
+        typer.echo(f"Endpoint {r['id']} ({r['namespace']}/{r['name']}) deleted")
+
+
+@endpoint_app.command("labels")
+def endpoint_labels(
+    name: str,
+    set_: Annotated[list[str], typer.Option("--set", help="k=v")] = [],  # noqa: B006
+    unset: Annotated[list[str], typer.Option("--unset", help="key")] = [],  # noqa: B006
+    socket: SocketOpt = None,
+    output: OutputOpt = "text",
+) -> None:
+    """Change an endpoint's labels; it gets its new identity and peers follow."""
+    r = run("endpoint.labels", {"name": name, "set": set_, "unset": unset}, socket)
+    emit(r, output, lambda e: _ep_text([e]))
+
+
+@namespace_app.command("labels")
+def namespace_labels(
+    namespace: str,
+    set_: Annotated[list[str], typer.Option("--set", help="k=v")] = [],  # noqa: B006
+    unset: Annotated[list[str], typer.Option("--unset", help="key")] = [],  # noqa: B006
+    socket: SocketOpt = None,
+    output: OutputOpt = "text",
+) -> None:
+    r = run("namespace.labels", {"namespace": namespace, "set": set_, "unset": unset}, socket)
+    emit(r, output, lambda labels: ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(no labels)")
+
+
+# -- policy ---------------------------------------------------------------------------------------
+
+
+def policy_import(
+    files: list[Path],
+    wait: Annotated[bool, typer.Option("--wait", help="Return once every endpoint enforces the revision")] = False,
+    socket: SocketOpt = None,
+    output: OutputOpt = "text",
+) -> None:
+    """Import policy files atomically; print the new revision."""
+    try:
+        policies = load_policy_files(files)
+    except PolicyValidationError as exc:
+        for e in exc.errors:
+            typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    docs = [p.source for p in policies]
+    sources = [f"{p.kind} {p.namespace + '/' if p.namespace else ''}{p.name}" for p in policies]
+    try:
+        r = run("policy.import", {"documents": docs, "sources": sources}, socket)
+    except PolicyValidationError as exc:
+        for e in exc.errors:
+            typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    if wait:
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:
+            w = run("policy.wait", {"revision": r["revision"]}, socket)
+            if not w["waiting"]:
+                break
+            if time.monotonic() > deadline:
+                typer.echo(f"Error: endpoints {w['waiting']} did not reach revision {r['revision']}", err=True)
+                raise typer.Exit(1)
+            time.sleep(0.1)
+    emit(r, output, lambda x: f"Revision: {x['revision']}")
+
+
+def policy_get(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    r = run("policy.get", {}, socket)
+    if output == "json":
+        emit(r, output)
+        return
+    if r["policies"]:
+        typer.echo(yaml.safe_dump_all(r["policies"], sort_keys=False).rstrip())
+    typer.echo(f"Revision: {r['revision']}")
+
+
+def policy_delete(
+    names: Annotated[list[str] | None, typer.Argument()] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    all_: Annotated[bool, typer.Option("--all")] = False,
+    socket: SocketOpt = None,
+    output: OutputOpt = "text",
+) -> None:
+    if not names and not all_:
+        typer.echo("Error: give policy names or --all", err=True)
+        raise typer.Exit(2)
+    r = run("policy.delete", {"names": names or [], "namespace": namespace, "all": all_}, socket)
+    emit(r, output, lambda x: f"Revision: {x['revision']}")
+
+
+# -- identities, maps, monitor -------------------------------------------------------------------------
+
+
+@identity_app.command("list")
+def identity_list(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    r = run("identity.list", {}, socket)
+    emit(r, output, lambda ids: table([[i["id"], ",".join(i["labels"])] for i in ids], ["ID", "LABELS"]))
+
+
+@identity_app.command("get")
+def identity_get(ident: int, socket: SocketOpt = None, output: OutputOpt = "json") -> None:
+    emit(run("identity.get", {"id": ident}, socket), output)
+
+
+@bpf_policy_app.command("get")
+def bpf_policy_get(endpoint: str, socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    r = run("bpf.policy", {"name": endpoint}, socket)
+    emit(
+        r,
+        output,
+        lambda rows: table(
+            [[x["direction"], x["identity"] or "any", x["protocol"] or "any", x["ports"], x["verdict"], x["proxy_port"] or "", x["packets"], x["bytes"]] for x in rows],
+            ["DIRECTION", "IDENTITY", "PROTO", "PORTS", "VERDICT", "PROXY", "PACKETS", "BYTES"],
+        ),
+    )
+
+
+@bpf_ct_app.command("list")
+def bpf_ct_list(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    r = run("bpf.ct", {}, socket)
+    emit(r, output, lambda rows: table(
+        [[x["endpoint"], x["direction"], x["proto"], x["src"], x["dst"], x["expires_in_s"], x["packets"]] for x in rows],
+        ["ENDPOINT", "DIR", "PROTO", "SRC", "DST", "EXPIRES(s)", "PACKETS"]))
+
+
+@bpf_ipcache_app.command("list")
+def bpf_ipcache_list(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    r = run("bpf.ipcache", {}, socket)
+    emit(r, output, lambda rows: table([[x["prefix"], x["identity"]] for x in rows], ["PREFIX", "IDENTITY"]))
+
+
+@bpf_metrics_app.command("list")
+def bpf_metrics_list(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    r = run("bpf.metrics", {}, socket)
+    emit(r, output, lambda rows: table(
+        [[x["reason"], x["direction"], x["packets"], x["bytes"]] for x in rows],
+        ["REASON", "DIRECTION", "PACKETS", "BYTES"]))
+
+
+def format_event(ev: dict[str, Any]) -> str:
+    if ev.get("type") == "drop":
+        return (
+            f"xx drop ({ev.get('reason_name', ev.get('reason'))}) to endpoint {ev.get('ep_id')}, "
+            f"identity {ev.get('src_identity')}->{ev.get('dst_identity')}: "
+            f"{ev.get('src')} -> {ev.get('dst')} {ev.get('proto_name', ev.get('proto'))}"
+        )
+    return (
+        f"-> endpoint {ev.get('ep_id')} identity {ev.get('src_identity')}->{ev.get('dst_identity')} "
+        f"state {ev.get('ct_state')}: {ev.get('src')} -> {ev.get('dst')} {ev.get('proto_name', ev.get('proto'))}"
+    )
+
+
+def monitor(
+    type_: Annotated[str | None, typer.Option("--type", "-t", help="drop or trace")] = None,
+    socket: SocketOpt = None,
+    output: OutputOpt = "text",
+) -> None:
+    """Print datapath events as they happen (Ctrl-C to stop)."""
+    if type_ not in (None, "drop", "trace"):
+        typer.echo("Error: --type must be drop or trace", err=True)
+        raise typer.Exit(2)
+    try:
+        for ev in stream(socket, "monitor", {"type": type_}):
+            typer.echo(json.dumps(ev, sort_keys=True) if output == "json" else format_event(ev))
+            sys.stdout.flush()
+    except AgentUnavailable as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def register(app: typer.Typer, policy_app: typer.Typer) -> None:
+    app.command("agent")(agent)
+    app.command("status")(status)
+    app.command("monitor")(monitor)
+    app.add_typer(endpoint_app, name="endpoint")
+    app.add_typer(namespace_app, name="namespace")
+    app.add_typer(identity_app, name="identity")
+    app.add_typer(bpf_app, name="bpf")
+    policy_app.command("import")(policy_import)
+    policy_app.command("get")(policy_get)
+    policy_app.command("delete")(policy_delete)

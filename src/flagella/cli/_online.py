@@ -1,0 +1,41 @@
+"""`policy trace` against the running agent's policies and settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flagella.cli._client import call
+from flagella.policy.trace import TraceQuery
+
+
+def query_json(q: TraceQuery) -> dict[str, Any]:
+    def side(s: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if s.labels is not None:
+            out["labels"] = sorted(str(x) for x in s.labels)
+        if s.ip is not None:
+            out["ip"] = str(s.ip)
+        if s.named_ports:
+            out["named_ports"] = [
+                f"{name}={port}/{_proto(proto)}" for name, ports in s.named_ports.items() for port, proto in ports
+            ]
+        return out
+
+    out: dict[str, Any] = {"src": side(q.src), "dst": side(q.dst)}
+    if q.dport is not None:
+        out["dport"] = f"{q.dport[0]}/{q.dport[1].value}"
+    if q.http is not None:
+        out["http"] = {"method": q.http.method, "path": q.http.path, "host": q.http.host, "headers": dict(q.http.headers)}
+    if q.kafka:
+        k = q.kafka[0]
+        out["kafka"] = {"api_key": k.api_key, "api_version": k.api_version, "client_id": k.client_id, "topics": list(k.topics)}
+    return out
+
+
+def _proto(number: int) -> str:
+    return {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}.get(number, "ANY")
+
+
+def online_trace(socket: str | None, queries: list[TraceQuery], output: str) -> list[Any]:
+    results = call(socket, "policy.trace", {"queries": [query_json(q) for q in queries]})
+    return list(results)

@@ -1,0 +1,101 @@
+"""Desired kernel state, computed from resolved policy; and the diff to reach it.
+
+The control plane never edits maps entry by entry from scattered places.
+It computes what each map *should* hold (`PolicyEntries`, ipcache and
+endpoint rows), and `diff` says what to write and what to delete. The same
+diff serves the regeneration of one endpoint and the sync controller that
+repairs drift (entries someone added or removed with bpftool).
+
+MapState keys become kernel keys here: a port range is split into
+power-of-two aligned blocks (`port_blocks`), "any protocol" is protocol 0
+with all 16 port bits wildcarded, and two MapState keys that share a block
+merge the way MapState merges (deny > redirect > allow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from flagella.policy.mapstate import (
+    ANY_PROTOCOL,
+    PORT_MAX,
+    Entry,
+    MapState,
+    Verdict,
+    port_blocks,
+)
+
+EGRESS = 1
+INGRESS = 0
+
+
+@dataclass(frozen=True, order=True)
+class PolicyKey:
+    """Mirrors ``struct policy_key`` (bpf/flagella.h) without the padding."""
+
+    ep_id: int
+    identity: int
+    egress: int
+    protocol: int
+    wild_bits: int
+    port: int
+
+
+@dataclass(frozen=True)
+class PolicyValue:
+    """Mirrors the configuration half of ``struct policy_entry`` (no counters)."""
+
+    verdict: int
+    proxy_port: int = 0
+
+
+def _merge(a: PolicyValue, b: PolicyValue) -> PolicyValue:
+    rank = {Verdict.DENY: 3, Verdict.REDIRECT: 2, Verdict.ALLOW: 1}
+    return a if rank[Verdict(a.verdict)] >= rank[Verdict(b.verdict)] else b
+
+
+def policy_entries(
+    ep_id: int, state: MapState, egress: bool, proxy_port: int
+) -> tuple[dict[PolicyKey, PolicyValue], int]:
+    """Kernel policy entries of one endpoint and direction, and the wild-bits mask."""
+    out: dict[PolicyKey, PolicyValue] = {}
+    mask = 0
+    direction = EGRESS if egress else INGRESS
+    for key, entry in state:
+        value = _value(entry, proxy_port)
+        if key.protocol == ANY_PROTOCOL or (key.port == 0 and key.end_port == PORT_MAX):
+            blocks = [(0, 16)]
+        else:
+            blocks = port_blocks(key.port, key.end_port)
+        for base, bits in blocks:
+            k = PolicyKey(ep_id, key.identity, direction, key.protocol, bits, base)
+            old = out.get(k)
+            out[k] = value if old is None else _merge(old, value)
+            mask |= 1 << bits
+    return out, mask
+
+
+def _value(entry: Entry, proxy_port: int) -> PolicyValue:
+    if entry.verdict == Verdict.REDIRECT:
+        return PolicyValue(int(Verdict.REDIRECT), proxy_port)
+    return PolicyValue(int(entry.verdict))
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+def diff(
+    actual: Mapping[K, V], desired: Mapping[K, V], scope: Iterable[K] | None = None
+) -> tuple[dict[K, V], list[K]]:
+    """(entries to write, keys to delete) to turn ``actual`` into ``desired``.
+
+    With ``scope``, only keys in it are considered for deletion (used to
+    regenerate one endpoint without touching the others' entries).
+    """
+    upserts = {k: v for k, v in desired.items() if actual.get(k) != v}
+    keys = actual.keys() if scope is None else scope
+    deletes = [k for k in keys if k in actual and k not in desired]
+    return upserts, deletes

@@ -1,0 +1,163 @@
+"""The datapath as the agent sees it: one narrow interface, two implementations.
+
+`Datapath` is everything the agent asks of the kernel: pods (netns + veth),
+program attachment, and the maps as dictionaries of plain values. The
+kernel implementation (`flagella.datapath.kernel`) uses bcc, bpf(2) and
+netlink; `MemoryDatapath` is the in-memory twin the fast tests use. Both
+are checked by the same agent tests; the kernel one is also checked with
+real traffic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from flagella.datapath.desired import PolicyKey, PolicyValue
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    netns: str
+    host_ifname: str
+    ifindex: int
+    ipv4: ipaddress.IPv4Address | None
+    ipv6: ipaddress.IPv6Address | None
+
+
+@dataclass(frozen=True)
+class EndpointRow:
+    """Mirrors ``struct endpoint_info`` (bpf/flagella.h)."""
+
+    ep_id: int
+    identity: int
+    flags: int
+    ingress_wild_mask: int
+    egress_wild_mask: int
+    ipv4: ipaddress.IPv4Address | None
+    ipv6: ipaddress.IPv6Address | None
+
+
+@dataclass(frozen=True)
+class CTRow:
+    ep_id: int
+    egress: bool
+    proto: int
+    saddr: IPAddress
+    daddr: IPAddress
+    sport: int
+    dport: int
+    expires_ns: int
+    packets: int
+    bytes: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class Counters:
+    packets: int
+    bytes: int
+
+
+class Datapath(Protocol):
+    #: ifindex -> endpoint row
+    endpoints: MutableMapping[int, EndpointRow]
+    #: policy key -> verdict/proxy port (reads drop the counters)
+    policy: MutableMapping[PolicyKey, PolicyValue]
+    #: prefix -> identity
+    ipcache: MutableMapping[IPNetwork, int]
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+    def ensure_pod(
+        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None
+    ) -> PodInfo: ...
+    def remove_pod(self, name: str) -> None: ...
+    def list_pods(self) -> list[PodInfo]: ...
+    def host_addresses(self) -> list[IPAddress]: ...
+
+    def attach(self, ifindex: int) -> None: ...
+    def detach(self, ifindex: int) -> None: ...
+
+    def policy_counters(self, ep_id: int) -> dict[PolicyKey, tuple[PolicyValue, Counters]]: ...
+    def ct_entries(self) -> Iterator[CTRow]: ...
+    def ct_delete(self, rows: list[CTRow]) -> int: ...
+    def metrics(self) -> dict[tuple[int, int], Counters]: ...
+    def poll_events(self, timeout_ms: int) -> list[dict[str, object]]: ...
+    def now_ns(self) -> int: ...
+
+
+class MemoryDatapath:
+    """The in-memory twin: maps are dicts, pods are records."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[int, EndpointRow] = {}
+        self.policy: dict[PolicyKey, PolicyValue] = {}
+        self.ipcache: dict[IPNetwork, int] = {}
+        self.pods: dict[str, PodInfo] = {}
+        self.attached: set[int] = set()
+        self.ct: list[CTRow] = []
+        self.events: list[dict[str, object]] = []
+        self.clock_ns = 0
+        self._next_ifindex = 100
+        self.host = [ipaddress.ip_address("192.0.2.1")]
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def ensure_pod(
+        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None
+    ) -> PodInfo:
+        old = self.pods.get(name)
+        ifindex = old.ifindex if old else self._next_ifindex
+        if old is None:
+            self._next_ifindex += 1
+        pod = PodInfo(name, f"fl{ifindex:08x}", ifindex, ipv4, ipv6)
+        self.pods[name] = pod
+        return pod
+
+    def remove_pod(self, name: str) -> None:
+        self.pods.pop(name, None)
+
+    def list_pods(self) -> list[PodInfo]:
+        return list(self.pods.values())
+
+    def host_addresses(self) -> list[IPAddress]:
+        return list(self.host)
+
+    def attach(self, ifindex: int) -> None:
+        self.attached.add(ifindex)
+
+    def detach(self, ifindex: int) -> None:
+        self.attached.discard(ifindex)
+
+    def policy_counters(self, ep_id: int) -> dict[PolicyKey, tuple[PolicyValue, Counters]]:
+        return {k: (v, Counters(0, 0)) for k, v in self.policy.items() if k.ep_id == ep_id}
+
+    def ct_entries(self) -> Iterator[CTRow]:
+        return iter(list(self.ct))
+
+    def ct_delete(self, rows: list[CTRow]) -> int:
+        before = len(self.ct)
+        gone = set(rows)
+        self.ct = [r for r in self.ct if r not in gone]
+        return before - len(self.ct)
+
+    def metrics(self) -> dict[tuple[int, int], Counters]:
+        return {}
+
+    def poll_events(self, timeout_ms: int) -> list[dict[str, object]]:
+        out, self.events = self.events, []
+        return out
+
+    def now_ns(self) -> int:
+        return self.clock_ns

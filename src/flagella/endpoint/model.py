@@ -1,0 +1,103 @@
+"""The endpoint record: what the agent knows and persists about one pod."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flagella.endpoint.lifecycle import State, transition
+from flagella.policy.labels import LabelSet, k8s_labels, parse_label
+
+
+@dataclass
+class Endpoint:
+    id: int
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    namespace_labels: dict[str, str] = field(default_factory=dict)
+    service_account: str | None = None
+    ipv4: ipaddress.IPv4Address | None = None
+    ipv6: ipaddress.IPv6Address | None = None
+    #: Named container ports: name -> [(port, protocol number)].
+    named_ports: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    netns: str = ""
+    host_ifname: str = ""
+    ifindex: int = 0
+    identity: int = 0
+    state: State = State.INIT
+    policy_revision: int = 0
+    enforcing_ingress: bool = False
+    enforcing_egress: bool = False
+
+    def set_state(self, new: State) -> None:
+        self.state = transition(self.state, new)
+
+    def identity_labels(self) -> LabelSet:
+        """All labels; the security-relevant filter is applied by the agent."""
+        return k8s_labels(
+            self.labels, self.namespace, self.namespace_labels, self.service_account
+        )
+
+    def addresses(self) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        return frozenset(a for a in (self.ipv4, self.ipv6) if a is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "namespace": self.namespace,
+            "labels": dict(self.labels),
+            "namespace_labels": dict(self.namespace_labels),
+            "service_account": self.service_account,
+            "ipv4": str(self.ipv4) if self.ipv4 else None,
+            "ipv6": str(self.ipv6) if self.ipv6 else None,
+            "named_ports": {k: [list(p) for p in v] for k, v in self.named_ports.items()},
+            "netns": self.netns,
+            "host_ifname": self.host_ifname,
+            "ifindex": self.ifindex,
+            "identity": self.identity,
+            "state": self.state.value,
+            "policy_revision": self.policy_revision,
+            "policy_enforcement": {
+                "ingress": self.enforcing_ingress,
+                "egress": self.enforcing_egress,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Endpoint:
+        return cls(
+            id=int(obj["id"]),
+            name=str(obj["name"]),
+            namespace=str(obj["namespace"]),
+            labels=dict(obj.get("labels") or {}),
+            namespace_labels=dict(obj.get("namespace_labels") or {}),
+            service_account=obj.get("service_account"),
+            ipv4=ipaddress.IPv4Address(obj["ipv4"]) if obj.get("ipv4") else None,
+            ipv6=ipaddress.IPv6Address(obj["ipv6"]) if obj.get("ipv6") else None,
+            named_ports={
+                k: [(int(p[0]), int(p[1])) for p in v]
+                for k, v in (obj.get("named_ports") or {}).items()
+            },
+            netns=str(obj.get("netns", "")),
+            host_ifname=str(obj.get("host_ifname", "")),
+            ifindex=int(obj.get("ifindex", 0)),
+            identity=int(obj.get("identity", 0)),
+            state=State(obj.get("state", "init")),
+            policy_revision=int(obj.get("policy_revision", 0)),
+        )
+
+    def copy(self) -> Endpoint:
+        return replace(self, labels=dict(self.labels), namespace_labels=dict(self.namespace_labels))
+
+
+def parse_kv_labels(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` (a source prefix such as ``k8s:`` is dropped)."""
+    out = {}
+    for part in text.split(","):
+        if part.strip():
+            label = parse_label(part)
+            out[label.key] = label.value
+    return out

@@ -1,0 +1,40 @@
+"""Policy documents in, typed Cilium-form rules out (see `_model`)."""
+
+from flagella.policy.api._kafka import KAFKA_API_KEYS, KAFKA_ROLES
+from flagella.policy.api._load import load_policies, load_policy_files, parse_policy
+from flagella.policy.api._model import (
+    CIDRRule,
+    HTTPRule,
+    ICMPField,
+    KafkaRule,
+    L7Rules,
+    LabelSelector,
+    PeerRule,
+    Policy,
+    PortProtocol,
+    PortRule,
+    Protocol,
+    Requirement,
+    Rule,
+)
+
+__all__ = [
+    "KAFKA_API_KEYS",
+    "KAFKA_ROLES",
+    "CIDRRule",
+    "HTTPRule",
+    "ICMPField",
+    "KafkaRule",
+    "L7Rules",
+    "LabelSelector",
+    "PeerRule",
+    "Policy",
+    "PortProtocol",
+    "PortRule",
+    "Protocol",
+    "Requirement",
+    "Rule",
+    "load_policies",
+    "load_policy_files",
+    "parse_policy",
+]

@@ -1,0 +1,184 @@
+"""Labels, label sets and the security-relevant label filter.
+
+A label is ``source:key=value``. The source says who set it: ``k8s`` (pod
+and namespace labels), ``reserved`` (identities Flagella defines: host,
+world, init...), ``cidr`` (CIDR identities), ``container``, ``unspec``, and
+``any``, which only appears in selectors and matches every source.
+
+An endpoint's identity is the set of its *security-relevant* labels. The
+filter follows Cilium 1.1 (spec 1.6): a list of prefixes, each a regex
+matched at the start of the key, optionally restricted to a source, either
+including or ignoring. A label is kept when the longest matching include
+is longer than the shortest matching ignore, or, when the user configured
+no include at all, when no ignore matches it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from flagella.errors import InputError
+
+SOURCES = frozenset({"k8s", "reserved", "any", "cidr", "container", "unspec", "mesos"})
+
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
+CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+
+
+@dataclass(frozen=True, order=True)
+class Label:
+    source: str
+    key: str
+    value: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.key}={self.value}"
+
+
+LabelSet = frozenset[Label]
+
+
+def parse_label(text: str, default_source: str = "k8s") -> Label:
+    """Parse ``source:key=value`` (source and value optional).
+
+    ``$host`` is short for ``reserved:host``. A prefix before the first ``:``
+    that is not a known source is part of the key.
+    """
+    text = text.strip()
+    if not text:
+        raise InputError("empty label")
+    if text == "$host":
+        return Label("reserved", "host")
+    key, _, value = text.partition("=")
+    source = default_source
+    head, sep, tail = key.partition(":")
+    if sep and head in SOURCES:
+        source, key = head, tail
+    if not key:
+        raise InputError(f"label {text!r}: empty key")
+    return Label(source, key, value)
+
+
+def parse_labels(text: str, default_source: str = "k8s") -> LabelSet:
+    """Parse a comma-separated list of labels."""
+    return frozenset(parse_label(part, default_source) for part in text.split(",") if part.strip())
+
+
+def k8s_labels(
+    pod_labels: Mapping[str, str],
+    namespace: str,
+    namespace_labels: Mapping[str, str] | None = None,
+    service_account: str | None = None,
+    cluster: str | None = "default",
+) -> LabelSet:
+    """The labels Cilium's Kubernetes integration gives a pod (spec 1.6)."""
+    labels = {Label("k8s", k, v) for k, v in pod_labels.items()}
+    labels.add(Label("k8s", NAMESPACE_LABEL, namespace))
+    for k, v in (namespace_labels or {}).items():
+        labels.add(Label("k8s", NAMESPACE_LABELS_PREFIX + k, v))
+    if service_account:
+        labels.add(Label("k8s", SERVICE_ACCOUNT_LABEL, service_account))
+    if cluster:
+        labels.add(Label("k8s", CLUSTER_LABEL, cluster))
+    return frozenset(labels)
+
+
+def reserved(name: str) -> LabelSet:
+    return frozenset({Label("reserved", name)})
+
+
+@dataclass(frozen=True)
+class LabelPrefix:
+    """One entry of the security-relevant label filter."""
+
+    prefix: str
+    source: str = ""
+    ignore: bool = False
+
+    def match_length(self, label: Label) -> int:
+        """Length of the prefix when it matches ``label``, else 0."""
+        if self.source and self.source != label.source:
+            return 0
+        return len(self.prefix) if re.match(self.prefix, label.key) else 0
+
+
+DEFAULT_LABEL_PREFIXES: tuple[LabelPrefix, ...] = (
+    LabelPrefix("reserved:", ignore=False),
+    LabelPrefix(re.escape(NAMESPACE_LABEL)),
+    LabelPrefix(re.escape(NAMESPACE_LABELS_PREFIX.rstrip("."))),
+    LabelPrefix("io.kubernetes", ignore=True),
+    LabelPrefix(".*kubernetes.io", ignore=True),
+    LabelPrefix("pod-template-generation", ignore=True),
+    LabelPrefix("pod-template-hash", ignore=True),
+    LabelPrefix("controller-revision-hash", ignore=True),
+    LabelPrefix("annotation.cilium.io/", ignore=True),
+    LabelPrefix("annotation.cilium-identity", ignore=True),
+    LabelPrefix("annotation.sidecar.istio.io", ignore=True),
+)
+
+
+@dataclass(frozen=True)
+class LabelFilter:
+    """Keeps the security-relevant labels of an endpoint.
+
+    ``whitelist`` is True when the user configured include prefixes of their
+    own; labels then need an include to be kept.
+    """
+
+    prefixes: tuple[LabelPrefix, ...] = DEFAULT_LABEL_PREFIXES
+    whitelist: bool = False
+
+    @classmethod
+    def from_config(cls, entries: Iterable[Mapping[str, object]]) -> LabelFilter:
+        """Build from Cilium's label-prefix file format ``valid-prefixes`` entries."""
+        user = []
+        for i, entry in enumerate(entries):
+            prefix = entry.get("prefix")
+            if not isinstance(prefix, str) or not prefix:
+                raise InputError(f"valid-prefixes[{i}].prefix: must be a non-empty string")
+            try:
+                re.compile(prefix)
+            except re.error as exc:
+                raise InputError(f"valid-prefixes[{i}].prefix: invalid regex: {exc}") from None
+            user.append(
+                LabelPrefix(prefix, str(entry.get("source") or ""), bool(entry.get("invert")))
+            )
+        whitelist = any(not p.ignore for p in user)
+        return cls(DEFAULT_LABEL_PREFIXES[:3] + tuple(user), whitelist)
+
+    @classmethod
+    def from_strings(cls, specs: Iterable[str]) -> LabelFilter:
+        """``--labels`` style: ``[!][source:]prefix`` entries."""
+        entries = []
+        for spec in specs:
+            invert = spec.startswith("!")
+            spec = spec.removeprefix("!")
+            source, sep, prefix = spec.partition(":")
+            if not sep or source not in SOURCES:
+                source, prefix = "", spec
+            entries.append({"prefix": prefix, "source": source, "invert": invert})
+        return cls.from_config(entries)
+
+    def keep(self, label: Label) -> bool:
+        if label.source == "reserved":
+            return True
+        included = 0
+        ignored = 0
+        for p in self.prefixes:
+            n = p.match_length(label)
+            if not n:
+                continue
+            if p.ignore:
+                ignored = n if ignored == 0 else min(ignored, n)
+            else:
+                included = max(included, n)
+        if not self.whitelist and ignored == 0:
+            return True
+        return included > ignored
+
+    def filter(self, labels: Iterable[Label]) -> LabelSet:
+        return frozenset(label for label in labels if self.keep(label))

@@ -1,0 +1,196 @@
+"""MapState: an endpoint's resolved policy for one direction, as datapath keys.
+
+A key is (peer identity, protocol, first port, last port); identity 0 is
+"any peer", protocol 0 is "any protocol" (and then the ports are 0-65535).
+For ICMP and ICMPv6 the "port" is the ICMP type. A value is a verdict
+(allow, deny, or redirect to the L7 proxy with the L7 rules that apply to
+that peer) plus the names of the rules it came from.
+
+Lookup is the contract the kernel program implements too: every key that
+matches the packet is considered, deny beats redirect beats allow, and no
+match means deny when the direction is enforced, allow otherwise. Because
+the combination is order-free, the result never depends on rule order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Literal
+
+from flagella.errors import ResolutionError
+from flagella.policy.api import HTTPRule, KafkaRule
+
+ANY_IDENTITY = 0
+ANY_PROTOCOL = 0
+PORT_MAX = 65535
+
+
+class Verdict(IntEnum):
+    ALLOW = 1
+    DENY = 2
+    REDIRECT = 3
+
+
+@dataclass(frozen=True, order=True)
+class Key:
+    identity: int
+    protocol: int
+    port: int
+    end_port: int
+
+    def covers(self, other: Key) -> bool:
+        """Whether every packet matching ``other`` also matches this key's L4 part."""
+        return (
+            self.protocol in (ANY_PROTOCOL, other.protocol)
+            and self.port <= other.port
+            and other.end_port <= self.end_port
+        )
+
+    def matches(self, identity: int, protocol: int, port: int) -> bool:
+        return (
+            self.identity in (ANY_IDENTITY, identity)
+            and self.protocol in (ANY_PROTOCOL, protocol)
+            and self.port <= port <= self.end_port
+        )
+
+
+@dataclass(frozen=True)
+class L7Policy:
+    """The L7 rules a redirected peer is held to. ``wildcard`` allows every request."""
+
+    parser: Literal["http", "kafka"]
+    http: frozenset[HTTPRule] = frozenset()
+    kafka: frozenset[KafkaRule] = frozenset()
+    wildcard: bool = False
+
+    def merge(self, other: L7Policy) -> L7Policy:
+        if other.parser != self.parser:
+            raise ResolutionError(
+                f"Cannot merge conflicting L7 parsers ({self.parser} and {other.parser})"
+            )
+        return L7Policy(
+            self.parser,
+            self.http | other.http,
+            self.kafka | other.kafka,
+            self.wildcard or other.wildcard,
+        )
+
+    def with_wildcard(self) -> L7Policy:
+        return self if self.wildcard else L7Policy(self.parser, self.http, self.kafka, True)
+
+
+@dataclass(frozen=True)
+class Entry:
+    verdict: Verdict
+    l7: L7Policy | None = None
+    rules: frozenset[str] = field(default_factory=frozenset)
+
+    def merge(self, other: Entry) -> Entry:
+        rules = self.rules | other.rules
+        if Verdict.DENY in (self.verdict, other.verdict):
+            deny_rules = frozenset().union(
+                *(e.rules for e in (self, other) if e.verdict == Verdict.DENY)
+            )
+            return Entry(Verdict.DENY, None, deny_rules)
+        if self.verdict == Verdict.REDIRECT and other.verdict == Verdict.REDIRECT:
+            assert self.l7 is not None and other.l7 is not None
+            return Entry(Verdict.REDIRECT, self.l7.merge(other.l7), rules)
+        if Verdict.REDIRECT in (self.verdict, other.verdict):
+            # A plain allow on the same key is an L7 wildcard for that peer (spec 3.3).
+            l7 = self.l7 if self.l7 is not None else other.l7
+            assert l7 is not None
+            return Entry(Verdict.REDIRECT, l7.with_wildcard(), rules)
+        return Entry(Verdict.ALLOW, None, rules)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The result of a lookup: what the datapath does with the packet."""
+
+    verdict: Verdict
+    enforced: bool
+    #: The keys that matched (all of them, for explanation).
+    matched: tuple[tuple[Key, Entry], ...] = ()
+    l7: L7Policy | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict != Verdict.DENY
+
+    @property
+    def rules(self) -> frozenset[str]:
+        deciding = [e for _, e in self.matched if e.verdict == self.verdict]
+        return frozenset().union(*(e.rules for e in deciding)) if deciding else frozenset()
+
+
+class MapState:
+    """All keys of one endpoint and direction."""
+
+    def __init__(self, enforced: bool, entries: dict[Key, Entry] | None = None) -> None:
+        self.enforced = enforced
+        self.entries: dict[Key, Entry] = entries if entries is not None else {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[tuple[Key, Entry]]:
+        return iter(self.entries.items())
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, MapState)
+            and self.enforced == other.enforced
+            and self.entries == other.entries
+        )
+
+    def __repr__(self) -> str:
+        return f"MapState(enforced={self.enforced}, entries={len(self.entries)})"
+
+    def add(self, key: Key, entry: Entry) -> None:
+        old = self.entries.get(key)
+        self.entries[key] = entry if old is None else old.merge(entry)
+
+    def lookup(self, identity: int, protocol: int, port: int) -> Decision:
+        matched = tuple(
+            (k, e) for k, e in self.entries.items() if k.matches(identity, protocol, port)
+        )
+        return decide(matched, self.enforced)
+
+
+def decide(matched: Iterable[tuple[Key, Entry]], enforced: bool) -> Decision:
+    hits = tuple(sorted(matched))
+    verdicts = {e.verdict for _, e in hits}
+    if Verdict.DENY in verdicts:
+        return Decision(Verdict.DENY, enforced, hits)
+    if Verdict.REDIRECT in verdicts:
+        l7: L7Policy | None = None
+        for _, e in hits:
+            if e.l7 is not None:
+                l7 = e.l7 if l7 is None else l7.merge(e.l7)
+        return Decision(Verdict.REDIRECT, enforced, hits, l7)
+    if Verdict.ALLOW in verdicts or not enforced:
+        return Decision(Verdict.ALLOW, enforced, hits)
+    return Decision(Verdict.DENY, enforced, hits)
+
+
+def port_blocks(first: int, last: int) -> list[tuple[int, int]]:
+    """Split [first, last] into power-of-two aligned blocks as (base, wildcard bits).
+
+    This is how a port range becomes a bounded number of exact-match keys in
+    the kernel's hash map: a packet's port matches block (base, n) iff
+    ``port & ~((1 << n) - 1) == base``.
+    """
+    blocks = []
+    port = first
+    while port <= last:
+        bits = 0
+        while bits < 16:
+            size = 1 << (bits + 1)
+            if port % size != 0 or port + size - 1 > last:
+                break
+            bits += 1
+        blocks.append((port, bits))
+        port += 1 << bits
+    return blocks

@@ -1,0 +1,401 @@
+"""Rules + identities -> per-endpoint MapState (both directions).
+
+Theory of operation
+-------------------
+For one endpoint and one direction:
+
+1. *Selection.* The rules whose endpoint selector selects the endpoint's
+   identity apply. The direction is enforced when the mode says so
+   (``always``/``never``), when the endpoint is still ``reserved:init``, or
+   (``default``) when some applying rule has a non-empty allow or deny
+   section for it (and did not switch default deny off).
+2. *Contributions.* Each peer rule of an applying rule yields keys: its
+   peers (identity ids from the `SelectorCache`, or 0 for "any peer") times
+   its ports (named ports resolved through the endpoint for ingress and
+   through the peer for egress), each with allow/deny/redirect.
+3. *Requires.* Every identity that fails a ``fromRequires``/``toRequires``
+   precondition of an applying rule gets a deny key for all traffic.
+4. *Specials.* With ``allow_localhost == "always"`` the host may always reach
+   the endpoint (kubelet probes). With ``legacy_host_allows_world`` every
+   ingress key of the host is copied to the world identities.
+5. *L7 wildcarding* (spec 3.3): a peer that is allowed on a redirected port
+   by a rule without L7 rules gets the wildcard L7 rule there, so the proxy
+   passes all its requests.
+
+`PolicyEngine` keeps the repository, the identities and the resolved
+endpoints together and recomputes only the endpoints a change can affect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flagella.policy.api import (
+    CIDRRule,
+    L7Rules,
+    LabelSelector,
+    PeerRule,
+    Policy,
+    PortProtocol,
+    Protocol,
+    Rule,
+)
+from flagella.policy.labels import Label, LabelSet
+from flagella.policy.mapstate import (
+    ANY_IDENTITY,
+    ANY_PROTOCOL,
+    PORT_MAX,
+    Entry,
+    Key,
+    L7Policy,
+    MapState,
+    Verdict,
+)
+from flagella.policy.selectors import SelectorCache, matches
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Direction = Literal["ingress", "egress"]
+NamedPorts = Mapping[str, frozenset[tuple[int, int]]]  # name -> {(port, protocol number)}
+
+HOST_ID = 1
+WORLD_ID = 2
+INIT_LABEL = Label("reserved", "init")
+WORLD_LABEL = Label("reserved", "world")
+
+#: Protocols an ``ANY`` port expands into.
+ANY_EXPANSION = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Semantics switches, with Cilium's defaults (spec 3.2, 3.6)."""
+
+    enforcement: Literal["default", "always", "never"] = "default"
+    #: ``always``: the host reaches every endpoint; ``policy``: the host is a peer like any other.
+    allow_localhost: Literal["always", "policy"] = "always"
+    legacy_host_allows_world: bool = False
+    #: Fixed proxy port handed out for redirects until a proxy assigns real ones.
+    proxy_port: int = 15001
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """What the resolver needs to know about a local endpoint."""
+
+    id: int
+    identity: int
+    labels: LabelSet
+    named_ports: NamedPorts = field(default_factory=dict)
+    addresses: frozenset[IPAddress] = frozenset()
+
+
+@dataclass
+class EndpointPolicy:
+    ingress: MapState
+    egress: MapState
+    #: Names of the rules (policy names) that select the endpoint.
+    selected: frozenset[str] = frozenset()
+
+    def direction(self, d: Direction) -> MapState:
+        return self.ingress if d == "ingress" else self.egress
+
+
+def rule_name(rule: Rule) -> str:
+    """A readable name for a rule: ``<namespace>/<policy name>`` from its origin labels."""
+    name = ns = ""
+    for label in rule.labels:
+        key, _, value = label.partition("=")
+        if key.endswith("io.cilium.k8s.policy.name"):
+            name = value
+        elif key.endswith("io.cilium.k8s.policy.namespace"):
+            ns = value
+    if name:
+        return f"{ns}/{name}" if ns else name
+    return ",".join(rule.labels) or "<unnamed rule>"
+
+
+class IdentityUniverse:
+    """The identities the resolver knows, with what CIDR rules need about them."""
+
+    def __init__(self) -> None:
+        self.selectors = SelectorCache()
+        self.addresses: dict[int, frozenset[IPAddress]] = {}
+        self.named_ports: dict[int, NamedPorts] = {}
+
+    def labels(self, ident: int) -> LabelSet:
+        return self.selectors.labels(ident) or frozenset()
+
+    def ids(self) -> Iterable[int]:
+        return self.selectors.identities.keys()
+
+
+def _entity_ids(entity: str, universe: IdentityUniverse) -> set[int] | None:
+    """Identities an entity names; None means every peer (``all``)."""
+    if entity == "all":
+        return None
+    if entity == "none":
+        return set()
+    if entity in ("world", "world-ipv4", "world-ipv6"):
+        ids = set(universe.selectors.select(_reserved_selector("world")))
+        if entity != "world":
+            version = 4 if entity == "world-ipv4" else 6
+            ids = {
+                i
+                for i in ids
+                if i == WORLD_ID
+                or any(
+                    lab.source == "cidr"
+                    and ipaddress.ip_network(lab.key, strict=False).version == version
+                    for lab in universe.labels(i)
+                )
+            }
+        return ids
+    if entity == "cluster":
+        return {
+            i
+            for i in universe.ids()
+            if WORLD_LABEL not in universe.labels(i)
+            and not any(lab.source == "cidr" for lab in universe.labels(i))
+        }
+    return set(universe.selectors.select(_reserved_selector(entity)))
+
+
+def _reserved_selector(name: str) -> LabelSelector:
+    return LabelSelector(match_labels=((f"reserved:{name}", ""),))
+
+
+def _cidr_ids(rule: CIDRRule, universe: IdentityUniverse) -> set[int]:
+    """Identities inside ``rule``: CIDR identities by label, endpoints by address."""
+    out: set[int] = set()
+    inside = Label("cidr", str(rule.cidr))
+    outside = {Label("cidr", str(e)) for e in rule.excepts}
+    if rule.cidr.prefixlen == 0:
+        out.add(WORLD_ID)
+    for ident, labels in universe.selectors.identities.items():
+        if inside in labels and not (outside & labels):
+            out.add(ident)
+    for ident, addrs in universe.addresses.items():
+        if addrs and all(_in_cidr(a, rule) for a in addrs):
+            out.add(ident)
+    return out
+
+
+def _in_cidr(addr: IPAddress, rule: CIDRRule) -> bool:
+    if addr.version != rule.cidr.version or addr not in rule.cidr:
+        return False
+    return not any(addr in e for e in rule.excepts)
+
+
+def peer_ids(peer: PeerRule, universe: IdentityUniverse) -> set[int] | None:
+    """The identities a peer rule's L3 part selects; None means any peer."""
+    if peer.any_peer:
+        return None
+    out: set[int] = set()
+    for sel in peer.selectors:
+        out |= universe.selectors.select(sel)
+    for entity in peer.entities:
+        ids = _entity_ids(entity, universe)
+        if ids is None:
+            return None
+        out |= ids
+    for cidr in peer.cidrs:
+        out |= _cidr_ids(cidr, universe)
+    return out
+
+
+def _l4_ranges(pp: PortProtocol) -> list[tuple[int, int, int]]:
+    """(protocol, first, last) for a numeric port rule."""
+    protos = ANY_EXPANSION if pp.protocol == Protocol.ANY else (pp.protocol,)
+    if pp.port == 0:
+        first, last = 0, PORT_MAX
+    else:
+        first, last = pp.port, max(pp.port, pp.end_port)
+    return [(p.number, first, last) for p in protos]
+
+
+def _named(pp: PortProtocol, named: NamedPorts) -> list[tuple[int, int, int]]:
+    wanted = {p.number for p in (ANY_EXPANSION if pp.protocol == Protocol.ANY else (pp.protocol,))}
+    return [(proto, port, port) for port, proto in named.get(pp.name, ()) if proto in wanted]
+
+
+def _l7_policy(rules: L7Rules | None) -> L7Policy | None:
+    if rules is None or rules.parser is None:
+        return None
+    if rules.http is not None:
+        return L7Policy("http", http=frozenset(rules.http), wildcard=not rules.http)
+    assert rules.kafka is not None
+    return L7Policy("kafka", kafka=frozenset(rules.kafka), wildcard=not rules.kafka)
+
+
+class Resolver:
+    """Resolves endpoints against a fixed rule list and identity universe."""
+
+    def __init__(self, settings: PolicySettings, universe: IdentityUniverse) -> None:
+        self.settings = settings
+        self.universe = universe
+
+    def selecting_rules(self, ep: EndpointInfo, rules: Iterable[Rule]) -> list[Rule]:
+        cache = self.universe.selectors
+        if cache.labels(ep.identity) == ep.labels:
+            return [r for r in rules if ep.identity in cache.select(r.endpoint_selector)]
+        return [r for r in rules if matches(r.endpoint_selector, ep.labels)]
+
+    def resolve(self, ep: EndpointInfo, rules: Iterable[Rule]) -> EndpointPolicy:
+        return self.resolve_selected(ep, self.selecting_rules(ep, rules))
+
+    def resolve_selected(self, ep: EndpointInfo, selected: list[Rule]) -> EndpointPolicy:
+        return EndpointPolicy(
+            ingress=self._direction(ep, selected, "ingress"),
+            egress=self._direction(ep, selected, "egress"),
+            selected=frozenset(rule_name(r) for r in selected),
+        )
+
+    def _enforced(self, ep: EndpointInfo, rules: list[Rule], d: Direction) -> bool:
+        mode = self.settings.enforcement
+        if mode == "never":
+            return False
+        if mode == "always" or INIT_LABEL in ep.labels:
+            return True
+        for r in rules:
+            allow, deny, dd = (
+                (r.ingress, r.ingress_deny, r.default_deny_ingress)
+                if d == "ingress"
+                else (r.egress, r.egress_deny, r.default_deny_egress)
+            )
+            if dd is False:
+                continue
+            if allow or deny:
+                return True
+        return False
+
+    def _direction(self, ep: EndpointInfo, rules: list[Rule], d: Direction) -> MapState:
+        state = MapState(self._enforced(ep, rules, d))
+        if self.settings.enforcement == "never":
+            return state
+        requires: list[LabelSelector] = []
+        for r in rules:
+            name = rule_name(r)
+            allow, deny = (r.ingress, r.ingress_deny) if d == "ingress" else (r.egress, r.egress_deny)
+            for peer in allow or ():
+                requires.extend(peer.requires)
+                self._contribute(state, ep, peer, d, Verdict.ALLOW, name)
+            for peer in deny or ():
+                self._contribute(state, ep, peer, d, Verdict.DENY, name)
+        if requires:
+            self._apply_requires(state, requires)
+        if d == "ingress" and state.enforced and self.settings.allow_localhost == "always":
+            localhost = Entry(Verdict.ALLOW, None, frozenset({"allow-localhost"}))
+            state.add(Key(HOST_ID, ANY_PROTOCOL, 0, PORT_MAX), localhost)
+        if d == "ingress" and self.settings.legacy_host_allows_world:
+            self._host_allows_world(state)
+        _wildcard_l7(state)
+        return state
+
+    def _contribute(
+        self,
+        state: MapState,
+        ep: EndpointInfo,
+        peer: PeerRule,
+        d: Direction,
+        verdict: Verdict,
+        name: str,
+    ) -> None:
+        ids = peer_ids(peer, self.universe)
+        rules = frozenset({name})
+        if peer.l3_only:
+            for ident in _id_list(ids):
+                state.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), Entry(verdict, None, rules))
+            return
+        for icmp in peer.icmps:
+            proto = 1 if icmp.family == "IPv4" else 58
+            for ident in _id_list(ids):
+                state.add(Key(ident, proto, icmp.type, icmp.type), Entry(verdict, None, rules))
+        for port_rule in peer.ports:
+            l7 = _l7_policy(port_rule.rules)
+            v = Verdict.REDIRECT if (l7 is not None and verdict == Verdict.ALLOW) else verdict
+            entry = Entry(v, l7, rules)
+            for pp in port_rule.ports:
+                if not pp.name:
+                    for proto, first, last in _l4_ranges(pp):
+                        for ident in _id_list(ids):
+                            state.add(Key(ident, proto, first, last), entry)
+                elif d == "ingress":
+                    for proto, first, last in _named(pp, ep.named_ports):
+                        for ident in _id_list(ids):
+                            state.add(Key(ident, proto, first, last), entry)
+                else:
+                    # Egress named ports resolve through each peer's own port names.
+                    candidates = self.universe.named_ports.keys() if ids is None else ids
+                    for ident in candidates:
+                        named = self.universe.named_ports.get(ident, {})
+                        for proto, first, last in _named(pp, named):
+                            state.add(Key(ident, proto, first, last), entry)
+
+    def _apply_requires(self, state: MapState, requires: list[LabelSelector]) -> None:
+        satisfied: set[int] | None = None
+        for sel in requires:
+            ids = set(self.universe.selectors.select(sel))
+            satisfied = ids if satisfied is None else satisfied & ids
+        denied = set(self.universe.ids()) - (satisfied or set())
+        entry = Entry(Verdict.DENY, None, frozenset({"requires"}))
+        for ident in denied:
+            state.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), entry)
+
+    def _host_allows_world(self, state: MapState) -> None:
+        world = [i for i in self.universe.ids() if WORLD_LABEL in self.universe.labels(i)]
+        host_keys = [(k, e) for k, e in state if k.identity == HOST_ID]
+        for k, e in host_keys:
+            for w in world:
+                state.add(Key(w, k.protocol, k.port, k.end_port), e)
+
+
+def _id_list(ids: set[int] | None) -> Iterable[int]:
+    return (ANY_IDENTITY,) if ids is None else ids
+
+
+def _wildcard_l7(state: MapState) -> None:
+    """Give peers allowed without L7 rules the wildcard L7 rule on redirected ports."""
+    redirects = [(k, e) for k, e in state if e.verdict == Verdict.REDIRECT]
+    if not redirects:
+        return
+    allows = [(k, e) for k, e in state if e.verdict == Verdict.ALLOW]
+    for rk, re_ in redirects:
+        assert re_.l7 is not None
+        for ak, ae in allows:
+            if not ak.covers(rk):
+                continue
+            if ak.identity in (ANY_IDENTITY, rk.identity):
+                re_ = Entry(Verdict.REDIRECT, re_.l7.with_wildcard(), re_.rules | ae.rules)
+                state.entries[rk] = re_
+            elif rk.identity == ANY_IDENTITY:
+                key = Key(ak.identity, rk.protocol, rk.port, rk.end_port)
+                wildcard = L7Policy(re_.l7.parser, wildcard=True)
+                state.add(key, Entry(Verdict.REDIRECT, wildcard, ae.rules))
+
+
+def rule_peer_selectors(rule: Rule) -> list[LabelSelector]:
+    """Every selector in a rule's peer sections (for change tracking)."""
+    out: list[LabelSelector] = []
+    for section in (rule.ingress, rule.egress, rule.ingress_deny, rule.egress_deny):
+        for peer in section or ():
+            out.extend(peer.selectors)
+            out.extend(peer.requires)
+    return out
+
+
+def rule_has_peer_kinds(rule: Rule) -> bool:
+    """Whether a rule has peers that are not plain selectors (entities, CIDRs, requires)."""
+    for section in (rule.ingress, rule.egress, rule.ingress_deny, rule.egress_deny):
+        for peer in section or ():
+            if peer.entities or peer.cidrs or peer.requires:
+                return True
+            if any(pp.name for pr in peer.ports for pp in pr.ports):
+                return True
+    return False
+
+
+def policies_rules(policies: Iterable[Policy]) -> list[Rule]:
+    return [r for p in policies for r in p.rules]

@@ -54,6 +54,7 @@ class PolicyEngine:
         self._selector_users: dict[LabelSelector, set[int]] = defaultdict(set)
         self._endpoint_selectors: dict[int, set[LabelSelector]] = {}
         self._broad_users: set[int] = set()  # endpoints with entity/CIDR/requires/named peers
+        self._selected: dict[int, list[Rule]] = {}
 
     # -- rules -------------------------------------------------------------
 
@@ -100,21 +101,34 @@ class PolicyEngine:
 
     def set_identity(self, ident: int, labels: LabelSet) -> set[int]:
         changed = self.universe.selectors.add_identity(ident, labels)
-        return self._identity_changed(changed)
+        self.universe.changed()
+        return self._identity_changed(ident, changed)
 
     def remove_identity(self, ident: int) -> set[int]:
         changed = self.universe.selectors.remove_identity(ident)
         self.universe.addresses.pop(ident, None)
         self.universe.named_ports.pop(ident, None)
-        return self._identity_changed(changed)
+        self.universe.changed()
+        return self._identity_changed(ident, changed)
 
-    def _identity_changed(self, selectors: list[LabelSelector]) -> set[int]:
+    def _identity_changed(self, ident: int, selectors: list[LabelSelector]) -> set[int]:
+        """Update the keys of ``ident`` in every endpoint that may see it as a peer."""
         affected = set(self._broad_users)
         for sel in selectors:
             affected |= self._selector_users.get(sel, set())
-        affected &= self.endpoints.keys()
-        self._resolve(affected)
+        affected &= self.resolved.keys()
+        for ep_id in affected:
+            self._update_identity(ep_id, ident)
         return affected
+
+    def _update_identity(self, ep_id: int, ident: int) -> None:
+        ep = self.endpoints[ep_id]
+        policy = self.resolved[ep_id]
+        selected = self._selected[ep_id]
+        for d in ("ingress", "egress"):
+            state = policy.ingress if d == "ingress" else policy.egress
+            keys = self.resolver.identity_keys(ep, selected, d, ident, state)  # type: ignore[arg-type]
+            state.replace_identity(ident, keys)
 
     # -- endpoints ------------------------------------------------------------
 
@@ -125,29 +139,32 @@ class PolicyEngine:
         affected = {ep.id}
         if self.universe.selectors.labels(ep.identity) != ep.labels:
             affected |= self.set_identity(ep.identity, ep.labels)
-        self._refresh_identity_extras(ep.identity)
+        extras_changed = self._refresh_identity_extras(ep.identity)
         if old is not None and old.identity != ep.identity:
-            self._refresh_identity_extras(old.identity)
+            extras_changed |= self._refresh_identity_extras(old.identity)
             if not any(e.identity == old.identity for e in self.endpoints.values()):
                 affected |= self.remove_identity(old.identity)
-        if old is None or old.addresses != ep.addresses or old.named_ports != ep.named_ports:
-            affected |= self._broad_users & self.endpoints.keys()
-        # endpoints selected by rules that now (or no longer) select this identity
-        self._resolve(affected)
+        if extras_changed:
+            self.universe.changed()
+            for ident in extras_changed:
+                affected |= self._identity_changed(ident, [])
+        self._resolve({ep.id})
         return affected
 
     def remove_endpoint(self, ep_id: int) -> set[int]:
         ep = self.endpoints.pop(ep_id, None)
         self.resolved.pop(ep_id, None)
+        self._selected.pop(ep_id, None)
         self._forget_users(ep_id)
         if ep is None:
             return set()
-        self._refresh_identity_extras(ep.identity)
-        affected = set(self._broad_users & self.endpoints.keys())
-        self._resolve(affected)
-        return affected
+        if self._refresh_identity_extras(ep.identity):
+            self.universe.changed()
+            return self._identity_changed(ep.identity, [])
+        return set()
 
-    def _refresh_identity_extras(self, ident: int) -> None:
+    def _refresh_identity_extras(self, ident: int) -> set[int]:
+        """Recompute an identity's addresses and named ports; return {ident} if they changed."""
         addrs: set[IPAddress] = set()
         named: dict[str, set[tuple[int, int]]] = defaultdict(set)
         for e in self.endpoints.values():
@@ -155,15 +172,21 @@ class PolicyEngine:
                 addrs |= e.addresses
                 for name, ports in e.named_ports.items():
                     named[name] |= ports
-        if addrs:
-            self.universe.addresses[ident] = frozenset(addrs)
+        new_addrs = frozenset(addrs)
+        new_named: NamedPorts = {k: frozenset(v) for k, v in named.items()}
+        changed = (
+            self.universe.addresses.get(ident, frozenset()) != new_addrs
+            or dict(self.universe.named_ports.get(ident, {})) != new_named
+        )
+        if new_addrs:
+            self.universe.addresses[ident] = new_addrs
         else:
             self.universe.addresses.pop(ident, None)
-        if named:
-            np: NamedPorts = {k: frozenset(v) for k, v in named.items()}
-            self.universe.named_ports[ident] = np
+        if new_named:
+            self.universe.named_ports[ident] = new_named
         else:
             self.universe.named_ports.pop(ident, None)
+        return {ident} if changed else set()
 
     # -- resolution -----------------------------------------------------------
 
@@ -177,6 +200,7 @@ class PolicyEngine:
             if ep is None:
                 continue
             selected = self.resolver.selecting_rules(ep, rules)
+            self._selected[ep_id] = selected
             self.resolved[ep_id] = self.resolver.resolve_selected(ep, selected)
             self._remember_users(ep_id, selected)
 

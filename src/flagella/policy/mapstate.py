@@ -130,7 +130,10 @@ class MapState:
 
     def __init__(self, enforced: bool, entries: dict[Key, Entry] | None = None) -> None:
         self.enforced = enforced
-        self.entries: dict[Key, Entry] = entries if entries is not None else {}
+        self.entries: dict[Key, Entry] = {}
+        self._by_identity: dict[int, set[Key]] = {}
+        for k, e in (entries or {}).items():
+            self.add(k, e)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -150,7 +153,26 @@ class MapState:
 
     def add(self, key: Key, entry: Entry) -> None:
         old = self.entries.get(key)
-        self.entries[key] = entry if old is None else old.merge(entry)
+        if old is None:
+            self.entries[key] = entry
+            self._by_identity.setdefault(key.identity, set()).add(key)
+        else:
+            self.entries[key] = old.merge(entry)
+
+    def set(self, key: Key, entry: Entry) -> None:
+        if key not in self.entries:
+            self._by_identity.setdefault(key.identity, set()).add(key)
+        self.entries[key] = entry
+
+    def keys_of(self, identity: int) -> list[Key]:
+        return list(self._by_identity.get(identity, ()))
+
+    def replace_identity(self, identity: int, entries: dict[Key, Entry]) -> None:
+        """Swap all keys of one identity for ``entries`` (all of that identity)."""
+        for k in self._by_identity.pop(identity, ()):
+            del self.entries[k]
+        for k, e in entries.items():
+            self.set(k, e)
 
     def lookup(self, identity: int, protocol: int, port: int) -> Decision:
         matched = tuple(

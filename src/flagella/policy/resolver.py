@@ -29,7 +29,7 @@ endpoints together and recomputes only the endpoints a change can affect.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -118,12 +118,23 @@ def rule_name(rule: Rule) -> str:
 
 
 class IdentityUniverse:
-    """The identities the resolver knows, with what CIDR rules need about them."""
+    """The identities the resolver knows, with what CIDR rules need about them.
+
+    Entity and CIDR peers are answered over the whole universe once per
+    change (``generation``) and cached, so resolving many endpoints costs
+    one scan, not one per endpoint.
+    """
 
     def __init__(self) -> None:
         self.selectors = SelectorCache()
         self.addresses: dict[int, frozenset[IPAddress]] = {}
         self.named_ports: dict[int, NamedPorts] = {}
+        self.generation = 0
+        self._peer_cache: dict[object, frozenset[int]] = {}
+        self._peer_generation = -1
+
+    def changed(self) -> None:
+        self.generation += 1
 
     def labels(self, ident: int) -> LabelSet:
         return self.selectors.labels(ident) or frozenset()
@@ -131,56 +142,48 @@ class IdentityUniverse:
     def ids(self) -> Iterable[int]:
         return self.selectors.identities.keys()
 
+    def cached(self, key: object, compute: Callable[[], frozenset[int]]) -> frozenset[int]:
+        if self._peer_generation != self.generation:
+            self._peer_cache.clear()
+            self._peer_generation = self.generation
+        hit = self._peer_cache.get(key)
+        if hit is None:
+            hit = compute()
+            self._peer_cache[key] = hit
+        return hit
 
-def _entity_ids(entity: str, universe: IdentityUniverse) -> set[int] | None:
-    """Identities an entity names; None means every peer (``all``)."""
-    if entity == "all":
-        return None
+
+def entity_contains(entity: str, ident: int, universe: IdentityUniverse) -> bool:
+    """Whether identity ``ident`` is part of ``entity`` (``all`` is handled by the caller)."""
+    labels = universe.labels(ident)
+    if not labels and ident not in universe.selectors.identities:
+        return False
     if entity == "none":
-        return set()
+        return False
     if entity in ("world", "world-ipv4", "world-ipv6"):
-        ids = set(universe.selectors.select(_reserved_selector("world")))
-        if entity != "world":
-            version = 4 if entity == "world-ipv4" else 6
-            ids = {
-                i
-                for i in ids
-                if i == WORLD_ID
-                or any(
-                    lab.source == "cidr"
-                    and ipaddress.ip_network(lab.key, strict=False).version == version
-                    for lab in universe.labels(i)
-                )
-            }
-        return ids
+        if WORLD_LABEL not in labels:
+            return False
+        if entity == "world" or ident == WORLD_ID:
+            return True
+        version = 4 if entity == "world-ipv4" else 6
+        return any(
+            lab.source == "cidr" and ipaddress.ip_network(lab.key, strict=False).version == version
+            for lab in labels
+        )
     if entity == "cluster":
-        return {
-            i
-            for i in universe.ids()
-            if WORLD_LABEL not in universe.labels(i)
-            and not any(lab.source == "cidr" for lab in universe.labels(i))
-        }
-    return set(universe.selectors.select(_reserved_selector(entity)))
+        return WORLD_LABEL not in labels and not any(lab.source == "cidr" for lab in labels)
+    return Label("reserved", entity) in labels
 
 
-def _reserved_selector(name: str) -> LabelSelector:
-    return LabelSelector(match_labels=((f"reserved:{name}", ""),))
-
-
-def _cidr_ids(rule: CIDRRule, universe: IdentityUniverse) -> set[int]:
-    """Identities inside ``rule``: CIDR identities by label, endpoints by address."""
-    out: set[int] = set()
-    inside = Label("cidr", str(rule.cidr))
-    outside = {Label("cidr", str(e)) for e in rule.excepts}
-    if rule.cidr.prefixlen == 0:
-        out.add(WORLD_ID)
-    for ident, labels in universe.selectors.identities.items():
-        if inside in labels and not (outside & labels):
-            out.add(ident)
-    for ident, addrs in universe.addresses.items():
-        if addrs and all(_in_cidr(a, rule) for a in addrs):
-            out.add(ident)
-    return out
+def cidr_contains(rule: CIDRRule, ident: int, universe: IdentityUniverse) -> bool:
+    """CIDR identities match by label, endpoints by (all of) their addresses."""
+    if rule.cidr.prefixlen == 0 and ident == WORLD_ID:
+        return True
+    labels = universe.labels(ident)
+    if Label("cidr", str(rule.cidr)) in labels:
+        return not any(Label("cidr", str(e)) in labels for e in rule.excepts)
+    addrs = universe.addresses.get(ident)
+    return bool(addrs) and all(_in_cidr(a, rule) for a in addrs)
 
 
 def _in_cidr(addr: IPAddress, rule: CIDRRule) -> bool:
@@ -189,21 +192,37 @@ def _in_cidr(addr: IPAddress, rule: CIDRRule) -> bool:
     return not any(addr in e for e in rule.excepts)
 
 
+def _scan(universe: IdentityUniverse, test: Callable[[int], bool]) -> frozenset[int]:
+    return frozenset(i for i in universe.ids() if test(i))
+
+
 def peer_ids(peer: PeerRule, universe: IdentityUniverse) -> set[int] | None:
     """The identities a peer rule's L3 part selects; None means any peer."""
-    if peer.any_peer:
+    if peer.any_peer or "all" in peer.entities:
         return None
     out: set[int] = set()
     for sel in peer.selectors:
         out |= universe.selectors.select(sel)
     for entity in peer.entities:
-        ids = _entity_ids(entity, universe)
-        if ids is None:
-            return None
-        out |= ids
+        out |= universe.cached(
+            ("entity", entity), lambda e=entity: _scan(universe, lambda i: entity_contains(e, i, universe))
+        )
     for cidr in peer.cidrs:
-        out |= _cidr_ids(cidr, universe)
+        out |= universe.cached(
+            ("cidr", cidr), lambda c=cidr: _scan(universe, lambda i: cidr_contains(c, i, universe))
+        )
     return out
+
+
+def peer_contains(peer: PeerRule, ident: int, universe: IdentityUniverse) -> bool:
+    """Membership of one identity in a peer rule's L3 part (for per-identity updates)."""
+    if peer.any_peer or "all" in peer.entities:
+        return True
+    if any(ident in universe.selectors.select(sel) for sel in peer.selectors):
+        return True
+    if any(entity_contains(e, ident, universe) for e in peer.entities):
+        return True
+    return any(cidr_contains(c, ident, universe) for c in peer.cidrs)
 
 
 def _l4_ranges(pp: PortProtocol) -> list[tuple[int, int, int]]:
@@ -275,24 +294,58 @@ class Resolver:
         state = MapState(self._enforced(ep, rules, d))
         if self.settings.enforcement == "never":
             return state
+        requires = self._collect(state, ep, rules, d, None)
+        if requires:
+            self._apply_requires(state, requires)
+        if d == "ingress" and state.enforced and self.settings.allow_localhost == "always":
+            state.add(Key(HOST_ID, ANY_PROTOCOL, 0, PORT_MAX), _LOCALHOST)
+        if d == "ingress" and self.settings.legacy_host_allows_world:
+            self._host_allows_world(state)
+        _wildcard_l7(state)
+        return state
+
+    def identity_keys(
+        self, ep: EndpointInfo, rules: list[Rule], d: Direction, ident: int, current: MapState
+    ) -> dict[Key, Entry]:
+        """The keys of one peer identity, as a full resolution would compute them.
+
+        Keys of other identities never depend on ``ident`` (the "any peer"
+        keys depend on rules only), so an identity that appears, disappears
+        or changes labels is handled by replacing just its own keys.
+        """
+        if self.settings.enforcement == "never":
+            return {}
+        temp = MapState(current.enforced)
+        requires = self._collect(temp, ep, rules, d, ident)
+        if requires and not self._satisfies(ident, requires):
+            temp.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), _REQUIRES)
+        if d == "ingress" and ident == HOST_ID and temp.enforced and self.settings.allow_localhost == "always":
+            temp.add(Key(HOST_ID, ANY_PROTOCOL, 0, PORT_MAX), _LOCALHOST)
+        if (
+            d == "ingress"
+            and self.settings.legacy_host_allows_world
+            and WORLD_LABEL in self.universe.labels(ident)
+        ):
+            for k in current.keys_of(HOST_ID):
+                temp.add(Key(ident, k.protocol, k.port, k.end_port), current.entries[k])
+        for k in current.keys_of(ANY_IDENTITY):
+            temp.set(k, current.entries[k])
+        _wildcard_l7(temp)
+        return {k: e for k, e in temp if k.identity == ident}
+
+    def _collect(
+        self, state: MapState, ep: EndpointInfo, rules: list[Rule], d: Direction, only: int | None
+    ) -> list[LabelSelector]:
         requires: list[LabelSelector] = []
         for r in rules:
             name = rule_name(r)
             allow, deny = (r.ingress, r.ingress_deny) if d == "ingress" else (r.egress, r.egress_deny)
             for peer in allow or ():
                 requires.extend(peer.requires)
-                self._contribute(state, ep, peer, d, Verdict.ALLOW, name)
+                self._contribute(state, ep, peer, d, Verdict.ALLOW, name, only)
             for peer in deny or ():
-                self._contribute(state, ep, peer, d, Verdict.DENY, name)
-        if requires:
-            self._apply_requires(state, requires)
-        if d == "ingress" and state.enforced and self.settings.allow_localhost == "always":
-            localhost = Entry(Verdict.ALLOW, None, frozenset({"allow-localhost"}))
-            state.add(Key(HOST_ID, ANY_PROTOCOL, 0, PORT_MAX), localhost)
-        if d == "ingress" and self.settings.legacy_host_allows_world:
-            self._host_allows_world(state)
-        _wildcard_l7(state)
-        return state
+                self._contribute(state, ep, peer, d, Verdict.DENY, name, only)
+        return requires
 
     def _contribute(
         self,
@@ -302,16 +355,26 @@ class Resolver:
         d: Direction,
         verdict: Verdict,
         name: str,
+        only: int | None = None,
     ) -> None:
-        ids = peer_ids(peer, self.universe)
+        if only is None:
+            ids = peer_ids(peer, self.universe)
+        elif peer.any_peer or "all" in peer.entities:
+            ids = None  # "any peer" keys do not depend on identities ...
+        elif peer_contains(peer, only, self.universe):
+            ids = {only}
+        else:
+            return
+        # ... except egress named ports, which resolve through each peer.
+        any_ids: Iterable[int] = () if only is not None and ids is None else _id_list(ids)
         rules = frozenset({name})
         if peer.l3_only:
-            for ident in _id_list(ids):
+            for ident in any_ids:
                 state.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), Entry(verdict, None, rules))
             return
         for icmp in peer.icmps:
             proto = 1 if icmp.family == "IPv4" else 58
-            for ident in _id_list(ids):
+            for ident in any_ids:
                 state.add(Key(ident, proto, icmp.type, icmp.type), Entry(verdict, None, rules))
         for port_rule in peer.ports:
             l7 = _l7_policy(port_rule.rules)
@@ -320,19 +383,25 @@ class Resolver:
             for pp in port_rule.ports:
                 if not pp.name:
                     for proto, first, last in _l4_ranges(pp):
-                        for ident in _id_list(ids):
+                        for ident in any_ids:
                             state.add(Key(ident, proto, first, last), entry)
                 elif d == "ingress":
                     for proto, first, last in _named(pp, ep.named_ports):
-                        for ident in _id_list(ids):
+                        for ident in any_ids:
                             state.add(Key(ident, proto, first, last), entry)
                 else:
                     # Egress named ports resolve through each peer's own port names.
-                    candidates = self.universe.named_ports.keys() if ids is None else ids
+                    if only is not None:
+                        candidates: Iterable[int] = (only,)
+                    else:
+                        candidates = self.universe.named_ports.keys() if ids is None else ids
                     for ident in candidates:
                         named = self.universe.named_ports.get(ident, {})
                         for proto, first, last in _named(pp, named):
                             state.add(Key(ident, proto, first, last), entry)
+
+    def _satisfies(self, ident: int, requires: list[LabelSelector]) -> bool:
+        return all(ident in self.universe.selectors.select(sel) for sel in requires)
 
     def _apply_requires(self, state: MapState, requires: list[LabelSelector]) -> None:
         satisfied: set[int] | None = None
@@ -340,9 +409,8 @@ class Resolver:
             ids = set(self.universe.selectors.select(sel))
             satisfied = ids if satisfied is None else satisfied & ids
         denied = set(self.universe.ids()) - (satisfied or set())
-        entry = Entry(Verdict.DENY, None, frozenset({"requires"}))
         for ident in denied:
-            state.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), entry)
+            state.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), _REQUIRES)
 
     def _host_allows_world(self, state: MapState) -> None:
         world = [i for i in self.universe.ids() if WORLD_LABEL in self.universe.labels(i)]
@@ -350,6 +418,10 @@ class Resolver:
         for k, e in host_keys:
             for w in world:
                 state.add(Key(w, k.protocol, k.port, k.end_port), e)
+
+
+_LOCALHOST = Entry(Verdict.ALLOW, None, frozenset({"allow-localhost"}))
+_REQUIRES = Entry(Verdict.DENY, None, frozenset({"requires"}))
 
 
 def _id_list(ids: set[int] | None) -> Iterable[int]:

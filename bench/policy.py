@@ -1,0 +1,155 @@
+"""Policy engine benchmark: full resolution, then incremental changes.
+
+    .venv/bin/python bench/policy.py [--rules 500 --identities 5000 --endpoints 200 --changes 100]
+
+Builds a synthetic cluster (identities with app/team/tier/namespace labels,
+policies that mix L3, L4, L7, CIDR, deny and egress rules), resolves every
+endpoint from scratch, then applies policy adds, policy deletes and endpoint
+label changes one at a time. Side by side it measures the baseline a
+non-incremental engine pays for each change: a full re-resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import random
+import resource
+import statistics
+import time
+
+from flagella.policy.api import parse_policy
+from flagella.policy.engine import PolicyEngine
+from flagella.policy.labels import k8s_labels
+from flagella.policy.resolver import EndpointInfo
+from flagella.policy.trace import cidr_identity_labels, reserved_identity_labels, rule_prefixes
+
+NAMESPACES = [f"ns{i}" for i in range(20)]
+APPS = [f"app{i}" for i in range(100)]
+TEAMS = [f"team{i}" for i in range(25)]
+TIERS = ["web", "api", "db", "cache", "batch"]
+
+
+def identity_labels(i: int):
+    return k8s_labels(
+        {"app": APPS[i % len(APPS)], "team": TEAMS[(i // 7) % len(TEAMS)], "tier": TIERS[i % len(TIERS)],
+         "shard": str(i // len(APPS))},
+        NAMESPACES[i % len(NAMESPACES)],
+    )
+
+
+def make_policy(i: int, rnd: random.Random) -> dict:
+    ns = rnd.choice(NAMESPACES)
+    kind = i % 6
+    target = {"matchLabels": {"app": rnd.choice(APPS)}}
+    peer = {"matchLabels": {"team": rnd.choice(TEAMS)}}
+    port = {"ports": [{"port": str(rnd.choice([80, 443, 8080, 5432, 6379])), "protocol": "TCP"}]}
+    if kind == 0:
+        ingress = [{"fromEndpoints": [peer], "toPorts": [port]}]
+    elif kind == 1:
+        ingress = [{"fromEndpoints": [{"matchExpressions": [
+            {"key": "tier", "operator": "In", "values": rnd.sample(TIERS, 2)},
+            {"key": "k8s:io.kubernetes.pod.namespace", "operator": "Exists"}]}]}]
+    elif kind == 2:
+        ingress = [{"fromEndpoints": [peer], "toPorts": [{
+            "ports": [{"port": "80", "protocol": "TCP"}],
+            "rules": {"http": [{"method": "GET", "path": f"/api/v{rnd.randint(1, 3)}/.*"}]}}]}]
+    elif kind == 3:
+        ingress = [{"fromCIDRSet": [{"cidr": f"198.51.{rnd.randint(0, 255)}.0/24"}], "toPorts": [port]}]
+    elif kind == 4:
+        ingress = [{"fromEndpoints": [peer], "toPorts": [{"ports": [
+            {"port": "30000", "endPort": 30000 + rnd.randint(10, 500), "protocol": "TCP"}]}]}]
+    else:
+        ingress = [{"fromEntities": ["cluster"]}]
+    spec = {"endpointSelector": target, "ingress": ingress,
+            "egress": [{"toEndpoints": [{"matchLabels": {"tier": rnd.choice(TIERS)}}]}]}
+    if i % 17 == 0:
+        spec["ingressDeny"] = [{"fromEndpoints": [{"matchLabels": {"team": rnd.choice(TEAMS)}}]}]
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": f"policy-{i}", "namespace": ns}, "spec": spec}
+
+
+def build(args, rnd):
+    engine = PolicyEngine()
+    for ident, labels in reserved_identity_labels().items():
+        engine.set_identity(ident, labels)
+    for i in range(args.identities):
+        engine.set_identity(256 + i, identity_labels(i))
+    policies = [parse_policy(make_policy(i, rnd)) for i in range(args.rules)]
+    next_id = 256 + args.identities
+    for n, net in enumerate(sorted(rule_prefixes(policies), key=str)):
+        engine.set_identity(next_id + n, cidr_identity_labels(net))
+    endpoints = []
+    for e in range(args.endpoints):
+        ident = 256 + rnd.randrange(args.identities)
+        endpoints.append(EndpointInfo(e + 1, ident, identity_labels(ident - 256),
+                                      addresses=frozenset({ipaddress.ip_address(f"10.244.{e // 250}.{e % 250 + 1}")})))
+    return engine, policies, endpoints
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rules", type=int, default=500)
+    ap.add_argument("--identities", type=int, default=5000)
+    ap.add_argument("--endpoints", type=int, default=200)
+    ap.add_argument("--changes", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    rnd = random.Random(args.seed)
+    engine, policies, endpoints = build(args, rnd)
+
+    t0 = time.perf_counter()
+    engine.upsert_policies(policies)
+    for ep in endpoints:
+        engine.endpoints[ep.id] = ep
+    engine.resolve_all()
+    full = time.perf_counter() - t0
+    entries = sum(len(p.ingress) + len(p.egress) for p in engine.resolved.values())
+
+    incremental, baseline = [], []
+    next_policy = args.rules
+    next_id = max(engine.identities()) + 1
+    for c in range(args.changes):
+        op = c % 3
+        t0 = time.perf_counter()
+        if op == 0:
+            engine.upsert_policies([parse_policy(make_policy(next_policy, rnd))])
+            next_policy += 1
+        elif op == 1:
+            key = rnd.choice(list(engine.policies))
+            engine.delete_policies([key])
+        else:
+            ep = rnd.choice(endpoints)
+            labels = identity_labels(rnd.randrange(args.identities)) | {
+                next(iter(k8s_labels({"canary": str(c)}, "x") - k8s_labels({}, "x")))}
+            new = EndpointInfo(ep.id, next_id, labels, addresses=ep.addresses)
+            next_id += 1
+            engine.upsert_endpoint(new)
+        incremental.append(time.perf_counter() - t0)
+        if c % 10 == 0:  # the baseline: resolve everything again
+            t0 = time.perf_counter()
+            engine.resolve_all()
+            baseline.append(time.perf_counter() - t0)
+
+    def pct(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        "rules": args.rules, "identities": args.identities, "endpoints": args.endpoints,
+        "mapstate_entries": entries,
+        "full_resolution_s": round(full, 3),
+        "incremental_p50_ms": round(pct(incremental, 0.5) * 1000, 2),
+        "incremental_p99_ms": round(pct(incremental, 0.99) * 1000, 2),
+        "incremental_max_ms": round(max(incremental) * 1000, 2),
+        "baseline_full_reresolve_median_ms": round(statistics.median(baseline) * 1000, 1),
+        "speedup_p50_vs_full_reresolve": round(statistics.median(baseline) / pct(incremental, 0.5), 1),
+        "peak_rss_mb": round(peak_mb, 1),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

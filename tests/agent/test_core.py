@@ -1,0 +1,172 @@
+"""AgentCore over the in-memory datapath twin: lifecycle, regeneration, drift, crashes."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+import yaml
+
+from flagella.agent.core import AgentCore
+from flagella.agent.settings import AgentSettings
+from flagella.datapath.desired import PolicyKey
+from flagella.datapath.port import MemoryDatapath
+from flagella.endpoint import State
+from flagella.errors import InputError, PolicyValidationError
+
+L3L4 = yaml.safe_load("""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+""")
+
+
+@pytest.fixture
+def dp():
+    return MemoryDatapath()
+
+
+@pytest.fixture
+def core(tmp_path, dp):
+    c = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    c.restore()
+    return c
+
+
+def entries_for(dp: MemoryDatapath, ep_id: int) -> dict[PolicyKey, object]:
+    return {k: v for k, v in dp.policy.items() if k.ep_id == ep_id}
+
+
+def starwars(core):
+    ds = core.create_endpoint("deathstar", labels={"org": "empire", "class": "deathstar"})
+    tf = core.create_endpoint("tiefighter", labels={"org": "empire", "class": "tiefighter"})
+    xw = core.create_endpoint("xwing", labels={"org": "alliance", "class": "xwing"})
+    return ds, tf, xw
+
+
+def test_create_endpoint_enforces_before_returning(core, dp):
+    ds, tf, xw = starwars(core)
+    assert ds.state == State.READY and ds.ifindex in dp.attached
+    assert dp.endpoints[ds.ifindex].identity == ds.identity
+    assert dp.ipcache[ipaddress.ip_network(ds.ipv4)] == ds.identity
+    assert len({ds.identity, tf.identity, xw.identity}) == 3
+    assert ds.ipv4 in ipaddress.ip_network("10.244.0.0/24")
+
+
+def test_policy_import_regenerates_and_reports_revision(core, dp):
+    ds, tf, xw = starwars(core)
+    before = core.engine.revision
+    rev = core.import_policies([L3L4])
+    assert rev == before + 1
+    row = dp.endpoints[ds.ifindex]
+    assert row.flags & 1  # ingress enforced
+    keys = entries_for(dp, ds.id)
+    assert any(k.identity == tf.identity and k.port == 80 and k.protocol == 6 for k in keys)
+    assert not any(k.identity == xw.identity for k in keys)
+    assert ds.policy_revision == rev
+
+
+def test_bad_policy_imports_nothing(core, dp):
+    starwars(core)
+    bad = yaml.safe_load(yaml.safe_dump(L3L4))
+    bad["metadata"]["name"] = "other"
+    bad["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] = "99999"
+    rev = core.engine.revision
+    with pytest.raises(PolicyValidationError) as exc:
+        core.import_policies([L3L4, bad])
+    assert "port" in str(exc.value)
+    assert core.engine.revision == rev and not core.engine.policies
+
+
+def test_label_change_moves_identity_and_peers_follow(core, dp):
+    ds, tf, xw = starwars(core)
+    core.import_policies([L3L4])
+    old = xw.identity
+    core.set_endpoint_labels("xwing", {"org": "empire"}, [])
+    assert xw.identity != old
+    assert any(k.identity == xw.identity for k in entries_for(dp, ds.id))
+    assert dp.ipcache[ipaddress.ip_network(xw.ipv4)] == xw.identity
+
+
+def test_namespace_labels_change_identities(core):
+    ds, _, _ = starwars(core)
+    old = ds.identity
+    core.set_namespace_labels("default", {"team": "blue"}, [])
+    assert ds.identity != old
+    assert ds.namespace_labels == {"team": "blue"}
+
+
+def test_delete_leaves_nothing_behind(core, dp):
+    ds, tf, xw = starwars(core)
+    core.import_policies([L3L4])
+    core.delete_endpoint("deathstar")
+    assert ds.netns not in dp.pods
+    assert ds.ifindex not in dp.endpoints and not entries_for(dp, ds.id)
+    assert ipaddress.ip_network(ds.ipv4) not in dp.ipcache
+    assert core.allocator.lookup(core._security_labels(ds)) is None
+
+
+def test_sync_repairs_drift_and_counts_it(core, dp):
+    ds, tf, _ = starwars(core)
+    core.import_policies([L3L4])
+    key = next(iter(entries_for(dp, ds.id)))
+    value = dp.policy.pop(key)
+    stray = PolicyKey(ds.id, 4242, 0, 6, 0, 22)
+    dp.policy[stray] = value
+    assert core.sync_all() == 2
+    assert dp.policy[key] == value and stray not in dp.policy
+    assert core.stats.repairs["policy"] == 2
+    assert core.sync_all() == 0
+
+
+def test_restart_restores_endpoints_policies_and_identities(tmp_path, dp):
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    ds, tf, _ = starwars(core)
+    rev = core.import_policies([L3L4])
+    snapshot = dict(dp.policy)
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    again.restore()
+    assert again.engine.revision == rev
+    assert {e.name for e in again.endpoints.values()} == {"deathstar", "tiefighter", "xwing"}
+    assert again.find("deathstar").identity == ds.identity
+    assert dict(dp.policy) == snapshot
+
+
+def test_crash_during_create_is_undone_on_restart(tmp_path, dp, monkeypatch):
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    starwars(core)
+
+    class Crash(BaseException):
+        pass
+
+    def crash(*a, **k):
+        raise Crash
+
+    monkeypatch.setattr(core, "regenerate", crash)
+    with pytest.raises(Crash):
+        core.create_endpoint("probe", labels={"app": "probe"})
+    # simulate a hard kill after the pod existed: put the pod back and leave the record
+    monkeypatch.undo()
+    dp.ensure_pod("default-probe", ipaddress.IPv4Address("10.244.0.99"), None)
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    report = again.restore()
+    assert "default-probe" not in dp.pods
+    assert report["removed"] >= 1
+    assert {e.name for e in again.endpoints.values()} == {"deathstar", "tiefighter", "xwing"}
+
+
+def test_input_errors_name_the_field(core):
+    with pytest.raises(InputError, match="--ipv4"):
+        core.create_endpoint("a", ipv4="not-an-ip")
+    core.create_endpoint("a", ipv4="10.244.0.50")
+    with pytest.raises(InputError, match="already in use"):
+        core.create_endpoint("b", ipv4="10.244.0.50")
+    with pytest.raises(InputError, match="already exists"):
+        core.create_endpoint("a")

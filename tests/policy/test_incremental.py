@@ -37,12 +37,43 @@ def policy_doc(i: int, target: str, peer: str, port: int | None, kind: str) -> d
     }
 
 
+def cluster_doc(i: int, tier: str, priority: int, target: str, peer: str, action: str,
+                port: int | None) -> dict:
+    """A ClusterNetworkPolicy: an ``action`` rule for ``peer`` (app, CIDR or any) and a last rule.
+
+    Odd ``i`` governs egress, even ``i`` ingress (which has no CIDR peers: every pod instead).
+    """
+    to: list = [{"pods": {"podSelector": {"matchLabels": {"app": peer}}}}]
+    if peer == "cidr":
+        to = [{"networks": ["10.244.0.0/25"]} if i % 2 else {"namespaces": {}}]
+    rule: dict = {"action": action}
+    if peer != "any":
+        rule["to" if i % 2 else "from"] = to
+    if port:
+        rule["protocols"] = [{"tcp": {"destinationPort": {"number": port}}}]
+    last = {"action": "Deny" if action == "Accept" else "Accept"}
+    direction = "egress" if i % 2 else "ingress"
+    return {
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": f"c{i}"},
+        "spec": {"tier": tier, "priority": priority,
+                 "subject": {"pods": {"podSelector": {"matchLabels": {"app": target}}}},
+                 direction: [rule, last]},
+    }
+
+
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("policy"), st.integers(0, 3), st.sampled_from(APPS), st.sampled_from(APPS),
                   st.sampled_from([None, 80, 443]),
                   st.sampled_from(["sel", "cidr", "entity", "requires", "l7"])),
         st.tuples(st.just("delete"), st.integers(0, 3)),
+        st.tuples(st.just("cluster"), st.integers(0, 3), st.sampled_from(["Admin", "Baseline"]),
+                  st.integers(0, 2), st.sampled_from(APPS),
+                  st.sampled_from([*APPS, "cidr", "any"]),
+                  st.sampled_from(["Accept", "Deny", "Pass"]), st.sampled_from([None, 80])),
+        st.tuples(st.just("cluster-delete"), st.integers(0, 3)),
         st.tuples(st.just("endpoint"), st.integers(1, 4), st.sampled_from(APPS), st.integers(1, 250)),
         st.tuples(st.just("remove"), st.integers(1, 4)),
     ),
@@ -78,6 +109,10 @@ def test_incremental_equals_full_resolution(operations):
             engine.upsert_policies([parse_policy(policy_doc(i, target, peer, port, kind))])
         elif op[0] == "delete":
             engine.delete_policies([("CiliumNetworkPolicy", "default", f"p{op[1]}")])
+        elif op[0] == "cluster":
+            engine.upsert_policies([parse_policy(cluster_doc(*op[1:]))])
+        elif op[0] == "cluster-delete":
+            engine.delete_policies([("ClusterNetworkPolicy", "", f"c{op[1]}")])
         elif op[0] == "endpoint":
             _, ep_id, app, host = op
             labels = k8s_labels({"app": app}, "default")

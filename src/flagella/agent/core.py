@@ -159,7 +159,7 @@ class AgentCore:
             ep.set_state(State.REGENERATING)
             self.dp.attach(ep.ifindex)
         self.regenerate(self.endpoints.keys())
-        self.sync_all()
+        self.sync_all(count=False)
         log.info("agent-restored", **report)
         return report
 
@@ -399,8 +399,17 @@ class AgentCore:
         return {**ingress, **egress}, row
 
     def regenerate(self, ep_ids: Iterable[int], revision: int | None = None) -> None:
+        """Write the resolved policy of ``ep_ids``; every endpoint then enforces ``revision``.
+
+        Endpoints not in ``ep_ids`` were not affected by the change, so they
+        already enforce the new revision as they are.
+        """
         revision = revision or self.engine.revision
-        for ep_id in sorted(set(ep_ids)):
+        ep_ids = set(ep_ids)
+        for ep in self.endpoints.values():
+            if ep.id not in ep_ids:
+                ep.policy_revision = max(ep.policy_revision, revision)
+        for ep_id in sorted(ep_ids):
             ep = self.endpoints.get(ep_id)
             if ep is None or ep_id not in self.engine.resolved:
                 continue
@@ -423,8 +432,7 @@ class AgentCore:
         desired, row = self.desired_policy(ep)
         actual = self.written.get(ep.id, {})
         upserts, deletes = diff(actual, desired)
-        for k, v in upserts.items():
-            self.dp.policy[k] = v
+        self.dp.policy.update(upserts)
         old_row = self.dp.endpoints.get(ep.ifindex)
         if old_row is not None and deletes:
             # Keep probing the old wildcard widths until their entries are gone.
@@ -452,7 +460,7 @@ class AgentCore:
                 out[ipaddress.ip_network(addr)] = ep.identity
         return out
 
-    def sync_all(self) -> int:
+    def sync_all(self, count: bool = True) -> int:
         """Make every map equal to the desired state; return the number of repairs."""
         repairs = 0
         desired_policy: dict[PolicyKey, PolicyValue] = {}
@@ -476,7 +484,7 @@ class AgentCore:
             for k in deletes:
                 actual_map.pop(k, None)  # type: ignore[call-overload]
             n = len(upserts) + len(deletes)
-            if n:
+            if n and count:
                 self.stats.repairs[name] += n
                 log.warning("map-drift-repaired", map=name, upserts=len(upserts), deletes=len(deletes))
             repairs += n
@@ -524,6 +532,8 @@ def _pick(
             raise InputError(f"{flag}: {requested!r} is not an IP address") from None
         if addr.version != net.version:
             raise InputError(f"{flag}: {addr} is not an IPv{net.version} address")
+        if addr not in net:
+            raise InputError(f"{flag}: {addr} is not in the node's pod CIDR {net}")
         if addr in used:
             raise InputError(f"{flag}: {addr} is already in use")
         return addr

@@ -13,29 +13,15 @@ from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from flagella.datapath.events import reason_text
+
 if TYPE_CHECKING:
     from flagella.agent.server import AgentServer
 
 DIRECTIONS = {1: "INGRESS", 2: "EGRESS"}
 
-#: Drop reasons (positive codes, Cilium's numbering) and their Cilium strings.
-REASONS = {
-    0: "Forwarded",
-    130: "Invalid source mac",
-    132: "Invalid source ip",
-    133: "Policy denied",
-    134: "Invalid packet",
-    135: "CT: Truncated or invalid header",
-    137: "CT: Unknown L4 protocol",
-    141: "Error writing to packet",
-    156: "Invalid IPv6 extension header",
-    157: "IPv6 fragmentation not supported",
-    160: "First IPv4 fragment not found",
-}
-
-
 def reason_name(code: int) -> str:
-    return REASONS.get(code, f"Unknown reason {code}")
+    return "Forwarded" if code == 0 else reason_text(code)
 
 
 class AgentCollector(Collector):

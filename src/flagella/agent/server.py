@@ -218,8 +218,10 @@ class AgentServer:
                 handler = self.handlers.get(method)
                 if handler is None:
                     raise InputError(f"unknown method {method!r}")
+                loop = asyncio.get_running_loop()
                 async with self.lock:
-                    result = handler(params)
+                    # Off the loop: netlink and bpf(2) block, and pyroute2 runs loops of its own.
+                    result = await loop.run_in_executor(None, handler, params)
                 writer.write(rpc.ok(result))
             except FlagellaError as exc:
                 writer.write(rpc.error(exc))
@@ -254,7 +256,7 @@ class AgentServer:
             await asyncio.sleep(c.interval)
             async with self.lock:
                 try:
-                    c.func()
+                    await asyncio.get_running_loop().run_in_executor(None, c.func)
                     c.consecutive_failures = 0
                 except Exception as exc:
                     c.failures += 1

@@ -28,8 +28,8 @@ from flagella.policy.resolver import PolicySettings
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    ipv4_cidr: str = "10.244.0.0/24"
-    ipv6_cidr: str = "fd00:10:244::/112"
+    ipv4_cidr: str = "10.244.0.0/16"
+    ipv6_cidr: str = "fd00:10:244::/64"
     mtu: int = 1500
     #: Bytes of encapsulation overhead; 0 = no tunnel (routes keep the device MTU).
     tunnel_overhead: int = 0

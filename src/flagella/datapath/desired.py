@@ -9,7 +9,15 @@ repairs drift (entries someone added or removed with bpftool).
 MapState keys become kernel keys here: a port range is split into
 power-of-two aligned blocks (`port_blocks`), "any protocol" is protocol 0
 with all 16 port bits wildcarded, and two MapState keys that share a block
-merge the way MapState merges (deny > redirect > allow).
+merge the way MapState merges (deny > pass > redirect > allow).
+
+A value carries its key's precedence (ClusterNetworkPolicy tiers, see
+`flagella.policy.mapstate`): 0 for the normal tier, above 0 for Admin, below
+0 for Baseline. Two keys of different precedence that share a block keep the
+higher precedence only (an Admin key over a normal one, a normal key over a
+Baseline one). That is exact unless a Pass of higher precedence, in this
+block or another, hands the decision down to a tier whose key was dropped
+here; being exact there needs one value per tier in the kernel map.
 """
 
 from __future__ import annotations
@@ -49,10 +57,14 @@ class PolicyValue:
 
     verdict: int
     proxy_port: int = 0
+    #: The MapState key's precedence: 0 normal tier, > 0 Admin, < 0 Baseline (higher first).
+    precedence: int = 0
 
 
 def _merge(a: PolicyValue, b: PolicyValue) -> PolicyValue:
-    rank = {Verdict.DENY: 3, Verdict.REDIRECT: 2, Verdict.ALLOW: 1}
+    if a.precedence != b.precedence:
+        return a if a.precedence > b.precedence else b
+    rank = {Verdict.DENY: 4, Verdict.PASS: 3, Verdict.REDIRECT: 2, Verdict.ALLOW: 1}
     return a if rank[Verdict(a.verdict)] >= rank[Verdict(b.verdict)] else b
 
 
@@ -64,7 +76,7 @@ def policy_entries(
     mask = 0
     direction = EGRESS if egress else INGRESS
     for key, entry in state:
-        value = _value(entry, proxy_port)
+        value = _value(entry, proxy_port, key.precedence)
         if key.protocol == ANY_PROTOCOL or (key.port == 0 and key.end_port == PORT_MAX):
             blocks = [(0, 16)]
         else:
@@ -77,10 +89,10 @@ def policy_entries(
     return out, mask
 
 
-def _value(entry: Entry, proxy_port: int) -> PolicyValue:
+def _value(entry: Entry, proxy_port: int, precedence: int = 0) -> PolicyValue:
     if entry.verdict == Verdict.REDIRECT:
-        return PolicyValue(int(Verdict.REDIRECT), proxy_port)
-    return PolicyValue(int(entry.verdict))
+        return PolicyValue(int(Verdict.REDIRECT), proxy_port, precedence)
+    return PolicyValue(int(entry.verdict), 0, precedence)
 
 
 K = TypeVar("K", bound=Hashable)

@@ -25,7 +25,9 @@ CREATE TABLE IF NOT EXISTS identities (
 class SQLiteBackend:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, timeout=10.0, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
 

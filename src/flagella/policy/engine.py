@@ -84,6 +84,8 @@ class PolicyEngine:
         return self._rules_changed(changed)
 
     def _rules_changed(self, rules: list[Rule]) -> tuple[int, set[int]]:
+        if not rules:
+            return self.revision, set()
         self._rules = None
         self.revision += 1
         affected: set[int] = set()

@@ -10,6 +10,16 @@ Lookup is the contract the kernel program implements too: every key that
 matches the packet is considered, deny beats redirect beats allow, and no
 match means deny when the direction is enforced, allow otherwise. Because
 the combination is order-free, the result never depends on rule order.
+
+Tiers (ClusterNetworkPolicy). A key also carries a precedence: 0 for the
+rules above (the normal tier), above 0 for Admin-tier rules (an earlier rule
+is higher), below 0 for Baseline-tier rules (an earlier rule is higher, all
+below 0). Keys of different precedence never merge. Lookup then goes tier by
+tier: the matching Admin key of highest precedence decides (a Pass verdict
+there means "ignore every Admin key"); else the normal keys decide as above;
+else, when the direction is not enforced, the matching Baseline key of
+highest precedence decides (Pass: allow); else the packet is allowed.
+Within one precedence deny beats pass beats redirect beats allow.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ class Verdict(IntEnum):
     ALLOW = 1
     DENY = 2
     REDIRECT = 3
+    #: Tiered keys only: skip the rest of the tier (Admin: let the normal tier decide).
+    PASS = 4
 
 
 @dataclass(frozen=True, order=True)
@@ -39,6 +51,8 @@ class Key:
     protocol: int
     port: int
     end_port: int
+    #: 0: normal tier; > 0: Admin tier; < 0: Baseline tier (higher is evaluated first).
+    precedence: int = 0
 
     def covers(self, other: Key) -> bool:
         """Whether every packet matching ``other`` also matches this key's L4 part."""
@@ -89,11 +103,12 @@ class Entry:
 
     def merge(self, other: Entry) -> Entry:
         rules = self.rules | other.rules
-        if Verdict.DENY in (self.verdict, other.verdict):
-            deny_rules = frozenset().union(
-                *(e.rules for e in (self, other) if e.verdict == Verdict.DENY)
-            )
-            return Entry(Verdict.DENY, None, deny_rules)
+        for strongest in (Verdict.DENY, Verdict.PASS):
+            if strongest in (self.verdict, other.verdict):
+                kept = frozenset().union(
+                    *(e.rules for e in (self, other) if e.verdict == strongest)
+                )
+                return Entry(strongest, None, kept)
         if self.verdict == Verdict.REDIRECT and other.verdict == Verdict.REDIRECT:
             assert self.l7 is not None and other.l7 is not None
             return Entry(Verdict.REDIRECT, self.l7.merge(other.l7), rules)
@@ -114,6 +129,8 @@ class Decision:
     #: The keys that matched (all of them, for explanation).
     matched: tuple[tuple[Key, Entry], ...] = ()
     l7: L7Policy | None = None
+    #: Precedence of the keys that decided (0: the normal tier, or no key at all).
+    precedence: int = 0
 
     @property
     def allowed(self) -> bool:
@@ -121,7 +138,10 @@ class Decision:
 
     @property
     def rules(self) -> frozenset[str]:
-        deciding = [e for _, e in self.matched if e.verdict == self.verdict]
+        deciding = [
+            e for k, e in self.matched
+            if e.verdict == self.verdict and k.precedence == self.precedence
+        ]
         return frozenset().union(*(e.rules for e in deciding)) if deciding else frozenset()
 
 
@@ -183,18 +203,40 @@ class MapState:
 
 def decide(matched: Iterable[tuple[Key, Entry]], enforced: bool) -> Decision:
     hits = tuple(sorted(matched))
-    verdicts = {e.verdict for _, e in hits}
-    if Verdict.DENY in verdicts:
+    admin = [(k, e) for k, e in hits if k.precedence > 0]
+    if admin:
+        top = max(k.precedence for k, _ in admin)
+        verdict, l7 = _combine([e for k, e in admin if k.precedence == top])
+        if verdict != Verdict.PASS:
+            return Decision(verdict, enforced, hits, l7, top)
+    normal = [e for k, e in hits if k.precedence == 0]
+    verdict, l7 = _combine(normal)
+    if normal and verdict != Verdict.PASS:
+        return Decision(verdict, enforced, hits, l7)
+    if enforced:
         return Decision(Verdict.DENY, enforced, hits)
+    baseline = [(k, e) for k, e in hits if k.precedence < 0]
+    if baseline:
+        top = max(k.precedence for k, _ in baseline)
+        verdict, l7 = _combine([e for k, e in baseline if k.precedence == top])
+        if verdict != Verdict.PASS:
+            return Decision(verdict, enforced, hits, l7, top)
+    return Decision(Verdict.ALLOW, enforced, hits)
+
+
+def _combine(entries: list[Entry]) -> tuple[Verdict, L7Policy | None]:
+    """The verdict of keys of one precedence: deny > pass > redirect > allow."""
+    verdicts = {e.verdict for e in entries}
+    for strongest in (Verdict.DENY, Verdict.PASS):
+        if strongest in verdicts:
+            return strongest, None
     if Verdict.REDIRECT in verdicts:
         l7: L7Policy | None = None
-        for _, e in hits:
+        for e in entries:
             if e.l7 is not None:
                 l7 = e.l7 if l7 is None else l7.merge(e.l7)
-        return Decision(Verdict.REDIRECT, enforced, hits, l7)
-    if Verdict.ALLOW in verdicts or not enforced:
-        return Decision(Verdict.ALLOW, enforced, hits)
-    return Decision(Verdict.DENY, enforced, hits)
+        return Verdict.REDIRECT, l7
+    return Verdict.ALLOW, None
 
 
 def port_blocks(first: int, last: int) -> list[tuple[int, int]]:

@@ -22,6 +22,11 @@ For one endpoint and one direction:
    by a rule without L7 rules gets the wildcard L7 rule there, so the proxy
    passes all its requests.
 
+Tiered rules (ClusterNetworkPolicy, ``Rule.tier`` admin/baseline) contribute
+keys at their own precedence (`rule_precedence`), with a Pass verdict for
+their pass sections; they never enforce a direction, and they take no part
+in L7 wildcarding. `decide` in `mapstate` orders the tiers.
+
 `PolicyEngine` keeps the repository, the identities and the resolved
 endpoints together and recomputes only the endpoints a change can affect.
 """
@@ -101,6 +106,24 @@ class EndpointPolicy:
 
     def direction(self, d: Direction) -> MapState:
         return self.ingress if d == "ingress" else self.egress
+
+
+#: Precedence of the first Admin rule: every Admin key is above 0 (higher first).
+ADMIN_PRECEDENCE_BASE = 1 << 24
+
+
+def rule_precedence(rule: Rule) -> int:
+    """The key precedence of a rule's contributions (see `mapstate`).
+
+    ``Rule.precedence`` (lower first) must be below `ADMIN_PRECEDENCE_BASE`;
+    a ClusterNetworkPolicy's is at most ``1000 * 10000 + 24``.
+    """
+    order = min(max(rule.precedence, 0), ADMIN_PRECEDENCE_BASE - 1)
+    if rule.tier == "admin":
+        return ADMIN_PRECEDENCE_BASE - order
+    if rule.tier == "baseline":
+        return -1 - order
+    return 0
 
 
 def rule_name(rule: Rule) -> str:
@@ -279,6 +302,8 @@ class Resolver:
         if mode == "always" or INIT_LABEL in ep.labels:
             return True
         for r in rules:
+            if r.tier != "normal":
+                continue  # tiered rules never put an endpoint into default deny
             allow, deny, dd = (
                 (r.ingress, r.ingress_deny, r.default_deny_ingress)
                 if d == "ingress"
@@ -317,7 +342,8 @@ class Resolver:
             return {}
         temp = MapState(current.enforced)
         requires = self._collect(temp, ep, rules, d, ident)
-        if requires and not self._satisfies(ident, requires):
+        known = ident in self.universe.selectors.identities  # as `_apply_requires` scans
+        if requires and known and not self._satisfies(ident, requires):
             temp.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), _REQUIRES)
         if d == "ingress" and ident == HOST_ID and temp.enforced and self.settings.allow_localhost == "always":
             temp.add(Key(HOST_ID, ANY_PROTOCOL, 0, PORT_MAX), _LOCALHOST)
@@ -327,7 +353,8 @@ class Resolver:
             and WORLD_LABEL in self.universe.labels(ident)
         ):
             for k in current.keys_of(HOST_ID):
-                temp.add(Key(ident, k.protocol, k.port, k.end_port), current.entries[k])
+                temp.add(Key(ident, k.protocol, k.port, k.end_port, k.precedence),
+                         current.entries[k])
         for k in current.keys_of(ANY_IDENTITY):
             temp.set(k, current.entries[k])
         _wildcard_l7(temp)
@@ -339,12 +366,20 @@ class Resolver:
         requires: list[LabelSelector] = []
         for r in rules:
             name = rule_name(r)
-            allow, deny = (r.ingress, r.ingress_deny) if d == "ingress" else (r.egress, r.egress_deny)
+            prec = rule_precedence(r)
+            allow, deny, passed = (
+                (r.ingress, r.ingress_deny, r.ingress_pass)
+                if d == "ingress"
+                else (r.egress, r.egress_deny, r.egress_pass)
+            )
             for peer in allow or ():
                 requires.extend(peer.requires)
-                self._contribute(state, ep, peer, d, Verdict.ALLOW, name, only)
+                self._contribute(state, ep, peer, d, Verdict.ALLOW, name, only, prec)
             for peer in deny or ():
-                self._contribute(state, ep, peer, d, Verdict.DENY, name, only)
+                self._contribute(state, ep, peer, d, Verdict.DENY, name, only, prec)
+            if prec != 0:  # Pass only means something in a tier
+                for peer in passed or ():
+                    self._contribute(state, ep, peer, d, Verdict.PASS, name, only, prec)
         return requires
 
     def _contribute(
@@ -356,6 +391,7 @@ class Resolver:
         verdict: Verdict,
         name: str,
         only: int | None = None,
+        prec: int = 0,
     ) -> None:
         if only is None:
             ids = peer_ids(peer, self.universe)
@@ -370,12 +406,12 @@ class Resolver:
         rules = frozenset({name})
         if peer.l3_only:
             for ident in any_ids:
-                state.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), Entry(verdict, None, rules))
+                state.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX, prec), Entry(verdict, None, rules))
             return
         for icmp in peer.icmps:
             proto = 1 if icmp.family == "IPv4" else 58
             for ident in any_ids:
-                state.add(Key(ident, proto, icmp.type, icmp.type), Entry(verdict, None, rules))
+                state.add(Key(ident, proto, icmp.type, icmp.type, prec), Entry(verdict, None, rules))
         for port_rule in peer.ports:
             l7 = _l7_policy(port_rule.rules)
             v = Verdict.REDIRECT if (l7 is not None and verdict == Verdict.ALLOW) else verdict
@@ -384,11 +420,11 @@ class Resolver:
                 if not pp.name:
                     for proto, first, last in _l4_ranges(pp):
                         for ident in any_ids:
-                            state.add(Key(ident, proto, first, last), entry)
+                            state.add(Key(ident, proto, first, last, prec), entry)
                 elif d == "ingress":
                     for proto, first, last in _named(pp, ep.named_ports):
                         for ident in any_ids:
-                            state.add(Key(ident, proto, first, last), entry)
+                            state.add(Key(ident, proto, first, last, prec), entry)
                 else:
                     # Egress named ports resolve through each peer's own port names.
                     if only is not None:
@@ -398,7 +434,7 @@ class Resolver:
                     for ident in candidates:
                         named = self.universe.named_ports.get(ident, {})
                         for proto, first, last in _named(pp, named):
-                            state.add(Key(ident, proto, first, last), entry)
+                            state.add(Key(ident, proto, first, last, prec), entry)
 
     def _satisfies(self, ident: int, requires: list[LabelSelector]) -> bool:
         return all(ident in self.universe.selectors.select(sel) for sel in requires)
@@ -417,7 +453,7 @@ class Resolver:
         host_keys = [(k, e) for k, e in state if k.identity == HOST_ID]
         for k, e in host_keys:
             for w in world:
-                state.add(Key(w, k.protocol, k.port, k.end_port), e)
+                state.add(Key(w, k.protocol, k.port, k.end_port, k.precedence), e)
 
 
 _LOCALHOST = Entry(Verdict.ALLOW, None, frozenset({"allow-localhost"}))
@@ -429,11 +465,16 @@ def _id_list(ids: set[int] | None) -> Iterable[int]:
 
 
 def _wildcard_l7(state: MapState) -> None:
-    """Give peers allowed without L7 rules the wildcard L7 rule on redirected ports."""
-    redirects = [(k, e) for k, e in state if e.verdict == Verdict.REDIRECT]
+    """Give peers allowed without L7 rules the wildcard L7 rule on redirected ports.
+
+    Normal-tier keys only: a tiered allow decides on its own, it widens no redirect.
+    """
+    redirects = [
+        (k, e) for k, e in state if e.verdict == Verdict.REDIRECT and k.precedence == 0
+    ]
     if not redirects:
         return
-    allows = [(k, e) for k, e in state if e.verdict == Verdict.ALLOW]
+    allows = [(k, e) for k, e in state if e.verdict == Verdict.ALLOW and k.precedence == 0]
     for rk, re_ in redirects:
         assert re_.l7 is not None
         for ak, ae in allows:
@@ -448,10 +489,17 @@ def _wildcard_l7(state: MapState) -> None:
                 state.add(key, Entry(Verdict.REDIRECT, wildcard, ae.rules))
 
 
+def _peer_sections(rule: Rule) -> tuple[tuple[PeerRule, ...] | None, ...]:
+    return (
+        rule.ingress, rule.egress, rule.ingress_deny, rule.egress_deny,
+        rule.ingress_pass, rule.egress_pass,
+    )
+
+
 def rule_peer_selectors(rule: Rule) -> list[LabelSelector]:
     """Every selector in a rule's peer sections (for change tracking)."""
     out: list[LabelSelector] = []
-    for section in (rule.ingress, rule.egress, rule.ingress_deny, rule.egress_deny):
+    for section in _peer_sections(rule):
         for peer in section or ():
             out.extend(peer.selectors)
             out.extend(peer.requires)
@@ -460,7 +508,7 @@ def rule_peer_selectors(rule: Rule) -> list[LabelSelector]:
 
 def rule_has_peer_kinds(rule: Rule) -> bool:
     """Whether a rule has peers that are not plain selectors (entities, CIDRs, requires)."""
-    for section in (rule.ingress, rule.egress, rule.ingress_deny, rule.egress_deny):
+    for section in _peer_sections(rule):
         for peer in section or ():
             if peer.entities or peer.cidrs or peer.requires:
                 return True

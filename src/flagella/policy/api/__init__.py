@@ -16,6 +16,7 @@ from flagella.policy.api._model import (
     Protocol,
     Requirement,
     Rule,
+    Tier,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Protocol",
     "Requirement",
     "Rule",
+    "Tier",
     "load_policies",
     "load_policy_files",
     "parse_policy",

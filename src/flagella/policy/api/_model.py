@@ -1,7 +1,9 @@
 """Typed policy rules: what the parser produces and the resolver consumes.
 
 Every policy document (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy,
-Kubernetes NetworkPolicy) is translated into the same Cilium-form `Rule`s.
+Kubernetes NetworkPolicy and ClusterNetworkPolicy) is translated into the
+same Cilium-form `Rule`s; ClusterNetworkPolicy rules carry a tier and a
+precedence on top (see `Rule`).
 The translation already applied the semantics that depend only on the
 document, never on the cluster:
 
@@ -28,8 +30,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Requirement operators, normalized to Kubernetes' spelling.
 Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
 
+#: Where a rule is evaluated: ``admin`` before every ``normal`` (Cilium and
+#: Kubernetes NetworkPolicy) rule, ``baseline`` only where no normal rule decides.
+Tier = Literal["admin", "normal", "baseline"]
 
-class Protocol(str, Enum):
+
+class Protocol(str, Enum):  # noqa: UP042 - str() spelling is part of messages
     """An L4 protocol as policy names it. ``ANY`` is expanded by the resolver."""
 
     TCP = "TCP"
@@ -190,6 +196,13 @@ class Rule:
     (possibly empty) when present; only a non-empty section (or a non-empty
     deny section) puts a selected endpoint into default deny, unless
     ``enable_default_deny`` says otherwise for that direction.
+
+    ``tier`` and ``precedence`` order the rules of a ClusterNetworkPolicy
+    (``admin``/``baseline``): within a tier the rule with the lowest
+    precedence that matches a packet decides it, alone. A tiered rule never
+    puts an endpoint into default deny. ``ingress_pass``/``egress_pass`` hold
+    its Pass peers: matching traffic skips the rest of the tier (they mean
+    nothing in a ``normal`` rule and are ignored there).
     """
 
     endpoint_selector: LabelSelector
@@ -203,10 +216,15 @@ class Rule:
     #: enableDefaultDeny.ingress / .egress; None = the default (True).
     default_deny_ingress: bool | None = None
     default_deny_egress: bool | None = None
+    tier: Tier = "normal"
+    #: Order within the tier, lower first (ClusterNetworkPolicy: priority * 10000 + rule index).
+    precedence: int = 0
+    ingress_pass: tuple[PeerRule, ...] | None = None
+    egress_pass: tuple[PeerRule, ...] | None = None
 
 
 PolicyKind = Literal[
-    "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"
+    "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy", "ClusterNetworkPolicy"
 ]
 
 

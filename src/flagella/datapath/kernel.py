@@ -1,0 +1,333 @@
+"""The kernel implementation of the agent's `Datapath` port.
+
+It composes the three kernel-facing modules and adds the host plumbing
+none of them owns:
+
+* `loader` compiles (once per source hash) and attaches the tc programs,
+  and opens the pinned maps; `maps` gives typed access to them;
+* `links` creates pods (netns + veth + addresses + routes) with netlink;
+* here: the BPF filesystem mount, the datapath config (conntrack
+  lifetimes), and the nftables rule that marks packets the host itself
+  sends to pods (``0xc00``), which is how the program tells host traffic
+  (identity 1) from traffic SNATed to a node address (world).
+
+The maps are exposed as mutable mappings of the plain values the control
+plane computes (`flagella.datapath.desired`), so the agent's diffing and
+drift repair are the same code over this class and over `MemoryDatapath`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flagella.datapath import maps as m
+from flagella.datapath.desired import PolicyKey, PolicyValue
+from flagella.datapath.events import reason_text
+from flagella.datapath.links import LinkSettings, PodNetwork, prepare_host
+from flagella.datapath.loader import DatapathSettings, load_datapath
+from flagella.datapath.port import Counters, CTRow, EndpointRow, IPAddress, IPNetwork, PodInfo
+from flagella.errors import DatapathError
+
+if TYPE_CHECKING:
+    from flagella.agent.settings import AgentSettings
+
+NFT_TABLE = "flagella"
+HOST_MARK = 0xC00
+NSEC = 1_000_000_000
+PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
+
+
+def ensure_bpffs() -> None:
+    if not os.path.ismount("/sys/fs/bpf"):
+        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+
+
+def install_host_mark(table: str = NFT_TABLE) -> None:
+    """Mark packets the host sends into pods, so the datapath can tell host from world."""
+    rules = f"""
+table inet {table} {{
+  chain output {{
+    type filter hook output priority mangle; policy accept;
+    oifname "fl*" meta mark set meta mark | {HOST_MARK:#x}
+  }}
+}}
+"""
+    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+    proc = subprocess.run(["nft", "-f", "-"], input=rules, text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise DatapathError(f"nftables host-mark rule: {proc.stderr.strip()}")
+
+
+def remove_host_mark(table: str = NFT_TABLE) -> None:
+    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+
+
+class _PolicyView(MutableMapping[PolicyKey, PolicyValue]):
+    def __init__(self, policy: m.PolicyMap) -> None:
+        self.map = policy
+
+    @staticmethod
+    def _key(k: PolicyKey) -> m.PolicyKey:
+        return m.PolicyKey(k.ep_id, k.identity, bool(k.egress), k.protocol, k.port, k.wild_bits)
+
+    @staticmethod
+    def _plain(k: m.PolicyKey) -> PolicyKey:
+        return PolicyKey(k.ep_id, k.identity, int(k.egress), k.protocol, k.wild_bits, k.port)
+
+    def __getitem__(self, key: PolicyKey) -> PolicyValue:
+        v = self.map.get(self._key(key))
+        if v is None:
+            raise KeyError(key)
+        return PolicyValue(int(v.verdict), v.proxy_port)
+
+    def __setitem__(self, key: PolicyKey, value: PolicyValue) -> None:
+        self.map.set(self._key(key), m.Verdict(value.verdict), value.proxy_port)
+
+    def update(self, other: Any = (), /, **kw: Any) -> None:  # batched
+        items = other.items() if isinstance(other, Mapping) else other
+        batch = {self._key(k): (m.Verdict(v.verdict), v.proxy_port) for k, v in items}
+        if batch:
+            self.map.set_many(batch)
+
+    def __delitem__(self, key: PolicyKey) -> None:
+        if not self.map.delete(self._key(key)):
+            raise KeyError(key)
+
+    def items_with_counters(self) -> dict[PolicyKey, m.PolicyValue]:
+        return {self._plain(k): v for k, v in self.map.items().items()}
+
+    def items(self) -> list[tuple[PolicyKey, PolicyValue]]:  # type: ignore[override]
+        return [(k, PolicyValue(int(v.verdict), v.proxy_port)) for k, v in self.items_with_counters().items()]
+
+    def __iter__(self) -> Iterator[PolicyKey]:
+        return iter([self._plain(k) for k in self.map.items()])
+
+    def __len__(self) -> int:
+        return len(self.map)
+
+
+class _EndpointView(MutableMapping[int, EndpointRow]):
+    def __init__(self, endpoints: m.EndpointMap) -> None:
+        self.map = endpoints
+
+    @staticmethod
+    def _row(v: m.EndpointInfo) -> EndpointRow:
+        flags = (1 if v.enforce_ingress else 0) | (2 if v.enforce_egress else 0)
+        return EndpointRow(v.ep_id, v.identity, flags, v.ingress_wild_mask, v.egress_wild_mask, v.ipv4, v.ipv6)
+
+    def __getitem__(self, ifindex: int) -> EndpointRow:
+        v = self.map.get(ifindex)
+        if v is None:
+            raise KeyError(ifindex)
+        return self._row(v)
+
+    def __setitem__(self, ifindex: int, row: EndpointRow) -> None:
+        self.map.set(
+            ifindex,
+            m.EndpointInfo(
+                row.ep_id, row.identity, bool(row.flags & 1), bool(row.flags & 2),
+                row.ingress_wild_mask, row.egress_wild_mask, row.ipv4, row.ipv6,
+            ),
+        )
+
+    def __delitem__(self, ifindex: int) -> None:
+        if not self.map.delete(ifindex):
+            raise KeyError(ifindex)
+
+    def items(self) -> list[tuple[int, EndpointRow]]:  # type: ignore[override]
+        return [(k, self._row(v)) for k, v in self.map.items().items()]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.map.items()))
+
+    def __len__(self) -> int:
+        return len(self.map)
+
+
+class _IPCacheView(MutableMapping[IPNetwork, int]):
+    def __init__(self, ipcache: m.IPCache) -> None:
+        self.map = ipcache
+
+    def __getitem__(self, net: IPNetwork) -> int:
+        for k, v in self.map.items().items():
+            if k == net:
+                return v.identity
+        raise KeyError(net)
+
+    def get(self, net: IPNetwork, default: Any = None) -> Any:  # type: ignore[override]
+        try:
+            return self[net]
+        except KeyError:
+            return default
+
+    def __setitem__(self, net: IPNetwork, identity: int) -> None:
+        self.map.set(net, identity)
+
+    def __delitem__(self, net: IPNetwork) -> None:
+        if not self.map.delete(net):
+            raise KeyError(net)
+
+    def items(self) -> list[tuple[IPNetwork, int]]:  # type: ignore[override]
+        return [(k, v.identity) for k, v in self.map.items().items()]
+
+    def __iter__(self) -> Iterator[IPNetwork]:
+        return iter(list(self.map.items()))
+
+    def __len__(self) -> int:
+        return len(self.map.items())
+
+
+class KernelDatapath:
+    def __init__(self, settings: AgentSettings) -> None:
+        net = settings.network
+        self.link_settings = LinkSettings(
+            ipaddress.IPv4Network(net.ipv4_cidr),
+            ipaddress.IPv6Network(net.ipv6_cidr) if net.ipv6_cidr else None,
+            net.mtu,
+            net.tunnel_overhead,
+        )
+        self.settings = settings
+        self.pods = PodNetwork(self.link_settings)
+        self._dp: Any = None
+        self._events: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        ensure_bpffs()
+        prepare_host(self.link_settings)
+        self._dp = load_datapath(DatapathSettings(pin_dir=Path(self.settings.bpf_dir)))
+        maps = self._dp.maps
+        ct = self.settings.conntrack
+        maps.config.set(
+            m.DatapathConfig(
+                ct_tcp_ns=ct.tcp_established_s * NSEC,
+                ct_syn_ns=ct.tcp_syn_s * NSEC,
+                ct_non_tcp_ns=ct.non_tcp_s * NSEC,
+                ct_closing_ns=ct.closing_s * NSEC,
+                trace_new_flows=self.settings.trace_events,
+            )
+        )
+        install_host_mark()
+        self.endpoints = _EndpointView(maps.endpoints)
+        self.policy = _PolicyView(maps.policy)
+        self.ipcache = _IPCacheView(maps.ipcache)
+        try:
+            self._events = self._dp.events()
+        except DatapathError:
+            self._events = None
+
+    def stop(self) -> None:
+        if self._events is not None:
+            self._events.close()
+        if self._dp is not None:
+            self._dp.close()
+
+    @property
+    def build(self) -> str:
+        return str(self._dp.build) if self._dp is not None else ""
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self._dp.compiled) if self._dp is not None else False
+
+    # -- pods ------------------------------------------------------------------------
+
+    def ensure_pod(
+        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None
+    ) -> PodInfo:
+        link = self.pods.ensure_pod(name, ipv4, ipv6)
+        return PodInfo(link.netns, link.host_ifname, link.host_ifindex, link.ipv4, link.ipv6)
+
+    def remove_pod(self, name: str) -> None:
+        self.pods.remove_pod(name)
+
+    def list_pods(self) -> list[PodInfo]:
+        return [
+            PodInfo(p.netns, p.host_ifname, p.host_ifindex, p.ipv4, p.ipv6)
+            for p in self.pods.list_pods()
+        ]
+
+    def host_addresses(self) -> list[IPAddress]:
+        return [a for a in self.pods.host_addresses() if not a.is_link_local and not a.is_loopback]
+
+    def attach(self, ifindex: int) -> None:
+        if self._dp.attached(ifindex).get("from_pod") != self._dp.build or \
+                self._dp.attached(ifindex).get("to_pod") != self._dp.build:
+            self._dp.attach(ifindex)
+
+    def detach(self, ifindex: int) -> None:
+        with contextlib.suppress(DatapathError):  # the device is already gone
+            self._dp.detach(ifindex)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def policy_counters(self, ep_id: int) -> dict[PolicyKey, tuple[PolicyValue, Counters]]:
+        out = {}
+        for k, v in self.policy.items_with_counters().items():
+            if k.ep_id == ep_id:
+                out[k] = (PolicyValue(int(v.verdict), v.proxy_port), Counters(v.packets, v.bytes))
+        return out
+
+    def ct_entries(self) -> Iterator[CTRow]:
+        for k, v in self._dp.maps.ct.items().items():
+            yield CTRow(
+                k.ep_id, bool(k.egress), k.proto, k.saddr, k.daddr, k.sport, k.dport,
+                v.expires_ns, v.packets, v.bytes, int(v.flags),
+            )
+
+    def ct_delete(self, rows: list[CTRow]) -> int:
+        n = 0
+        for r in rows:
+            key = m.CtKey(r.ep_id, r.egress, r.proto, r.saddr, r.daddr, r.sport, r.dport)
+            n += bool(self._dp.maps.ct.delete(key))
+        return n
+
+    def metrics(self) -> dict[tuple[int, int], Counters]:
+        return {
+            (k.reason, int(k.direction)): Counters(v.packets, v.bytes)
+            for k, v in self._dp.maps.metrics.read().items()
+        }
+
+    def poll_events(self, timeout_ms: int) -> list[dict[str, object]]:
+        if self._events is None:
+            time.sleep(timeout_ms / 1000)
+            return []
+        out = []
+        for ev in self._events.poll(timeout_ms / 1000):
+            out.append(event_json(ev))
+        return out
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns()
+
+
+def event_json(ev: Any) -> dict[str, object]:
+    kind = "drop" if int(ev.type) == 1 else "trace"
+    proto = int(ev.proto)
+    src = f"{ev.saddr}:{ev.sport}" if ev.saddr is not None else "?"
+    dst = f"{ev.daddr}:{ev.dport}" if ev.daddr is not None else "?"
+    return {
+        "type": kind,
+        "reason": int(ev.reason),
+        "reason_name": reason_text(int(ev.reason)) if kind == "drop" else "",
+        "direction": "ingress" if int(ev.direction) == 1 else "egress",
+        "ep_id": int(ev.ep_id),
+        "src_identity": int(ev.src_identity),
+        "dst_identity": int(ev.dst_identity),
+        "proto": proto,
+        "proto_name": PROTO_NAMES.get(proto, str(proto)),
+        "src": src,
+        "dst": dst,
+        "ct_state": str(getattr(ev.ct_state, "name", ev.ct_state)).lower(),
+        "len": int(ev.length),
+    }
+
+

@@ -1,0 +1,152 @@
+"""Loader: compile once per build, reuse pins across restarts, refuse foreign maps, attach.
+
+Each test uses its own pin directory under /sys/fs/bpf/flagella-test-<pid>-*
+and removes it, and any namespace it made, even on failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from conftest_bpf import netguard_on, pin_dir_for_tests, requires_root, run
+
+from flagella.datapath import _bpfsys
+from flagella.datapath.loader import DatapathSettings, MapSizes, load_datapath, remove_pins
+from flagella.datapath.maps import MAP_SPECS, Direction, EndpointInfo, MapType
+from flagella.errors import DatapathError
+
+pytestmark = [pytest.mark.root, requires_root]
+
+_seq = itertools.count()
+SMALL = MapSizes(
+    endpoints=64, policy=256, ipcache=256, ct=256, frag4=64, metrics=64, events_pages=1
+)
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    d = pin_dir_for_tests(f"-loader-{next(_seq)}")
+    remove_pins(d)
+    try:
+        yield d
+    finally:
+        remove_pins(d)
+
+
+def test_second_load_reuses_the_pinned_build_and_state(pin_dir: Path) -> None:
+    settings = DatapathSettings(pin_dir=pin_dir, sizes=SMALL)
+    with load_datapath(settings) as first:
+        assert first.compiled
+        first.maps.endpoints.set(9, EndpointInfo(1, 1000))
+        compile_s = first.load_seconds
+    with load_datapath(settings) as second:
+        assert not second.compiled and second.build == first.build
+        assert second.maps.endpoints.get(9) == EndpointInfo(1, 1000)
+        reuse_s = second.load_seconds
+    print(f"\n  compile+load {compile_s:.3f} s, reuse {reuse_s * 1000:.2f} ms")
+    assert reuse_s < 0.1
+
+
+def test_changed_source_recompiles_and_keeps_state(pin_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "bpf"
+    shutil.copytree(DatapathSettings().source_dir, src)
+    old = DatapathSettings(pin_dir=pin_dir, sizes=SMALL, source_dir=src)
+    with load_datapath(old) as dp:
+        dp.maps.endpoints.set(9, EndpointInfo(1, 1000))
+        old_build = dp.build
+    with (src / "flagella.c").open("a") as f:
+        f.write("\n/* a new build */\n")
+    new = DatapathSettings(pin_dir=pin_dir, sizes=SMALL, source_dir=src)
+    with load_datapath(new) as dp:
+        assert dp.compiled and dp.build != old_build
+        assert dp.maps.endpoints.get(9) == EndpointInfo(1, 1000)
+        assert sorted(p.name for p in (pin_dir / "programs").iterdir()) == sorted(
+            [old_build, dp.build]
+        )
+        assert dp.prune_stale_programs() == [old_build]
+        assert [p.name for p in (pin_dir / "programs").iterdir()] == [dp.build]
+
+
+def test_pinned_map_of_another_size_is_refused(pin_dir: Path) -> None:
+    with load_datapath(DatapathSettings(pin_dir=pin_dir, sizes=SMALL)):
+        pass
+    bigger = MapSizes(**{**vars(SMALL), "ct": 512})
+    with pytest.raises(DatapathError, match=r"pinned map .*/ct .*max entries 256 \(expected 512\)"):
+        load_datapath(DatapathSettings(pin_dir=pin_dir, sizes=bigger))
+    # Nothing of the refused build was left behind.
+    assert len(list((pin_dir / "programs").iterdir())) == 1
+
+
+def test_pinned_map_of_another_layout_is_refused(pin_dir: Path) -> None:
+    pin_dir.mkdir(parents=True)
+    spec = MAP_SPECS["policy"]
+    fd = _bpfsys.map_create(MapType.HASH, spec.key_size, 16, 256, 1, "policy")
+    try:
+        _bpfsys.obj_pin(fd, str(pin_dir / "policy"))
+    finally:
+        _bpfsys.close(fd)
+    with pytest.raises(DatapathError, match="value size 16 \\(expected 24\\)"):
+        load_datapath(DatapathSettings(pin_dir=pin_dir, sizes=SMALL))
+
+
+def test_compile_errors_are_datapath_errors(pin_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "bpf"
+    shutil.copytree(DatapathSettings().source_dir, src)
+    with (src / "flagella.c").open("a") as f:
+        f.write("\nthis is not C;\n")
+    with pytest.raises(DatapathError, match="compiling"):
+        load_datapath(DatapathSettings(pin_dir=pin_dir, sizes=SMALL, source_dir=src))
+    assert not list((pin_dir / "programs").iterdir())
+
+
+def test_attach_is_idempotent_and_detach_cleans_up(pin_dir: Path) -> None:
+    netguard_on()
+    ns = f"{pin_dir.name.replace('flagella-test-', 'flt')}-attach"
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "link", "add", "lxctest", "type", "veth", "peer", "name", "peer0", netns=ns)
+        idx = int(run("cat", "/sys/class/net/lxctest/ifindex", netns=ns).stdout)
+        with load_datapath(DatapathSettings(pin_dir=pin_dir, sizes=SMALL)) as dp:
+            assert dp.attached(idx, netns=ns) == {}
+            dp.attach(idx, netns=ns)
+            dp.attach(idx, netns=ns)
+            assert dp.attached(idx, netns=ns) == {"from_pod": dp.build, "to_pod": dp.build}
+            shown = run("tc", "filter", "show", "dev", "lxctest", "ingress", netns=ns).stdout
+            assert shown.count("flagella_from_pod") == 1
+            t = time.perf_counter()
+            dp.detach(idx, netns=ns)
+            detach_s = time.perf_counter() - t
+            assert dp.attached(idx, netns=ns) == {}
+            assert "clsact" not in run("tc", "qdisc", "show", "dev", "lxctest", netns=ns).stdout
+            dp.detach(idx, netns=ns)  # twice is fine
+            run("ip", "link", "del", "lxctest", netns=ns)
+            dp.detach(idx, netns=ns)  # and so is a device that is gone
+        assert detach_s < 1
+    finally:
+        run("ip", "netns", "del", ns, check=False)
+
+
+def test_a_missing_policy_program_drops_with_missed_tail_call(pin_dir: Path) -> None:
+    with load_datapath(DatapathSettings(pin_dir=pin_dir, sizes=SMALL)) as dp:
+        dp.maps.endpoints.set(1, EndpointInfo(7, 300, ipv4=IPv4Address("10.244.1.1")))
+        syn = (
+            b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00"
+            + bytes.fromhex("450000280001000040060000")
+            + bytes([10, 244, 1, 1, 10, 244, 1, 2])
+            + bytes.fromhex("03e8005000000001000000005002ffff00000000")
+        )
+        assert dp.test_run("from_pod", syn).passed
+        fd = _bpfsys.obj_get(str(dp.prog_dir / "policy_calls"))
+        try:
+            assert _bpfsys.map_delete(fd, (2).to_bytes(4, sys.byteorder))  # DIR_EGRESS
+        finally:
+            _bpfsys.close(fd)
+        assert not dp.test_run("from_pod", syn).passed
+        assert dp.maps.metrics.get(140, Direction.EGRESS).packets == 1

@@ -520,30 +520,91 @@ static __always_inline __u32 ipcache_lookup(struct flow *f, const __u8 *addr)
 
 #define NO_HIT 0
 
-/* DENY beats REDIRECT beats ALLOW; anything else is no hit. */
+/* Within one tier: DENY beats PASS beats REDIRECT beats ALLOW; anything else is no hit. */
 static __always_inline __u32 verdict_rank(__u8 verdict)
 {
 	if (verdict == VERDICT_DENY)
+		return 4;
+	if (verdict == VERDICT_PASS)
 		return 3;
 	if (verdict == VERDICT_REDIRECT)
 		return 2;
 	return verdict == VERDICT_ALLOW ? 1 : 0;
 }
 
-/* Combine every matching policy entry: returns the verdict (NO_HIT if none)
- * and the entry that decided (the first probed of the winning verdict).
+static __always_inline __u8 rank_verdict(__u32 rank)
+{
+	return rank == 4 ? VERDICT_DENY : rank == 3 ? VERDICT_PASS :
+	       rank == 2 ? VERDICT_REDIRECT : VERDICT_ALLOW;
+}
+
+/* Tiers (ClusterNetworkPolicy): the admin tier (precedence > 0) decides first, its
+ * highest precedence winning; a Pass there hands over to the normal tier
+ * (precedence 0: Cilium and Kubernetes policy); the baseline tier (< 0) decides
+ * only when the normal tier has no hit and the direction is not enforced.
  *
- * The loop keeps only scalars and a key copy, never entry pointers: pointer
- * combinations multiply verifier states per iteration and the program then
- * exceeds the verifier's budget. The decider is fetched again at the end. */
+ * Every hit gets one score, a total order: tier band (admin 3, normal 2,
+ * baseline 1), then precedence, then rank. The loop keeps only two scalars
+ * (the best hit, and the best hit below the admin band, for when the best
+ * is an admin Pass) and the probe numbers that produced them; key copies and
+ * entry pointers would multiply the verifier's states. */
+#define PROBE_ANY_PROTO 17
+#define BAND_SHIFT 40
+
+static __always_inline void probe_key(struct policy_key *k, __u32 probe, __u32 peer,
+				      __u8 proto, __u16 port)
+{
+	__u32 n = probe >= 18 ? probe - 18 : probe;
+	k->identity = probe >= 18 ? 0 : peer;
+	if (n >= PROBE_ANY_PROTO) {
+		k->protocol = 0;
+		k->wild_bits = 16;
+		k->port = 0;
+	} else {
+		k->protocol = proto;
+		k->wild_bits = n;
+		k->port = port & (__u16)~((1u << n) - 1);
+	}
+}
+
+/* Branch-free on purpose: a branch per probe multiplies the verifier's states. */
+static __always_inline __u64 hit_score(struct policy_entry *e)
+{
+	if (!e)
+		return 0;
+	__u32 v = e->verdict & 7;
+	/* rank by verdict: ALLOW 1, DENY 4, REDIRECT 2, PASS 3, others 0 */
+	__u64 rank = (0x32410u >> (v * 4)) & 0xf;
+	__s64 prec = e->precedence;
+	__u64 neg = ((__u64)prec >> 63) & 1;		/* precedence < 0: baseline */
+	__u64 pos = ((__u64)(-prec) >> 63) & 1;		/* precedence > 0: admin */
+	__u64 band = 2 + pos - neg;
+	/* baseline: -1 (the first baseline rule) must score highest */
+	__u64 order = pos * (__u64)prec + neg * (0x7fffffffull + (__u64)(prec + 1));
+	__u64 nonzero = (__u64)(-(__s64)rank) >> 63; /* rank 0 (unknown verdict) = no hit */
+	return ((band << BAND_SHIFT) | ((order & 0xffffffffull) << 8) | rank) * nonzero;
+}
+
+/* best = max(best, score), and remember which probe gave it, without branches. */
+#define TAKE_MAX(best, best_probe, score, probe)                                   \
+	do {                                                                        \
+		__u64 __m = (__u64)((__s64)((best) - (score)) >> 63);               \
+		(best) ^= ((best) ^ (score)) & __m;                                 \
+		(best_probe) ^= ((best_probe) ^ (__u32)(probe)) & (__u32)__m;       \
+	} while (0)
+
+#define BELOW_ADMIN(score) ((score) & (__u64)((__s64)((score) - (3ull << BAND_SHIFT)) >> 63))
+
+/* Combine every matching policy entry: returns the verdict (NO_HIT if none)
+ * and the entry that decided (fetched again at the end). */
 static __always_inline __u8 policy_lookup(struct endpoint_info *ep, __u8 egress, __u32 peer,
-					  __u8 proto, __u16 port,
+					  __u8 proto, __u16 port, int enforced,
 					  struct policy_entry **decider)
 {
 	__u32 mask = egress ? ep->egress_wild_mask : ep->ingress_wild_mask;
-	struct policy_key k = {}, best = {};
-	struct policy_entry *e;
-	__u32 best_rank = 0, rank;
+	struct policy_key k = {};
+	__u64 best = 0, below = 0, score;
+	__u32 best_probe = 0, below_probe = 0;
 
 	k.ep_id = ep->ep_id;
 	k.egress = egress;
@@ -559,27 +620,36 @@ static __always_inline __u8 policy_lookup(struct endpoint_info *ep, __u8 egress,
 				continue;
 			k.wild_bits = n;
 			k.port = port & (__u16)~((1u << n) - 1);
-			e = policy.lookup(&k);
-			rank = e ? verdict_rank(e->verdict) : 0;
-			if (rank > best_rank) {
-				best_rank = rank;
-				best = k;
-			}
+			score = hit_score(policy.lookup(&k));
+			TAKE_MAX(best, best_probe, score, idn * 18 + n);
+			score = BELOW_ADMIN(score);
+			TAKE_MAX(below, below_probe, score, idn * 18 + n);
 		}
 		k.protocol = 0;
 		k.wild_bits = 16;
 		k.port = 0;
-		e = policy.lookup(&k);
-		rank = e ? verdict_rank(e->verdict) : 0;
-		if (rank > best_rank) {
-			best_rank = rank;
-			best = k;
-		}
+		score = hit_score(policy.lookup(&k));
+		TAKE_MAX(best, best_probe, score, idn * 18 + PROBE_ANY_PROTO);
+		score = BELOW_ADMIN(score);
+		TAKE_MAX(below, below_probe, score, idn * 18 + PROBE_ANY_PROTO);
 	}
-	if (!best_rank)
+	if ((best >> BAND_SHIFT) == 3 && (best & 0xff) == 3) {
+		best = below; /* admin Pass: the tiers below decide */
+		best_probe = below_probe;
+	}
+	__u32 band = (__u32)(best >> BAND_SHIFT);
+	__u32 rank = (__u32)(best & 0xff);
+	if (!rank)
 		return NO_HIT;
-	*decider = policy.lookup(&best); /* NULL only if deleted meanwhile */
-	return best_rank == 3 ? VERDICT_DENY : best_rank == 2 ? VERDICT_REDIRECT : VERDICT_ALLOW;
+	if (band == 1) {
+		if (enforced)
+			return NO_HIT;
+		if (rank == 3)
+			rank = 1; /* baseline Pass with nothing below it: allowed */
+	}
+	probe_key(&k, best_probe, peer, proto, port);
+	*decider = policy.lookup(&k);
+	return rank_verdict(rank);
 }
 
 static __always_inline __u64 ct_lifetime(struct dp_config *cfg, __u8 proto, __u32 flags)
@@ -769,12 +839,13 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	}
 
 	struct policy_entry *decider = 0;
-	__u8 verdict = policy_lookup(ep, egress, peer, f->proto, f->policy_port, &decider);
+	__u32 enforced = egress ? EP_F_ENFORCE_EGRESS : EP_F_ENFORCE_INGRESS;
+	__u8 verdict = policy_lookup(ep, egress, peer, f->proto, f->policy_port,
+				     (ep->flags & enforced) != 0, &decider);
 	if (decider) {
 		__sync_fetch_and_add(&decider->packets, 1);
 		__sync_fetch_and_add(&decider->bytes, skb->len);
 	}
-	__u32 enforced = egress ? EP_F_ENFORCE_EGRESS : EP_F_ENFORCE_INGRESS;
 	if (verdict == VERDICT_DENY || (verdict == NO_HIT && (ep->flags & enforced))) {
 		if (state == CT_ESTABLISHED)
 			ct.delete(&s->key); /* CT cleanup on deny */

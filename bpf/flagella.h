@@ -34,6 +34,7 @@ struct endpoint_info {
 #define VERDICT_ALLOW 1
 #define VERDICT_DENY 2
 #define VERDICT_REDIRECT 3
+#define VERDICT_PASS 4      /* ClusterNetworkPolicy Pass: let the normal tier decide */
 
 struct policy_key {
 	__u32 ep_id;
@@ -50,7 +51,7 @@ struct policy_entry {
 	__u8 verdict;       /* VERDICT_* */
 	__u8 pad;
 	__u16 proxy_port;   /* host order, for VERDICT_REDIRECT */
-	__u32 pad2;
+	__s32 precedence;   /* 0 normal tier; > 0 admin tier (higher first); < 0 baseline tier */
 	__u64 packets;      /* packets this entry decided */
 	__u64 bytes;
 };

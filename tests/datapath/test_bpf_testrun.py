@@ -362,3 +362,43 @@ def test_drop_event_fields(dp: Datapath, events: EventReader) -> None:
     assert (ev.ep_id, ev.src_identity, ev.dst_identity) == (EP, ID, PEER_ID)
     assert ev.length == 14 + 40 + 18
     assert str(ev).startswith("xx drop (Policy denied (L3)) to endpoint 7, identity 300->400")
+
+
+def test_tiers_admin_then_normal_then_baseline(dp: Datapath) -> None:
+    """ClusterNetworkPolicy tiers: admin precedence first, Pass defers, baseline last."""
+    admin_hi = 1 << 24
+    normal_allow = PolicyKey(EP, PEER_ID, True, TCP, 80)
+    endpoint(dp, {normal_allow: Verdict.ALLOW}, egress=True)
+    frame = frame4(POD4, PEER4, TCP, tcp(1000, 80))
+    assert out(dp, frame) == OK
+    # An admin Deny beats the normal allow ...
+    any_port = PolicyKey.any_port(EP, 0, True)
+    dp.maps.policy.set(any_port, Verdict.DENY, precedence=admin_hi - 2)
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1001, 80))) == SHOT
+    # ... unless an earlier admin rule (higher precedence) accepts it.
+    exact_any = PolicyKey(EP, 0, True, TCP, 80)
+    dp.maps.policy.set(exact_any, Verdict.ALLOW, precedence=admin_hi - 1)
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1002, 80))) == OK
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1003, 81))) == SHOT
+    # An earlier Pass hands over to the normal tier, which allows port 80 only.
+    dp.maps.policy.set(PolicyKey.any_port(EP, PEER_ID, True), Verdict.PASS, precedence=admin_hi)
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1004, 80))) == OK
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1005, 81))) == SHOT  # enforced, no normal hit
+
+
+def test_baseline_applies_only_when_not_enforced(dp: Datapath) -> None:
+    base_deny = PolicyKey(EP, PEER_ID, True, TCP, 22)
+    endpoint(dp, {}, egress=False)
+    dp.maps.policy.set(base_deny, Verdict.DENY, precedence=-1)
+    mask = wild_mask([base_deny], True)
+    dp.maps.endpoints.set(1, EndpointInfo(EP, ID, False, False, 0, mask, POD4, POD6))
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1000, 22))) == SHOT
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1000, 23))) == OK
+    # A normal-tier allow takes precedence over the baseline deny.
+    dp.maps.policy.set(PolicyKey(EP, 0, True, TCP, 22), Verdict.ALLOW)
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1001, 22))) == OK
+    # With the direction enforced, baseline no longer applies at all.
+    dp.maps.policy.delete(PolicyKey(EP, 0, True, TCP, 22))
+    dp.maps.endpoints.set(1, EndpointInfo(EP, ID, False, True, 0, mask, POD4, POD6))
+    dp.maps.policy.set(PolicyKey(EP, PEER_ID, True, TCP, 23), Verdict.ALLOW, precedence=-2)
+    assert out(dp, frame4(POD4, PEER4, TCP, tcp(1002, 23))) == SHOT

@@ -445,9 +445,6 @@ def test_kernel_values_carry_the_precedence() -> None:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="trace.rule_prefixes (also used by the agent) does not scan "
-                   "ingress_pass/egress_pass, so a prefix named only in a Pass rule gets no CIDR "
-                   "identity and the Pass never matches an external address")
 def test_a_prefix_named_only_in_a_pass_rule() -> None:
     admin = cnp("pass-network", "Admin", 1, NS_X, """
   egress:

@@ -85,14 +85,14 @@ class _PolicyView(MutableMapping[PolicyKey, PolicyValue]):
         v = self.map.get(self._key(key))
         if v is None:
             raise KeyError(key)
-        return PolicyValue(int(v.verdict), v.proxy_port)
+        return PolicyValue(int(v.verdict), v.proxy_port, v.precedence)
 
     def __setitem__(self, key: PolicyKey, value: PolicyValue) -> None:
-        self.map.set(self._key(key), m.Verdict(value.verdict), value.proxy_port)
+        self.map.set(self._key(key), m.Verdict(value.verdict), value.proxy_port, value.precedence)
 
     def update(self, other: Any = (), /, **kw: Any) -> None:  # batched
         items = other.items() if isinstance(other, Mapping) else other
-        batch = {self._key(k): (m.Verdict(v.verdict), v.proxy_port) for k, v in items}
+        batch = {self._key(k): (m.Verdict(v.verdict), v.proxy_port, v.precedence) for k, v in items}
         if batch:
             self.map.set_many(batch)
 
@@ -104,7 +104,10 @@ class _PolicyView(MutableMapping[PolicyKey, PolicyValue]):
         return {self._plain(k): v for k, v in self.map.items().items()}
 
     def items(self) -> list[tuple[PolicyKey, PolicyValue]]:  # type: ignore[override]
-        return [(k, PolicyValue(int(v.verdict), v.proxy_port)) for k, v in self.items_with_counters().items()]
+        return [
+            (k, PolicyValue(int(v.verdict), v.proxy_port, v.precedence))
+            for k, v in self.items_with_counters().items()
+        ]
 
     def __iter__(self) -> Iterator[PolicyKey]:
         return iter([self._plain(k) for k in self.map.items()])
@@ -273,7 +276,8 @@ class KernelDatapath:
         out = {}
         for k, v in self.policy.items_with_counters().items():
             if k.ep_id == ep_id:
-                out[k] = (PolicyValue(int(v.verdict), v.proxy_port), Counters(v.packets, v.bytes))
+                value = PolicyValue(int(v.verdict), v.proxy_port, v.precedence)
+                out[k] = (value, Counters(v.packets, v.bytes))
         return out
 
     def ct_entries(self) -> Iterator[CTRow]:

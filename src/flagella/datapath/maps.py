@@ -132,7 +132,7 @@ class PolicyKeyStruct(ctypes.Structure):
 
 class PolicyEntryStruct(ctypes.Structure):
     """struct policy_entry {
-        __u8 verdict; __u8 pad; __u16 proxy_port; __u32 pad2;
+        __u8 verdict; __u8 pad; __u16 proxy_port; __s32 precedence;
         __u64 packets; __u64 bytes;
     };"""
 
@@ -141,7 +141,7 @@ class PolicyEntryStruct(ctypes.Structure):
         ("verdict", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
         ("proxy_port", ctypes.c_uint16),
-        ("pad2", ctypes.c_uint32),
+        ("precedence", ctypes.c_int32),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]
@@ -694,6 +694,7 @@ class Verdict(IntEnum):
     ALLOW = 1
     DENY = 2
     REDIRECT = 3  # to the L7 proxy at proxy_port
+    PASS = 4  # ClusterNetworkPolicy Pass: the normal tier decides
 
 
 class Direction(IntEnum):
@@ -796,18 +797,21 @@ class PolicyValue:
     proxy_port: int = 0
     packets: int = 0
     bytes: int = 0
+    #: 0 normal tier; > 0 admin tier (higher decides first); < 0 baseline tier.
+    precedence: int = 0
 
     def _struct(self) -> PolicyEntryStruct:
         return PolicyEntryStruct(
             verdict=int(self.verdict),
             proxy_port=self.proxy_port,
+            precedence=self.precedence,
             packets=self.packets,
             bytes=self.bytes,
         )
 
     @classmethod
     def _from(cls, s: PolicyEntryStruct) -> PolicyValue:
-        return cls(Verdict(s.verdict), s.proxy_port, s.packets, s.bytes)
+        return cls(Verdict(s.verdict), s.proxy_port, s.packets, s.bytes, s.precedence)
 
 
 @dataclass(frozen=True)
@@ -1017,14 +1021,20 @@ class EndpointMap(_Typed):
 class PolicyMap(_Typed):
     """``policy``: :class:`PolicyKey` -> :class:`PolicyValue` (verdict, proxy port, counters)."""
 
-    def set(self, key: PolicyKey, verdict: Verdict, proxy_port: int = 0) -> None:
+    def set(
+        self, key: PolicyKey, verdict: Verdict, proxy_port: int = 0, precedence: int = 0
+    ) -> None:
         """Write one entry; its counters start at zero."""
-        self.backend.update(_pack(key._struct()), _pack(PolicyValue(verdict, proxy_port)._struct()))
+        value = PolicyValue(verdict, proxy_port, precedence=precedence)
+        self.backend.update(_pack(key._struct()), _pack(value._struct()))
 
-    def set_many(self, entries: Mapping[PolicyKey, tuple[Verdict, int]]) -> int:
+    def set_many(
+        self, entries: Mapping[PolicyKey, tuple[Verdict, int] | tuple[Verdict, int, int]]
+    ) -> int:
+        """Write many entries: (verdict, proxy port[, precedence]) each."""
         return self.backend.update_many(
-            (_pack(k._struct()), _pack(PolicyValue(v, p)._struct()))
-            for k, (v, p) in entries.items()
+            (_pack(k._struct()), _pack(PolicyValue(v[0], v[1], precedence=v[2] if len(v) > 2 else 0)._struct()))  # type: ignore[misc]
+            for k, v in entries.items()
         )
 
     def get(self, key: PolicyKey) -> PolicyValue | None:

@@ -68,7 +68,7 @@ def rule_prefixes(policies: Iterable[Policy]) -> set[ipaddress.IPv4Network | ipa
     out: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
     for p in policies:
         for r in p.rules:
-            for section in (r.ingress, r.egress, r.ingress_deny, r.egress_deny):
+            for section in (r.ingress, r.egress, r.ingress_deny, r.egress_deny, r.ingress_pass, r.egress_pass):
                 for peer in section or ():
                     for c in peer.cidrs:
                         out.add(c.cidr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,22 @@ def run(config: str | Path | None, **overrides: Any) -> None:
     from flagella.agent.core import AgentCore
     from flagella.agent.server import run_agent
     from flagella.agent.settings import load_settings
-    from flagella.datapath.kernel import KernelDatapath
+    from flagella.datapath.kernel import KernelDatapath, KernelSettings
+    from flagella.datapath.links import LinkSettings
 
     settings = load_settings(config, **overrides)
     configure_logging()
-    datapath = KernelDatapath(settings)
+    net, ct = settings.network, settings.conntrack
+    links = LinkSettings(
+        ipaddress.IPv4Network(net.ipv4_cidr),
+        ipaddress.IPv6Network(net.ipv6_cidr) if net.ipv6_cidr else None,
+        net.mtu,
+        net.tunnel_overhead,
+    )
+    datapath = KernelDatapath(
+        KernelSettings(
+            settings.bpf_dir, links, ct.tcp_established_s, ct.tcp_syn_s, ct.non_tcp_s,
+            ct.closing_s, settings.trace_events,
+        )
+    )
     run_agent(AgentCore(settings, datapath))

@@ -33,6 +33,7 @@ from flagella.endpoint import Endpoint, EndpointStore, State
 from flagella.errors import FieldError, InputError, PolicyValidationError
 from flagella.identity import Allocator, SQLiteBackend
 from flagella.identity._allocator import Backend
+from flagella.ipcache import desired_ipcache
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
 from flagella.policy.labels import LabelFilter, LabelSet, parse_label
@@ -452,13 +453,11 @@ class AgentCore:
     # -- controllers -------------------------------------------------------------------
 
     def desired_ipcache(self) -> dict[IPNetwork, int]:
-        out: dict[IPNetwork, int] = dict(self.cidr_identities)
-        for addr in self.host_ips:
-            out[ipaddress.ip_network(addr)] = HOST_ID
-        for ep in self.endpoints.values():
-            for addr in ep.addresses():
-                out[ipaddress.ip_network(addr)] = ep.identity
-        return out
+        return desired_ipcache(
+            self.cidr_identities,
+            self.host_ips,
+            ((addr, ep.identity) for ep in self.endpoints.values() for addr in ep.addresses()),
+        )
 
     def sync_all(self, count: bool = True) -> int:
         """Make every map equal to the desired state; return the number of repairs."""

@@ -24,8 +24,9 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flagella.datapath import maps as m
 from flagella.datapath.desired import PolicyKey, PolicyValue
@@ -34,9 +35,6 @@ from flagella.datapath.links import LinkSettings, PodNetwork, prepare_host
 from flagella.datapath.loader import DatapathSettings, load_datapath
 from flagella.datapath.port import Counters, CTRow, EndpointRow, IPAddress, IPNetwork, PodInfo
 from flagella.errors import DatapathError
-
-if TYPE_CHECKING:
-    from flagella.agent.settings import AgentSettings
 
 NFT_TABLE = "flagella"
 HOST_MARK = 0xC00
@@ -187,15 +185,22 @@ class _IPCacheView(MutableMapping[IPNetwork, int]):
         return len(self.map.items())
 
 
+@dataclass(frozen=True)
+class KernelSettings:
+    """What the kernel datapath needs to know (the agent maps its settings onto this)."""
+
+    bpf_dir: str
+    links: LinkSettings
+    ct_tcp_s: int = 21600
+    ct_syn_s: int = 60
+    ct_non_tcp_s: int = 60
+    ct_closing_s: int = 10
+    trace_events: bool = False
+
+
 class KernelDatapath:
-    def __init__(self, settings: AgentSettings) -> None:
-        net = settings.network
-        self.link_settings = LinkSettings(
-            ipaddress.IPv4Network(net.ipv4_cidr),
-            ipaddress.IPv6Network(net.ipv6_cidr) if net.ipv6_cidr else None,
-            net.mtu,
-            net.tunnel_overhead,
-        )
+    def __init__(self, settings: KernelSettings) -> None:
+        self.link_settings = settings.links
         self.settings = settings
         self.pods = PodNetwork(self.link_settings)
         self._dp: Any = None
@@ -208,13 +213,13 @@ class KernelDatapath:
         prepare_host(self.link_settings)
         self._dp = load_datapath(DatapathSettings(pin_dir=Path(self.settings.bpf_dir)))
         maps = self._dp.maps
-        ct = self.settings.conntrack
+        s = self.settings
         maps.config.set(
             m.DatapathConfig(
-                ct_tcp_ns=ct.tcp_established_s * NSEC,
-                ct_syn_ns=ct.tcp_syn_s * NSEC,
-                ct_non_tcp_ns=ct.non_tcp_s * NSEC,
-                ct_closing_ns=ct.closing_s * NSEC,
+                ct_tcp_ns=s.ct_tcp_s * NSEC,
+                ct_syn_ns=s.ct_syn_s * NSEC,
+                ct_non_tcp_ns=s.ct_non_tcp_s * NSEC,
+                ct_closing_ns=s.ct_closing_s * NSEC,
                 trace_new_flows=self.settings.trace_events,
             )
         )

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from flagella.policy.api import LabelSelector, Policy, Rule
 from flagella.policy.labels import LabelSet
 from flagella.policy.resolver import (
+    Direction,
     EndpointInfo,
     EndpointPolicy,
     IdentityUniverse,
@@ -127,9 +128,10 @@ class PolicyEngine:
         ep = self.endpoints[ep_id]
         policy = self.resolved[ep_id]
         selected = self._selected[ep_id]
-        for d in ("ingress", "egress"):
+        directions: tuple[Direction, ...] = ("ingress", "egress")
+        for d in directions:
             state = policy.ingress if d == "ingress" else policy.egress
-            keys = self.resolver.identity_keys(ep, selected, d, ident, state)  # type: ignore[arg-type]
+            keys = self.resolver.identity_keys(ep, selected, d, ident, state)
             state.replace_identity(ident, keys)
 
     # -- endpoints ------------------------------------------------------------

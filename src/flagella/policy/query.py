@@ -67,8 +67,8 @@ def parse_named_ports(value: object, field: str) -> dict[str, frozenset[tuple[in
         raise InputError(f"{field}: expected a mapping or a list of NAME=PORT/PROTO")
     out: dict[str, set[tuple[int, int]]] = {}
     for name, port_s in pairs:
-        port, proto = parse_port(port_s, f"{field}.{name}")
-        out.setdefault(name, set()).add((port, proto.number))
+        number, proto = parse_port(port_s, f"{field}.{name}")
+        out.setdefault(name, set()).add((number, proto.number))
     return {k: frozenset(v) for k, v in out.items()}
 
 

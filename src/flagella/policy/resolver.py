@@ -205,7 +205,7 @@ def cidr_contains(rule: CIDRRule, ident: int, universe: IdentityUniverse) -> boo
     labels = universe.labels(ident)
     if Label("cidr", str(rule.cidr)) in labels:
         return not any(Label("cidr", str(e)) in labels for e in rule.excepts)
-    addrs = universe.addresses.get(ident)
+    addrs = universe.addresses.get(ident) or frozenset()
     return bool(addrs) and all(_in_cidr(a, rule) for a in addrs)
 
 
@@ -227,14 +227,18 @@ def peer_ids(peer: PeerRule, universe: IdentityUniverse) -> set[int] | None:
     for sel in peer.selectors:
         out |= universe.selectors.select(sel)
     for entity in peer.entities:
-        out |= universe.cached(
-            ("entity", entity), lambda e=entity: _scan(universe, lambda i: entity_contains(e, i, universe))
-        )
+        out |= universe.cached(("entity", entity), _entity_scan(entity, universe))
     for cidr in peer.cidrs:
-        out |= universe.cached(
-            ("cidr", cidr), lambda c=cidr: _scan(universe, lambda i: cidr_contains(c, i, universe))
-        )
+        out |= universe.cached(("cidr", cidr), _cidr_scan(cidr, universe))
     return out
+
+
+def _entity_scan(entity: str, universe: IdentityUniverse) -> Callable[[], frozenset[int]]:
+    return lambda: _scan(universe, lambda i: entity_contains(entity, i, universe))
+
+
+def _cidr_scan(cidr: CIDRRule, universe: IdentityUniverse) -> Callable[[], frozenset[int]]:
+    return lambda: _scan(universe, lambda i: cidr_contains(cidr, i, universe))
 
 
 def peer_contains(peer: PeerRule, ident: int, universe: IdentityUniverse) -> bool:
@@ -484,6 +488,7 @@ def _wildcard_l7(state: MapState) -> None:
                 re_ = Entry(Verdict.REDIRECT, re_.l7.with_wildcard(), re_.rules | ae.rules)
                 state.entries[rk] = re_
             elif rk.identity == ANY_IDENTITY:
+                assert re_.l7 is not None
                 key = Key(ak.identity, rk.protocol, rk.port, rk.end_port)
                 wildcard = L7Policy(re_.l7.parser, wildcard=True)
                 state.add(key, Entry(Verdict.REDIRECT, wildcard, ae.rules))

@@ -213,13 +213,14 @@ class Tracer:
         for name, ident in RESERVED_IDENTITIES.items():
             if labels == frozenset({Label("reserved", name)}):
                 return ident
-        ident = self._ids.get(labels)
-        if ident is None:
-            ident = self._next_id
-            self._next_id += 1
-            self._ids[labels] = ident
-            self.engine.set_identity(ident, labels)
-        return ident
+        found = self._ids.get(labels)
+        if found is not None:
+            return found
+        new = self._next_id
+        self._next_id += 1
+        self._ids[labels] = new
+        self.engine.set_identity(new, labels)
+        return new
 
     def _ip_identity(self, ip: IPAddress) -> int:
         for net in self._prefixes:

@@ -143,23 +143,69 @@ def test_crash_during_create_is_undone_on_restart(tmp_path, dp, monkeypatch):
     core.restore()
     starwars(core)
 
-    class Crash(BaseException):
+    class Killed(BaseException):
         pass
 
-    def crash(*a, **k):
-        raise Crash
+    def killed(*a, **k):
+        raise Killed
 
-    monkeypatch.setattr(core, "regenerate", crash)
-    with pytest.raises(Crash):
+    # kill -9 right after the pod was plumbed: no rollback runs
+    monkeypatch.setattr(core, "regenerate", killed)
+    monkeypatch.setattr(core, "_teardown", lambda ep: None)
+    with pytest.raises(Killed):
         core.create_endpoint("probe", labels={"app": "probe"})
-    # simulate a hard kill after the pod existed: put the pod back and leave the record
     monkeypatch.undo()
-    dp.ensure_pod("default-probe", ipaddress.IPv4Address("10.244.0.99"), None)
+    assert "default-probe" in dp.pods
     again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
     report = again.restore()
     assert "default-probe" not in dp.pods
-    assert report["removed"] >= 1
+    assert report["removed"] == 1
     assert {e.name for e in again.endpoints.values()} == {"deathstar", "tiefighter", "xwing"}
+    assert not any(k.ep_id == 4 for k in dp.policy)
+
+
+def test_pods_of_another_agent_are_left_alone(tmp_path, dp):
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path / "a")), dp)
+    core.restore()
+    dp.ensure_pod("other-agents-pod", ipaddress.IPv4Address("10.244.9.9"), None)
+    core.create_endpoint("mine", labels={"app": "mine"})
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path / "a")), dp)
+    again.restore()
+    assert "other-agents-pod" in dp.pods and "default-mine" in dp.pods
+
+
+def test_a_policy_cidr_naming_a_pod_address_keeps_the_pod_identity(core, dp):
+    ds, tf, _ = starwars(core)
+    cidr_policy = yaml.safe_load(f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: cidr, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{class: tiefighter}}}}
+  egress: [{{toCIDR: ["{ds.ipv4}/32"]}}]
+""")
+    core.import_policies([cidr_policy])
+    net = ipaddress.ip_network(ds.ipv4)
+    assert dp.ipcache[net] == ds.identity
+    assert any(k.identity == ds.identity for k in entries_for(dp, tf.id) if k.egress)
+    core.delete_policies(["cidr"])
+    assert dp.ipcache[net] == ds.identity
+
+
+def test_ipv4_block_matches_a_dual_stack_pod(core, dp):
+    ds, tf, _ = starwars(core)
+    assert ds.ipv6 is not None
+    block = yaml.safe_load("""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: block, namespace: default}
+spec:
+  podSelector: {matchLabels: {class: tiefighter}}
+  policyTypes: [Egress]
+  egress: [{to: [{ipBlock: {cidr: 10.244.0.0/16}}]}]
+""")
+    core.import_policies([block])
+    assert any(k.identity == ds.identity for k in entries_for(dp, tf.id) if k.egress)
 
 
 def test_input_errors_name_the_field(core):

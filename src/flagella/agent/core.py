@@ -147,11 +147,8 @@ class AgentCore:
             self.endpoints[ep.id] = ep
             ep.state = State.RESTORING
             report["restored"] += 1
-        wanted = {ep.netns for ep in self.endpoints.values()}
-        for name in pods:
-            if name not in wanted:
-                self.dp.remove_pod(name)
-                report["removed"] += 1
+        # Pods without any record are not ours (records are written before pods are
+        # created and deleted after they are removed): another agent's, left alone.
         # Identities: references are exactly what restored endpoints hold.
         for ep in self.endpoints.values():
             self.engine.upsert_endpoint(self._info(ep))
@@ -228,7 +225,7 @@ class AgentCore:
             ipv6=v6,
             named_ports={k: [tuple(p) for p in v] for k, v in (named_ports or {}).items()},  # type: ignore[misc]
         )
-        ep.netns = f"{namespace}-{name}" if len(f"{namespace}-{name}") <= 200 else f"ep{ep.id}"
+        ep.netns = f"{namespace}-{name}" if len(f"{namespace}-{name}") <= 64 else f"ep{ep.id}"
         self.store.save(ep)  # intent first: a crash from here on is undone by restore
         ep.set_state(State.WAITING_FOR_IDENTITY)
         ep.identity = self.allocator.allocate(self._security_labels(ep))
@@ -279,16 +276,14 @@ class AgentCore:
         for key in [k for k in self.dp.policy if k.ep_id == ep.id]:
             self.dp.policy.pop(key, None)
         self.written.pop(ep.id, None)
-        for addr in ep.addresses():
-            net = ipaddress.ip_network(addr)
-            if self.dp.ipcache.get(net) == ep.identity:
-                self.dp.ipcache.pop(net, None)
         self.dp.remove_pod(ep.netns)
         if ep.identity and ep.state != State.INIT:
             self.allocator.release(ep.identity)
         self.store.delete(ep.id)
         if ep.state != State.DISCONNECTED:
             ep.state = State.DISCONNECTED
+        # The address may be named by a policy CIDR: fall back to what the rest wants.
+        self._write_ipcache(ipaddress.ip_network(a) for a in ep.addresses())
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
         ep = self.find(ref)
@@ -365,22 +360,38 @@ class AgentCore:
         return revision
 
     def _sync_cidr_identities(self, policies: Iterable[Policy]) -> None:
+        added = []
         for net in rule_prefixes(policies):
             if net not in self.cidr_identities:
                 labels = cidr_identity_labels(net)
                 ident = self.allocator.allocate(labels)
                 self.cidr_identities[net] = ident
                 self.engine.set_identity(ident, labels)
-                self.dp.ipcache[net] = ident
+                added.append(net)
+        self._write_ipcache(added)
 
     def _gc_cidr_identities(self) -> None:
         wanted = rule_prefixes(self.engine.policies.values())
-        for net in [n for n in self.cidr_identities if n not in wanted]:
+        gone = [n for n in self.cidr_identities if n not in wanted]
+        for net in gone:
             ident = self.cidr_identities.pop(net)
-            self.dp.ipcache.pop(net, None)
             self.allocator.release(ident)
             affected = self.engine.remove_identity(ident)
             self.regenerate(affected)
+        self._write_ipcache(gone)
+
+    def _write_ipcache(self, prefixes: Iterable[IPNetwork]) -> None:
+        """Make these ipcache entries what the full desired ipcache says (an endpoint's
+        own address wins over a policy CIDR that names it exactly)."""
+        prefixes = list(prefixes)
+        if not prefixes:
+            return
+        desired = self.desired_ipcache()
+        for net in prefixes:
+            if net in desired:
+                self.dp.ipcache[net] = desired[net]
+            else:
+                self.dp.ipcache.pop(net, None)
 
     # -- regeneration ----------------------------------------------------------------
 

@@ -199,13 +199,19 @@ def entity_contains(entity: str, ident: int, universe: IdentityUniverse) -> bool
 
 
 def cidr_contains(rule: CIDRRule, ident: int, universe: IdentityUniverse) -> bool:
-    """CIDR identities match by label, endpoints by (all of) their addresses."""
+    """CIDR identities match by label, endpoints by their addresses of the rule's family.
+
+    An endpoint matches when it has addresses of that family and all of them
+    lie inside the CIDR and outside its excepts (a dual-stack pod matches an
+    IPv4 block by its IPv4 address). Pods that share an identity must all be
+    inside: an identity is allowed or not as a whole.
+    """
     if rule.cidr.prefixlen == 0 and ident == WORLD_ID:
         return True
     labels = universe.labels(ident)
     if Label("cidr", str(rule.cidr)) in labels:
         return not any(Label("cidr", str(e)) in labels for e in rule.excepts)
-    addrs = universe.addresses.get(ident) or frozenset()
+    addrs = [a for a in universe.addresses.get(ident) or () if a.version == rule.cidr.version]
     return bool(addrs) and all(_in_cidr(a, rule) for a in addrs)
 
 

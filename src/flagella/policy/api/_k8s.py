@@ -31,7 +31,6 @@ from typing import Final
 
 from flagella.policy.api._model import (
     CIDRRule,
-    IPNetwork,
     LabelSelector,
     PeerRule,
     PortProtocol,
@@ -46,12 +45,11 @@ from flagella.policy.api._parse import (
     Fields,
     KeyFn,
     Metadata,
-    check_excepts,
     index,
     is_dns_subdomain,
     is_port_name,
     join,
-    parse_cidr,
+    parse_cidr_with_excepts,
     parse_metadata,
     parse_selector,
     policy_labels,
@@ -146,17 +144,7 @@ def _parse_ip_block(ctx: Ctx, value: object, path: str) -> CIDRRule | None:
     if "cidr" not in fields:
         ctx.error(join(path, "cidr"), "required")
         return None
-    cidr = parse_cidr(ctx, fields["cidr"], join(path, "cidr"), allow_plain_ip=False)
-    excepts: list[tuple[IPNetwork, str]] = []
-    if "except" in fields:
-        except_path = join(path, "except")
-        for i, raw in enumerate(read_list(ctx, fields["except"], except_path)):
-            network = parse_cidr(ctx, raw, index(except_path, i), allow_plain_ip=False)
-            if network is not None:
-                excepts.append((network, index(except_path, i)))
-    if cidr is None:
-        return None
-    return CIDRRule(cidr, check_excepts(ctx, cidr, excepts, strict_subset=True))
+    return parse_cidr_with_excepts(ctx, fields, path, plain_except=False, strict_subset=True)
 
 
 def _parse_port(ctx: Ctx, value: object, path: str) -> PortProtocol | None:

@@ -1080,17 +1080,24 @@ def _parse_cidr_set(ctx: Ctx, value: object, path: str, direction: Direction) ->
             ctx.error(join(path, "cidrGroupRef"), f"invalid CiliumCIDRGroup name {ref!r}")
         _unresolvable_peer(ctx, join(path, "cidrGroupRef"), direction, "a CIDR group reference")
         return None
+    return parse_cidr_with_excepts(ctx, fields, path, plain_except=True, strict_subset=False)
+
+
+def parse_cidr_with_excepts(
+    ctx: Ctx, fields: Mapping[str, object], path: str, *, plain_except: bool, strict_subset: bool
+) -> CIDRRule | None:
+    """``cidr`` + ``except`` (CiliumNetworkPolicy CIDRSet, Kubernetes ipBlock)."""
     cidr = parse_cidr(ctx, fields["cidr"], join(path, "cidr"), allow_plain_ip=False)
     excepts: list[tuple[IPNetwork, str]] = []
     if "except" in fields:
         except_path = join(path, "except")
         for i, raw in enumerate(read_list(ctx, fields["except"], except_path)):
-            network = parse_cidr(ctx, raw, index(except_path, i), allow_plain_ip=True)
+            network = parse_cidr(ctx, raw, index(except_path, i), allow_plain_ip=plain_except)
             if network is not None:
                 excepts.append((network, index(except_path, i)))
     if cidr is None:
         return None
-    return CIDRRule(cidr, check_excepts(ctx, cidr, excepts, strict_subset=False))
+    return CIDRRule(cidr, check_excepts(ctx, cidr, excepts, strict_subset=strict_subset))
 
 
 def _check_unresolvable(ctx: Ctx, value: object, path: str, suffix: str) -> None:

@@ -216,3 +216,19 @@ def test_input_errors_name_the_field(core):
         core.create_endpoint("b", ipv4="10.244.0.50")
     with pytest.raises(InputError, match="already exists"):
         core.create_endpoint("a")
+
+
+def test_online_trace_names_live_endpoints(core):
+    from flagella.agent.server import AgentServer
+
+    starwars(core)
+    core.import_policies([L3L4])
+    server = AgentServer(core)
+    trace = server.handlers["policy.trace"]
+    answers = trace({"queries": [
+        {"src": {"endpoint": "tiefighter"}, "dst": {"endpoint": "deathstar"}, "dport": "80/TCP"},
+        {"src": {"endpoint": "default/xwing"}, "dst": {"endpoint": "deathstar"}, "dport": "80/TCP"},
+    ]})
+    assert [a["verdict"] for a in answers] == ["allowed", "denied"]
+    with pytest.raises(InputError, match="not found"):
+        trace({"queries": [{"src": {"endpoint": "nope"}, "dst": {"endpoint": "deathstar"}}]})

@@ -93,7 +93,7 @@ class AgentServer:
                 "revision": self.core.delete_policies(p.get("names", []), p.get("namespace"), bool(p.get("all")))
             },
             "policy.wait": self.policy_wait,
-            "policy.trace": lambda p: self.core.trace([parse_query(q) for q in p.get("queries", [])]),
+            "policy.trace": self.policy_trace,
             "identity.list": lambda p: list(self.core.identities().values()),
             "identity.get": self.identity_get,
             "bpf.policy": self.bpf_policy,
@@ -157,6 +157,34 @@ class AgentServer:
         revision = int(p.get("revision", self.core.engine.revision))
         behind = [ep.id for ep in self.core.endpoints.values() if ep.policy_revision < revision]
         return {"revision": revision, "waiting": behind}
+
+    def policy_trace(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        """Trace against the live policies; a side may name a live endpoint."""
+        queries = p.get("queries")
+        if not isinstance(queries, list):
+            raise InputError("queries: expected a list")
+        parsed = []
+        for q in queries:
+            if isinstance(q, dict):
+                q = dict(q)
+                for side in ("src", "dst"):
+                    ref = q.get(side, {}).get("endpoint") if isinstance(q.get(side), dict) else None
+                    if ref:
+                        q[side] = self._endpoint_side(str(ref))
+            parsed.append(parse_query(q))
+        return self.core.trace(parsed)
+
+    def _endpoint_side(self, ref: str) -> dict[str, Any]:
+        ep = self.core.find(ref)
+        return {
+            "labels": sorted(str(x) for x in ep.identity_labels()),
+            "ip": str(ep.ipv4 or ep.ipv6),
+            "named_ports": [
+                f"{name}={port}/{_PROTO_NAMES.get(proto, 'TCP')}"
+                for name, ports in ep.named_ports.items()
+                for port, proto in ports
+            ],
+        }
 
     def identity_get(self, p: dict[str, Any]) -> dict[str, Any]:
         ident = int(_req(p, "id"))
@@ -299,6 +327,9 @@ class AgentServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         log.info("agent-stopped")
+
+
+_PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
 
 
 def _req(p: dict[str, Any], key: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -87,6 +87,8 @@ def policy_trace(
     enforcement: Annotated[str, typer.Option("--enforcement", help="default, always or never")] = "default",
     allow_localhost: Annotated[str, typer.Option("--allow-localhost", help="always or policy")] = "always",
     legacy_host_allows_world: Annotated[bool, typer.Option("--legacy-host-allows-world")] = False,
+    src_endpoint: Annotated[str | None, typer.Option("--src-endpoint", help="Live endpoint (online mode)")] = None,
+    dst_endpoint: Annotated[str | None, typer.Option("--dst-endpoint", help="Live endpoint (online mode)")] = None,
     socket: Annotated[str | None, typer.Option("--socket", help="Agent socket (online mode)")] = None,
 ) -> None:
     """Trace a packet or request from a source to a destination through policy."""
@@ -94,23 +96,25 @@ def policy_trace(
         if output not in ("text", "json"):
             raise InputError("--output: must be text or json")
         settings = _settings(enforcement, allow_localhost, legacy_host_allows_world)
-        if queries is not None:
-            qs = _read_queries(queries)
+        if (src_endpoint or dst_endpoint) and policy:
+            raise InputError("--src-endpoint/--dst-endpoint name live endpoints: online mode only (no --policy)")
+        flags = (
+            src_labels, src_ip, dst_labels, dst_ip, dst_named_port, dport,
+            http_method, http_path, http_header,
+            kafka_api_key, kafka_api_version, kafka_topic, kafka_client_id,
+        )
+        if not policy:
+            from flagella.cli._online import online_trace, query_json
+
+            if queries is not None:
+                raw = [query_json(q) for q in _read_queries(queries)]
+            else:
+                raw = [_online_flag_query(src_endpoint, dst_endpoint, *flags)]
+            results = online_trace(socket, raw, "json" if queries is not None else output)
         else:
-            qs = [
-                _flag_query(
-                    src_labels, src_ip, dst_labels, dst_ip, dst_named_port, dport,
-                    http_method, http_path, http_header,
-                    kafka_api_key, kafka_api_version, kafka_topic, kafka_client_id,
-                )
-            ]
-        if policy:
+            qs = _read_queries(queries) if queries is not None else [_flag_query(*flags)]
             tracer = Tracer(load_policy_files(policy), settings)
             results = [tracer.trace(q).to_json() if output == "json" or queries else tracer.trace(q) for q in qs]
-        else:
-            from flagella.cli._online import online_trace
-
-            results = online_trace(socket, qs, output)
     except PolicyValidationError as exc:
         for e in exc.errors:
             typer.echo(str(e), err=True)
@@ -145,6 +149,26 @@ def _read_queries(path: Path) -> list[TraceQuery]:
             out.append(ti.parse_query(obj))
         except InputError as exc:
             raise InputError(f"--queries line {n}: {exc}") from None
+    return out
+
+
+def _online_flag_query(
+    src_endpoint: str | None, dst_endpoint: str | None, *flags: Any
+) -> dict[str, Any]:
+    """A query for the agent; ``--src/--dst-endpoint`` stand in for labels and IP."""
+    from flagella.cli._online import query_json
+
+    src_labels, src_ip, dst_labels, dst_ip, *rest = flags
+    placeholder = "reserved:unmanaged"  # replaced by the agent with the endpoint's own
+    q = _flag_query(
+        src_labels or (placeholder if src_endpoint else None), src_ip,
+        dst_labels or (placeholder if dst_endpoint else None), dst_ip, *rest,
+    )
+    out = query_json(q)
+    if src_endpoint:
+        out["src"] = {"endpoint": src_endpoint}
+    if dst_endpoint:
+        out["dst"] = {"endpoint": dst_endpoint}
     return out
 
 

@@ -36,6 +36,29 @@ def _proto(number: int) -> str:
     return {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}.get(number, "ANY")
 
 
-def online_trace(socket: str | None, queries: list[TraceQuery], output: str) -> list[Any]:
-    results = call(socket, "policy.trace", {"queries": [query_json(q) for q in queries]})
-    return list(results)
+def online_trace(
+    socket: str | None,
+    queries: list[dict[str, Any]],
+    output: str,
+) -> list[Any]:
+    """Answers as JSON objects (``--output json`` / ``--queries``) or text lines."""
+    results = list(call(socket, "policy.trace", {"queries": queries}))
+    if output == "json":
+        return results
+    return [_text(r) for r in results]
+
+
+def _text(r: dict[str, Any]) -> str:
+    lines = [f"Tracing identity {r['src_identity']} => identity {r['dst_identity']}"]
+    for side in ("egress", "ingress"):
+        s = r[side]
+        if not s.get("evaluated"):
+            lines.append(f"{side.capitalize()}: not a local endpoint, not evaluated")
+            continue
+        rules = ", ".join(s["rules"]) or "none"
+        enforced = "enforced" if s["enforced"] else "not enforced"
+        lines.append(f"{side.capitalize()} ({enforced}): {s['verdict']} (rules: {rules})")
+    if r.get("l7"):
+        lines.append(f"L7 verdict: {r['l7']}")
+    lines.append(f"Final verdict: {r['verdict'].upper()}")
+    return "\n".join(lines)

@@ -3,7 +3,7 @@
 # for bcc, the BPF filesystem. Idempotent; run as root.
 set -euo pipefail
 
-need_pkgs=(bpfcc-tools python3-bpfcc libbpfcc bpftool nftables iproute2 iptables iperf3 sockperf
+need_pkgs=(bpfcc-tools python3-bpfcc libbpfcc bpftool nftables iproute2 iptables iperf3 sockperf strace
            etcd-server curl python3-venv)
 missing=()
 for p in "${need_pkgs[@]}"; do

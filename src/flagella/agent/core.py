@@ -149,7 +149,11 @@ class AgentCore:
             report["restored"] += 1
         # Pods without any record are not ours (records are written before pods are
         # created and deleted after they are removed): another agent's, left alone.
-        # Identities: references are exactly what restored endpoints hold.
+        # Identities: references become exactly what restored endpoints and policy
+        # CIDRs hold (a crash can leave a count one too high or too low).
+        holders = [(ep.identity, self._security_labels(ep)) for ep in self.endpoints.values()]
+        holders += [(ident, cidr_identity_labels(net)) for net, ident in self.cidr_identities.items()]
+        report.update(self.allocator.reconcile_holders(holders))
         for ep in self.endpoints.values():
             self.engine.upsert_endpoint(self._info(ep))
         self._sync_identities()
@@ -276,6 +280,15 @@ class AgentCore:
         for key in [k for k in self.dp.policy if k.ep_id == ep.id]:
             self.dp.policy.pop(key, None)
         self.written.pop(ep.id, None)
+        # Conntrack of the endpoint, and of its addresses in other endpoints' entries:
+        # a pod re-created with the same id or address must not inherit old flows.
+        addrs = ep.addresses()
+        stale = [
+            r for r in self.dp.ct_entries()
+            if r.ep_id == ep.id or r.saddr in addrs or r.daddr in addrs
+        ]
+        if stale:
+            self.dp.ct_delete(stale)
         self.dp.remove_pod(ep.netns)
         if ep.identity and ep.state != State.INIT:
             self.allocator.release(ep.identity)
@@ -547,7 +560,7 @@ def _pick(
         if addr in used:
             raise InputError(f"{flag}: {addr} is already in use")
         return addr
-    skip = 1 if net.version == 4 else 0
+    skip = 1  # .1 / ::1 stay free (gateways by convention)
     for i, addr in enumerate(net.hosts()):
         if i < skip:
             continue

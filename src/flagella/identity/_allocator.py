@@ -47,6 +47,9 @@ class Backend(Protocol):
     def items(self) -> Iterator[tuple[int, str, int]]:
         """(id, key, references) for every allocated identity."""
         ...
+    def replace_all(self, rows: dict[int, tuple[str, int]]) -> None:
+        """Make the store hold exactly ``rows`` {id: (key, references)}, atomically."""
+        ...
 
 
 class MemoryBackend:
@@ -94,6 +97,10 @@ class MemoryBackend:
         for ident, (key, refs) in sorted(self._by_id.items()):
             yield ident, key, refs
 
+    def replace_all(self, rows: dict[int, tuple[str, int]]) -> None:
+        self._by_id = dict(rows)
+        self._by_key = {key: ident for ident, (key, _refs) in rows.items()}
+
 
 class Allocator:
     def __init__(self, backend: Backend) -> None:
@@ -132,6 +139,27 @@ class Allocator:
         for ident, key, _refs in self.backend.items():
             out[ident] = key_labels(key)
         return out
+
+    def reconcile_holders(self, holders: list[tuple[int, LabelSet]]) -> dict[str, int]:
+        """After a restart: references become exactly the live holders.
+
+        A crash can leave a count too high (an allocation whose holder was
+        never recorded) or too low (a release repeated by the recovery).
+        Identities nobody holds are freed; held ones are (re)written with
+        their labels. Returns how many counts were corrected and freed.
+        """
+        rows: dict[int, tuple[str, int]] = {}
+        for ident, labels in holders:
+            if ident < MIN_ALLOCATED_ID:
+                continue
+            key, refs = rows.get(ident, (labels_key(labels), 0))
+            rows[ident] = (key, refs + 1)
+        before = {ident: (key, refs) for ident, key, refs in self.backend.items()}
+        fixed = sum(1 for i, row in rows.items() if before.get(i) != row)
+        freed = sum(1 for i in before if i not in rows)
+        if fixed or freed:
+            self.backend.replace_all(rows)
+        return {"corrected": fixed, "freed": freed}
 
     def references(self) -> dict[int, int]:
         return {ident: refs for ident, _key, refs in self.backend.items()}

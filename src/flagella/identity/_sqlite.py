@@ -96,6 +96,20 @@ class SQLiteBackend:
             raise
         return refs
 
+    def replace_all(self, rows: dict[int, tuple[str, int]]) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM identities")
+            db.executemany(
+                "INSERT INTO identities (id, labels, refs) VALUES (?, ?, ?)",
+                [(ident, key, refs) for ident, (key, refs) in sorted(rows.items())],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def items(self) -> Iterator[tuple[int, str, int]]:
         rows = self._db.execute("SELECT id, labels, refs FROM identities ORDER BY id").fetchall()
         for ident, key, refs in rows:

@@ -30,6 +30,8 @@ def decode(line: bytes) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as exc:
         raise InputError(f"request is not JSON: {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise InputError("request is not UTF-8 JSON") from None
 
 
 def ok(result: Any) -> bytes:

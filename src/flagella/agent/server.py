@@ -31,7 +31,7 @@ from flagella.agent.core import AgentCore, parse_kv
 from flagella.agent.metrics import start_metrics
 from flagella.datapath.desired import PolicyKey
 from flagella.errors import FlagellaError, InputError
-from flagella.policy.query import parse_query
+from flagella.policy.query import parse_named_ports, parse_query
 
 log = structlog.get_logger("flagella.agent")
 
@@ -79,10 +79,10 @@ class AgentServer:
             "endpoint.get": lambda p: self._endpoint_detail(p),
             "endpoint.delete": lambda p: self.core.delete_endpoint(_req(p, "name")).to_json(),
             "endpoint.labels": lambda p: self.core.set_endpoint_labels(
-                _req(p, "name"), parse_kv(p.get("set", []), "--set"), p.get("unset", [])
+                _req(p, "name"), parse_kv(_strs(p, "set"), "--set"), _strs(p, "unset")
             ).to_json(),
             "namespace.labels": lambda p: self.core.set_namespace_labels(
-                _req(p, "namespace"), parse_kv(p.get("set", []), "--set"), p.get("unset", [])
+                _req(p, "namespace"), parse_kv(_strs(p, "set"), "--set"), _strs(p, "unset")
             ),
             "policy.import": self.policy_import,
             "policy.get": lambda p: {
@@ -90,7 +90,9 @@ class AgentServer:
                 "policies": [pol.source for pol in self.core.engine.policies.values()],
             },
             "policy.delete": lambda p: {
-                "revision": self.core.delete_policies(p.get("names", []), p.get("namespace"), bool(p.get("all")))
+                "revision": self.core.delete_policies(
+                    _strs(p, "names"), _opt(p, "namespace"), p.get("all") is True
+                )
             },
             "policy.wait": self.policy_wait,
             "policy.trace": self.policy_trace,
@@ -116,20 +118,17 @@ class AgentServer:
         return out
 
     def endpoint_create(self, p: dict[str, Any]) -> dict[str, Any]:
-        named = {}
-        for item in p.get("named_ports") or []:
-            from flagella.policy.query import parse_named_ports
-
-            for name, ports in parse_named_ports([item], "--named-port").items():
-                named.setdefault(name, []).extend(sorted(ports))
+        named: dict[str, list[tuple[int, int]]] = {}
+        for name, ports in parse_named_ports(_strs(p, "named_ports"), "--named-port").items():
+            named.setdefault(name, []).extend(sorted(ports))
         ep = self.core.create_endpoint(
             name=_req(p, "name"),
-            namespace=str(p.get("namespace") or "default"),
-            labels=parse_kv(p.get("labels") or [], "--labels"),
-            namespace_labels=parse_kv(p.get("namespace_labels") or [], "--namespace-labels"),
-            service_account=p.get("service_account"),
-            ipv4=p.get("ipv4"),
-            ipv6=p.get("ipv6"),
+            namespace=_opt(p, "namespace") or "default",
+            labels=parse_kv(_strs(p, "labels"), "--labels"),
+            namespace_labels=parse_kv(_strs(p, "namespace_labels"), "--namespace-labels"),
+            service_account=_opt(p, "service_account"),
+            ipv4=_opt(p, "ipv4"),
+            ipv6=_opt(p, "ipv6"),
             named_ports=named,
         )
         return ep.to_json()
@@ -151,10 +150,12 @@ class AgentServer:
         docs = p.get("documents")
         if not isinstance(docs, list):
             raise InputError("documents: expected a list")
-        return {"revision": self.core.import_policies(docs, p.get("sources"))}
+        return {"revision": self.core.import_policies(docs, _strs(p, "sources") or None)}
 
     def policy_wait(self, p: dict[str, Any]) -> dict[str, Any]:
-        revision = int(p.get("revision", self.core.engine.revision))
+        revision = p.get("revision", self.core.engine.revision)
+        if isinstance(revision, bool) or not isinstance(revision, int):
+            raise InputError("revision: expected an integer")
         behind = [ep.id for ep in self.core.endpoints.values() if ep.policy_revision < revision]
         return {"revision": revision, "waiting": behind}
 
@@ -187,7 +188,10 @@ class AgentServer:
         }
 
     def identity_get(self, p: dict[str, Any]) -> dict[str, Any]:
-        ident = int(_req(p, "id"))
+        raw = _req(p, "id")
+        if not raw.isdigit():
+            raise InputError(f"id: {raw!r} is not an identity number")
+        ident = int(raw)
         found = self.core.identities().get(ident)
         if found is None:
             raise InputError(f"identity {ident} not found")
@@ -332,10 +336,34 @@ class AgentServer:
 _PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
 
 
-def _req(p: dict[str, Any], key: str) -> Any:
+def _req(p: dict[str, Any], key: str) -> str:
+    """A required string parameter (an endpoint may also be named by its numeric id)."""
     value = p.get(key)
     if value in (None, ""):
         raise InputError(f"{key}: required")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InputError(f"{key}: expected a string")
+    return str(value)
+
+
+def _opt(p: dict[str, Any], key: str) -> str | None:
+    value = p.get(key)
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{key}: expected a string")
+    return value
+
+
+def _strs(p: dict[str, Any], key: str) -> list[str]:
+    """An optional list of strings (a single string is a list of one)."""
+    value = p.get(key)
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{key}: expected a list of strings")
     return value
 
 

@@ -63,6 +63,8 @@ def test_api_requests_fail_cleanly(server, method, params):
 @given(st.binary(max_size=64))
 def test_garbage_lines_are_input_errors(line):
     try:
-        rpc.decode(line)
-    except InputError:
-        pass
+        decoded = rpc.decode(line)
+    except InputError as exc:
+        assert "request" in str(exc)
+    else:
+        assert json.dumps(decoded) is not None

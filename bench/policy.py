@@ -88,6 +88,34 @@ def build(args, rnd):
     return engine, policies, endpoints
 
 
+def cidr_scale(n: int, endpoints: int = 100) -> dict[str, float]:
+    """A policy of ``n`` CIDRs selecting ``endpoints`` endpoints: import, then a new pod."""
+    nets = [f"198.{18 + i // 65536}.{(i // 256) % 256}.{i % 256}/32" for i in range(n)]
+    policy = parse_policy({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "cidrs", "namespace": "default"},
+        "spec": {"endpointSelector": {}, "egress": [{"toCIDR": [*nets, "10.244.0.0/16"]}]},
+    })
+    engine = PolicyEngine()
+    for ident, labels in reserved_identity_labels().items():
+        engine.set_identity(ident, labels)
+    for k in range(endpoints):
+        labels = k8s_labels({"app": f"a{k}"}, "default")
+        engine.upsert_endpoint(EndpointInfo(k + 1, 300 + k, labels, addresses=frozenset(
+            {ipaddress.ip_address(f"10.244.1.{k + 1}"), ipaddress.ip_address(f"fd00:10:244::{k + 1:x}")})))
+    t0 = time.perf_counter()
+    for i, net in enumerate(sorted(rule_prefixes([policy]), key=str)):
+        engine.set_identity(100_000 + i, cidr_identity_labels(net))
+    engine.upsert_policies([policy])
+    imported = time.perf_counter() - t0
+    labels = k8s_labels({"app": "new"}, "default")
+    t0 = time.perf_counter()
+    engine.upsert_endpoint(EndpointInfo(10_000, 99_999, labels,
+                                        addresses=frozenset({ipaddress.ip_address("10.244.1.250")})))
+    new_pod = time.perf_counter() - t0
+    return {f"cidr{n}_import_s": round(imported, 2), f"cidr{n}_new_endpoint_ms": round(new_pod * 1000, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rules", type=int, default=500)
@@ -95,6 +123,7 @@ def main() -> None:
     ap.add_argument("--endpoints", type=int, default=200)
     ap.add_argument("--changes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cidr-rules", type=int, default=5000)
     args = ap.parse_args()
     rnd = random.Random(args.seed)
     engine, policies, endpoints = build(args, rnd)
@@ -136,6 +165,7 @@ def main() -> None:
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
+    cidr = cidr_scale(args.cidr_rules)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "rules": args.rules, "identities": args.identities, "endpoints": args.endpoints,
@@ -147,6 +177,7 @@ def main() -> None:
         "baseline_full_reresolve_median_ms": round(statistics.median(baseline) * 1000, 1),
         "speedup_p50_vs_full_reresolve": round(statistics.median(baseline) / pct(incremental, 0.5), 1),
         "peak_rss_mb": round(peak_mb, 1),
+        **cidr,
     }
     print(json.dumps(result, indent=2))
 

@@ -104,14 +104,14 @@ class PolicyEngine:
 
     def set_identity(self, ident: int, labels: LabelSet) -> set[int]:
         changed = self.universe.selectors.add_identity(ident, labels)
-        self.universe.changed()
+        self.universe.changed(ident)
         return self._identity_changed(ident, changed)
 
     def remove_identity(self, ident: int) -> set[int]:
         changed = self.universe.selectors.remove_identity(ident)
-        self.universe.addresses.pop(ident, None)
+        self.universe.set_addresses(ident, frozenset())
         self.universe.named_ports.pop(ident, None)
-        self.universe.changed()
+        self.universe.changed(ident)
         return self._identity_changed(ident, changed)
 
     def _identity_changed(self, ident: int, selectors: list[LabelSelector]) -> set[int]:
@@ -182,10 +182,8 @@ class PolicyEngine:
             self.universe.addresses.get(ident, frozenset()) != new_addrs
             or dict(self.universe.named_ports.get(ident, {})) != new_named
         )
-        if new_addrs:
-            self.universe.addresses[ident] = new_addrs
-        else:
-            self.universe.addresses.pop(ident, None)
+        if self.universe.addresses.get(ident, frozenset()) != new_addrs:
+            self.universe.set_addresses(ident, new_addrs)
         if new_named:
             self.universe.named_ports[ident] = new_named
         else:

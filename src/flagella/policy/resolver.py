@@ -34,7 +34,7 @@ endpoints together and recomputes only the endpoints a change can affect.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,6 +62,7 @@ from flagella.policy.mapstate import (
 from flagella.policy.selectors import SelectorCache, matches
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Direction = Literal["ingress", "egress"]
 NamedPorts = Mapping[str, frozenset[tuple[int, int]]]  # name -> {(port, protocol number)}
 
@@ -143,9 +144,9 @@ def rule_name(rule: Rule) -> str:
 class IdentityUniverse:
     """The identities the resolver knows, with what CIDR rules need about them.
 
-    Entity and CIDR peers are answered over the whole universe once per
-    change (``generation``) and cached, so resolving many endpoints costs
-    one scan, not one per endpoint.
+    Entity and CIDR peers are answered from the selector cache's label index
+    (CIDR identities carry ``cidr:<prefix>`` for every enclosing prefix, and
+    ``reserved:world``), plus a check of the endpoints' addresses.
     """
 
     def __init__(self) -> None:
@@ -153,11 +154,60 @@ class IdentityUniverse:
         self.addresses: dict[int, frozenset[IPAddress]] = {}
         self.named_ports: dict[int, NamedPorts] = {}
         self.generation = 0
-        self._peer_cache: dict[object, frozenset[int]] = {}
-        self._peer_generation = -1
+        self._supernets: dict[IPNetwork, set[int]] | None = None
+        self._networks: dict[int, frozenset[IPNetwork]] = {}
 
-    def changed(self) -> None:
+    def changed(self, ident: int | None = None) -> None:
         self.generation += 1
+        if ident is None:
+            self._networks.clear()
+        else:
+            self._networks.pop(ident, None)
+
+    def networks(self, ident: int) -> frozenset[IPNetwork]:
+        """Every CIDR that may contain ``ident``: its ``cidr:`` labels, or the networks
+        enclosing all of its addresses of one family. A cheap prefilter for CIDR rules."""
+        hit = self._networks.get(ident)
+        if hit is None:
+            nets: set[IPNetwork] = set()
+            for lab in self.labels(ident):
+                if lab.source == "cidr":
+                    nets.add(ipaddress.ip_network(lab.key, strict=False))
+            addrs = self.addresses.get(ident, frozenset())
+            for version, bits in ((4, 32), (6, 128)):
+                fam = [ipaddress.ip_network(a) for a in addrs if a.version == version]
+                if fam:
+                    for plen in range(bits + 1):
+                        sup = {n.supernet(new_prefix=plen) for n in fam}
+                        if len(sup) == 1:
+                            nets |= sup
+            hit = frozenset(nets)
+            self._networks[ident] = hit
+        return hit
+
+    def set_addresses(self, ident: int, addrs: frozenset[IPAddress]) -> None:
+        if addrs:
+            self.addresses[ident] = addrs
+        else:
+            self.addresses.pop(ident, None)
+        self._supernets = None
+        self._networks.pop(ident, None)
+
+    def within(self, network: IPNetwork) -> set[int]:
+        """Endpoint identities all of whose addresses of ``network``'s family lie inside it."""
+        if self._supernets is None:
+            index: dict[IPNetwork, set[int]] = {}
+            for ident, addrs in self.addresses.items():
+                for version, bits in ((4, 32), (6, 128)):
+                    fam = [a for a in addrs if a.version == version]
+                    if not fam:
+                        continue
+                    for plen in range(bits + 1):
+                        nets = {ipaddress.ip_network(a).supernet(new_prefix=plen) for a in fam}
+                        if len(nets) == 1:
+                            index.setdefault(nets.pop(), set()).add(ident)
+            self._supernets = index
+        return self._supernets.get(network, set())
 
     def labels(self, ident: int) -> LabelSet:
         return self.selectors.labels(ident) or frozenset()
@@ -165,15 +215,6 @@ class IdentityUniverse:
     def ids(self) -> Iterable[int]:
         return self.selectors.identities.keys()
 
-    def cached(self, key: object, compute: Callable[[], frozenset[int]]) -> frozenset[int]:
-        if self._peer_generation != self.generation:
-            self._peer_cache.clear()
-            self._peer_generation = self.generation
-        hit = self._peer_cache.get(key)
-        if hit is None:
-            hit = compute()
-            self._peer_cache[key] = hit
-        return hit
 
 
 def entity_contains(entity: str, ident: int, universe: IdentityUniverse) -> bool:
@@ -221,8 +262,34 @@ def _in_cidr(addr: IPAddress, rule: CIDRRule) -> bool:
     return not any(addr in e for e in rule.excepts)
 
 
-def _scan(universe: IdentityUniverse, test: Callable[[int], bool]) -> frozenset[int]:
-    return frozenset(i for i in universe.ids() if test(i))
+def entity_ids(entity: str, universe: IdentityUniverse) -> set[int]:
+    """The identities of an entity (not ``all``), from the label index."""
+    sc = universe.selectors
+    world = sc.with_label(WORLD_LABEL)
+    if entity == "none":
+        return set()
+    if entity == "world":
+        return set(world)
+    if entity in ("world-ipv4", "world-ipv6"):
+        any_prefix = "0.0.0.0/0" if entity == "world-ipv4" else "::/0"
+        return (world & sc.with_label(Label("cidr", any_prefix))) | (world & {WORLD_ID})
+    if entity == "cluster":
+        return sc.all_ids() - world
+    return set(sc.with_label(Label("reserved", entity)))
+
+
+def cidr_ids(rule: CIDRRule, universe: IdentityUniverse) -> set[int]:
+    """CIDR identities by label (index lookups), endpoints by address."""
+    sc = universe.selectors
+    out = set(sc.with_label(Label("cidr", str(rule.cidr))))
+    for e in rule.excepts:
+        out -= sc.with_label(Label("cidr", str(e)))
+    if rule.cidr.prefixlen == 0 and WORLD_ID in sc.all_ids():
+        out.add(WORLD_ID)
+    for ident in universe.within(rule.cidr):
+        if cidr_contains(rule, ident, universe):
+            out.add(ident)
+    return out
 
 
 def peer_ids(peer: PeerRule, universe: IdentityUniverse) -> set[int] | None:
@@ -233,18 +300,10 @@ def peer_ids(peer: PeerRule, universe: IdentityUniverse) -> set[int] | None:
     for sel in peer.selectors:
         out |= universe.selectors.select(sel)
     for entity in peer.entities:
-        out |= universe.cached(("entity", entity), _entity_scan(entity, universe))
+        out |= entity_ids(entity, universe)
     for cidr in peer.cidrs:
-        out |= universe.cached(("cidr", cidr), _cidr_scan(cidr, universe))
+        out |= cidr_ids(cidr, universe)
     return out
-
-
-def _entity_scan(entity: str, universe: IdentityUniverse) -> Callable[[], frozenset[int]]:
-    return lambda: _scan(universe, lambda i: entity_contains(entity, i, universe))
-
-
-def _cidr_scan(cidr: CIDRRule, universe: IdentityUniverse) -> Callable[[], frozenset[int]]:
-    return lambda: _scan(universe, lambda i: cidr_contains(cidr, i, universe))
 
 
 def peer_contains(peer: PeerRule, ident: int, universe: IdentityUniverse) -> bool:
@@ -255,7 +314,12 @@ def peer_contains(peer: PeerRule, ident: int, universe: IdentityUniverse) -> boo
         return True
     if any(entity_contains(e, ident, universe) for e in peer.entities):
         return True
-    return any(cidr_contains(c, ident, universe) for c in peer.cidrs)
+    if peer.cidrs:
+        if ident == WORLD_ID:
+            return any(cidr_contains(c, ident, universe) for c in peer.cidrs)
+        nets = universe.networks(ident)
+        return any(c.cidr in nets and cidr_contains(c, ident, universe) for c in peer.cidrs)
+    return False
 
 
 def _l4_ranges(pp: PortProtocol) -> list[tuple[int, int, int]]:

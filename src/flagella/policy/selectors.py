@@ -137,6 +137,13 @@ class SelectorCache:
     def labels(self, ident: int) -> LabelSet | None:
         return self._labels.get(ident)
 
+    def with_label(self, label: Label) -> set[int]:
+        """The identities that carry exactly ``label`` (an index lookup; do not mutate)."""
+        return self._index.by_value.get((label.source, label.key, label.value), set())
+
+    def all_ids(self) -> set[int]:
+        return self._index.all
+
     def select(self, selector: LabelSelector) -> frozenset[int]:
         hit = self._cache.get(selector)
         if hit is None:

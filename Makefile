@@ -2,7 +2,6 @@
 PY      ?= /usr/bin/python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-SITE     = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 .PHONY: setup system venv test test-fast lint demo bench clean
 
@@ -17,7 +16,10 @@ $(BIN)/flagella: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
-	ln -sfn /usr/lib/python3/dist-packages/bcc $(SITE)/bcc
+	# bcc comes from Debian (python3-bpfcc): link the package into the venv
+	ln -sfn /usr/lib/python3/dist-packages/bcc \
+	  "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
+	$(BIN)/python -c 'import bcc'
 	touch $(BIN)/flagella
 
 lint: venv

@@ -24,3 +24,8 @@ def test_case_at_trace_level(case):
             if got != probe.expect:
                 failures.append(f"step {step.number}: {probe.label}: expected {probe.expect}, got {got}\n{result.to_text()}")
     assert not failures, f"{len(failures)} probes disagree:\n" + "\n\n".join(failures[:5])
+
+
+def test_the_corpus_is_there():
+    """The conformance corpus lives in ../shared; a run that finds none must not pass."""
+    assert len(CASES) >= 50, f"found {len(CASES)} conformance cases"

@@ -232,3 +232,20 @@ def test_online_trace_names_live_endpoints(core):
     assert [a["verdict"] for a in answers] == ["allowed", "denied"]
     with pytest.raises(InputError, match="not found"):
         trace({"queries": [{"src": {"endpoint": "nope"}, "dst": {"endpoint": "deathstar"}}]})
+
+
+def test_ct_gc_removes_expired_entries_and_non_tcp_more_often(core, dp):
+    from flagella.datapath.port import CTRow
+
+    a, b = ipaddress.ip_address("10.244.0.2"), ipaddress.ip_address("10.244.0.3")
+    rows = [
+        CTRow(1, True, 6, a, b, 1000, 80, expires_ns=100, packets=1, bytes=60, flags=0),
+        CTRow(1, True, 17, a, b, 1000, 53, expires_ns=100, packets=1, bytes=60, flags=0),
+        CTRow(1, True, 17, a, b, 1001, 53, expires_ns=10_000, packets=1, bytes=60, flags=0),
+    ]
+    dp.ct = list(rows)
+    dp.clock_ns = 500
+    assert core.ct_gc(tcp=False) == 1
+    assert [r.proto for r in dp.ct] == [6, 17]
+    assert core.ct_gc() == 1
+    assert dp.ct == [rows[2]]

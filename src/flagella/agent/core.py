@@ -279,6 +279,7 @@ class AgentCore:
             self.dp.endpoints.pop(ep.ifindex, None)
         for key in [k for k in self.dp.policy if k.ep_id == ep.id]:
             self.dp.policy.pop(key, None)
+        self.dp.bump_generation()  # after every map write: cached verdicts are checked again
         self.written.pop(ep.id, None)
         # Conntrack of the endpoint, and of its addresses in other endpoints' entries:
         # a pod re-created with the same id or address must not inherit old flows.
@@ -400,17 +401,23 @@ class AgentCore:
         if not prefixes:
             return
         desired = self.desired_ipcache()
-        for net in prefixes:
-            if net in desired:
-                self.dp.ipcache[net] = desired[net]
-            else:
-                self.dp.ipcache.pop(net, None)
+        try:
+            for net in prefixes:
+                if net in desired:
+                    self.dp.ipcache[net] = desired[net]
+                else:
+                    self.dp.ipcache.pop(net, None)
+        finally:
+            self.dp.bump_generation()
 
     # -- regeneration ----------------------------------------------------------------
 
     def _ipcache_endpoint(self, ep: Endpoint) -> None:
-        for addr in ep.addresses():
-            self.dp.ipcache[ipaddress.ip_network(addr)] = ep.identity
+        try:
+            for addr in ep.addresses():
+                self.dp.ipcache[ipaddress.ip_network(addr)] = ep.identity
+        finally:
+            self.dp.bump_generation()
 
     def desired_policy(self, ep: Endpoint) -> tuple[dict[PolicyKey, PolicyValue], EndpointRow]:
         pol = self.engine.policy(ep.id)
@@ -457,21 +464,25 @@ class AgentCore:
         desired, row = self.desired_policy(ep)
         actual = self.written.get(ep.id, {})
         upserts, deletes = diff(actual, desired)
-        self.dp.policy.update(upserts)
-        old_row = self.dp.endpoints.get(ep.ifindex)
-        if old_row is not None and deletes:
-            # Keep probing the old wildcard widths until their entries are gone.
-            widened = EndpointRow(
-                row.ep_id, row.identity, row.flags,
-                row.ingress_wild_mask | old_row.ingress_wild_mask,
-                row.egress_wild_mask | old_row.egress_wild_mask, row.ipv4, row.ipv6,
-            )
-            self.dp.endpoints[ep.ifindex] = widened
-        else:
+        try:
+            self.dp.policy.update(upserts)
+            old_row = self.dp.endpoints.get(ep.ifindex)
+            if old_row is not None and deletes:
+                # Keep probing the old wildcard widths until their entries are gone.
+                widened = EndpointRow(
+                    row.ep_id, row.identity, row.flags,
+                    row.ingress_wild_mask | old_row.ingress_wild_mask,
+                    row.egress_wild_mask | old_row.egress_wild_mask, row.ipv4, row.ipv6,
+                )
+                self.dp.endpoints[ep.ifindex] = widened
+            else:
+                self.dp.endpoints[ep.ifindex] = row
+            for k in deletes:
+                self.dp.policy.pop(k, None)
             self.dp.endpoints[ep.ifindex] = row
-        for k in deletes:
-            self.dp.policy.pop(k, None)
-        self.dp.endpoints[ep.ifindex] = row
+        finally:
+            # Even after a partial write: verdicts cached in conntrack are checked again.
+            self.dp.bump_generation()
         self.written[ep.id] = desired
 
     # -- controllers -------------------------------------------------------------------
@@ -495,27 +506,40 @@ class AgentCore:
             desired_policy.update(entries)
             desired_rows[ep.ifindex] = row
             self.written[ep.id] = entries
-        for name, actual_map, desired in (
-            ("policy", self.dp.policy, desired_policy),
-            ("endpoints", self.dp.endpoints, desired_rows),
-            ("ipcache", self.dp.ipcache, self.desired_ipcache()),
-        ):
-            actual = dict(actual_map.items())
-            upserts, deletes = diff(actual, desired)  # type: ignore[arg-type]
-            for k, v in upserts.items():
-                actual_map[k] = v  # type: ignore[index]
-            for k in deletes:
-                actual_map.pop(k, None)  # type: ignore[call-overload]
-            n = len(upserts) + len(deletes)
-            if n and count:
-                self.stats.repairs[name] += n
-                log.warning("map-drift-repaired", map=name, upserts=len(upserts), deletes=len(deletes))
-            repairs += n
+        writing = False
+        try:
+            for name, actual_map, desired in (
+                ("policy", self.dp.policy, desired_policy),
+                ("endpoints", self.dp.endpoints, desired_rows),
+                ("ipcache", self.dp.ipcache, self.desired_ipcache()),
+            ):
+                actual = dict(actual_map.items())
+                upserts, deletes = diff(actual, desired)  # type: ignore[arg-type]
+                writing = writing or bool(upserts or deletes)
+                for k, v in upserts.items():
+                    actual_map[k] = v  # type: ignore[index]
+                for k in deletes:
+                    actual_map.pop(k, None)  # type: ignore[call-overload]
+                n = len(upserts) + len(deletes)
+                if n and count:
+                    self.stats.repairs[name] += n
+                    log.warning("map-drift-repaired", map=name, upserts=len(upserts), deletes=len(deletes))
+                repairs += n
+        finally:
+            if writing:  # a repair can change verdicts: cached ones are checked again
+                self.dp.bump_generation()
         return repairs
 
-    def ct_gc(self) -> int:
+    def ct_gc(self, tcp: bool = True) -> int:
+        """Delete expired conntrack entries (with ``tcp=False``, only non-TCP ones).
+
+        The kernel already treats expired entries as absent; this frees their slots.
+        """
         now = self.dp.now_ns()
-        expired = [row for row in self.dp.ct_entries() if row.expires_ns <= now]
+        expired = [
+            row for row in self.dp.ct_entries()
+            if row.expires_ns <= now and (tcp or row.proto != 6)
+        ]
         return self.dp.ct_delete(expired) if expired else 0
 
     # -- queries ---------------------------------------------------------------------------

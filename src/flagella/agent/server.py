@@ -70,7 +70,8 @@ class AgentServer:
         s = self.core.settings
         self.controllers = [
             Controller("sync-maps", s.controllers.sync_interval_s, self.core.sync_all),
-            Controller("ct-gc", s.conntrack.gc_interval_non_tcp_s, self.core.ct_gc),
+            Controller("ct-gc", s.conntrack.gc_interval_s, self.core.ct_gc),
+            Controller("ct-gc-non-tcp", s.conntrack.gc_interval_non_tcp_s, lambda: self.core.ct_gc(tcp=False)),
         ]
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": lambda p: self.status(),

@@ -24,6 +24,16 @@
  * its replies pass an enforced reverse direction; an ESTABLISHED packet that
  * policy now denies deletes its entry.
  *
+ * Verdict cache: the CT entry remembers the config generation under which
+ * policy last passed the flow (struct ct_entry in flagella.h says when it may
+ * and may not). An ESTABLISHED packet whose entry carries the current
+ * generation is counted and passes in the first half, without the tail call,
+ * the ipcache or the policy probes. The control plane bumps the generation
+ * after every map change that can change a verdict, so the next packet of
+ * every flow takes the full path again, and one that policy now denies is
+ * dropped and its entry deleted, as without the cache. Packets so passed are
+ * not added to the counters of the policy entry that allowed their flow.
+ *
  * The work is split in two programs per direction joined by a tail call, as
  * Cilium does: `from_pod`/`to_pod` parse and classify the packet against
  * conntrack; NEW and ESTABLISHED packets continue in
@@ -177,6 +187,22 @@ struct scratch {
 BPF_PERCPU_ARRAY(scratch_map, struct scratch, 1);
 BPF_TABLE_PINNED("prog", __u32, __u32, policy_calls, 3, PROG_DIR "/policy_calls");
 
+/* bpf_skb_load_bytes, read straight from the packet when the bytes are in its linear part
+ * (headers nearly always are): no helper call. `len` must be a constant. */
+static __always_inline int load_bytes(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (off <= 0xffff) {
+		void *p = data + off;
+		if (p + len <= data_end) {
+			__builtin_memcpy(to, p, len);
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
 static __always_inline void map_ipv4(__u8 *dst, __be32 addr)
 {
 	__u32 *w = (__u32 *)dst;
@@ -296,7 +322,7 @@ static __always_inline int related_key(struct __sk_buff *skb, __u32 off, int v6,
 			__u8 saddr[16];
 			__u8 daddr[16];
 		} ip6;
-		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+		if (load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
 			return -1;
 		proto = ip6.nexthdr;
 		copy16(k->saddr, ip6.saddr);
@@ -315,7 +341,7 @@ static __always_inline int related_key(struct __sk_buff *skb, __u32 off, int v6,
 			__be32 saddr;
 			__be32 daddr;
 		} ip4;
-		if (bpf_skb_load_bytes(skb, off, &ip4, sizeof(ip4)) < 0)
+		if (load_bytes(skb, off, &ip4, sizeof(ip4)) < 0)
 			return -1;
 		if ((ip4.vihl & 0xf) < 5)
 			return -1;
@@ -325,7 +351,7 @@ static __always_inline int related_key(struct __sk_buff *skb, __u32 off, int v6,
 		l4 = off + (ip4.vihl & 0xf) * 4;
 	}
 	__u8 l4h[8];
-	if (bpf_skb_load_bytes(skb, l4, l4h, 8) < 0)
+	if (load_bytes(skb, l4, l4h, 8) < 0)
 		return -1;
 	k->proto = proto;
 	if (proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_SCTP ||
@@ -350,24 +376,24 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct flo
 	f->has_l4 = 1;
 	switch (f->proto) {
 	case PROTO_TCP:
-		if (bpf_skb_load_bytes(skb, off, h, 14) < 0)
+		if (load_bytes(skb, off, h, 14) < 0)
 			return -DROP_INVALID;
 		f->tcp_flags = h[13];
 		break;
 	case PROTO_UDP:
 	case PROTO_UDPLITE:
-		if (bpf_skb_load_bytes(skb, off, h, 8) < 0)
+		if (load_bytes(skb, off, h, 8) < 0)
 			return -DROP_INVALID;
 		break;
 	case PROTO_SCTP:
-		if (bpf_skb_load_bytes(skb, off, h, 4) < 0)
+		if (load_bytes(skb, off, h, 4) < 0)
 			return -DROP_INVALID;
 		break;
 	case PROTO_ICMP:
 	case PROTO_ICMPV6: {
 		if ((f->proto == PROTO_ICMPV6) != (v6 != 0))
 			goto unknown;
-		if (bpf_skb_load_bytes(skb, off, h, 8) < 0)
+		if (load_bytes(skb, off, h, 8) < 0)
 			return -DROP_INVALID;
 		__be16 id;
 		__builtin_memcpy(&id, &h[4], 2);
@@ -407,7 +433,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct endpoint_inf
 		__be32 daddr;
 	} ip4;
 	f->family = 4;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip4, sizeof(ip4)) < 0)
+	if (load_bytes(skb, ETH_HLEN_, &ip4, sizeof(ip4)) < 0)
 		return -DROP_INVALID;
 	__u32 ihl = ip4.vihl & 0xf;
 	if ((ip4.vihl >> 4) != 4 || ihl < 5 || bpf_ntohs(ip4.tot_len) < ihl * 4)
@@ -465,7 +491,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct endpoint_inf
 		__u8 daddr[16];
 	} ip6;
 	f->family = 6;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0)
+	if (load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0)
 		return -DROP_INVALID;
 	if ((ip6.vtc[0] >> 4) != 6)
 		return -DROP_INVALID;
@@ -490,7 +516,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct endpoint_inf
 		if (!is_ipv6_ext(nh))
 			break;
 		__u8 opt[2];
-		if (bpf_skb_load_bytes(skb, off, opt, 2) < 0)
+		if (load_bytes(skb, off, opt, 2) < 0)
 			return -DROP_INVALID;
 		off += nh == 51 ? ((__u32)opt[1] + 2) * 4 : ((__u32)opt[1] + 1) * 8;
 		nh = opt[0];
@@ -689,6 +715,21 @@ static __always_inline __u32 tcp_ct_flags(struct flow *f, __u32 flags, int reply
 	return flags;
 }
 
+/* May this packet's pass verdict be cached, or taken from the cache? See struct ct_entry. */
+static __always_inline int verdict_cacheable(struct __sk_buff *skb, struct flow *f, int egress)
+{
+	if (f->icmp_kind == ICMP_KIND_ECHO_REPLY)
+		return 0;
+	return egress || (skb->mark & MARK_MAGIC_MASK) != MARK_MAGIC_HOST;
+}
+
+/* The generation, read once: a verdict is stored under the generation read before
+ * its lookups, so one computed from maps older than a bump never carries the new one. */
+static __always_inline __u32 cache_generation(struct dp_config *cfg)
+{
+	return cfg ? *(volatile __u32 *)&cfg->generation : 0;
+}
+
 static __always_inline void ct_touch(struct ct_entry *e, struct flow *f, int reply,
 				     struct dp_config *cfg, __u64 now, __u32 len)
 {
@@ -741,7 +782,7 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 	__be16 eth_proto;
 	int ret;
 
-	if (bpf_skb_load_bytes(skb, 12, &eth_proto, 2) < 0)
+	if (load_bytes(skb, 12, &eth_proto, 2) < 0)
 		return drop(skb, DROP_INVALID, dir, ep, f, 0, CT_NEW);
 	if (eth_proto == bpf_htons(ETH_P_IP))
 		ret = parse_ipv4(skb, ep, egress, f, &s->other);
@@ -754,7 +795,8 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 	if (f->icmp_kind == ICMP_KIND_NEIGHBOUR)
 		goto pass_untracked;
 
-	__u64 now = bpf_ktime_get_ns();
+	/* The coarse clock (last tick) is enough for lifetimes of seconds, and cheaper. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_entry *entry;
 	struct ct_key *other = &s->other;
 	if (f->has_related) {
@@ -777,9 +819,15 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 	key->dport = f->dport;
 
 	__u8 state = CT_NEW;
+	struct dp_config *cfg = config.lookup(&zero);
 	entry = ct.lookup(key);
 	if (entry && entry->expires_ns > now) {
 		state = CT_ESTABLISHED;
+		__u32 gen = cache_generation(cfg);
+		if (gen && entry->verdict_gen == gen && verdict_cacheable(skb, f, egress)) {
+			ct_touch(entry, f, 0, cfg, now, skb->len);
+			goto pass; /* ESTABLISHED, verdict cached */
+		}
 	} else if ((f->proto != PROTO_ICMP && f->proto != PROTO_ICMPV6) ||
 		   f->icmp_kind == ICMP_KIND_ECHO_REPLY) {
 		/* ICMP has no reversed tuple except echo reply -> echo request. */
@@ -793,8 +841,6 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 		other->dport = f->sport;
 		entry = ct.lookup(other);
 		if (entry && entry->expires_ns > now) {
-			__u32 idx = 0;
-			struct dp_config *cfg = config.lookup(&idx);
 			ct_touch(entry, f, 1, cfg, now, skb->len);
 			goto pass; /* REPLY */
 		}
@@ -823,7 +869,8 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	struct endpoint_info *ep = &s->ep;
 	struct flow *f = &s->f;
 	struct dp_config *cfg = config.lookup(&zero);
-	__u64 now = bpf_ktime_get_ns();
+	__u32 gen = cache_generation(cfg); /* before the lookups, see cache_generation() */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u8 state = s->state;
 
 	/* The peer's identity: only NEW and ESTABLISHED packets need it. */
@@ -851,12 +898,19 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 			ct.delete(&s->key); /* CT cleanup on deny */
 		return drop(skb, DROP_POLICY, dir, ep, f, peer, state);
 	}
-	if (verdict == VERDICT_REDIRECT && decider)
-		skb->mark = MARK_MAGIC_TO_PROXY | ((__u32)decider->proxy_port << 16);
-
+	/* A plain pass is cached under `gen`; a REDIRECT clears the cache. Uncacheable
+	 * packets leave it alone: what it holds was decided for cacheable ones. */
+	int cacheable = verdict_cacheable(skb, f, egress);
+	if (verdict == VERDICT_REDIRECT) {
+		gen = 0;
+		if (decider)
+			skb->mark = MARK_MAGIC_TO_PROXY | ((__u32)decider->proxy_port << 16);
+	}
 	struct ct_entry *entry = state == CT_ESTABLISHED ? ct.lookup(&s->key) : 0;
 	if (entry) {
 		ct_touch(entry, f, 0, cfg, now, skb->len);
+		if (cacheable || verdict == VERDICT_REDIRECT)
+			entry->verdict_gen = gen;
 	} else {
 		/* NEW, or an entry that vanished since classify: (re)create it. */
 		struct ct_entry fresh = {};
@@ -864,6 +918,7 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 		fresh.expires_ns = now + ct_lifetime(cfg, f->proto, fresh.flags);
 		fresh.packets = 1;
 		fresh.bytes = skb->len;
+		fresh.verdict_gen = cacheable ? gen : 0;
 		ct.update(&s->key, &fresh);
 		if (state == CT_NEW && cfg && (cfg->flags & CFG_F_TRACE_NEW))
 			emit(skb, EVENT_TRACE, 0, dir, ep, f, peer, CT_NEW);

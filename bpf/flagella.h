@@ -88,12 +88,21 @@ struct ct_key {
 	__be16 dport;
 };
 
+/* Verdict cache: an ESTABLISHED packet whose entry has verdict_gen equal to the
+ * config map's generation (never 0) passes without the policy lookup. The policy
+ * program stores the generation it read before its lookups when the verdict was a
+ * plain pass (ALLOW, or no hit in an unenforced direction); never for a REDIRECT (the
+ * mark is needed on every packet), a packet towards a pod carrying the host mark (its
+ * peer identity comes from the mark, not the tuple) or an ICMP echo reply (it shares
+ * its tuple with echo requests): those always take the full lookup. The control plane
+ * bumps the generation after every change of policy, endpoints or ipcache, so the next
+ * packet of every flow is checked again. */
 struct ct_entry {
-	__u64 expires_ns;  /* absolute, bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 expires_ns;  /* absolute CLOCK_MONOTONIC, from bpf_ktime_get_coarse_ns() (<= 1 tick behind) */
 	__u64 packets;
 	__u64 bytes;
 	__u32 flags;       /* CT_F_* */
-	__u32 pad;
+	__u32 verdict_gen; /* generation of the cached pass verdict; 0 = none */
 };
 
 /* config: ARRAY[1]; a zero lifetime means the built-in default */
@@ -105,7 +114,7 @@ struct dp_config {
 	__u64 ct_non_tcp_ns;
 	__u64 ct_closing_ns;
 	__u32 flags;       /* CFG_F_* */
-	__u32 pad;
+	__u32 generation;  /* verdict cache generation (see ct_entry); 0 = no caching */
 };
 
 /* frag4: LRU_HASH frag4_key -> frag4_ports, recorded by a first fragment that passed */

@@ -275,6 +275,11 @@ class KernelDatapath:
         with contextlib.suppress(DatapathError):  # the device is already gone
             self._dp.detach(ifindex)
 
+    def bump_generation(self) -> None:
+        """Invalidate the verdicts cached in conntrack entries: call after every change of
+        the policy, endpoints or ipcache maps (see struct ct_entry in bpf/flagella.h)."""
+        self._dp.maps.config.bump_generation()
+
     # -- reads -------------------------------------------------------------------------
 
     def policy_counters(self, ep_id: int) -> dict[PolicyKey, tuple[PolicyValue, Counters]]:

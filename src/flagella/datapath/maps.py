@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import secrets
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -189,7 +190,9 @@ class CtKeyStruct(ctypes.Structure):
 
 
 class CtEntryStruct(ctypes.Structure):
-    """struct ct_entry { __u64 expires_ns; __u64 packets; __u64 bytes; __u32 flags; __u32 pad; };"""
+    """struct ct_entry {
+        __u64 expires_ns; __u64 packets; __u64 bytes; __u32 flags; __u32 verdict_gen;
+    };"""
 
     C_NAME: ClassVar[str] = "ct_entry"
     _fields_ = [
@@ -197,14 +200,14 @@ class CtEntryStruct(ctypes.Structure):
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
         ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("verdict_gen", ctypes.c_uint32),
     ]
 
 
 class DpConfigStruct(ctypes.Structure):
     """struct dp_config {
         __u64 ct_tcp_ns; __u64 ct_syn_ns; __u64 ct_non_tcp_ns; __u64 ct_closing_ns;
-        __u32 flags; __u32 pad;
+        __u32 flags; __u32 generation;
     };"""
 
     C_NAME: ClassVar[str] = "dp_config"
@@ -214,7 +217,7 @@ class DpConfigStruct(ctypes.Structure):
         ("ct_non_tcp_ns", ctypes.c_uint64),
         ("ct_closing_ns", ctypes.c_uint64),
         ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("generation", ctypes.c_uint32),
     ]
 
 
@@ -865,10 +868,11 @@ class CtKey:
 
 @dataclass(frozen=True)
 class CtEntry:
-    expires_ns: int  # absolute CLOCK_MONOTONIC
+    expires_ns: int  # absolute CLOCK_MONOTONIC (the datapath's coarse clock: up to one tick behind)
     packets: int
     bytes: int
     flags: CtFlags
+    verdict_gen: int = 0  # config generation of the cached pass verdict; 0 = none
 
     def alive(self, now_ns: int) -> bool:
         return self.expires_ns > now_ns
@@ -1159,7 +1163,7 @@ class CTMap(_Typed):
     @staticmethod
     def _entry(raw: bytes) -> CtEntry:
         s = _unpack(CtEntryStruct, raw)
-        return CtEntry(s.expires_ns, s.packets, s.bytes, CtFlags(s.flags))
+        return CtEntry(s.expires_ns, s.packets, s.bytes, CtFlags(s.flags), s.verdict_gen)
 
     def put(self, key: CtKey, entry: CtEntry) -> None:
         """Write an entry (tests, state restore)."""
@@ -1171,6 +1175,7 @@ class CTMap(_Typed):
                     packets=entry.packets,
                     bytes=entry.bytes,
                     flags=int(entry.flags),
+                    verdict_gen=entry.verdict_gen,
                 )
             ),
         )
@@ -1190,7 +1195,7 @@ class CTMap(_Typed):
         return self.backend.delete_many([_pack(k._struct()) for k in self.entries(ep_id)])
 
     def gc(self, now_ns: int) -> int:
-        """Delete entries expired at ``now_ns`` (CLOCK_MONOTONIC, as bpf_ktime_get_ns)."""
+        """Delete entries expired at ``now_ns`` (CLOCK_MONOTONIC, e.g. ``time.monotonic_ns()``)."""
         return self.backend.delete_many(
             [k for k, v in self.backend.items() if _unpack(CtEntryStruct, v).expires_ns <= now_ns]
         )
@@ -1217,9 +1222,18 @@ class MetricsMap(_Typed):
 
 
 class ConfigMap(_Typed):
-    """``config``: the single :class:`DatapathConfig`."""
+    """``config``: the single :class:`DatapathConfig`, and the verdict cache generation.
+
+    The generation is not configuration: :meth:`set` keeps it, and it only moves forward
+    (:meth:`bump_generation`), so a conntrack entry's cached verdict can never match a
+    generation that was current again after a change. :meth:`clear` (with the conntrack
+    entries, as :meth:`DatapathMaps.clear` does) resets it to 0: no caching until a bump."""
 
     _KEY = (0).to_bytes(4, sys.byteorder)
+
+    def _raw(self) -> DpConfigStruct:
+        raw = self.backend.lookup(self._KEY)
+        return DpConfigStruct() if raw is None else _unpack(DpConfigStruct, raw)
 
     def get(self) -> DatapathConfig:
         raw = self.backend.lookup(self._KEY)
@@ -1228,10 +1242,26 @@ class ConfigMap(_Typed):
         )
 
     def set(self, config: DatapathConfig) -> None:
-        self.backend.update(self._KEY, _pack(config._struct()))
+        s = config._struct()
+        s.generation = self._raw().generation
+        self.backend.update(self._KEY, _pack(s))
+
+    @property
+    def generation(self) -> int:
+        return int(self._raw().generation)
+
+    def bump_generation(self) -> int:
+        """Invalidate every cached verdict: the next packet of each flow is checked against
+        policy again. Call after the maps changed. Returns the new generation (never 0;
+        the first one is random, so entries of a lost config map cannot match it)."""
+        s = self._raw()
+        g = s.generation
+        s.generation = ((g + 1) & 0xFFFFFFFF or 1) if g else (secrets.randbits(31) + 1)
+        self.backend.update(self._KEY, _pack(s))
+        return int(s.generation)
 
     def clear(self) -> int:
-        self.set(DatapathConfig())
+        self.backend.update(self._KEY, _pack(DatapathConfig()._struct()))
         return 0
 
 

@@ -85,6 +85,10 @@ class Datapath(Protocol):
     def attach(self, ifindex: int) -> None: ...
     def detach(self, ifindex: int) -> None: ...
 
+    def bump_generation(self) -> None:
+        """Invalidate cached verdicts; called after every write of the three maps above."""
+        ...
+
     def policy_counters(self, ep_id: int) -> dict[PolicyKey, tuple[PolicyValue, Counters]]: ...
     def ct_entries(self) -> Iterator[CTRow]: ...
     def ct_delete(self, rows: list[CTRow]) -> int: ...
@@ -105,6 +109,7 @@ class MemoryDatapath:
         self.ct: list[CTRow] = []
         self.events: list[dict[str, object]] = []
         self.clock_ns = 0
+        self.generation = 0  # bumps of the verdict cache generation
         self._next_ifindex = 100
         self.host = [ipaddress.ip_address("192.0.2.1")]
 
@@ -139,6 +144,9 @@ class MemoryDatapath:
 
     def detach(self, ifindex: int) -> None:
         self.attached.discard(ifindex)
+
+    def bump_generation(self) -> None:
+        self.generation += 1
 
     def policy_counters(self, ep_id: int) -> dict[PolicyKey, tuple[PolicyValue, Counters]]:
         return {k: (v, Counters(0, 0)) for k, v in self.policy.items() if k.ep_id == ep_id}

@@ -53,6 +53,20 @@
 #include <uapi/linux/if_ether.h>
 #include "flagella.h"
 
+/* The fixed part of an IPv4 header, as the parsers read it. */
+struct ipv4_hdr {
+	__u8 vihl;
+	__u8 tos;
+	__be16 tot_len;
+	__be16 id;
+	__be16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__be16 check;
+	__be32 saddr;
+	__be32 daddr;
+};
+
 #ifndef PIN_DIR
 #error "PIN_DIR must be defined, e.g. -DPIN_DIR=\"/sys/fs/bpf/flagella\""
 #endif
@@ -329,18 +343,7 @@ static __always_inline int related_key(struct __sk_buff *skb, __u32 off, int v6,
 		copy16(k->daddr, ip6.daddr);
 		l4 = off + 40;
 	} else {
-		struct {
-			__u8 vihl;
-			__u8 tos;
-			__be16 tot_len;
-			__be16 id;
-			__be16 frag_off;
-			__u8 ttl;
-			__u8 protocol;
-			__be16 check;
-			__be32 saddr;
-			__be32 daddr;
-		} ip4;
+		struct ipv4_hdr ip4;
 		if (load_bytes(skb, off, &ip4, sizeof(ip4)) < 0)
 			return -1;
 		if ((ip4.vihl & 0xf) < 5)
@@ -420,18 +423,7 @@ unknown:
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct endpoint_info *ep,
 				      int egress, struct flow *f, struct ct_key *rel)
 {
-	struct {
-		__u8 vihl;
-		__u8 tos;
-		__be16 tot_len;
-		__be16 id;
-		__be16 frag_off;
-		__u8 ttl;
-		__u8 protocol;
-		__be16 check;
-		__be32 saddr;
-		__be32 daddr;
-	} ip4;
+	struct ipv4_hdr ip4;
 	f->family = 4;
 	if (load_bytes(skb, ETH_HLEN_, &ip4, sizeof(ip4)) < 0)
 		return -DROP_INVALID;

@@ -67,13 +67,8 @@ def rule_prefixes(policies: Iterable[Policy]) -> set[ipaddress.IPv4Network | ipa
     """Every CIDR (and except) that rules name: each gets a CIDR identity."""
     out: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
     for p in policies:
-        for r in p.rules:
-            for section in (r.ingress, r.egress, r.ingress_deny, r.egress_deny, r.ingress_pass, r.egress_pass):
-                for peer in section or ():
-                    for c in peer.cidrs:
-                        out.add(c.cidr)
-                        out.update(c.excepts)
-    return {n for n in out if n.prefixlen > 0}
+        out |= p.cidr_prefixes
+    return out
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from typing import Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -242,3 +243,16 @@ class Policy:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.kind, self.namespace, self.name)
+
+    @cached_property
+    def cidr_prefixes(self) -> frozenset[IPNetwork]:
+        """Every CIDR and except the rules name, except /0 (computed once per document)."""
+        out: set[IPNetwork] = set()
+        for r in self.rules:
+            for section in (r.ingress, r.egress, r.ingress_deny, r.egress_deny,
+                            r.ingress_pass, r.egress_pass):
+                for peer in section or ():
+                    for c in peer.cidrs:
+                        out.add(c.cidr)
+                        out.update(c.excepts)
+        return frozenset(n for n in out if n.prefixlen > 0)

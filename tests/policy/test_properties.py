@@ -18,6 +18,7 @@ from flagella.policy.api import (
     Rule,
 )
 from flagella.policy.labels import k8s_labels
+from flagella.policy.selectors import matches
 from flagella.policy.trace import Side, TraceQuery, Tracer
 
 APPS = ["a", "b", "c"]
@@ -115,17 +116,12 @@ def test_a_deny_rule_always_wins(base, target, denied_peer):
         ingress_deny=(PeerRule(selectors=(denied_peer,)),),
     )
     allow_all = Rule(endpoint_selector=LabelSelector(), ingress=(PeerRule(any_peer=True, ports=()),))
-    policies = as_policies([*base, allow_all, deny])
-    result = matrix(policies)
-    tracer = Tracer(policies)
+    result = matrix(as_policies([*base, allow_all, deny]))
     for (sns, sapp, dns, dapp, port, proto), allowed in result.items():
         src = k8s_labels({"app": sapp}, sns)
         dst = k8s_labels({"app": dapp}, dns)
-        from flagella.policy.selectors import matches
-
         if matches(target, dst) and matches(denied_peer, src):
             assert not allowed, (sns, sapp, dns, dapp, port, proto)
-    del tracer
 
 
 @SETTINGS

@@ -31,6 +31,7 @@ from flagella.agent.core import AgentCore, parse_kv
 from flagella.agent.metrics import start_metrics
 from flagella.datapath.desired import PolicyKey
 from flagella.errors import FlagellaError, InputError
+from flagella.policy.api import PROTOCOL_NAMES
 from flagella.policy.query import parse_named_ports, parse_query
 
 log = structlog.get_logger("flagella.agent")
@@ -182,7 +183,7 @@ class AgentServer:
             "labels": sorted(str(x) for x in ep.identity_labels()),
             "ip": str(ep.ipv4 or ep.ipv6),
             "named_ports": [
-                f"{name}={port}/{_PROTO_NAMES.get(proto, 'TCP')}"
+                f"{name}={port}/{PROTOCOL_NAMES.get(proto, 'TCP')}"
                 for name, ports in ep.named_ports.items()
                 for port, proto in ports
             ],
@@ -332,9 +333,6 @@ class AgentServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         log.info("agent-stopped")
-
-
-_PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
 
 
 def _req(p: dict[str, Any], key: str) -> str:

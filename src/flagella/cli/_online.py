@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flagella.cli._client import call
+from flagella.policy.api import PROTOCOL_NAMES
 from flagella.policy.trace import TraceQuery
 
 
@@ -17,7 +18,9 @@ def query_json(q: TraceQuery) -> dict[str, Any]:
             out["ip"] = str(s.ip)
         if s.named_ports:
             out["named_ports"] = [
-                f"{name}={port}/{_proto(proto)}" for name, ports in s.named_ports.items() for port, proto in ports
+                f"{name}={port}/{PROTOCOL_NAMES.get(proto, 'ANY')}"
+                for name, ports in s.named_ports.items()
+                for port, proto in ports
             ]
         return out
 
@@ -30,10 +33,6 @@ def query_json(q: TraceQuery) -> dict[str, Any]:
         k = q.kafka[0]
         out["kafka"] = {"api_key": k.api_key, "api_version": k.api_version, "client_id": k.client_id, "topics": list(k.topics)}
     return out
-
-
-def _proto(number: int) -> str:
-    return {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}.get(number, "ANY")
 
 
 def online_trace(

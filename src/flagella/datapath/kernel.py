@@ -35,11 +35,11 @@ from flagella.datapath.links import LinkSettings, PodNetwork, prepare_host
 from flagella.datapath.loader import DatapathSettings, load_datapath
 from flagella.datapath.port import Counters, CTRow, EndpointRow, IPAddress, IPNetwork, PodInfo
 from flagella.errors import DatapathError
+from flagella.policy.api import PROTOCOL_NAMES
 
 NFT_TABLE = "flagella"
 HOST_MARK = 0xC00
 NSEC = 1_000_000_000
-PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
 
 
 def ensure_bpffs() -> None:
@@ -174,6 +174,12 @@ class _IPCacheView(MutableMapping[IPNetwork, int]):
     def __delitem__(self, net: IPNetwork) -> None:
         if not self.map.delete(net):
             raise KeyError(net)
+
+    def pop(self, net: IPNetwork, default: Any = None) -> Any:  # type: ignore[override]
+        """Delete without reading first (an LPM map has no exact lookup; a read scans it).
+
+        Returns the prefix itself, not its identity, when it was present."""
+        return net if self.map.delete(net) else default
 
     def items(self) -> list[tuple[IPNetwork, int]]:  # type: ignore[override]
         return [(k, v.identity) for k, v in self.map.items().items()]
@@ -337,7 +343,7 @@ def event_json(ev: Any) -> dict[str, object]:
         "src_identity": int(ev.src_identity),
         "dst_identity": int(ev.dst_identity),
         "proto": proto,
-        "proto_name": PROTO_NAMES.get(proto, str(proto)),
+        "proto_name": PROTOCOL_NAMES.get(proto, str(proto)),
         "src": src,
         "dst": dst,
         "ct_state": str(getattr(ev.ct_state, "name", ev.ct_state)).lower(),

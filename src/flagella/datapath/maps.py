@@ -44,6 +44,7 @@ from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 from flagella.datapath import _bpfsys
 from flagella.datapath._bpfsys import BPF_ANY, BPF_EXIST, BPF_NOEXIST, BpfError, MapType
 from flagella.errors import DatapathError
+from flagella.policy.mapstate import port_blocks
 
 __all__ = [
     "BPF_ANY",
@@ -936,30 +937,8 @@ class Frag4Key:
 # --------------------------------------------------------------------------------------------
 
 
-def port_range_blocks(first: int, last: int) -> list[tuple[int, int]]:
-    """The minimal list of ``(port, wild_bits)`` aligned blocks covering ``first..last``.
-
-    >>> port_range_blocks(8080, 8083)
-    [(8080, 2)]
-    >>> port_range_blocks(0, 65535)
-    [(0, 16)]
-    """
-    if not 0 <= first <= last <= 0xFFFF:
-        raise ValueError(f"port range {first}-{last}: must be within 0-65535")
-    out = []
-    port = first
-    while port <= last:
-        bits = 0
-        # Grow the block while it stays aligned and inside the range.
-        while (
-            bits < 16
-            and port & ((1 << (bits + 1)) - 1) == 0
-            and port + (1 << (bits + 1)) - 1 <= last
-        ):
-            bits += 1
-        out.append((port, bits))
-        port += 1 << bits
-    return out
+#: The same decomposition the control plane uses (one implementation, in the policy core).
+port_range_blocks = port_blocks
 
 
 def policy_keys_for_port_range(

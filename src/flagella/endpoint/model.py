@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from flagella.endpoint.lifecycle import State, transition
-from flagella.policy.labels import LabelSet, k8s_labels, parse_label
+from flagella.policy.labels import LabelSet, k8s_labels
 
 
 @dataclass
@@ -88,16 +88,3 @@ class Endpoint:
             state=State(obj.get("state", "init")),
             policy_revision=int(obj.get("policy_revision", 0)),
         )
-
-    def copy(self) -> Endpoint:
-        return replace(self, labels=dict(self.labels), namespace_labels=dict(self.namespace_labels))
-
-
-def parse_kv_labels(text: str) -> dict[str, str]:
-    """``k=v,k2=v2`` (a source prefix such as ``k8s:`` is dropped)."""
-    out = {}
-    for part in text.split(","):
-        if part.strip():
-            label = parse_label(part)
-            out[label.key] = label.value
-    return out

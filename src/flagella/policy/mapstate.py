@@ -245,7 +245,12 @@ def port_blocks(first: int, last: int) -> list[tuple[int, int]]:
     This is how a port range becomes a bounded number of exact-match keys in
     the kernel's hash map: a packet's port matches block (base, n) iff
     ``port & ~((1 << n) - 1) == base``.
+
+    >>> port_blocks(8080, 8083)
+    [(8080, 2)]
     """
+    if not 0 <= first <= last <= PORT_MAX:
+        raise ValueError(f"port range {first}-{last}: must be within 0-65535")
     blocks = []
     port = first
     while port <= last:

@@ -43,7 +43,6 @@ from flagella.policy.api import (
     L7Rules,
     LabelSelector,
     PeerRule,
-    Policy,
     PortProtocol,
     Protocol,
     Rule,
@@ -153,12 +152,11 @@ class IdentityUniverse:
         self.selectors = SelectorCache()
         self.addresses: dict[int, frozenset[IPAddress]] = {}
         self.named_ports: dict[int, NamedPorts] = {}
-        self.generation = 0
         self._supernets: dict[IPNetwork, set[int]] | None = None
         self._networks: dict[int, frozenset[IPNetwork]] = {}
 
     def changed(self, ident: int | None = None) -> None:
-        self.generation += 1
+        """Forget what was derived from ``ident``'s labels (all identities when None)."""
         if ident is None:
             self._networks.clear()
         else:
@@ -590,7 +588,3 @@ def rule_has_peer_kinds(rule: Rule) -> bool:
             if any(pp.name for pr in peer.ports for pp in pr.ports):
                 return True
     return False
-
-
-def policies_rules(policies: Iterable[Policy]) -> list[Rule]:
-    return [r for p in policies for r in p.rules]

@@ -3,6 +3,7 @@
 from flagella.policy.api._kafka import KAFKA_API_KEYS, KAFKA_ROLES
 from flagella.policy.api._load import load_policies, load_policy_files, parse_policy
 from flagella.policy.api._model import (
+    PROTOCOL_NAMES,
     CIDRRule,
     HTTPRule,
     ICMPField,
@@ -20,6 +21,7 @@ from flagella.policy.api._model import (
 )
 
 __all__ = [
+    "PROTOCOL_NAMES",
     "KAFKA_API_KEYS",
     "KAFKA_ROLES",
     "CIDRRule",

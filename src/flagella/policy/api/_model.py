@@ -62,6 +62,10 @@ _PROTO_NUMBERS = {
 }
 
 
+#: Protocol number -> the name policy spells it with (``TCP``, ``ICMPv6``...).
+PROTOCOL_NAMES: dict[int, str] = {p.number: p.value for p in Protocol if p is not Protocol.ANY}
+
+
 @dataclass(frozen=True)
 class Requirement:
     """One matchExpressions entry. ``key`` carries its source (``k8s:app``)."""

@@ -80,7 +80,7 @@ POD_CIDR = ipaddress.IPv4Network("10.244.210.0/24")
 CLIENT_IP = "10.244.210.10"
 SERVER_IP = "10.244.210.11"
 OTHERS_NET = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmarking range: never routed
-NAMESPACE = "bench"  # the pods' Kubernetes namespace: their netns are bench-<name>
+NAMESPACE = "bench"  # the pods' Kubernetes namespace: their netns are bench_<name>
 
 SOCKPERF_PORT = 11111
 IPERF_PORT = 5201

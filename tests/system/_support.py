@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flagella.datapath.port import pod_netns_name
+
 REPO = Path(__file__).resolve().parents[2]
 FLAGELLA = str(REPO / ".venv" / "bin" / "flagella")
 SHARED = Path(os.environ.get("FLAGELLA_SHARED") or REPO.parent / "shared")
@@ -149,7 +151,7 @@ def remove_pod_by_hand(netns: str, node: str) -> list[str]:
 def sweep_stale() -> list[str]:
     """Remove namespaces and pin dirs left by system-test runs whose process died."""
     removed = []
-    stale = re.compile(r"sys-(\d+)[a-z0-9]+-.+")
+    stale = re.compile(r"sys-(\d+)[a-z0-9]+[-_].+")
     for name in sorted(netns_names()):
         m = stale.fullmatch(name)
         if m and not _pid_alive(int(m.group(1))):
@@ -511,7 +513,7 @@ class Pod:
 
     @property
     def netns(self) -> str:
-        return f"{self.namespace}-{self.name}"
+        return pod_netns_name(self.namespace, self.name)
 
     @property
     def ipv4(self) -> str:

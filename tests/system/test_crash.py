@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from flagella.datapath.port import pod_netns_name
 from tests.system._support import (
     ALLOW_TIMEOUT,
     DENY_TIMEOUT,
@@ -178,7 +179,7 @@ def test_kill9_during_create_and_delete_leaves_a_consistent_node(
         created_ok.add(victim.name)
 
         name, n = f"c{i}", 140 + i
-        c.netns_seen.add(f"{ns}-{name}")
+        c.netns_seen.add(pod_netns_name(ns, name))
         params = {"name": name, "namespace": ns, "labels": ["app=client"], "ipv4": addr4(n), "ipv6": addr6(n)}
         outcome, detail = _kill_during(agent, "endpoint.create", params, create_delays[i])
         if outcome == "ok":

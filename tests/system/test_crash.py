@@ -83,7 +83,7 @@ def _inconsistencies(agent: Agent, ns: str) -> tuple[list[str], list[str]]:
         if e["state"] != "ready":
             problems.append(f"endpoint {e['id']} {e['namespace']}/{e['name']} is {e['state']}")
     # Pods on the host.
-    ours = {n for n in netns_names() if n.startswith(f"{ns}-") and n != agent.node}
+    ours = {n for n in netns_names() if n.startswith(f"{ns}_") and n != agent.node}
     for name in sorted(ours - set(by_netns)):
         problems.append(f"netns {name} has no endpoint")
     for name in sorted(set(by_netns) - ours):
@@ -91,7 +91,7 @@ def _inconsistencies(agent: Agent, ns: str) -> tuple[list[str], list[str]]:
     veths = {}
     for link in links(agent.node):
         alias = link.get("ifalias") or ""
-        if link["ifname"].startswith("fl") and alias.startswith(f"{ns}-"):
+        if link["ifname"].startswith("fl") and alias.startswith(f"{ns}_"):
             veths[alias] = link
             if alias not in by_netns:
                 problems.append(f"veth {link['ifname']} (ifalias {alias}) has no endpoint")

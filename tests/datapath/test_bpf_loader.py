@@ -10,6 +10,7 @@ import errno
 import itertools
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Address
@@ -169,14 +170,19 @@ def test_tcx_links_are_pinned_checked_repaired_and_removed(pin_dir: Path) -> Non
         dp.close()
         with load_datapath(DatapathSettings(pin_dir=pin_dir, sizes=SMALL)) as again:
             assert again.attached(idx, netns=ns) == {"from_pod": again.build, "to_pod": again.build}
-            # Tampers: the pin removed (the link goes with it), the link detached by id.
-            pins["to_pod"].unlink()
+            # Tampers: the link detached by id (at once), the pin removed (the link goes
+            # when the kernel releases its last reference: an RCU callback, then a workqueue).
             run("bpftool", "link", "detach", "id", str(links["from_pod"].id))
+            assert again.attached(idx, netns=ns) == {"to_pod": again.build}
+            pins["to_pod"].unlink()
+            deadline = time.monotonic() + 10
+            while again.attached(idx, netns=ns) and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert again.attached(idx, netns=ns) == {}
             assert again.attach(idx, netns=ns) == ["from_pod", "to_pod"]
             assert again.attached(idx, netns=ns) == {"from_pod": again.build, "to_pod": again.build}
             again.detach(idx, netns=ns)
-            assert again.attached(idx, netns=ns) == {}
+            assert again.attached(idx, netns=ns) == {}  # at once: BPF_LINK_DETACH, then unpin
             assert not any((pin_dir / "links").iterdir())
             again.detach(idx, netns=ns)  # twice is fine
 

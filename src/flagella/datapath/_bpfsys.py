@@ -3,8 +3,8 @@
 Only what Flagella needs and bcc does not give without a compile: opening a
 pinned map or program (``obj_get``), pinning, element lookup/update/delete,
 key iteration, the batch commands, object info, ``prog_test_run``, and tcx
-attachment (bcc 0.26 has none): ``link_create``/``link_update``/``link_info``
-and ``prog_query``.
+attachment (bcc 0.26 has none): ``link_create``/``link_update``/``link_info``/
+``link_detach`` and ``prog_query``.
 Each command has its own ``bpf_attr`` variant below, laid out as in
 ``include/uapi/linux/bpf.h``; the kernel zero-fills whatever tail of the
 union we do not pass.
@@ -37,6 +37,7 @@ __all__ = [
     "LinkInfo",
     "close",
     "link_create",
+    "link_detach",
     "link_info",
     "link_update",
     "map_create",
@@ -74,6 +75,7 @@ _MAP_UPDATE_BATCH = 26
 _MAP_DELETE_BATCH = 27
 _LINK_CREATE = 28
 _LINK_UPDATE = 29
+_LINK_DETACH = 34
 
 # enum bpf_attach_type (tcx: Linux 6.6+)
 BPF_TCX_INGRESS = 46
@@ -528,6 +530,12 @@ def link_create(prog_fd: int, ifindex: int, attach_type: int) -> int:
 def link_update(link_fd: int, new_prog_fd: int) -> None:
     """Swap the program of a link atomically (no packet sees neither)."""
     _check(_bpf(_LINK_UPDATE, _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd)), "link_update")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach a link now. Dropping its last reference (closing the fd, unlinking the pin)
+    detaches it too, but later: the release runs from an RCU callback and a workqueue."""
+    _check(_bpf(_LINK_DETACH, _LinkUpdateAttr(link_fd=link_fd)), "link_detach")
 
 
 def link_info(fd: int) -> LinkInfo:

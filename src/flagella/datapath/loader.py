@@ -316,7 +316,18 @@ class Datapath:
         """Remove our tcx links (their pins) and clsact filters, and the clsact qdisc if
         nothing else uses it. A device that is already gone is not an error."""
         for prog in _HOOK_PROGRAMS:
-            self._link_pin(ifindex, prog).unlink(missing_ok=True)  # the last reference
+            pin = self._link_pin(ifindex, prog)
+            link = _open_link(pin)
+            if link is not None:
+                try:
+                    # Now, not when the pin's release gets round to it.
+                    _bpfsys.link_detach(link[0])
+                except DatapathError as e:
+                    if getattr(e, "errno", None) not in (errno.ENOLINK, errno.EINVAL, errno.ENODEV):
+                        raise
+                finally:
+                    os.close(link[0])
+            pin.unlink(missing_ok=True)
         self._detach_tc(ifindex, netns)
 
     def _detach_tc(self, ifindex: int, netns: str | None) -> None:

@@ -22,7 +22,8 @@ from flagella.errors import FlagellaError, InputError
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12))
 values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=10), c, max_size=3)), max_leaves=10)
 KEYS = ["state_dir", "network", "policy", "conntrack", "controllers", "metrics_addr", "label_prefixes",
-        "ipv4_cidr", "mtu", "enforcement", "tcp_syn_s", "sync_interval_s", "bogus"]
+        "ipv4_cidr", "mtu", "enforcement", "tcp_syn_s", "sync_interval_s", "bogus",
+        "api", "max_request_bytes", "idle_timeout_s", "max_connections", "trace_timeout_s"]
 documents = st.dictionaries(st.sampled_from(KEYS), st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=3)), max_size=4)
 
 

@@ -362,6 +362,8 @@ class AgentServer:
                 writer.write(rpc.encode(event))
                 # A subscriber that stops reading is dropped, not buffered for.
                 await asyncio.wait_for(writer.drain(), self.core.settings.api.idle_timeout_s)
+        except TimeoutError:
+            log.info("monitor-subscriber-dropped", reason="not reading")
         finally:
             self.subscribers.remove(queue)
 

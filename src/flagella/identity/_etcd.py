@@ -42,6 +42,7 @@ pipelined path (many txns in flight) for bulk allocation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -186,10 +187,8 @@ class EtcdBackend:
 
     async def _keepalive(self) -> None:
         while not self._stopping:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.lease_ttl_s / 3)
-            except asyncio.TimeoutError:
-                pass
             self._wake.clear()
             if self._stopping:
                 return
@@ -221,16 +220,19 @@ class EtcdBackend:
 
         async def stop() -> None:
             self._stopping = True
-            self._wake.set()
+            keeper.cancel()
             if revoke and self.lease and self.online:
-                try:
+                with contextlib.suppress(KvstoreError):
                     await self._client.lease_revoke(self.lease)
-                except KvstoreError:
-                    pass
             await self._client.close()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         if self._loop.is_closed():
             return
+        keeper = self._keeper
         self._call(stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
@@ -258,9 +260,7 @@ class EtcdBackend:
         """One cluster reference for ``key``: its existing id, or a new one. Not locked."""
         for attempt in range(MAX_ATTEMPTS):
             if not self.online:
-                raise KvstoreUnavailable(
-                    f"etcd unreachable: cannot allocate an identity for {key!r} (known ones still work)"
-                )
+                raise KvstoreUnavailable("this node is offline")
             label_key = self._k("label", key)
             known = self._by_key.get(key)
             if known is not None:
@@ -315,7 +315,12 @@ class EtcdBackend:
             if known is not None and self._refs.get(known, 0) > 0:
                 self._refs[known] += 1
                 return known
-            ident = await self._take(key, lowest)
+            try:
+                ident = await self._take(key, lowest)
+            except KvstoreUnavailable as exc:
+                raise KvstoreUnavailable(
+                    f"etcd unreachable: cannot allocate an identity for {key!r} (known ones still work): {exc}"
+                ) from None
             self._refs[ident] = self._refs.get(ident, 0) + 1
             self._unreleased.pop(ident, None)
         return ident

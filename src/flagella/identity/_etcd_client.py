@@ -96,7 +96,7 @@ class EtcdClient:
             host, port = self._addrs[self._next % len(self._addrs)]
             try:
                 return await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 last = exc
                 self._next += 1
         raise KvstoreUnavailable(f"etcd unreachable at {self._addrs}: {last or 'timeout'}")
@@ -109,14 +109,19 @@ class EtcdClient:
             f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode() + payload
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._connect()
-            try:
-                status, data = await asyncio.wait_for(self._exchange(conn, request), self.timeout_s)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-                conn[1].close()
-                while self._idle:  # the others are likely dead too; reconnect lazily
-                    self._idle.pop()[1].close()
-                raise KvstoreUnavailable(f"etcd {path}: {type(exc).__name__} {exc}".strip()) from None
+            while True:
+                reused = bool(self._idle)
+                conn = self._idle.pop() if reused else await self._connect()
+                try:
+                    status, data = await asyncio.wait_for(self._exchange(conn, request), self.timeout_s)
+                    break
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    conn[1].close()
+                    while self._idle:  # the others are likely dead too; reconnect lazily
+                        self._idle.pop()[1].close()
+                    if reused and isinstance(exc, (ConnectionError, asyncio.IncompleteReadError)):
+                        continue  # a kept-alive connection the server closed: once more, fresh
+                    raise KvstoreUnavailable(f"etcd {path}: {type(exc).__name__} {exc}".strip()) from None
             self._idle.append(conn)
         try:
             answer: dict[str, Any] = json.loads(data) if data else {}

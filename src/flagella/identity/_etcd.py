@@ -20,10 +20,13 @@ references that expired with dead agents) counts ``ref/<sha>/`` and, if it is
 empty, deletes the master keys in a txn guarded by ``mod(label/K)`` as read
 before the count: a reference taken in between bumped it, so the delete fails.
 
-Ids: the first attempt takes the lowest id free in the local cache (what the
-SQLite store and the in-memory twin do), a retry after a collision a random
-free one near it, so racing nodes spread out instead of colliding again.
-Concurrent allocations on one node keep their candidate ids apart.
+Ids: a node takes the lowest id free in its cache (what the SQLite store and
+the in-memory twin do) until its txn collides with another node's id; then,
+for the next `CONTENDED_FOR` allocations, it allocates upwards from a random
+base in a wide span (a new base after each collision), so racing nodes
+spread out into regions of their own instead of all fighting over the same
+lowest ids (Cilium picks random ids for the same reason). Concurrent allocations on one node keep their candidate
+ids apart (``_pending``).
 
 Outage: every identity this node knows stays in its cache, so lookups and new
 references to identities it already holds work without etcd. Allocating an
@@ -68,6 +71,14 @@ from flagella.identity._etcd_client import (
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
+#: After an id collision with another node, this many allocations pick random
+#: candidates among ``CONTENDED_SPAN`` (or 4x the known ids) instead of the lowest free.
+CONTENDED_FOR = 1024
+CONTENDED_SPAN = 1 << 16
+
+#: New identities created per txn by `acquire_many` (3 puts each; etcd allows 128 ops).
+BATCH = 32
+
 #: Attempts of one allocation before giving up (each failed attempt taught us a winner).
 MAX_ATTEMPTS = 64
 
@@ -98,11 +109,14 @@ class EtcdBackend:
         self._refs: dict[int, int] = {}
         self._unreleased: dict[int, str] = {}  # released during an outage: ref keys to delete
         self._pending: set[int] = set()
+        self._contended = 0
+        self._region = 0
         self._key_locks: dict[str, asyncio.Lock] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"etcd-{node}", daemon=True)
         self._thread.start()
         self._client = EtcdClient(endpoints, timeout_s=timeout_s, connections=connections)
+        self._connections = connections
         self._wake = asyncio.Event()
         self._stopping = False
         try:
@@ -242,19 +256,28 @@ class EtcdBackend:
 
     def _candidate(self, lowest: int, attempt: int) -> int:
         taken = self._by_id.keys() | self._pending
+        if attempt or self._contended:
+            # other nodes are allocating too: the lowest free ids are theirs by now.
+            # Allocate upwards from a random base of our own until that collides.
+            span = min(MAX_IDENTITY - lowest, max(CONTENDED_SPAN, 16 * len(taken)))
+            if self._region < lowest or self._region > lowest + span:
+                self._region = lowest + random.randrange(span)
+            ident = self._region
+            while ident in taken:
+                ident += 1
+            if ident <= MAX_IDENTITY:
+                return ident
         ident = lowest
         while ident in taken:
             ident += 1
-        if attempt:
-            span = max(64, 2 * len(taken))
-            for _ in range(32):
-                pick = ident + random.randrange(span)
-                if pick not in taken:
-                    ident = pick
-                    break
         if ident > MAX_IDENTITY:
             raise IdentityExhausted("no free identity left")
         return ident
+
+    def _collided(self) -> None:
+        """Another node took an id we tried: spread out (see `_candidate`)."""
+        self._contended = CONTENDED_FOR
+        self._region = 0
 
     async def _take(self, key: str, lowest: int) -> int:
         """One cluster reference for ``key``: its existing id, or a new one. Not locked."""
@@ -296,8 +319,11 @@ class EtcdBackend:
                 self._pending.discard(ident)
             if answer.get("succeeded"):
                 self._learn(key, ident)
+                self._contended = max(0, self._contended - 1)
                 return ident
             by_label, by_id = responses(answer)
+            if by_id.get("kvs") and not by_label.get("kvs"):
+                self._collided()
             for _k, value, _rev in kv_pairs(by_label):
                 self._learn(key, int(value))
             for _k, value, _rev in kv_pairs(by_id):
@@ -432,12 +458,82 @@ class EtcdBackend:
         return self._call(self._acquire(key, lowest_free_from))
 
     def acquire_many(self, keys: Sequence[str], lowest_free_from: int = MIN_ALLOCATED_ID) -> list[int]:
-        """`acquire` each key, many in flight at once; results in order."""
+        """`acquire` each key, results in order: pipelined, new ones batched.
+
+        Label sets nobody has are created ``BATCH`` at a time in one txn each
+        (all or nothing), up to ``connections`` txns in flight; a batch that
+        collides with another node is retried without the label sets found to
+        exist, and what is left after a few tries goes one txn per key.
+        """
 
         async def run() -> list[int]:
-            return list(await asyncio.gather(*(self._acquire(k, lowest_free_from) for k in keys)))
+            fresh = [k for k in dict.fromkeys(keys) if k not in self._by_key]
+            done: set[str] = set()
+
+            slots = asyncio.Semaphore(self._connections)
+
+            async def batch(chunk: list[str]) -> None:
+                async with slots:  # candidates are picked when the txn can go out at once
+                    for _attempt in range(4):
+                        todo = [k for k in chunk if k not in self._by_key]
+                        if not todo or await self._create_batch(todo, lowest_free_from):
+                            done.update(todo)
+                            return
+
+            await asyncio.gather(*(batch(fresh[i : i + BATCH]) for i in range(0, len(fresh), BATCH)))
+
+            async def held(key: str) -> int:
+                return self._by_key[key]
+
+            steps: list[Awaitable[int]] = []
+            for key in keys:
+                if key in done:
+                    done.discard(key)  # its first occurrence: the batch took the reference
+                    steps.append(held(key))
+                else:
+                    steps.append(self._acquire(key, lowest_free_from))
+            return list(await asyncio.gather(*steps))
 
         return self._call(run())
+
+    async def _create_batch(self, keys: list[str], lowest: int) -> bool:
+        """Create identities for ``keys`` (unknown here) in one txn; False if any collided."""
+        if not self.online:
+            raise KvstoreUnavailable(f"etcd unreachable: cannot allocate identities for {keys[0]!r}, ...")
+        picks: list[tuple[str, int]] = []
+        for key in keys:
+            ident = self._candidate(lowest, 0)
+            self._pending.add(ident)
+            picks.append((key, ident))
+        compare: list[dict[str, object]] = []
+        success: list[dict[str, object]] = []
+        failure: list[dict[str, object]] = []
+        for key, ident in picks:
+            label_key, id_key = self._k("label", key), self._k("id", str(ident))
+            compare += [absent(label_key), absent(id_key)]
+            success += [put(id_key, key), put(label_key, str(ident)), put(self._ref(key), str(ident), self.lease)]
+            failure += [get(label_key), get(id_key)]
+        try:
+            answer = await self._etcd(self._client.txn(compare, success, failure))
+        finally:
+            self._pending.difference_update(ident for _key, ident in picks)
+        if answer.get("succeeded"):
+            for key, ident in picks:
+                self._learn(key, ident)
+                self._refs[ident] = self._refs.get(ident, 0) + 1
+                self._unreleased.pop(ident, None)
+            self._contended = max(0, self._contended - len(picks))
+            return True
+        found = responses(answer)
+        for i, (key, ident) in enumerate(picks):
+            by_label, by_id = found[2 * i], found[2 * i + 1]
+            for _k, value, _rev in kv_pairs(by_label):
+                self._learn(key, int(value))
+            for _k, value, _rev in kv_pairs(by_id):
+                self._learn(value, ident)
+                if not by_label.get("kvs"):
+                    self._collided()
+        return False
 
     def release(self, ident: int) -> int:
         return self._call(self._release(ident))

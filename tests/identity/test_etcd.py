@@ -127,7 +127,8 @@ def test_local_reference_counts(make: Make, etcd: EtcdServer) -> None:
     assert dump(etcd, make.prefix) == {}  # type: ignore[attr-defined]
 
 
-def test_four_agents_race_without_duplicates(make: Make, etcd: EtcdServer) -> None:
+@pytest.mark.parametrize("mode", ["one-by-one", "batched"])
+def test_four_agents_race_without_duplicates(make: Make, etcd: EtcdServer, mode: str) -> None:
     agents = [make(f"node-{i}") for i in range(4)]
     shared = [f"k8s:app=shared{i}" for i in range(60)]
     results: dict[int, dict[str, int]] = {}
@@ -139,7 +140,11 @@ def test_four_agents_race_without_duplicates(make: Make, etcd: EtcdServer) -> No
         keys = shared[i * 7 :] + own + shared[: i * 7]  # different orders
         start.wait()
         try:
-            results[i] = dict(zip(keys, agents[i].acquire_many(keys), strict=True))
+            if mode == "batched":
+                ids = agents[i].acquire_many(keys)
+            else:
+                ids = [agents[i].acquire(key, MIN_ALLOCATED_ID) for key in keys]
+            results[i] = dict(zip(keys, ids, strict=True))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

@@ -1,0 +1,1 @@
+"""Kafka policy enforcement, sans-IO (see `_processor` for the theory of operation)."""

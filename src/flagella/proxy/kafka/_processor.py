@@ -285,7 +285,7 @@ class KafkaConnection:
         asked: set[str] = set()
         for entry in entries or ():
             name = self._entry_name(entry)
-            if name is not None and kafka_topic_visible(self.policy.kafka, base, name):
+            if name is not None and self._visible(base, name):
                 keep.append(entry)
                 asked.add(name)
             else:
@@ -301,6 +301,9 @@ class KafkaConnection:
             all_topics=all_topics, asked=frozenset(asked), refused=tuple(refused),
             policy_request=base,
         ))
+
+    def _visible(self, request: PolicyRequest, topic: str) -> bool:
+        return self.policy.wildcard or kafka_topic_visible(self.policy.kafka, request, topic)
 
     def _entry_name(self, entry: Mapping[str, Any]) -> str | None:
         name = entry.get("Name")
@@ -397,7 +400,7 @@ class KafkaConnection:
             if name is None or (not head.all_topics and name not in head.asked):
                 continue
             assert head.policy_request is not None
-            if kafka_topic_visible(self.policy.kafka, head.policy_request, name):
+            if self._visible(head.policy_request, name):
                 visible.append(entry)
         visible.extend(
             self.codec.metadata_denied_entry(head.api_version, e) for e in head.refused

@@ -114,6 +114,8 @@ def _role(field: FieldSpec) -> str:
             return "topics"
         if "partition" in children:
             return "partitions"
+        # Entries keyed by the same field (TransactionalId, GroupId, ...) answer each other.
+        return f"[{field.fields[0].name}]" if field.fields else f"={field.name}"
     return f"={field.name}:{field.type}"
 
 
@@ -338,9 +340,11 @@ def _mirror(
 ) -> Struct:
     """A response struct answering ``request``: error codes set, entries paired by role."""
     by_role: dict[str, FieldSpec] = {}
+    by_name: dict[str, FieldSpec] = {}
     for field in request_fields:
         if version in field.versions and field.name in request:
             by_role.setdefault(_role(field), field)
+            by_name[field.name] = field
     out: Struct = {}
     for field in response_fields:
         if version not in field.versions or version in field.tagged:
@@ -348,7 +352,7 @@ def _mirror(
         if _is_error_code(field):
             out[field.name] = code
             continue
-        source = by_role.get(_role(field))
+        source = by_role.get(_role(field)) or by_name.get(field.name)
         if source is None:
             continue
         value = request[source.name]

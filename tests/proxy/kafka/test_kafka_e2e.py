@@ -23,7 +23,7 @@ from flagella.policy.trace import TraceQuery, Tracer
 from flagella.proxy.kafka import KafkaCodec, TopicIds
 from tests.support.cases import load_cases
 from tests.support.kafka_broker import BrokerMissing, broker_with_topics
-from tests.support.kafka_clients import CLIENTS, consume, produce
+from tests.support.kafka_clients import CLIENTS, consume, list_topics, produce
 from tests.support.kafka_relay import KafkaRelay
 from tests.support.trace_probe import side
 
@@ -103,6 +103,11 @@ def test_kafka_guide(client: str) -> None:
         assert (fake.ok, fake.error) == (False, "TOPIC_AUTHORIZATION_FAILED")
         stolen = consume(client, relay[O9999].address, "deathstar-plans", 1, timeout=6)
         assert (stolen.ok, stolen.error, stolen.values) == (False, "TOPIC_AUTHORIZATION_FAILED", [])
+
+        # Asking for every topic shows each pod only the topics its rules name.
+        assert list_topics(client, relay[O8888].address) == {"empire-announce"}
+        assert list_topics(client, relay[BACKUP].address) == {"deathstar-plans"}
+        assert list_topics(client, relay[HQ].address) == set(TOPICS)
 
         # The fake announcement never reached the broker: hq's own consumer view is clean.
         seen = consume(client, relay[O8888].address, "empire-announce", 2, timeout=4)

@@ -338,3 +338,15 @@ def test_truncated_frame_waits() -> None:
     frame = produce(1, "empire-announce")
     out = conn.receive_from_client(frame[:-1])
     assert (out.to_broker, out.close) == (b"", None)
+
+
+def test_bytes_after_a_request_body_are_ignored_like_the_broker_does() -> None:
+    # librdkafka's AdminClient: Metadata v12 for all topics, then three stray bytes.
+    payload = bytes.fromhex("0003000c00000003000772646b61666b610000000000010000")
+    conn = connection(OUTPOST)
+    out = conn.receive_from_client(struct.pack(">i", len(payload)) + payload)
+    assert out.close is None
+    assert [(r.api_key, r.verdict) for r in out.records] == [(3, "forwarded")]
+    back = conn.receive_from_broker(metadata_answer(3, 12, "deathstar-plans", "empire-announce"))
+    _, body = CODEC.decode_response(3, 12, back.to_client[4:])
+    assert [t["Name"] for t in body["Topics"]] == ["empire-announce"]

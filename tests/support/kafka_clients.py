@@ -22,8 +22,9 @@ class Outcome:
 
 def produce(client: str, address: str, topic: str, value: bytes) -> Outcome:
     if client == "kafka-python":
-        from kafka import KafkaProducer
         from kafka.errors import KafkaError
+
+        from kafka import KafkaProducer
 
         producer = KafkaProducer(
             bootstrap_servers=address, acks=1, retries=0, max_block_ms=10000,
@@ -65,8 +66,9 @@ def consume(client: str, address: str, topic: str, want: int, timeout: float = 1
     deadline = time.monotonic() + timeout
     values: list[bytes] = []
     if client == "kafka-python":
-        from kafka import KafkaConsumer, TopicPartition
         from kafka.errors import KafkaError
+
+        from kafka import KafkaConsumer, TopicPartition
 
         consumer = KafkaConsumer(
             bootstrap_servers=address, group_id=None, enable_auto_commit=False,

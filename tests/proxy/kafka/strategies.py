@@ -6,7 +6,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from flagella.proxy.kafka._schema import FieldSpec
+from flagella.proxy.kafka._schema import FieldSpec, MessageSpec
 
 _INTS = {
     "int8": (-(2**7), 2**7 - 1),
@@ -66,3 +66,11 @@ def struct(fields: tuple[FieldSpec, ...], version: int, flexible: bool) -> st.Se
             min_size=1, max_size=2, unique_by=lambda t: t[0],
         ).map(sorted)
     return st.fixed_dictionaries(required, optional=optional)
+
+
+def message(spec: MessageSpec) -> st.SearchStrategy[tuple[int, dict[str, Any]]]:
+    """(version, body) of any valid version of ``spec``."""
+    hi = spec.max_version
+    return st.integers(spec.valid.lo, hi).flatmap(
+        lambda v: st.tuples(st.just(v), struct(spec.fields, v, v in spec.flexible))
+    )

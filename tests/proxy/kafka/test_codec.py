@@ -19,10 +19,6 @@ REQUESTS = sorted(CODEC.catalog.requests.values(), key=lambda s: s.name)
 RESPONSES = sorted(CODEC.catalog.responses.values(), key=lambda s: s.name)
 
 
-def versions(spec):  # type: ignore[no-untyped-def]
-    return list(range(spec.valid.lo, spec.max_version + 1))
-
-
 def test_packaged_definitions_are_the_shared_ones() -> None:
     texts = [p.read_text("utf-8") for p in sorted(DEFINITIONS.glob("*.json"))]
     assert len(texts) == 154
@@ -43,8 +39,7 @@ def test_catalog_covers_every_api() -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_request_round_trip(spec, data) -> None:  # type: ignore[no-untyped-def]
-    version = data.draw(st.sampled_from(versions(spec)), label="version")
-    body = data.draw(strategies.struct(spec.fields, version, version in spec.flexible))
+    version, body = data.draw(strategies.message(spec))
     client_id = data.draw(st.none() | st.text(max_size=8))
     if spec.api_key == 7 and version == 0:
         client_id = None  # ControlledShutdown v0 uses header v0, which has no client id
@@ -63,8 +58,7 @@ def test_request_round_trip(spec, data) -> None:  # type: ignore[no-untyped-def]
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_response_round_trip(spec, data) -> None:  # type: ignore[no-untyped-def]
-    version = data.draw(st.sampled_from(versions(spec)), label="version")
-    body = data.draw(strategies.struct(spec.fields, version, version in spec.flexible))
+    version, body = data.draw(strategies.message(spec))
     wire = CODEC.encode_response(spec.api_key, version, -7, body)
     assert CODEC.response_correlation_id(wire[4:]) == -7
     correlation_id, decoded = CODEC.decode_response(spec.api_key, version, wire[4:])

@@ -36,7 +36,7 @@ from flagella.identity._allocator import Backend
 from flagella.ipcache import desired_ipcache
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
-from flagella.policy.labels import LabelFilter, LabelSet, parse_label
+from flagella.policy.labels import LabelFilter, LabelSet, check_pod_labels, parse_label
 from flagella.policy.resolver import EndpointInfo
 from flagella.policy.trace import (
     RESERVED_IDENTITIES,
@@ -79,8 +79,16 @@ class AgentCore:
         self.settings = settings
         self.dp = datapath
         self.state_dir = Path(settings.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)  # state names every pod and policy: root's alone
         self.store = EndpointStore(self.state_dir / "endpoints")
+        if identity_backend is None:
+            # SQLite gives its -wal and -shm files the database file's mode.
+            db = self.state_dir / "identities.db"
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+            for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                if path.exists():  # a state dir from an older agent: 0644
+                    path.chmod(0o600)
         backend = identity_backend or SQLiteBackend(self.state_dir / "identities.db")
         self.allocator = Allocator(backend)
         self.label_filter = (
@@ -101,7 +109,7 @@ class AgentCore:
     def _write_json(self, name: str, obj: Any) -> None:
         path = self.state_dir / name
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(obj, f, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
@@ -214,10 +222,11 @@ class AgentCore:
         for ep in self.endpoints.values():
             if ep.name == name and ep.namespace == namespace:
                 raise InputError(f"endpoint {namespace}/{name} already exists")
+        check_pod_labels(labels or {}, "--labels")
+        check_pod_labels(namespace_labels or {}, "--namespace-labels")
         v4, v6 = self._addresses(ipv4, ipv6)
-        if namespace_labels:
-            self.namespace_labels.setdefault(namespace, {}).update(namespace_labels)
-            self._save_namespaces()
+        if namespace_labels:  # the same change as `namespace labels --set`: members follow
+            self.set_namespace_labels(namespace, namespace_labels, ())
         ep = Endpoint(
             id=self._next_endpoint_id(),
             name=name,
@@ -301,6 +310,7 @@ class AgentCore:
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
         ep = self.find(ref)
+        check_pod_labels(set_labels, "--set")
         labels = dict(ep.labels)
         for key in unset:
             labels.pop(key, None)
@@ -310,6 +320,7 @@ class AgentCore:
 
     def set_namespace_labels(self, namespace: str, set_labels: Mapping[str, str], unset: Iterable[str]) -> dict[str, str]:
         _check_name("namespace", namespace)
+        check_pod_labels(set_labels, "--set")
         labels = dict(self.namespace_labels.get(namespace, {}))
         for key in unset:
             labels.pop(key, None)
@@ -552,7 +563,9 @@ class AgentCore:
         return out
 
     def trace(self, queries: list[TraceQuery]) -> list[dict[str, Any]]:
-        tracer = Tracer(self.engine.policies.values(), self.settings.policy, self.label_filter)
+        # Live identities keep their numbers: a traced endpoint shows its real identity.
+        known = {labels: ident for ident, labels in self.allocator.all().items()}
+        tracer = Tracer(self.engine.policies.values(), self.settings.policy, self.label_filter, known)
         return [tracer.trace(q).to_json() for q in queries]
 
     def status(self) -> dict[str, Any]:

@@ -46,7 +46,6 @@ from flagella.policy.api._parse import (
     KeyFn,
     Metadata,
     index,
-    is_dns_subdomain,
     is_label_key,
     is_port_name,
     join,

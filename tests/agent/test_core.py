@@ -275,3 +275,27 @@ def test_online_trace_shows_live_identities(core):
         {"queries": [{"src": {"endpoint": "xwing"}, "dst": {"endpoint": "deathstar"}}]}
     )[0]
     assert (answer["src_identity"], answer["dst_identity"]) == (xw.identity, ds.identity)
+
+
+def test_restore_overwrites_labels_an_older_agent_let_a_pod_forge(tmp_path, dp):
+    """State written before reserved keys were refused: the forged key is dropped on restart,
+    and the forger shares the identity of the pods whose labels it really has."""
+    import json
+
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    admin = core.create_endpoint("admin", "lbl", {"app": "admin"})
+    evil = core.create_endpoint("evil", "lbl", {"app": "admin", "tmp": "x"})
+    record = tmp_path / "endpoints" / f"{evil.id}.json"
+    obj = json.loads(record.read_text())
+    obj["labels"] = {"app": "admin", "io.kubernetes.pod.namespace": "kube-system"}
+    record.write_text(json.dumps(obj))
+
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    again.restore()
+    restored = again.find("lbl/evil")
+    assert restored.identity == admin.identity
+    labels = again.allocator.labels(restored.identity)
+    assert labels is not None
+    assert [x.value for x in labels if x.key == "io.kubernetes.pod.namespace"] == ["lbl"]
+    assert dp.endpoints[restored.ifindex].identity == admin.identity

@@ -155,6 +155,11 @@ class AgentCore:
             self.endpoints[ep.id] = ep
             ep.state = State.RESTORING
             report["restored"] += 1
+        # Records from an older agent may carry labels the agent now derives itself (see
+        # policy.labels): their endpoints share one identity number per label set again.
+        canonical: dict[LabelSet, int] = {}
+        for ep in self.endpoints.values():
+            ep.identity = canonical.setdefault(self._security_labels(ep), ep.identity)
         # Pods without any record are not ours (records are written before pods are
         # created and deleted after they are removed): another agent's, left alone.
         # Identities: references become exactly what restored endpoints and policy
@@ -219,6 +224,8 @@ class AgentCore:
     ) -> Endpoint:
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
+        if service_account is not None:
+            _check_name("--service-account", service_account)
         for ep in self.endpoints.values():
             if ep.name == name and ep.namespace == namespace:
                 raise InputError(f"endpoint {namespace}/{name} already exists")

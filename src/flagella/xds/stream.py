@@ -54,6 +54,7 @@ class Event(enum.Enum):
     SEND = "send"
     ACK = "ack"
     NACK = "nack"
+    IN_SYNC = "in_sync"  # delta reconnect: the client's initial versions are already current
 
 
 P, E = Phase, Event
@@ -63,6 +64,7 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (P.PENDING, E.SUBSCRIBE): P.PENDING,
     (P.PENDING, E.UNSUBSCRIBE): P.UNSUBSCRIBED,
     (P.PENDING, E.SEND): P.SENT,
+    (P.PENDING, E.IN_SYNC): P.ACKED,
     (P.SENT, E.SUBSCRIBE): P.SENT,
     (P.SENT, E.UNSUBSCRIBE): P.UNSUBSCRIBED,
     (P.SENT, E.SEND): P.SENT,
@@ -309,6 +311,9 @@ class StreamState:
             n for n in ts.names if n not in view.resources and n not in ts.known and n not in ts.reported_absent
         )
         if not changed and not removed and not absent:
+            if ts.phase is Phase.PENDING and not ts.nonce_sent and ts.known:
+                ts.fire(Event.IN_SYNC)
+                ts.version_sent = ts.version_acked = view.version
             return None
         nonce = self._next_nonce()
         payload = b"".join(

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flagella.xds import NodeStatus, ResourceCache, StreamState, TypeStatus, render_proxy_status
+from flagella.xds.status import rows_from_json
 from flagella.xds.stream import TRANSITIONS, Event, IllegalTransition, Phase, Request, TypeState
 from flagella.xds.types import CLUSTER, EXTENSION_CONFIG
 
@@ -108,5 +109,6 @@ def test_render_proxy_status_text_and_json() -> None:
     assert "STALE" in render_proxy_status([_row()], "text")
     [doc] = json.loads(render_proxy_status([_row("x")], "json"))
     assert doc["types"][1]["last_error"] == "x" and doc["types"][1]["version_acked"] == "v8"
+    assert rows_from_json(json.loads(render_proxy_status([_row("x")], "json"))) == [_row("x")]
     with pytest.raises(ValueError, match="output"):
         render_proxy_status([], "yaml")

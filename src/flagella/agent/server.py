@@ -33,6 +33,8 @@ from flagella.datapath.desired import PolicyKey
 from flagella.errors import FlagellaError, InputError
 from flagella.policy.api import PROTOCOL_NAMES
 from flagella.policy.query import parse_named_ports, parse_query
+from flagella.xds.server import XdsServer
+from flagella.xds.status import rows_to_json
 
 log = structlog.get_logger("flagella.agent")
 
@@ -66,6 +68,7 @@ class AgentServer:
     controllers: list[Controller] = field(default_factory=list)
     subscribers: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    xds: XdsServer | None = None  # started and stopped with the agent when set
 
     def __post_init__(self) -> None:
         s = self.core.settings
@@ -107,6 +110,7 @@ class AgentServer:
                 key=lambda r: r["prefix"],
             ),
             "bpf.metrics": lambda p: self.bpf_metrics(),
+            "proxy.status": lambda p: rows_to_json(self.xds.status()) if self.xds else [],
         }
 
     # -- handlers -----------------------------------------------------------------
@@ -319,6 +323,8 @@ class AgentServer:
         server = await asyncio.start_unix_server(self.handle, path=path, limit=rpc.MAX_LINE)
         os.chmod(path, 0o660)
         start_metrics(self)
+        if self.xds is not None:
+            await self.xds.start()
         tasks = [asyncio.create_task(self.run_controller(c)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
         stop = asyncio.Event()
@@ -330,6 +336,8 @@ class AgentServer:
             await stop.wait()
         for t in tasks:
             t.cancel()
+        if self.xds is not None:
+            await self.xds.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         log.info("agent-stopped")

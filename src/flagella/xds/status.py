@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -37,6 +38,24 @@ class NodeStatus:
     types: tuple[TypeStatus, ...]
 
 
+def rows_to_json(rows: list[NodeStatus]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
+
+
+def rows_from_json(docs: list[dict[str, Any]]) -> list[NodeStatus]:
+    """The inverse of `rows_to_json`, for the CLI on the other side of the agent socket."""
+    return [
+        NodeStatus(
+            node=d["node"],
+            cluster=d["cluster"],
+            stream=d["stream"],
+            connected_at=d["connected_at"],
+            types=tuple(TypeStatus(**t) for t in d["types"]),
+        )
+        for d in docs
+    ]
+
+
 def _state(t: TypeStatus) -> str:
     if t.last_error and t.phase == "nacked":
         return "NACKED"
@@ -51,7 +70,7 @@ def render_proxy_status(rows: list[NodeStatus], output: str = "text") -> str:
     """`output` is "text" (a table, one column per type) or "json"."""
     ordered = sorted(rows, key=lambda r: (r.node, r.stream))
     if output == "json":
-        return json.dumps([asdict(r) for r in ordered], indent=2, sort_keys=True) + "\n"
+        return json.dumps(rows_to_json(ordered), indent=2, sort_keys=True) + "\n"
     if output != "text":
         raise ValueError(f"output: must be text or json, not {output!r}")
     type_urls = sorted({t.type_url for r in rows for t in r.types}, key=lambda u: (push_rank(u), u))

@@ -170,8 +170,21 @@ def upstream_cluster(port: int) -> cluster_pb2.Cluster:
     )
 
 
-def rbac_listener(port: int) -> listener_pb2.Listener:
-    """A loopback HTTP listener whose RBAC filter config comes from ECDS."""
+def rbac_listener(port: int, *, ecds_over_ads: bool = True) -> listener_pb2.Listener:
+    """A loopback HTTP listener whose RBAC filter config comes from ECDS: over ADS, or
+    (the Istio sidecar shape) from our ExtensionConfigDiscoveryService on its own stream."""
+    source: dict[str, Any] = (
+        {"ads": {}, "resource_api_version": "V3"}
+        if ecds_over_ads
+        else {
+            "api_config_source": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
+            },
+            "resource_api_version": "V3",
+        }
+    )
     return json_format.ParseDict(
         {
             "name": "ingress",
@@ -194,7 +207,7 @@ def rbac_listener(port: int) -> listener_pb2.Listener:
                                     {
                                         "name": FILTER_NAME,
                                         "config_discovery": {
-                                            "config_source": {"ads": {}, "resource_api_version": "V3"},
+                                            "config_source": source,
                                             "type_urls": [RBAC_TYPE],
                                         },
                                     },

@@ -40,10 +40,12 @@ def rbac_filter(name: str, allow_path: str) -> extension_pb2.TypedExtensionConfi
 class Client:
     """One ADS stream (SotW or delta) driven by hand."""
 
-    def __init__(self, socket: str, *, delta: bool = False, node: str = "node-1") -> None:
+    def __init__(
+        self, socket: str, *, delta: bool = False, node: str = "node-1", channel: grpc.aio.Channel | None = None
+    ) -> None:
         self.delta = delta
         self.node = node
-        self.channel = grpc.aio.insecure_channel(f"unix:{socket}")
+        self.channel = channel if channel is not None else grpc.aio.insecure_channel(f"unix:{socket}")
         if delta:
             self.call: Any = self.channel.stream_stream(
                 ADS + "DeltaAggregatedResources",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flagella.xds import XdsNack, XdsServer, XdsSettings
+from flagella.xds import TypeStatus, XdsNack, XdsServer, XdsSettings
 from flagella.xds.types import CLUSTER, EXTENSION_CONFIG, LISTENER
 
 from .envoy_harness import (
@@ -39,16 +39,17 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 20) -
         await asyncio.sleep(0.05)
 
 
+def type_status(server: XdsServer, node: str) -> dict[str, TypeStatus]:
+    """A node's per-type status, over all its streams (ADS, and ECDS on its own stream)."""
+    return {t.type_url: t for row in server.status() if row.node == node for t in row.types}
+
+
 def synced(server: XdsServer, node: str, types: tuple[str, ...]) -> bool:
-    for row in server.status():
-        if row.node != node:
-            continue
-        by_type = {t.type_url: t for t in row.types}
-        return all(
-            t in by_type and by_type[t].version_acked and by_type[t].version_acked == by_type[t].version_sent
-            for t in types
-        )
-    return False
+    by_type = type_status(server, node)
+    return all(
+        t in by_type and by_type[t].version_acked and by_type[t].version_acked == by_type[t].version_sent
+        for t in types
+    )
 
 
 async def http(port: int, path: str) -> tuple[int, str]:
@@ -63,18 +64,22 @@ async def serving(port: int, path: str, code: int) -> None:
     raise AssertionError(f"{path} never answered {code}: last {await http(port, path)}")
 
 
-def load(server: XdsServer, upstream_port: int, port: int, prefix: str) -> None:
+def load(server: XdsServer, upstream_port: int, port: int, prefix: str, ecds_over_ads: bool) -> None:
     server.set_resources(CLUSTER, {"upstream": upstream_cluster(upstream_port)})
-    server.set_resources(LISTENER, {"ingress": rbac_listener(port)})
+    server.set_resources(LISTENER, {"ingress": rbac_listener(port, ecds_over_ads=ecds_over_ads)})
     server.set_resources(EXTENSION_CONFIG, {FILTER_NAME: rbac_allow_prefix(prefix)})
 
 
-@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-def test_real_envoy_ack_nack_reconnect_and_rbac(tmp_path: Path, delta: bool) -> None:
-    asyncio.run(asyncio.wait_for(_scenario(tmp_path, delta), 120))
+@pytest.mark.parametrize(
+    ("delta", "ecds_over_ads"),
+    [(False, True), (True, True), (False, False)],
+    ids=["ads-sotw", "ads-delta", "ecds-service"],
+)
+def test_real_envoy_ack_nack_reconnect_and_rbac(tmp_path: Path, delta: bool, ecds_over_ads: bool) -> None:
+    asyncio.run(asyncio.wait_for(_scenario(tmp_path, delta, ecds_over_ads), 120))
 
 
-async def _scenario(tmp_path: Path, delta: bool) -> None:
+async def _scenario(tmp_path: Path, delta: bool, ecds_over_ads: bool) -> None:
     sock = tmp_path / "xds.sock"
     settings = XdsSettings(unix_socket=sock, ack_timeout=20)
     node = f"envoy-{'delta' if delta else 'sotw'}"
@@ -85,8 +90,10 @@ async def _scenario(tmp_path: Path, delta: bool) -> None:
     with upstream() as upstream_port:
         port = free_port()
         try:
-            load(server, upstream_port, port, "/allowed")
+            load(server, upstream_port, port, "/allowed", ecds_over_ads)
             env = Envoy(tmp_path / "envoy", sock, node, delta=delta)
+            if not ecds_over_ads:
+                await until(lambda: any(r.stream == "ecds" for r in server.status()), "a separate ECDS stream")
             # ACK of a cluster, a listener and the ECDS RBAC config.
             await until(lambda: synced(server, node, all_types), "Envoy's ACK of CDS, LDS and ECDS")
             await serving(port, "/allowed/x", 200)
@@ -97,8 +104,7 @@ async def _scenario(tmp_path: Path, delta: bool) -> None:
             bad = server.set_resources(EXTENSION_CONFIG, {FILTER_NAME: wrong_type_filter()})
             with pytest.raises(XdsNack) as nack:
                 await bad
-            [row] = [r for r in server.status() if r.node == node]
-            [ecds] = [t for t in row.types if t.type_url == EXTENSION_CONFIG]
+            ecds = type_status(server, node)[EXTENSION_CONFIG]
             assert ecds.last_error and ecds.last_error == nack.value.detail
             assert ecds.version_acked != ecds.version_sent
             assert (await http(port, "/allowed/x"))[0] == 200
@@ -118,7 +124,7 @@ async def _scenario(tmp_path: Path, delta: bool) -> None:
             assert (await http(port, "/allowed/x"))[0] == 403
             server = XdsServer(settings)
             await server.start()
-            load(server, upstream_port, port, "/denied")
+            load(server, upstream_port, port, "/denied", ecds_over_ads)
             await until(lambda: synced(server, node, all_types), "resync after restart", timeout=40)
             change = server.set_resources(EXTENSION_CONFIG, {FILTER_NAME: rbac_allow_prefix("/allowed")})
             await asyncio.wait_for(change, 20)

@@ -131,6 +131,15 @@ async def _scenario(tmp_path: Path, delta: bool, ecds_over_ads: bool) -> None:
             await serving(port, "/allowed/x", 200)
             assert (await http(port, "/denied"))[0] == 403
             assert env.proc.poll() is None
+            # Envoy crashes (kill -9) and a new one starts: it gets the whole config again.
+            env.proc.kill()
+            env.proc.wait()
+            await until(lambda: not any(r.node == node for r in server.status()), "the dead stream to go")
+            env.stop()
+            env = Envoy(tmp_path / "envoy-2", sock, node, delta=delta)
+            await until(lambda: synced(server, node, all_types), "the new Envoy's ACKs")
+            await serving(port, "/allowed/x", 200)
+            assert (await http(port, "/denied"))[0] == 403
         except BaseException:
             if env is not None:
                 print(env.logs())

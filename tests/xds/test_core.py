@@ -112,3 +112,53 @@ def test_render_proxy_status_text_and_json() -> None:
     assert rows_from_json(json.loads(render_proxy_status([_row("x")], "json"))) == [_row("x")]
     with pytest.raises(ValueError, match="output"):
         render_proxy_status([], "yaml")
+
+
+STEP = st.one_of(
+    st.tuples(st.just("request"), st.lists(st.sampled_from(["a", "b", "*"]), max_size=3),
+              st.sampled_from(["", "latest", "old", "junk"]), st.booleans()),
+    st.tuples(st.just("change"), st.sampled_from(["a", "b"]), st.integers(1, 3), st.booleans()),
+    st.tuples(st.just("send"), st.none(), st.none(), st.none()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.booleans(), st.sampled_from([CLUSTER, EXTENSION_CONFIG]), st.lists(STEP, max_size=25))
+def test_stream_core_random_sequences(delta: bool, type_url: str, steps: list[tuple[object, ...]]) -> None:
+    """Any request sequence is handled without an illegal transition; stale nonces never
+    change ACK state in SotW; a NACKed type is not resent until the content changes."""
+    cache = ResourceCache()
+    stream = StreamState(delta=delta)
+    build = cluster if type_url == CLUSTER else (lambda n, v: rbac_filter(n, f"/{v}"))
+    old_nonce = ""
+    for kind, a, b, c in steps:
+        ts = stream.types.get(type_url)
+        if kind == "change":
+            if c:
+                cache.update(type_url, {str(a): build(str(a), b)})  # type: ignore[operator]
+            else:
+                cache.update(type_url, removals=[str(a)])
+        elif kind == "send":
+            view = cache.view("n", type_url)
+            previous_nonce = ts.nonce_sent if ts else ""
+            subscription_unchanged = ts is not None and ts.names_at_send == frozenset(
+                ts.names | ({"*"} if ts.wildcard else set())
+            )
+            parked = ts is not None and ts.phase is Phase.NACKED and ts.parked_version == view.version
+            response = stream.next_response(view)
+            if parked and (delta or subscription_unchanged):
+                assert response is None
+            if response is not None:
+                old_nonce = previous_nonce
+                assert len(set(response.names)) == len(response.names)  # never duplicate names
+        else:
+            nonce = {"": "", "latest": ts.nonce_sent if ts else "", "old": old_nonce, "junk": "zz"}[str(b)]
+            before = None if ts is None else (ts.version_acked, ts.last_error)
+            names = [str(n) for n in a]  # type: ignore[attr-defined]
+            request = Request(type_url, nonce, subscribe=names, error="bad" if c else None) if delta else \
+                Request(type_url, nonce, resource_names=names, error="bad" if c else None)
+            notes = stream.receive(request, now=0.0)
+            stale = bool(nonce) and (ts is None or nonce != ts.nonce_sent)
+            if stale and not delta:
+                assert [n.__class__.__name__ for n in notes] == ["Ignored"]
+                assert ts is None or (ts.version_acked, ts.last_error) == before

@@ -413,8 +413,10 @@ class XdsServer:
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> list[NodeStatus]:
+        """Every connected stream's per-type state. Safe to call from another thread
+        (the agent runs handlers in an executor): it reads snapshots of the tables."""
         rows = []
-        for conn in self._connections.values():
+        for conn in list(self._connections.values()):
             if not conn.node:
                 continue
             types = tuple(
@@ -427,7 +429,7 @@ class XdsServer:
                     last_ack_time=ts.last_ack_time,
                     phase=ts.phase.value,
                 )
-                for url, ts in sorted(conn.state.types.items(), key=lambda i: (push_rank(i[0]), i[0]))
+                for url, ts in sorted(list(conn.state.types.items()), key=lambda i: (push_rank(i[0]), i[0]))
             )
             rows.append(NodeStatus(conn.node, conn.cluster, conn.kind, conn.connected_at, types))
         return rows

@@ -78,6 +78,10 @@ async def test_ack_resolves_completion_and_status(tmp_path: Path) -> None:
         assert row.node == "node-1"
         assert cds.version_acked == cds.version_sent == second.version_info
         assert cds.last_ack_time is not None
+        registry = server.metrics.registry
+        assert registry.get_sample_value("flagella_xds_pushes_total", {"type": "CDS"}) == 2
+        assert registry.get_sample_value("flagella_xds_acks_total", {"type": "CDS"}) == 2
+        assert registry.get_sample_value("flagella_xds_push_latency_seconds_count", {"type": "CDS"}) == 2
         await client.close()
 
 
@@ -197,6 +201,7 @@ async def test_nack_parks_until_content_changes(tmp_path: Path) -> None:
         assert row.last_error == "boom: invalid"
         assert row.version_acked == good.version_info
         assert row.phase == "nacked"
+        assert server.metrics.registry.get_sample_value("flagella_xds_nacks_total", {"type": "ECDS"}) == 1
         # Envoy's next request (same names) does not trigger a resend loop, nor does a push of nothing new.
         await client.request(EXTENSION_CONFIG, ["a"], nonce=bad.nonce, version=good.version_info)
         await push(clock)

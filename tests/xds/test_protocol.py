@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2 as d
 
 from flagella.xds import FakeClock, XdsNack, XdsServer, XdsSettings
-from flagella.xds.types import CLUSTER, EXTENSION_CONFIG, LISTENER
+from flagella.xds.server import SERVICES
+from flagella.xds.types import CLUSTER, EXTENSION_CONFIG, LISTENER, short_name
 
 from .helpers import Client, cluster, names_of, rbac_filter
 
@@ -272,3 +274,36 @@ async def test_delta_and_sotw_same_result(tmp_path: Path) -> None:
         assert await delta.silent(), delta.unexpected
         await sotw.close()
         await delta.close()
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_every_service_answers_its_type(tmp_path: Path, service: str, delta: bool) -> None:
+    """Per-type services take requests without a type URL; ADS needs it."""
+    sotw_method, delta_method, fixed = SERVICES[service]
+    type_url = fixed or EXTENSION_CONFIG
+
+    async def body() -> None:
+        async with running(tmp_path) as (server, _, sock):
+            server.set_resources(type_url, {"r": rbac_filter("r", "/")})
+            channel = grpc.aio.insecure_channel(f"unix:{sock}")
+            request_type = d.DeltaDiscoveryRequest if delta else d.DiscoveryRequest
+            response_type = d.DeltaDiscoveryResponse if delta else d.DiscoveryResponse
+            call = channel.stream_stream(
+                f"/{service}/{delta_method if delta else sotw_method}",
+                request_serializer=request_type.SerializeToString,
+                response_deserializer=response_type.FromString,
+            )()
+            request = request_type(type_url="" if fixed else type_url)
+            request.node.id = "n"
+            getattr(request, "resource_names_subscribe" if delta else "resource_names").append("r")
+            await call.write(request)
+            response = await asyncio.wait_for(call.read(), 5)
+            assert response.type_url == type_url
+            assert len(response.resources) == 1
+            [row] = server.status()
+            assert row.stream == ("ads" if fixed is None else short_name(fixed).lower()) + ("-delta" if delta else "")
+            call.cancel()
+            await channel.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

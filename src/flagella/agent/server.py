@@ -52,6 +52,8 @@ from flagella.policy.api import PROTOCOL_NAMES, Policy
 from flagella.policy.labels import LabelSet
 from flagella.policy.query import TraceQuery, parse_named_ports, parse_query
 from flagella.policy.trace import Tracer
+from flagella.xds.server import XdsServer
+from flagella.xds.status import rows_to_json
 
 log = structlog.get_logger("flagella.agent")
 
@@ -86,6 +88,7 @@ class AgentServer:
     subscribers: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     connections: int = 0
+    xds: XdsServer | None = None  # started and stopped with the agent when set
 
     def __post_init__(self) -> None:
         s = self.core.settings
@@ -130,6 +133,7 @@ class AgentServer:
                 key=lambda r: r["prefix"],
             ),
             "bpf.metrics": lambda p: self.bpf_metrics(),
+            "proxy.status": lambda p: rows_to_json(self.xds.status()) if self.xds else [],
         }
 
     # -- handlers -----------------------------------------------------------------
@@ -421,6 +425,8 @@ class AgentServer:
             os.unlink(path)
         server = await self.start_api(path)
         start_metrics(self)
+        if self.xds is not None:
+            await self.xds.start()
         tasks = [asyncio.create_task(self.run_controller(c)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
         stop = asyncio.Event()
@@ -432,6 +438,8 @@ class AgentServer:
             await stop.wait()
         for t in tasks:
             t.cancel()
+        if self.xds is not None:
+            await self.xds.stop()
         self.trace_worker.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -9,8 +9,10 @@
  * passes untouched. Everything that differs between endpoints or policies
  * lives in maps, so nothing is recompiled when they change.
  *
- * Per packet: parse (IPv4 with fragments, IPv6 with up to 4 extension
- * headers), anti-spoofing on from_pod, then conntrack: ESTABLISHED
+ * Per packet: L2 gate (ARP passes; a VLAN tag, in the frame or in the skb's
+ * metadata, and every other ethertype drop as "Unsupported L2 protocol": the
+ * kernel would untag and deliver what we did not check), parse (IPv4 with
+ * fragments, IPv6 with up to 4 extension headers), anti-spoofing on from_pod, then conntrack: ESTABLISHED
  * (same-direction entry), REPLY (reversed tuple in the opposite direction of
  * the same endpoint: passes without policy), RELATED (ICMP error whose
  * embedded packet is such a flow: passes), else NEW. NEW and ESTABLISHED
@@ -102,6 +104,7 @@ struct ipv4_hdr {
 #define DROP_MISSED_TAIL_CALL 140
 #define DROP_INVALID_EXTHDR 156
 #define DROP_FRAG_NOSUPPORT 157
+#define DROP_UNSUPPORTED_L2 166
 #define DROP_FRAG_NOT_FOUND 175
 
 #define IDENTITY_HOST 1
@@ -776,12 +779,19 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 
 	if (load_bytes(skb, 12, &eth_proto, 2) < 0)
 		return drop(skb, DROP_INVALID, dir, ep, f, 0, CT_NEW);
+	/* A VLAN tag, in the frame or already taken out into the skb's metadata (the
+	 * receive path untags the outer one before tc), hides a packet the kernel would
+	 * untag and deliver after us: never ours to pass. */
+	if (skb->vlan_present)
+		return drop(skb, DROP_UNSUPPORTED_L2, dir, ep, f, 0, CT_NEW);
 	if (eth_proto == bpf_htons(ETH_P_IP))
 		ret = parse_ipv4(skb, ep, egress, f, &s->other);
 	else if (eth_proto == bpf_htons(ETH_P_IPV6))
 		ret = parse_ipv6(skb, ep, egress, f, &s->other);
+	else if (eth_proto == bpf_htons(ETH_P_ARP))
+		goto pass_untracked; /* ARP: neighbour plumbing, carries no payload */
 	else
-		goto pass_untracked; /* ARP and other non-IP */
+		return drop(skb, DROP_UNSUPPORTED_L2, dir, ep, f, 0, CT_NEW); /* VLAN, QinQ, ... */
 	if (ret < 0)
 		return drop(skb, -ret, dir, ep, f, 0, CT_NEW);
 	if (f->icmp_kind == ICMP_KIND_NEIGHBOUR)

@@ -12,33 +12,39 @@
  * Per packet: L2 gate (ARP passes; a VLAN tag, in the frame or in the skb's
  * metadata, and every other ethertype drop as "Unsupported L2 protocol": the
  * kernel would untag and deliver what we did not check), parse (IPv4 with
- * fragments, IPv6 with up to 4 extension headers), anti-spoofing on from_pod, then conntrack: ESTABLISHED
- * (same-direction entry), REPLY (reversed tuple in the opposite direction of
- * the same endpoint: passes without policy), RELATED (ICMP error whose
- * embedded packet is such a flow: passes), else NEW. NEW and ESTABLISHED
- * packets get the peer's identity from the ipcache (a miss is world; towards
- * a pod, "host" needs the host mark, see enforce()) and are checked against
- * policy with a bounded number of hash probes: identity {peer, 0} x
- * ({proto} x wildcard lengths present in the endpoint's mask, plus protocol
- * 0). Any DENY drops; else any REDIRECT marks for the proxy and passes; else
- * any ALLOW passes; no hit drops only if the direction is enforced. An
- * allowed NEW packet creates a CT entry even in an unenforced direction, so
- * its replies pass an enforced reverse direction; an ESTABLISHED packet that
- * policy now denies deletes its entry.
+ * fragments, IPv6 with up to 4 extension headers), anti-spoofing on
+ * from_pod, then conntrack: ESTABLISHED (same-direction entry), REPLY
+ * (reversed tuple in the opposite direction of the same endpoint), RELATED
+ * (ICMP error whose embedded packet is such a flow: passes), else NEW. NEW
+ * and ESTABLISHED packets get the peer's identity from the ipcache (a miss is
+ * world; towards a pod, "host" needs the host mark, see enforce()) and are
+ * checked against policy with a bounded number of hash probes: identity
+ * {peer, 0} x ({proto} x wildcard lengths present in the endpoint's mask,
+ * plus protocol 0). Any DENY drops; else any REDIRECT marks for the proxy and
+ * passes; else any ALLOW passes; no hit drops only if the direction is
+ * enforced. An allowed NEW packet creates a CT entry even in an unenforced
+ * direction, so its replies pass an enforced reverse direction.
  *
  * Verdict cache: the CT entry remembers the config generation under which
  * policy last passed the flow (struct ct_entry in flagella.h says when it may
  * and may not). An ESTABLISHED packet whose entry carries the current
  * generation is counted and passes in the first half, without the tail call,
- * the ipcache or the policy probes. The control plane bumps the generation
- * after every map change that can change a verdict, so the next packet of
- * every flow takes the full path again, and one that policy now denies is
- * dropped and its entry deleted, as without the cache. Packets so passed are
- * not added to the counters of the policy entry that allowed their flow.
+ * the ipcache or the policy probes; so does a REPLY whose flow's entry does.
+ * The control plane bumps the generation after every map change that can
+ * change a verdict, so the next packet of every flow, in either direction,
+ * takes the full path again: a REPLY is checked against the policy of its
+ * flow's direction (the entry's), with the flow's destination port. A flow
+ * that policy now denies is dropped and its entry becomes a tombstone
+ * (CT_F_DENIED) under that generation: packets of either direction that meet
+ * it drop in the first half, and since the entry stays, the other side cannot
+ * reopen the flow as NEW in an unenforced direction and get the peer's
+ * packets in as its replies. A later generation checks it again and revives
+ * it if policy allows. Packets passed from the cache are not added to the
+ * counters of the policy entry that allowed their flow.
  *
  * The work is split in two programs per direction joined by a tail call, as
  * Cilium does: `from_pod`/`to_pod` parse and classify the packet against
- * conntrack; NEW and ESTABLISHED packets continue in
+ * conntrack; NEW, ESTABLISHED and re-checked REPLY packets continue in
  * `policy_from_pod`/`policy_to_pod` (prog array `policy_calls`, index
  * DIR_INGRESS/DIR_EGRESS). The 17-step port-prefix probe loop behind all the
  * parsing paths of one program exceeds the verifier's budget; alone it is
@@ -806,7 +812,7 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 		other->egress = !egress;
 		other->pad = 0;
 		entry = ct.lookup(other);
-		if (entry && entry->expires_ns > now)
+		if (entry && entry->expires_ns > now && !(entry->flags & CT_F_DENIED))
 			goto pass; /* RELATED */
 	}
 
@@ -822,11 +828,13 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 
 	__u8 state = CT_NEW;
 	struct dp_config *cfg = config.lookup(&zero);
+	__u32 gen = cache_generation(cfg);
 	entry = ct.lookup(key);
 	if (entry && entry->expires_ns > now) {
 		state = CT_ESTABLISHED;
-		__u32 gen = cache_generation(cfg);
 		if (gen && entry->verdict_gen == gen && verdict_cacheable(skb, f, egress)) {
+			if (entry->flags & CT_F_DENIED)
+				goto tombstone; /* ESTABLISHED, denied under this generation */
 			ct_touch(entry, f, 0, cfg, now, skb->len);
 			goto pass; /* ESTABLISHED, verdict cached */
 		}
@@ -843,8 +851,15 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 		other->dport = f->sport;
 		entry = ct.lookup(other);
 		if (entry && entry->expires_ns > now) {
-			ct_touch(entry, f, 1, cfg, now, skb->len);
-			goto pass; /* REPLY */
+			state = CT_REPLY;
+			if (!(entry->flags & CT_F_DENIED) &&
+			    (!entry->verdict_gen || entry->verdict_gen == gen)) {
+				ct_touch(entry, f, 1, cfg, now, skb->len);
+				goto pass; /* REPLY, its flow's verdict is current (or never cached) */
+			}
+			if ((entry->flags & CT_F_DENIED) && gen && entry->verdict_gen == gen)
+				goto tombstone; /* REPLY of a denied flow */
+			/* else: policy changed since the flow's verdict: check it again */
 		}
 	}
 
@@ -852,6 +867,11 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 	s->state = state;
 	policy_calls.call(skb, dir);
 	return drop(skb, DROP_MISSED_TAIL_CALL, dir, ep, f, 0, state);
+
+tombstone:
+	/* Keep the tombstone as long as the flow keeps trying. */
+	entry->expires_ns = now + ct_lifetime(cfg, f->proto, entry->flags);
+	return drop(skb, DROP_POLICY, dir, ep, f, 0, state);
 
 pass:
 	frag_record(ep, egress, f);
@@ -875,30 +895,55 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	__u64 now = bpf_ktime_get_coarse_ns();
 	__u8 state = s->state;
 
-	/* The peer's identity: only NEW and ESTABLISHED packets need it. */
-	__u32 peer;
-	if (egress) {
-		peer = ipcache_lookup(f, f->daddr);
-	} else {
-		peer = ipcache_lookup(f, f->saddr);
-		if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_HOST)
+	/* A REPLY is checked as its flow: the entry's direction, the flow's destination
+	 * port (this packet's source port; ICMP: the echo request). */
+	int reply = state == CT_REPLY;
+	__u8 pegress = reply ? !egress : egress;
+	__u16 pport = f->policy_port;
+	if (reply)
+		pport = f->proto == PROTO_ICMP ? 8 : f->proto == PROTO_ICMPV6 ? 128 :
+			bpf_ntohs(f->sport);
+
+	/* The peer's identity (the remote end, whichever direction decides). */
+	__u32 peer = ipcache_lookup(f, egress ? f->daddr : f->saddr);
+	if (!pegress) {
+		if (!egress && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_HOST)
 			peer = IDENTITY_HOST;
 		else if (peer == IDENTITY_HOST)
 			peer = IDENTITY_WORLD; /* e.g. SNATed to the node address */
 	}
 
 	struct policy_entry *decider = 0;
-	__u32 enforced = egress ? EP_F_ENFORCE_EGRESS : EP_F_ENFORCE_INGRESS;
-	__u8 verdict = policy_lookup(ep, egress, peer, f->proto, f->policy_port,
+	__u32 enforced = pegress ? EP_F_ENFORCE_EGRESS : EP_F_ENFORCE_INGRESS;
+	__u8 verdict = policy_lookup(ep, pegress, peer, f->proto, pport,
 				     (ep->flags & enforced) != 0, &decider);
 	if (decider) {
 		__sync_fetch_and_add(&decider->packets, 1);
 		__sync_fetch_and_add(&decider->bytes, skb->len);
 	}
+	struct ct_key *flow_key = reply ? &s->other : &s->key;
 	if (verdict == VERDICT_DENY || (verdict == NO_HIT && (ep->flags & enforced))) {
-		if (state == CT_ESTABLISHED)
-			ct.delete(&s->key); /* CT cleanup on deny */
+		/* CT on deny: the flow's entry becomes a tombstone under this generation. */
+		struct ct_entry *dead = state != CT_NEW ? ct.lookup(flow_key) : 0;
+		if (dead) {
+			dead->flags |= CT_F_DENIED;
+			dead->verdict_gen = gen;
+			dead->expires_ns = now + ct_lifetime(cfg, f->proto, dead->flags);
+		}
 		return drop(skb, DROP_POLICY, dir, ep, f, peer, state);
+	}
+	if (reply) {
+		/* The flow is allowed again or still: its entry carries the new verdict. Replies
+		 * never take the proxy mark. */
+		struct ct_entry *e = ct.lookup(flow_key);
+		if (e) {
+			ct_touch(e, f, 1, cfg, now, skb->len);
+			e->flags &= ~CT_F_DENIED;
+			e->verdict_gen = verdict == VERDICT_REDIRECT ? 0 : gen;
+		}
+		frag_record(ep, egress, f);
+		count(0, dir, skb->len);
+		return TC_ACT_OK;
 	}
 	/* A plain pass is cached under `gen`; a REDIRECT clears the cache. Uncacheable
 	 * packets leave it alone: what it holds was decided for cacheable ones. */
@@ -911,6 +956,7 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	struct ct_entry *entry = state == CT_ESTABLISHED ? ct.lookup(&s->key) : 0;
 	if (entry) {
 		ct_touch(entry, f, 0, cfg, now, skb->len);
+		entry->flags &= ~CT_F_DENIED;
 		if (cacheable || verdict == VERDICT_REDIRECT)
 			entry->verdict_gen = gen;
 	} else {

@@ -72,10 +72,16 @@ struct remote_info {
 	__u32 flags;
 };
 
-/* ct: LRU_HASH ct_key -> ct_entry, one entry per endpoint, direction and flow */
+/* ct: LRU_HASH ct_key -> ct_entry, one entry per endpoint, direction and flow.
+ * A reply (the reversed tuple of an entry) is checked again against the policy of the
+ * entry's direction when the entry's verdict_gen is stale; a flow that policy denies
+ * keeps its entry as a tombstone (CT_F_DENIED), so the other side cannot reopen it as
+ * a new flow of an unenforced direction and get the peer's packets in as its replies. */
 #define CT_F_SEEN_NON_SYN 0x1
 #define CT_F_CLOSING_FWD 0x2
 #define CT_F_CLOSING_REV 0x4
+#define CT_F_DENIED 0x8   /* tombstone: policy now denies this flow; packets of either
+			   * direction drop until a later generation allows it again */
 
 struct ct_key {
 	__u32 ep_id;

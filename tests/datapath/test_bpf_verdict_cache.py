@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest_bpf import (  # noqa: F401 (fixtures, used by name)
+    is_tombstone,
     Node,
     _session_events,
     datapath,
@@ -131,7 +132,7 @@ def test_cached_flow_is_rechecked_after_a_bump_and_dropped_if_now_denied(
     gen2 = dp.maps.config.bump_generation()
     assert gen2 not in (0, gen)
     assert out(dp, ack()) == SHOT
-    assert entry(dp) is None
+    assert is_tombstone(entry(dp))
     drop = [ev for ev in events.read() if ev.type == EventType.DROP]
     assert [(ev.reason, ev.ct_state, ev.dport) for ev in drop] == [
         (DropReason.POLICY_DENIED, CtState.ESTABLISHED, 80)
@@ -166,7 +167,7 @@ def test_every_map_change_takes_effect_on_established_flows_after_a_bump(dp: Dat
     dp.maps.ipcache.set(f"{PEER4}/32", PEER_ID + 1)
     assert out(dp, ack()) == OK  # cached
     dp.maps.config.bump_generation()
-    assert out(dp, ack()) == SHOT and entry(dp) is None
+    assert out(dp, ack()) == SHOT and is_tombstone(entry(dp))
 
     # Enforcement switched on for a direction that had none.
     dp.maps.ipcache.set(f"{PEER4}/32", PEER_ID)
@@ -179,7 +180,7 @@ def test_every_map_change_takes_effect_on_established_flows_after_a_bump(dp: Dat
     endpoint(dp, {ALLOW_80: Verdict.ALLOW}, egress=True)
     assert out(dp, dns) == OK  # cached
     dp.maps.config.bump_generation()
-    assert out(dp, dns) == SHOT and entry(dp, flow) is None
+    assert out(dp, dns) == SHOT and is_tombstone(entry(dp, flow))
 
 
 @pytest.mark.root
@@ -197,7 +198,7 @@ def test_a_tampered_entry_is_noticed_at_the_next_bump(dp: Datapath) -> None:
     assert out(dp, frame) == OK
     dp.maps.config.bump_generation()
     assert out(dp, frame) == SHOT
-    assert entry(dp, forged) is None
+    assert is_tombstone(entry(dp, forged))
 
 
 @pytest.mark.root
@@ -238,7 +239,7 @@ def test_host_marked_packets_neither_use_nor_fill_the_cache(dp: Datapath) -> Non
     assert into(dp, inbound) == OK and into(dp, inbound) == OK  # cached
     assert entry(dp, flow).verdict_gen != 0  # type: ignore[union-attr]
     assert into(dp, inbound, mark=0xC00) == SHOT  # the host may not enter
-    assert entry(dp, flow) is None
+    assert is_tombstone(entry(dp, flow))
 
     host_flow = CtKey(EP, False, TCP, PEER4, POD4, 40001, 80)
     host_frame = frame4(PEER4, POD4, TCP, tcp(40001, 80, ACK))
@@ -310,7 +311,7 @@ def test_established_connection_dropped_at_its_next_packet_after_a_bump(
     node.dp.maps.config.bump_generation()
     r = a.shell.call("tcp_send_recv", conn=conn["conn"], data="four", timeout=0.5)
     assert r == {"ok": False, "error": "timeout"}
-    assert node.dp.maps.ct.get(flow) is None
+    assert is_tombstone(node.dp.maps.ct.get(flow))
     ev, _ = events.wait_for(
         lambda e: e.type == EventType.DROP and e.ct_state == CtState.ESTABLISHED, 1.0
     )

@@ -712,6 +712,7 @@ class CtFlags(IntFlag):
     SEEN_NON_SYN = 0x1
     CLOSING_FWD = 0x2
     CLOSING_REV = 0x4
+    DENIED = 0x8  # tombstone of a flow that policy denies (see flagella.h)
 
 
 @dataclass(frozen=True)

@@ -249,3 +249,28 @@ def test_ct_gc_removes_expired_entries_and_non_tcp_more_often(core, dp):
     assert [r.proto for r in dp.ct] == [6, 17]
     assert core.ct_gc() == 1
     assert dp.ct == [rows[2]]
+
+
+def test_endpoint_ids_are_never_reused_even_across_restarts(tmp_path, dp):
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    a = core.create_endpoint("a", labels={"app": "a"})
+    b = core.create_endpoint("b", labels={"app": "b"})
+    core.delete_endpoint(b.id)
+    core.delete_endpoint(a.id)
+    c = core.create_endpoint("c", labels={"app": "c"})
+    assert c.id > b.id > a.id, (a.id, b.id, c.id)
+    core.delete_endpoint(c.id)  # no endpoint left: only the persisted counter remembers
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    again.restore()
+    d = again.create_endpoint("d", labels={"app": "d"})
+    assert d.id > c.id, (c.id, d.id)
+
+
+def test_endpoint_delete_forgets_its_fragment_entries(core, dp):
+    ds, tf, _ = starwars(core)
+    other = ipaddress.ip_address("10.244.9.9")
+    dp.frags = [(ds.id, ds.ipv4, other), (tf.id, ds.ipv4, tf.ipv4), (tf.id, other, tf.ipv4)]
+    core.delete_endpoint(ds.id)
+    # Its own entries, and another endpoint's that name its address, are gone.
+    assert dp.frags == [(tf.id, other, tf.ipv4)]

@@ -14,12 +14,12 @@ import time
 
 import pytest
 from conftest_bpf import (  # noqa: F401 (fixtures, used by name)
-    is_tombstone,
     Node,
     _session_events,
     datapath,
     drops,
     events,
+    is_tombstone,
     node,
     requires_root,
     run,

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import yaml
 from conftest_bpf import (  # noqa: F401 (fixtures, used by name)
-    is_tombstone,
     Node,
     _session_events,
     datapath,
     events,
+    is_tombstone,
     node,
     requires_root,
     session_datapath,

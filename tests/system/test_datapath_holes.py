@@ -28,6 +28,7 @@ from tests.system._support import (
     Cluster,
     Pod,
     assert_allowed,
+    bpftool_dump,
     cnp_ingress,
     drain,
     host_ifname_for,
@@ -338,3 +339,37 @@ def test_deny_stops_an_established_flow_in_both_directions(
         for s in socks:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+# -- fragments and endpoint ids --------------------------------------------------------------------
+
+
+def test_deleted_endpoint_leaves_no_fragment_entries_and_its_id_is_not_reused(
+    module_agent: Agent, make_cluster: MakeCluster
+) -> None:
+    agent = module_agent
+    c = make_cluster(agent)
+    ns = namespace("fd")
+    server = c.create("server", ns, 81, {"app": "server"})
+    client = c.create("client", ns, 82, {"app": "client"})
+    c.servers.udp_sink(server.netns, server.ipv4, 7700)
+    # 4000 bytes with DF off: first fragments pass both hooks and are recorded in frag4.
+    assert udp_exchange(client.netns, server.ipv4, 7700, 4000, timeout=2.0, fragment=True) == 4000
+
+    def frag_rows() -> list[tuple[int, str, str]]:
+        out = []
+        for e in bpftool_dump(agent, "frag4"):
+            k = e["formatted"]["key"]
+            out.append((int(k["ep_id"]), socket.inet_ntoa(struct.pack("<I", int(k["saddr"]))),
+                        socket.inet_ntoa(struct.pack("<I", int(k["daddr"])))))
+        return out
+
+    def of_client(rows: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+        return [r for r in rows if r[0] == client.ep["id"] or client.ipv4 in r[1:]]
+
+    assert of_client(frag_rows()), f"no frag4 entry of the client to begin with: {frag_rows()}"
+    old_id = client.ep["id"]
+    c.delete(client)
+    assert of_client(frag_rows()) == [], "endpoint delete left fragment entries behind"
+    again = c.create("client2", ns, 83, {"app": "client"})
+    assert again.ep["id"] > max(old_id, server.ep["id"]), (old_id, again.ep["id"])

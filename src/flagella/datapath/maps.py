@@ -35,7 +35,7 @@ import ipaddress
 import secrets
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from pathlib import Path
@@ -1264,6 +1264,15 @@ class Frag4Map(_Typed):
                 )
             ] = (_from_be16(p.sport), _from_be16(p.dport))
         return out
+
+    def forget(self, ep_id: int, addrs: Collection[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> int:
+        """Delete the entries of ``ep_id`` and those naming any of ``addrs``."""
+        stale = [
+            k for k, v in self.backend.items()
+            if (s := _unpack(Frag4KeyStruct, k)).ep_id == ep_id
+            or _from_be32(s.saddr) in addrs or _from_be32(s.daddr) in addrs
+        ]
+        return self.backend.delete_many(stale)
 
 
 @dataclass

@@ -9,6 +9,11 @@
  * passes untouched. Everything that differs between endpoints or policies
  * lives in maps, so nothing is recompiled when they change.
  *
+ * Fragments (IPv4, and IPv6 fragment headers): a first fragment that passes
+ * records its ports in frag4/frag6 under (endpoint, direction, addresses,
+ * protocol, id); a later fragment takes them from there, so it meets the same
+ * conntrack entry and policy as its first, and drops (reason 175) without one.
+ *
  * Per packet: L2 gate (ARP passes; a VLAN tag, in the frame or in the skb's
  * metadata, and every other ethertype drop as "Unsupported L2 protocol": the
  * kernel would untag and deliver what we did not check), parse (IPv4 with
@@ -96,6 +101,9 @@ struct ipv4_hdr {
 #ifndef FRAG4_MAX
 #define FRAG4_MAX 8192
 #endif
+#ifndef FRAG6_MAX
+#define FRAG6_MAX 8192
+#endif
 #ifndef METRICS_MAX
 #define METRICS_MAX 1024
 #endif
@@ -152,6 +160,8 @@ BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, CT_MAX, PIN_DIR
 BPF_TABLE_PINNED("array", __u32, struct dp_config, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("lru_hash", struct frag4_key, struct frag4_ports, frag4, FRAG4_MAX,
 		 PIN_DIR "/frag4");
+BPF_TABLE_PINNED("lru_hash", struct frag6_key, struct frag4_ports, frag6, FRAG6_MAX,
+		 PIN_DIR "/frag6");
 BPF_TABLE_PINNED("percpu_hash", struct metrics_key, struct metrics_value, metrics, METRICS_MAX,
 		 PIN_DIR "/metrics");
 
@@ -194,7 +204,8 @@ struct flow {
 	__u8 icmp_kind;
 	__u8 frag;
 	__u8 has_related;    /* scratch.other holds the embedded packet's CT key */
-	__u8 pad;
+	__u8 frag_nh;        /* IPv6 fragments: the fragment header's Next Header */
+	__be32 frag_id;      /* IPv6 fragments: the fragment header's Identification */
 };
 
 /* Working memory of one packet, shared by the classify and policy halves. */
@@ -212,10 +223,19 @@ BPF_TABLE_PINNED("prog", __u32, __u32, policy_calls, 3, PROG_DIR "/policy_calls"
 
 /* bpf_skb_load_bytes, read straight from the packet when the bytes are in its linear part
  * (headers nearly always are): no helper call. `len` must be a constant. */
+/* skb->data and skb->data_end, read in one instruction each from skb itself: the compiler
+ * may otherwise keep &skb->data_end in a register (ctx + 80), which the verifier refuses. */
+static __always_inline void *ctx_u32(struct __sk_buff *skb, const int off)
+{
+	__u64 v;
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(v) : "r"(skb), "i"(off));
+	return (void *)(long)v;
+}
+
 static __always_inline int load_bytes(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	void *data = ctx_u32(skb, offsetof(struct __sk_buff, data));
+	void *data_end = ctx_u32(skb, offsetof(struct __sk_buff, data_end));
 	if (off <= 0xffff) {
 		void *p = data + off;
 		if (p + len <= data_end) {
@@ -429,6 +449,19 @@ unknown:
 	return 0;
 }
 
+/* A later fragment takes the ports (ICMP: type and echo id) its first fragment recorded. */
+static __always_inline void later_ports(struct flow *f, struct frag4_ports *ports, int v6)
+{
+	f->has_l4 = 0;
+	if (f->proto == (v6 ? PROTO_ICMPV6 : PROTO_ICMP)) {
+		classify_icmp(f, (__u8)bpf_ntohs(ports->dport), ports->sport, v6);
+	} else {
+		f->sport = ports->sport;
+		f->dport = ports->dport;
+		f->policy_port = bpf_ntohs(ports->dport);
+	}
+}
+
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct endpoint_info *ep,
 				      int egress, struct flow *f, struct ct_key *rel)
 {
@@ -460,14 +493,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct endpoint_inf
 		f->frag = FRAG_LATER;
 		if (!ports)
 			return -DROP_FRAG_NOT_FOUND;
-		f->has_l4 = 0;
-		if (f->proto == PROTO_ICMP) {
-			classify_icmp(f, (__u8)bpf_ntohs(ports->dport), ports->sport, 0);
-		} else {
-			f->sport = ports->sport;
-			f->dport = ports->dport;
-			f->policy_port = bpf_ntohs(ports->dport);
-		}
+		later_ports(f, ports, 0);
 		return 0;
 	}
 	if (frag_off & 0x2000)
@@ -511,8 +537,27 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct endpoint_inf
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		if (nh == 44) {
-			f->proto = nh;
-			return -DROP_FRAG_NOSUPPORT;
+			/* Fragment header: a later fragment stops here (no transport header). */
+			struct {
+				__u8 nh;
+				__u8 reserved;
+				__be16 off_m;
+				__be32 id;
+			} fh;
+			if (f->frag != FRAG_NONE || load_bytes(skb, off, &fh, sizeof(fh)) < 0)
+				return -DROP_INVALID;
+			__u16 off_m = bpf_ntohs(fh.off_m);
+			f->frag_nh = fh.nh;
+			f->frag_id = fh.id;
+			nh = fh.nh;
+			off += 8;
+			if (off_m & 0xfff8) {
+				f->frag = FRAG_LATER;
+				break;
+			}
+			if (off_m & 1)
+				f->frag = FRAG_FIRST; /* else an atomic fragment: a whole packet */
+			continue;
 		}
 		if (!is_ipv6_ext(nh))
 			break;
@@ -523,8 +568,22 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct endpoint_inf
 		nh = opt[0];
 	}
 	f->proto = nh;
+	if (f->frag == FRAG_LATER) {
+		struct frag6_key fk = {};
+		fk.ep_id = ep->ep_id;
+		fk.egress = egress;
+		fk.proto = f->frag_nh;
+		fk.frag_id = f->frag_id;
+		copy16(fk.saddr, f->saddr);
+		copy16(fk.daddr, f->daddr);
+		struct frag4_ports *ports = frag6.lookup(&fk);
+		if (!ports)
+			return -DROP_FRAG_NOT_FOUND;
+		later_ports(f, ports, 1);
+		return 0;
+	}
 	if (nh == 44)
-		return -DROP_FRAG_NOSUPPORT;
+		return -DROP_FRAG_NOSUPPORT; /* a fragment header beyond the 4 we walk */
 	if (is_ipv6_ext(nh))
 		return -DROP_INVALID_EXTHDR;
 	return parse_l4(skb, off, f, 1, rel);
@@ -741,20 +800,13 @@ static __always_inline void ct_touch(struct ct_entry *e, struct flow *f, int rep
 	__sync_fetch_and_add(&e->bytes, len);
 }
 
-/* A first IPv4 fragment that passed records its ports for the later ones. */
+/* A first fragment that passed records its ports for the later ones (frag4, frag6). */
 static __always_inline void frag_record(struct endpoint_info *ep, int egress, struct flow *f)
 {
 	if (f->frag != FRAG_FIRST)
 		return;
-	struct frag4_key fk = {};
 	struct frag4_ports ports = {};
-	fk.ep_id = ep->ep_id;
-	fk.egress = egress;
-	fk.proto = f->proto;
-	fk.ip_id = f->ip_id;
-	__builtin_memcpy(&fk.saddr, &f->saddr[12], 4);
-	__builtin_memcpy(&fk.daddr, &f->daddr[12], 4);
-	if (f->proto == PROTO_ICMP) {
+	if (f->proto == PROTO_ICMP || f->proto == PROTO_ICMPV6) {
 		if (f->icmp_kind == ICMP_KIND_ECHO_REQUEST || f->icmp_kind == ICMP_KIND_ECHO_REPLY)
 			ports.sport = f->sport;
 		ports.dport = bpf_htons(f->policy_port);
@@ -762,6 +814,24 @@ static __always_inline void frag_record(struct endpoint_info *ep, int egress, st
 		ports.sport = f->sport;
 		ports.dport = f->dport;
 	}
+	if (f->family == 6) {
+		struct frag6_key k6 = {};
+		k6.ep_id = ep->ep_id;
+		k6.egress = egress;
+		k6.proto = f->frag_nh;
+		k6.frag_id = f->frag_id;
+		copy16(k6.saddr, f->saddr);
+		copy16(k6.daddr, f->daddr);
+		frag6.update(&k6, &ports);
+		return;
+	}
+	struct frag4_key fk = {};
+	fk.ep_id = ep->ep_id;
+	fk.egress = egress;
+	fk.proto = f->proto;
+	fk.ip_id = f->ip_id;
+	__builtin_memcpy(&fk.saddr, &f->saddr[12], 4);
+	__builtin_memcpy(&fk.daddr, &f->daddr[12], 4);
 	frag4.update(&fk, &ports);
 }
 

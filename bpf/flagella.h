@@ -138,6 +138,18 @@ struct frag4_ports {
 	__be16 dport;     /* ICMP: htons(type) */
 };
 
+/* frag6: LRU_HASH frag6_key -> frag4_ports, recorded by a first IPv6 fragment that passed.
+ * proto is the Next Header of the fragment header (the same in every fragment). */
+struct frag6_key {
+	__u32 ep_id;
+	__u8 egress;
+	__u8 proto;
+	__u16 pad;
+	__be32 frag_id;   /* as on the wire */
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
 /* metrics: PERCPU_HASH metrics_key -> metrics_value */
 #define DIR_INGRESS 1  /* to the pod */
 #define DIR_EGRESS 2   /* from the pod */

@@ -33,6 +33,7 @@ from flagella.datapath.maps import (
     DatapathConfig,
     Direction,
     EndpointInfo,
+    Frag6Key,
     PolicyKey,
     Verdict,
     wild_mask,
@@ -205,14 +206,24 @@ def test_too_many_ipv6_extension_headers(dp: Datapath) -> None:
     assert dropped(dp, DropReason.INVALID_IPV6_EXT, Direction.EGRESS) == 1
 
 
-def test_ipv6_fragments_are_not_supported(dp: Datapath, events: EventReader) -> None:
-    endpoint(dp)
-    frag = struct.pack("!BBHI", UDP, 0, 1, 99)  # offset 0, M flag
-    assert out(dp, frame6(POD6, PEER6, 0, ext(44) + frag + udp(1000, 53))) == SHOT
-    assert into(dp, frame6(PEER6, POD6, 44, frag + udp(53, 1000))) == SHOT
-    evs = events.read()
-    assert [e.reason for e in evs] == [157, 157]
-    assert evs[0].reason_text == "IPv6 fragmentation not supported"
+def test_ipv6_fragments_follow_their_first(dp: Datapath, events: EventReader) -> None:
+    endpoint(dp, {PolicyKey(EP, PEER_ID, True, UDP, 53): Verdict.ALLOW}, egress=True)
+    first = struct.pack("!BBHI", UDP, 0, 1, 99)  # offset 0, M flag, id 99
+    later = struct.pack("!BBHI", UDP, 0, (185 << 3), 99)  # offset 1480, last
+    # A later fragment before its first: nothing to follow.
+    assert out(dp, frame6(POD6, PEER6, 44, later + b"x" * 64)) == SHOT
+    assert [e.reason for e in events.read()] == [175]
+    # The first fragment meets policy with its ports, then its later fragments pass.
+    assert out(dp, frame6(POD6, PEER6, 44, first + udp(1000, 53))) == OK
+    assert out(dp, frame6(POD6, PEER6, 44, later + b"x" * 64)) == OK
+    # Another datagram's first fragment to a denied port: its later fragments drop.
+    first_denied = struct.pack("!BBHI", UDP, 0, 1, 100)
+    later_denied = struct.pack("!BBHI", UDP, 0, (185 << 3), 100)
+    assert out(dp, frame6(POD6, PEER6, 44, first_denied + udp(1000, 54))) == SHOT
+    assert out(dp, frame6(POD6, PEER6, 44, later_denied + b"x" * 64)) == SHOT
+    assert [e.reason for e in events.read()] == [133, 175]
+    key = Frag6Key(EP, True, UDP, 99, POD6, PEER6)
+    assert dp.maps.frag6.items() == {key: (1000, 53)}
 
 
 def test_later_ipv4_fragment_needs_its_first(dp: Datapath, events: EventReader) -> None:

@@ -373,3 +373,61 @@ def test_deleted_endpoint_leaves_no_fragment_entries_and_its_id_is_not_reused(
     assert of_client(frag_rows()) == [], "endpoint delete left fragment entries behind"
     again = c.create("client2", ns, 83, {"app": "client"})
     assert again.ep["id"] > max(old_id, server.ep["id"]), (old_id, again.ep["id"])
+
+
+def _ipv6_fragment(src: str, dst: str, ident: int, offset: int, more: bool, data: bytes) -> bytes:
+    """An IPv6 packet carrying one fragment (Next Header UDP) at byte ``offset`` of its datagram."""
+    frag = struct.pack("!BBHI", 17, 0, offset | int(more), ident)
+    payload = frag + data
+    hdr = struct.pack("!IHBB16s16s", 6 << 28, len(payload), 44, 64,
+                      socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst))
+    return hdr + payload
+
+
+def test_ipv6_fragments_follow_the_policy_of_their_first(module_agent: Agent, make_cluster: MakeCluster) -> None:
+    agent = module_agent
+    c = make_cluster(agent)
+    ns = namespace("f6")
+    server = c.create("server", ns, 84, {"app": "server"})
+    client = c.create("client", ns, 85, {"app": "client"})
+    allowed = c.servers.udp_sink(server.netns, server.ipv6, 7800)
+    denied = c.servers.udp_sink(server.netns, server.ipv6, 7801)
+    c.import_policy(cnp_ingress("sys-frag6", ns, {"app": "server"}, {"app": "client"}, [(7800, "UDP")]))
+    before = _drops(agent)
+
+    # 3000 bytes over a 1500-byte MTU: the sender fragments, and so does the echo.
+    assert udp_exchange(client.netns, server.ipv6, 7800, 3000, timeout=2.0) == 3000
+    assert drain(allowed) == [(3000, client.ipv6)]
+    ports = {(e["formatted"]["key"]["ep_id"], socket.ntohs(e["formatted"]["value"]["dport"]))
+             for e in bpftool_dump(agent, "frag6")}
+    assert (server.ep["id"], 7800) in ports, f"no frag6 entry: the datapath saw no first fragment ({ports})"
+
+    # The policy of the first fragment holds for the datagram.
+    assert udp_exchange(client.netns, server.ipv6, 7801, 3000, timeout=DENY_TIMEOUT) is None
+    time.sleep(0.2)
+    assert drain(denied) == [], "a fragmented IPv6 datagram reached a port policy denies"
+
+    # Later fragments alone, sent raw from the pod: nothing to follow, dropped.
+    wire = _Wire(agent, client)
+    try:
+        for ident in (0x5150, 0x5151):
+            wire.send((), 0x86DD, _ipv6_fragment(client.ipv6, server.ipv6, ident, 1448, False, b"z" * 600))
+    finally:
+        wire.close()
+    after = _drops(agent)
+    gained = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert gained.get(("Policy denied (L3)", "INGRESS"), 0) >= 1, gained
+    assert gained.get(("First logical datagram fragment not found", "INGRESS"), 0) >= 1, gained
+    assert gained.get(("First logical datagram fragment not found", "EGRESS"), 0) >= 2, gained
+    assert gained.get(("IPv6 fragmentation not supported", "EGRESS"), 0) == 0, gained
+
+    # Deleting the client forgets the frag6 entries it had, and those naming its address.
+    def of_client() -> list[dict[str, Any]]:
+        rows = bpftool_dump(agent, "frag6")
+        mine = socket.inet_pton(socket.AF_INET6, client.ipv6)
+        return [e for e in rows if e["formatted"]["key"]["ep_id"] == client.ep["id"]
+                or mine in (bytes(e["formatted"]["key"]["saddr"]), bytes(e["formatted"]["key"]["daddr"]))]
+
+    assert of_client(), "no frag6 entry of the client to begin with"
+    c.delete(client)
+    assert of_client() == [], "endpoint delete left frag6 entries behind"

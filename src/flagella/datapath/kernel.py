@@ -311,7 +311,7 @@ class KernelDatapath:
         return n
 
     def frag_forget(self, ep_id: int, addrs: Collection[IPAddress]) -> int:
-        return self._dp.maps.frag4.forget(ep_id, addrs)
+        return self._dp.maps.frag4.forget(ep_id, addrs) + self._dp.maps.frag6.forget(ep_id, addrs)
 
     def metrics(self) -> dict[tuple[int, int], Counters]:
         return {

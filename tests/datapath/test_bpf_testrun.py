@@ -206,6 +206,25 @@ def test_too_many_ipv6_extension_headers(dp: Datapath) -> None:
     assert dropped(dp, DropReason.INVALID_IPV6_EXT, Direction.EGRESS) == 1
 
 
+def test_vlan_tagged_and_non_ip_frames_drop_and_arp_passes(dp: Datapath, events: EventReader) -> None:
+    endpoint(dp)  # no policy: every IP packet would pass
+    inner = ipv4(POD4, PEER4, UDP, udp(1000, 53))
+    mac = b"\x02\0\0\0\0\x01" + b"\x02\0\0\0\0\x02"
+    assert out(dp, eth(0x0800) + inner) == OK
+    for tpids in ((0x8100,), (0x88A8, 0x8100), (0x8100, 0x8100)):
+        tags = b"".join(struct.pack("!HH", t, 0) for t in tpids)
+        frame = mac + tags + struct.pack("!H", 0x0800) + inner
+        assert out(dp, frame) == SHOT, tpids
+        assert into(dp, frame) == SHOT, tpids
+    for ethertype in (0x88B5, 0x8847, 0x8863, 0x0842):  # local, MPLS, PPPoE, wake-on-LAN
+        assert out(dp, eth(ethertype) + b"\0" * 46) == SHOT, hex(ethertype)
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac[6:], POD4.packed, b"\0" * 6, PEER4.packed)
+    assert out(dp, eth(0x0806) + arp) == OK and into(dp, eth(0x0806) + arp) == OK
+    assert dropped(dp, DropReason.UNSUPPORTED_L2, Direction.EGRESS) == 7
+    assert dropped(dp, DropReason.UNSUPPORTED_L2, Direction.INGRESS) == 3
+    assert {e.reason_text for e in events.read()} == {"Unsupported L2 protocol"}
+
+
 def test_ipv6_fragments_follow_their_first(dp: Datapath, events: EventReader) -> None:
     endpoint(dp, {PolicyKey(EP, PEER_ID, True, UDP, 53): Verdict.ALLOW}, egress=True)
     first = struct.pack("!BBHI", UDP, 0, 1, 99)  # offset 0, M flag, id 99

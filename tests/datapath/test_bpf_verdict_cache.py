@@ -66,6 +66,7 @@ from flagella.datapath.maps import (
     CtKey,
     DatapathConfig,
     DatapathMaps,
+    Direction,
     EndpointInfo,
     PolicyKey,
     Verdict,
@@ -433,3 +434,41 @@ def test_the_agent_bumps_the_generation_after_every_map_write(tmp_path: Any) -> 
     assert dp.log[-1] == "bump"
     dp.log.clear()
     assert core.sync_all() == 0 and dp.log == []  # nothing to repair: no bump
+
+
+# --- a deny stops both directions (replies are checked again after a bump) ----------------------
+
+
+@pytest.mark.root
+@requires_root
+def test_a_reply_is_rechecked_after_a_bump_and_the_denied_flow_stays_closed(dp: Datapath) -> None:
+    """Ingress enforced, egress not: the pod's replies and its retries must not reopen a flow
+    that its ingress policy now denies."""
+    allow_in = PolicyKey(EP, PEER_ID, False, TCP, 80)
+    endpoint(dp, {allow_in: Verdict.ALLOW}, ingress=True)
+    dp.maps.config.bump_generation()
+    request = frame4(PEER4, POD4, TCP, tcp(40000, 80, ACK))
+    reply = frame4(POD4, PEER4, TCP, tcp(80, 40000, ACK))
+    flow = CtKey(EP, False, TCP, PEER4, POD4, 40000, 80)
+    assert into(dp, frame4(PEER4, POD4, TCP, tcp(40000, 80, SYN))) == OK
+    assert out(dp, reply) == OK and into(dp, request) == OK
+
+    dp.maps.policy.delete(allow_in)
+    dp.maps.config.bump_generation()
+    # The pod speaks first after the change: its reply meets the flow's (ingress) policy.
+    assert out(dp, reply) == SHOT
+    assert is_tombstone(entry(dp, flow))
+    # Nothing reopens it: not the pod's next packet (no fresh egress entry)...
+    assert out(dp, reply) == SHOT
+    assert entry(dp, CtKey(EP, True, TCP, POD4, PEER4, 80, 40000)) is None
+    # ...nor the peer's.
+    assert into(dp, request) == SHOT
+    assert dp.maps.metrics.get(DropReason.POLICY_DENIED, Direction.EGRESS).packets == 2
+
+    # Allowed again: the next generation revives the flow from either side.
+    endpoint(dp, {allow_in: Verdict.ALLOW}, ingress=True)
+    dp.maps.config.bump_generation()
+    assert out(dp, reply) == OK
+    e = entry(dp, flow)
+    assert e is not None and not (e.flags & CtFlags.DENIED)
+    assert into(dp, request) == OK

@@ -4,6 +4,9 @@
   VID 0) from an AF_PACKET socket. The kernel untags them after tc ran and would deliver the
   IPv4 packet inside; the datapath drops them as "Unsupported L2 protocol", so neither a
   spoofed SYN nor UDP past a deny-all egress policy gets through. ARP keeps working.
+* Fragments and ids: a 3,000-byte UDP datagram crosses over IPv6 on an allowed port and not on
+  a denied one, later fragments alone are dropped; an endpoint's delete removes its frag4/frag6
+  entries and its id is never handed out again.
 * Established flows after a deny: a policy change that denies a live TCP stream and a UDP
   flow stops both directions, although the server keeps sending and its egress is not
   enforced (no reply-direction conntrack entry keeps the flow alive).

@@ -188,10 +188,13 @@ class AgentCore:
     # -- endpoints ----------------------------------------------------------------
 
     def _next_endpoint_id(self) -> int:
+        """Ids are never reused while the state dir lives: the next is above every id handed
+        out before (recorded in ``endpoint_ids.json``), so a new endpoint cannot inherit kernel
+        state keyed by an old one's id (conntrack, fragments, policy counters)."""
         used = set(self.endpoints) | {ep.id for ep in self.store.load_all()}
-        n = 1
-        while n in used:
-            n += 1
+        last = int(self._read_json("endpoint_ids.json", {}).get("last", 0))
+        n = max([last, *used]) + 1
+        self._write_json("endpoint_ids.json", {"last": n})
         return n
 
     def _security_labels(self, ep: Endpoint) -> LabelSet:
@@ -308,6 +311,7 @@ class AgentCore:
         ]
         if stale:
             self.dp.ct_delete(stale)
+        self.dp.frag_forget(ep.id, addrs)
         self.dp.remove_pod(ep.netns)
         if ep.identity and ep.state != State.INIT:
             self.allocator.release(ep.identity)

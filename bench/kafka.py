@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from confluent_kafka import Producer  # noqa: E402
+from tests.support.kafka_broker import broker_with_topics  # noqa: E402
 
 from flagella.policy.api import KAFKA_ROLES, KafkaRule  # noqa: E402
 from flagella.policy.mapstate import L7Policy  # noqa: E402
-from tests.support.kafka_broker import broker_with_topics  # noqa: E402
 
 TOPIC = "empire-announce"
 POLICY = L7Policy("kafka", kafka=frozenset({
@@ -50,8 +50,9 @@ PAYLOAD = b"x" * 1024
 
 
 def _relay_process(broker: tuple[str, int], ready: mp.Queue, stop: mp.Event) -> None:  # type: ignore[type-arg]
-    from flagella.proxy.kafka import KafkaCodec
     from tests.support.kafka_relay import KafkaRelay
+
+    from flagella.proxy.kafka import KafkaCodec
 
     with KafkaRelay(broker, 1001, POLICY, KafkaCodec()) as relay:
         ready.put(relay.port)

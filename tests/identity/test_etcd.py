@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -229,6 +232,33 @@ def test_etcd_restart_and_lost_lease_are_caught_up(make: Make, etcd: EtcdServer)
     assert wait_for(lambda: check_consistent(dump(etcd, make.prefix)).get("k8s:app=web") == web)  # type: ignore[attr-defined]
     assert b.acquire("k8s:app=web", MIN_ALLOCATED_ID) == web
     assert a.references() == {web: 1}
+
+
+AGENT = """
+import sys, time
+from flagella.identity import EtcdBackend
+b = EtcdBackend([sys.argv[1]], node="killed", prefix=sys.argv[2], lease_ttl_s=2)
+print(b.acquire("k8s:app=killed", 256), flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkilled_agent_process_frees_its_identities(make: Make, etcd: EtcdServer) -> None:
+    survivor = make("node-survivor")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AGENT, etcd.endpoint, make.prefix],  # type: ignore[attr-defined]
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert proc.stdout is not None
+        ident = int(proc.stdout.readline())
+        assert survivor.lookup("k8s:app=killed") == ident
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert wait_for(lambda: survivor.gc() == 1)
+    assert check_consistent(dump(etcd, make.prefix)) == {}  # type: ignore[attr-defined]
 
 
 OPS = st.lists(

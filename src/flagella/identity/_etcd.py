@@ -192,9 +192,9 @@ class EtcdBackend:
                 await self._collect(key)
             del self._unreleased[ident]
         for ident in sorted(self._refs):
-            key = self._by_id[ident]
-            new = await self._restore(key, ident)
+            new = await self._restore(self._by_id[ident], ident)
             if new != ident:
+                key = self._by_id[new]
                 log.warning("identity of %s moved from %d to %d after an etcd outage", key, ident, new)
                 self.reassigned[key] = (ident, new)
                 self._refs[new] = self._refs.pop(ident)
@@ -365,7 +365,12 @@ class EtcdBackend:
             self._learn(key, int(value))
         if self._by_key.get(key) != ident:
             self._forget(key, ident)
-        return await self._take(key, MIN_ALLOCATED_ID)
+        try:
+            return await self._take(key, MIN_ALLOCATED_ID)
+        except BaseException:
+            if key not in self._by_key:
+                self._learn(key, ident)  # still held here: the next catch-up retries it
+            raise
 
     async def _release(self, ident: int) -> int:
         refs = self._refs.get(ident, 0)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import itertools
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from conftest_bpf import netguard_on, pin_dir_for_tests, requires_root, run
+from conftest_bpf import pin_dir_for_tests, requires_root, run
+from tests.support.host import netguard_on
 
 from flagella.datapath import _bpfsys
 from flagella.datapath.loader import DatapathSettings, MapSizes, load_datapath, remove_pins
@@ -45,13 +45,9 @@ def test_second_load_reuses_the_pinned_build_and_state(pin_dir: Path) -> None:
     with load_datapath(settings) as first:
         assert first.compiled
         first.maps.endpoints.set(9, EndpointInfo(1, 1000))
-        compile_s = first.load_seconds
     with load_datapath(settings) as second:
         assert not second.compiled and second.build == first.build
         assert second.maps.endpoints.get(9) == EndpointInfo(1, 1000)
-        reuse_s = second.load_seconds
-    print(f"\n  compile+load {compile_s:.3f} s, reuse {reuse_s * 1000:.2f} ms")
-    assert reuse_s < 0.1
 
 
 def test_changed_source_recompiles_and_keeps_state(pin_dir: Path, tmp_path: Path) -> None:
@@ -120,15 +116,12 @@ def test_attach_is_idempotent_and_detach_cleans_up(pin_dir: Path) -> None:
             assert dp.attached(idx, netns=ns) == {"from_pod": dp.build, "to_pod": dp.build}
             shown = run("tc", "filter", "show", "dev", "lxctest", "ingress", netns=ns).stdout
             assert shown.count("flagella_from_pod") == 1
-            t = time.perf_counter()
             dp.detach(idx, netns=ns)
-            detach_s = time.perf_counter() - t
             assert dp.attached(idx, netns=ns) == {}
             assert "clsact" not in run("tc", "qdisc", "show", "dev", "lxctest", netns=ns).stdout
             dp.detach(idx, netns=ns)  # twice is fine
             run("ip", "link", "del", "lxctest", netns=ns)
             dp.detach(idx, netns=ns)  # and so is a device that is gone
-        assert detach_s < 1
     finally:
         run("ip", "netns", "del", ns, check=False)
 

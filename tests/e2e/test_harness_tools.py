@@ -21,7 +21,7 @@ from tests.support import e2e_harness as h
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.usefixtures("root_host"),
 ]
 
 A4, B4, GONE4 = "10.244.254.1", "10.244.254.2", "10.244.254.3"

@@ -14,6 +14,8 @@ import pytest
 
 from tests.support.host import SctpUnavailable, outcome_of_unavailable, prepare, root_tests_required
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]

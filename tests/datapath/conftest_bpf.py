@@ -33,7 +33,7 @@ from tests.support import host
 
 from flagella.datapath.events import DatapathEvent, EventReader
 from flagella.datapath.loader import Datapath, DatapathSettings, load_datapath, remove_pins
-from flagella.datapath.maps import EndpointInfo, PolicyKey, Verdict, wild_mask
+from flagella.datapath.maps import CtEntry, CtFlags, EndpointInfo, PolicyKey, Verdict, wild_mask
 
 __all__ = [
     "Node",
@@ -52,6 +52,12 @@ __all__ = [
 ]
 
 _PREFIX = f"flt{os.getpid()}"
+
+
+def is_tombstone(entry: CtEntry | None) -> bool:
+    """A CT entry that policy denied: kept, marked DENIED, so the flow cannot be reopened."""
+    return entry is not None and bool(entry.flags & CtFlags.DENIED)
+
 
 #: Tests that need root, bcc and netguard (the `root_host` fixture of tests/conftest.py).
 requires_root = pytest.mark.usefixtures("root_host")

@@ -27,8 +27,10 @@ from typing import Any
 import structlog
 
 from flagella import rpc
+from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
-from flagella.agent.metrics import start_metrics
+from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
+from flagella.clock import Clock, MonotonicClock
 from flagella.datapath.desired import PolicyKey
 from flagella.errors import FlagellaError, InputError
 from flagella.policy.api import PROTOCOL_NAMES
@@ -38,34 +40,13 @@ log = structlog.get_logger("flagella.agent")
 
 
 @dataclass
-class Controller:
-    name: str
-    interval: float
-    func: Callable[[], Any]
-    runs: int = 0
-    failures: int = 0
-    consecutive_failures: int = 0
-    last_error: str = ""
-    last_run: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "interval_s": self.interval,
-            "runs": self.runs,
-            "failures": self.failures,
-            "consecutive_failures": self.consecutive_failures,
-            "last_error": self.last_error,
-        }
-
-
-@dataclass
 class AgentServer:
     core: AgentCore
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     controllers: list[Controller] = field(default_factory=list)
     subscribers: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    clock: Clock = field(default_factory=MonotonicClock)
 
     def __post_init__(self) -> None:
         s = self.core.settings
@@ -96,7 +77,6 @@ class AgentServer:
                     _strs(p, "names"), _opt(p, "namespace"), p.get("all") is True
                 )
             },
-            "policy.wait": self.policy_wait,
             "policy.trace": self.policy_trace,
             "identity.list": lambda p: list(self.core.identities().values()),
             "identity.get": self.identity_get,
@@ -154,12 +134,23 @@ class AgentServer:
             raise InputError("documents: expected a list")
         return {"revision": self.core.import_policies(docs, _strs(p, "sources") or None)}
 
-    def policy_wait(self, p: dict[str, Any]) -> dict[str, Any]:
+    async def policy_wait(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Wait (outside the lock) until every endpoint realized ``revision`` with every
+        enforcer, or ``timeout`` seconds passed (default 0: just report)."""
         revision = p.get("revision", self.core.engine.revision)
         if isinstance(revision, bool) or not isinstance(revision, int):
             raise InputError("revision: expected an integer")
-        behind = [ep.id for ep in self.core.endpoints.values() if ep.policy_revision < revision]
-        return {"revision": revision, "waiting": behind}
+        timeout = p.get("timeout", 0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
+            raise InputError("timeout: expected a number of seconds, 0-3600")
+        lagging = await asyncio.wrap_future(
+            self.core.pipeline.wait_revision_future(revision, float(timeout))
+        )
+        return {
+            "revision": revision,
+            "waiting": [ep.id for ep in lagging],
+            "lagging": [ep.to_json() for ep in lagging],
+        }
 
     def policy_trace(self, p: dict[str, Any]) -> list[dict[str, Any]]:
         """Trace against the live policies; a side may name a live endpoint."""
@@ -224,8 +215,6 @@ class AgentServer:
         ]
 
     def bpf_metrics(self) -> list[dict[str, Any]]:
-        from flagella.agent.metrics import DIRECTIONS, reason_name
-
         return [
             {"reason": reason_name(reason), "direction": DIRECTIONS.get(d, "UNKNOWN"), "packets": c.packets, "bytes": c.bytes}
             for (reason, d), c in sorted(self.core.dp.metrics().items())
@@ -248,6 +237,10 @@ class AgentServer:
                     raise InputError("params: expected an object")
                 if method == "monitor":
                     await self.stream_events(params, writer)
+                    return
+                if method == "policy.wait":  # waits for the pipeline, never holds the lock
+                    writer.write(rpc.ok(await self.policy_wait(params)))
+                    await writer.drain()
                     return
                 handler = self.handlers.get(method)
                 if handler is None:
@@ -285,21 +278,6 @@ class AgentServer:
         finally:
             self.subscribers.remove(queue)
 
-    async def run_controller(self, c: Controller) -> None:
-        while True:
-            await asyncio.sleep(c.interval)
-            async with self.lock:
-                try:
-                    await asyncio.get_running_loop().run_in_executor(None, c.func)
-                    c.consecutive_failures = 0
-                except Exception as exc:
-                    c.failures += 1
-                    c.consecutive_failures += 1
-                    c.last_error = str(exc)
-                    log.warning("controller-failed", controller=c.name, error=str(exc))
-                c.runs += 1
-                c.last_run = time.time()
-
     async def pump_events(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -318,8 +296,8 @@ class AgentServer:
             os.unlink(path)
         server = await asyncio.start_unix_server(self.handle, path=path, limit=rpc.MAX_LINE)
         os.chmod(path, 0o660)
-        start_metrics(self)
-        tasks = [asyncio.create_task(self.run_controller(c)) for c in self.controllers]
+        start_metrics(self.core, lambda: self.controllers)
+        tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -387,6 +365,9 @@ def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nby
 def run_agent(core: AgentCore) -> None:
     core.restore()
     server = AgentServer(core)
-    asyncio.run(server.serve())
+    try:
+        asyncio.run(server.serve())
+    finally:
+        core.close()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.policy.resolver import PolicySettings
 
@@ -62,6 +63,7 @@ class AgentSettings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
     controllers: ControllerSettings = field(default_factory=ControllerSettings)
+    regeneration: RegenerationSettings = field(default_factory=RegenerationSettings)
 
     @property
     def socket_path(self) -> str:
@@ -93,6 +95,9 @@ class AgentSettings:
                 raise InputError(f"conntrack.{name}: must be positive")
         if self.controllers.sync_interval_s <= 0:
             raise InputError("controllers.sync_interval_s: must be positive")
+        for name in ("completion_timeout_s", "backoff_initial_s", "backoff_max_s"):
+            if getattr(self.regeneration, name) <= 0:
+                raise InputError(f"regeneration.{name}: must be positive")
         return self
 
 

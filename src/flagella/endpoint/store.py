@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from flagella.endpoint.model import Endpoint
@@ -26,7 +27,9 @@ class EndpointStore:
 
     def save(self, ep: Endpoint) -> None:
         path = self._path(ep.id)
-        tmp = path.with_suffix(".tmp")
+        # One temporary file per writer: the regeneration workers and the API may
+        # save the same endpoint at once, and the last rename wins whole.
+        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
         with open(tmp, "w") as f:
             json.dump(ep.to_json(), f, sort_keys=True)
             f.flush()

@@ -184,6 +184,13 @@ class MapState:
             self._by_identity.setdefault(key.identity, set()).add(key)
         self.entries[key] = entry
 
+    def copy(self) -> MapState:
+        """An independent copy (entries are immutable, the containers are not)."""
+        out = MapState(self.enforced)
+        out.entries = dict(self.entries)
+        out._by_identity = {i: set(keys) for i, keys in self._by_identity.items()}
+        return out
+
     def keys_of(self, identity: int) -> list[Key]:
         return list(self._by_identity.get(identity, ()))
 

@@ -107,6 +107,10 @@ class EndpointPolicy:
     def direction(self, d: Direction) -> MapState:
         return self.ingress if d == "ingress" else self.egress
 
+    def snapshot(self) -> EndpointPolicy:
+        """A copy later incremental updates do not touch (handed to enforcers)."""
+        return EndpointPolicy(self.ingress.copy(), self.egress.copy(), self.selected)
+
 
 #: Precedence of the first Admin rule: every Admin key is above 0 (higher first).
 ADMIN_PRECEDENCE_BASE = 1 << 24

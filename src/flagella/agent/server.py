@@ -289,7 +289,9 @@ class AgentServer:
             if not events:
                 await asyncio.sleep(0.05)
 
-    async def serve(self) -> None:
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until SIGINT/SIGTERM, or until ``stop`` is set (then no signal
+        handlers are installed: an agent embedded in a test's thread)."""
         path = self.core.settings.socket_path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -299,10 +301,11 @@ class AgentServer:
         start_metrics(self.core, lambda: self.controllers)
         tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
         log.info("agent-ready", socket=path)
         async with server:
             await stop.wait()

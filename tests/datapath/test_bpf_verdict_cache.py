@@ -413,6 +413,7 @@ def test_the_agent_bumps_the_generation_after_every_map_write(tmp_path: Any) -> 
     def step(what: str, fn: Any, *args: Any, **kw: Any) -> None:
         dp.log.clear()
         fn(*args, **kw)
+        assert core.wait_idle() == []  # regenerations run in the pipeline's workers
         assert dp.unbumped_writes() == [], f"{what}: writes after the last bump: {dp.log}"
 
     step("restore", core.restore)
@@ -432,3 +433,4 @@ def test_the_agent_bumps_the_generation_after_every_map_write(tmp_path: Any) -> 
     assert dp.log[-1] == "bump"
     dp.log.clear()
     assert core.sync_all() == 0 and dp.log == []  # nothing to repair: no bump
+    core.close()

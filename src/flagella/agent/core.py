@@ -263,11 +263,11 @@ class AgentCore:
         if req6 is not None and self.ipam6 is None:
             raise InputError("--ipv6: the node has no IPv6 pod CIDR")
         try:
-            v4 = self.ipam4.allocate(req4)  # type: ignore[arg-type]
+            v4 = self.ipam4.allocate(req4)
         except InputError as exc:
             raise InputError(f"--ipv4: {exc}") from None
         try:
-            v6 = self.ipam6.allocate(req6) if self.ipam6 is not None else None  # type: ignore[arg-type]
+            v6 = self.ipam6.allocate(req6) if self.ipam6 is not None else None
         except InputError as exc:
             self.ipam4.release(v4)
             raise InputError(f"--ipv6: {exc}") from None

@@ -197,7 +197,7 @@ def _flag_query(
         http = ti.parse_http(
             {"method": http_method or "GET", "path": http_path or "/", "headers": http_header}
         )
-    kafka = ()
+    kafka: tuple[Any, ...] = ()
     if kafka_api_key is not None or kafka_topic is not None:
         kafka = (
             ti.parse_kafka(

@@ -162,7 +162,7 @@ class _IPCacheView(MutableMapping[IPNetwork, int]):
                 return v.identity
         raise KeyError(net)
 
-    def get(self, net: IPNetwork, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, net: IPNetwork, default: Any = None) -> Any:
         try:
             return self[net]
         except KeyError:
@@ -175,7 +175,7 @@ class _IPCacheView(MutableMapping[IPNetwork, int]):
         if not self.map.delete(net):
             raise KeyError(net)
 
-    def pop(self, net: IPNetwork, default: Any = None) -> Any:  # type: ignore[override]
+    def pop(self, net: IPNetwork, default: Any = None) -> Any:
         """Delete without reading first (an LPM map has no exact lookup; a read scans it).
 
         Returns the prefix itself, not its identity, when it was present."""

@@ -1016,7 +1016,7 @@ class PolicyMap(_Typed):
     ) -> int:
         """Write many entries: (verdict, proxy port[, precedence]) each."""
         return self.backend.update_many(
-            (_pack(k._struct()), _pack(PolicyValue(v[0], v[1], precedence=v[2] if len(v) > 2 else 0)._struct()))  # type: ignore[misc]
+            (_pack(k._struct()), _pack(PolicyValue(v[0], v[1], precedence=v[2] if len(v) > 2 else 0)._struct()))
             for k, v in entries.items()
         )
 

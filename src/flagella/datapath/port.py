@@ -65,12 +65,20 @@ class Counters:
 
 
 class Datapath(Protocol):
-    #: ifindex -> endpoint row
-    endpoints: MutableMapping[int, EndpointRow]
-    #: policy key -> verdict/proxy port (reads drop the counters)
-    policy: MutableMapping[PolicyKey, PolicyValue]
-    #: prefix -> identity
-    ipcache: MutableMapping[IPNetwork, int]
+    @property
+    def endpoints(self) -> MutableMapping[int, EndpointRow]:
+        """ifindex -> endpoint row."""
+        ...
+
+    @property
+    def policy(self) -> MutableMapping[PolicyKey, PolicyValue]:
+        """Policy key -> verdict/proxy port (reads drop the counters)."""
+        ...
+
+    @property
+    def ipcache(self) -> MutableMapping[IPNetwork, int]:
+        """Prefix -> identity."""
+        ...
 
     def start(self) -> None: ...
     def stop(self) -> None: ...

@@ -101,7 +101,8 @@ class DatapathEnforcer:
             self.rows[endpoint.id] = (ifindex, row)
             self.complete[endpoint.id] = False
             try:
-                self.dp.policy.update(upserts)
+                if upserts:
+                    self.dp.policy.update(upserts)
                 old_row = self.dp.endpoints.get(ifindex)
                 if old_row is not None and deletes:
                     # Keep probing the old wildcard widths until their entries are gone.
@@ -174,7 +175,8 @@ class DatapathEnforcer:
                         if self._versions.get(ep_id, 0) != versions.get(ep_id, 0):
                             continue  # regenerated since the dump: the next sync looks again
                     upserts, deletes = diff(by_ep.get(ep_id, {}), self.written.get(ep_id, {}))
-                    self.dp.policy.update(upserts)
+                    if upserts:
+                        self.dp.policy.update(upserts)
                     for k in deletes:
                         self.dp.policy.pop(k, None)
                     repaired["policy"] += len(upserts) + len(deletes)

@@ -491,14 +491,14 @@ class Pipeline:
         futures: list[asyncio.Future[None]] = []
         for _, completion in completions:
             fut: asyncio.Future[None] = loop.create_future()
-            completion.add_done_callback(lambda _c, f=fut: loop.call_soon_threadsafe(_resolve, f))
+            completion.add_done_callback(_bridge(loop, fut))
             futures.append(fut)
         timeout = self.settings.completion_timeout_s
         if futures and not all(f.done() for f in futures):
-            everything = asyncio.ensure_future(asyncio.gather(*futures))
-            timer = loop.create_task(self.clock.sleep(timeout))
+            everything: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*futures))
+            timer: asyncio.Future[Any] = loop.create_task(self.clock.sleep(timeout))
             try:
-                await asyncio.wait({everything, timer}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([everything, timer], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 timer.cancel()
                 everything.cancel()
@@ -540,6 +540,15 @@ class Pipeline:
                 await asyncio.wait({changed, timer}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 timer.cancel()
+
+
+def _bridge(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> Callable[[Completion], None]:
+    """A completion callback (any thread) that resolves ``fut`` on its loop."""
+
+    def done(_: Completion) -> None:
+        loop.call_soon_threadsafe(_resolve, fut)
+
+    return done
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

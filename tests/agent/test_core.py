@@ -9,7 +9,7 @@ import yaml
 
 from flagella.agent.core import AgentCore
 from flagella.agent.settings import AgentSettings
-from flagella.datapath.desired import PolicyKey
+from flagella.datapath.entries import PolicyKey
 from flagella.datapath.port import MemoryDatapath
 from flagella.endpoint import State
 from flagella.errors import InputError, PolicyValidationError
@@ -71,7 +71,7 @@ def test_policy_import_regenerates_and_reports_revision(core, dp):
     rev = realized(core, core.import_policies([L3L4]))
     assert rev == before + 1
     row = dp.endpoints[ds.ifindex]
-    assert row.flags & 1  # ingress enforced
+    assert row.enforce_ingress
     keys = entries_for(dp, ds.id)
     assert any(k.identity == tf.identity and k.port == 80 and k.protocol == 6 for k in keys)
     assert not any(k.identity == xw.identity for k in keys)
@@ -123,7 +123,7 @@ def test_sync_repairs_drift_and_counts_it(core, dp):
     realized(core, core.import_policies([L3L4]))
     key = next(iter(entries_for(dp, ds.id)))
     value = dp.policy.pop(key)
-    stray = PolicyKey(ds.id, 4242, 0, 6, 0, 22)
+    stray = PolicyKey(ds.id, 4242, False, 6, 22, 0)
     dp.policy[stray] = value
     assert core.sync_all() == 2
     assert dp.policy[key] == value and stray not in dp.policy

@@ -31,7 +31,7 @@ from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
 from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
 from flagella.clock import Clock, MonotonicClock
-from flagella.datapath.desired import PolicyKey
+from flagella.datapath.entries import PolicyKey
 from flagella.errors import FlagellaError, InputError
 from flagella.policy.api import PROTOCOL_NAMES
 from flagella.policy.query import parse_named_ports, parse_query

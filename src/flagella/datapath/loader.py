@@ -15,11 +15,11 @@ A build is identified by the SHA-256 of the C sources, the compile flags
 (pin directory, map sizes) and the kernel release. Its four programs and its
 prog array are pinned under ``pin_dir/programs/<hash>/``. :func:`load_datapath`
 opens those pins when they exist (no bcc import, no compile: milliseconds)
-and compiles only otherwise (about a second). :meth:`Datapath.attach`
+and compiles only otherwise (about a second). :meth:`LoadedBuild.attach`
 installs ``from_pod`` on tc ingress and ``to_pod`` on tc egress of a clsact
 qdisc, with a fixed priority and handle so that attaching a new build
 replaces the old filter atomically; the filter's name carries the build hash,
-which :meth:`Datapath.attached` reports. :meth:`Datapath.prune_stale_programs`
+which :meth:`LoadedBuild.attached` reports. :meth:`LoadedBuild.prune_stale_programs`
 removes the pins of other builds, and must only run once every device runs
 the current one: an old ``from_pod`` still attached tail-calls into its own
 build's prog array, which the kernel empties when its pin goes.
@@ -49,7 +49,7 @@ from flagella.errors import DatapathError
 
 __all__ = [
     "PROGRAMS",
-    "Datapath",
+    "LoadedBuild",
     "DatapathSettings",
     "MapSizes",
     "TestRunResult",
@@ -161,7 +161,7 @@ class TestRunResult:
         return self.verdict == 0
 
 
-class Datapath:
+class LoadedBuild:
     """A loaded build: its programs (as fds), the pinned state maps, attach/detach."""
 
     def __init__(
@@ -298,7 +298,7 @@ class Datapath:
         self.prog_fds.clear()
         self.maps.close()
 
-    def __enter__(self) -> Datapath:
+    def __enter__(self) -> LoadedBuild:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -416,7 +416,7 @@ def _tail(diag: list[str], lines: int = 30) -> str:
     return "\n".join(text[-lines:])
 
 
-def load_datapath(settings: DatapathSettings | None = None) -> Datapath:
+def load_datapath(settings: DatapathSettings | None = None) -> LoadedBuild:
     """Open the pinned build for ``settings`` or compile, pin and open it.
 
     State maps are never recreated here: existing ones are reused after a layout check.
@@ -448,7 +448,7 @@ def load_datapath(settings: DatapathSettings | None = None) -> Datapath:
         for fd in fds.values():
             os.close(fd)
         raise
-    return Datapath(settings, build, fds, maps, compiled, time.monotonic() - started)
+    return LoadedBuild(settings, build, fds, maps, compiled, time.monotonic() - started)
 
 
 def remove_pins(pin_dir: Path) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from flagella.datapath.desired import PolicyKey, PolicyValue
+from flagella.datapath.entries import EndpointRow, PolicyKey, PolicyValue
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -26,19 +26,6 @@ class PodInfo:
     netns: str
     host_ifname: str
     ifindex: int
-    ipv4: ipaddress.IPv4Address | None
-    ipv6: ipaddress.IPv6Address | None
-
-
-@dataclass(frozen=True)
-class EndpointRow:
-    """Mirrors ``struct endpoint_info`` (bpf/flagella.h)."""
-
-    ep_id: int
-    identity: int
-    flags: int
-    ingress_wild_mask: int
-    egress_wild_mask: int
     ipv4: ipaddress.IPv4Address | None
     ipv6: ipaddress.IPv6Address | None
 

@@ -31,24 +31,23 @@ since before the dump, so a repair never undoes a regeneration that raced it
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import structlog
 
-from flagella.datapath.desired import PolicyKey, PolicyValue, diff, policy_entries
-from flagella.datapath.port import Datapath, EndpointRow, IPAddress, IPNetwork
+from flagella.datapath.desired import diff, policy_entries
+from flagella.datapath.entries import EndpointRow, PolicyKey, PolicyValue
+from flagella.datapath.port import Datapath, IPAddress, IPNetwork
 from flagella.endpoint.model import Endpoint
 from flagella.endpoint.regeneration import Completion
 from flagella.policy.resolver import EndpointPolicy
 
-__all__ = ["ENFORCE_EGRESS", "ENFORCE_INGRESS", "DatapathEnforcer"]
+__all__ = ["DatapathEnforcer"]
 
 log = structlog.get_logger("flagella.datapath")
-
-ENFORCE_INGRESS = 0x1
-ENFORCE_EGRESS = 0x2
 
 
 class DatapathEnforcer:
@@ -83,10 +82,10 @@ class DatapathEnforcer:
     def desired(self, ep: Endpoint, policy: EndpointPolicy) -> tuple[dict[PolicyKey, PolicyValue], EndpointRow]:
         ingress, imask = policy_entries(ep.id, policy.ingress, False, self.proxy_port)
         egress, emask = policy_entries(ep.id, policy.egress, True, self.proxy_port)
-        flags = (ENFORCE_INGRESS if policy.ingress.enforced else 0) | (
-            ENFORCE_EGRESS if policy.egress.enforced else 0
+        row = EndpointRow(
+            ep.id, ep.identity, policy.ingress.enforced, policy.egress.enforced,
+            imask, emask, ep.ipv4, ep.ipv6,
         )
-        row = EndpointRow(ep.id, ep.identity, flags, imask, emask, ep.ipv4, ep.ipv6)
         return {**ingress, **egress}, row
 
     def apply(self, endpoint: Endpoint, revision: int, policy: EndpointPolicy) -> Completion:
@@ -106,10 +105,10 @@ class DatapathEnforcer:
                 old_row = self.dp.endpoints.get(ifindex)
                 if old_row is not None and deletes:
                     # Keep probing the old wildcard widths until their entries are gone.
-                    self.dp.endpoints[ifindex] = EndpointRow(
-                        row.ep_id, row.identity, row.flags,
-                        row.ingress_wild_mask | old_row.ingress_wild_mask,
-                        row.egress_wild_mask | old_row.egress_wild_mask, row.ipv4, row.ipv6,
+                    self.dp.endpoints[ifindex] = dataclasses.replace(
+                        row,
+                        ingress_wild_mask=row.ingress_wild_mask | old_row.ingress_wild_mask,
+                        egress_wild_mask=row.egress_wild_mask | old_row.egress_wild_mask,
                     )
                 for k in deletes:
                     self.dp.policy.pop(k, None)

@@ -37,6 +37,17 @@ ANY_PROTOCOL = 0
 PORT_MAX = 65535
 
 
+class Direction(IntEnum):
+    """Which way traffic flows, from the endpoint's point of view. The values are the
+    kernel's encoding (metrics and events, ``bpf/flagella.h``)."""
+
+    INGRESS = 1  # to the endpoint
+    EGRESS = 2  # from the endpoint
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
 class Verdict(IntEnum):
     ALLOW = 1
     DENY = 2

@@ -9,65 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from flagella.agent.controllers import Controller, run_controller
-from flagella.agent.core import AgentCore
-from flagella.agent.server import AgentServer
-from flagella.agent.settings import AgentSettings
-from flagella.cli import app
 from flagella.cli._client import call
 from flagella.clock import FakeClock
-from flagella.datapath.port import MemoryDatapath
 from flagella.endpoint import State
+from tests.agent.inprocess import InProcessAgent as Agent
 from tests.endpoint.test_regeneration import ScriptedEnforcer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "starwars"
 L3L4 = str(EXAMPLES / "sw_l3_l4_policy.yaml")
 
 
-class Agent:
-    def __init__(self, tmp: Path) -> None:
-        self.envoy = ScriptedEnforcer("xds")
-        self.dp = MemoryDatapath()
-        self.settings = AgentSettings(state_dir=str(tmp), metrics_addr="", socket=str(tmp / "agent.sock"))
-        self.core = AgentCore(self.settings, self.dp, enforcers=[self.envoy])
-        self.core.restore()
-        self.server = AgentServer(self.core)
-        self._stop: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        ready = threading.Event()
-
-        async def main() -> None:
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            ready.set()
-            await self.server.serve(self._stop)
-
-        self.thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-        self.thread.start()
-        ready.wait()
-        while not Path(self.settings.socket_path).exists():
-            self.thread.join(0.01)
-
-    def cli(self, *args: str) -> Any:
-        return CliRunner().invoke(app, [*args, "--socket", self.settings.socket_path])
-
-    def close(self) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join()
-        self.core.close()
-
-
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    a = Agent(tmp_path)
+    a = Agent(tmp_path, enforcer=ScriptedEnforcer("xds"))
     a.cli("endpoint", "create", "deathstar", "--labels", "org=empire,class=deathstar")
     a.cli("endpoint", "create", "tiefighter", "--labels", "org=empire,class=tiefighter")
     yield a

@@ -294,26 +294,38 @@ class AgentCore:
         self.store.save(ep)
         self.endpoints.pop(ep.id, None)
         affected = self.engine.remove_endpoint(ep.id)
-        self._teardown(ep)
-        self._regenerate_and_wait(affected)
+        affected |= self._teardown(ep)
+        self._regenerate_and_wait(affected - {ep.id})
         log.info("endpoint-deleted", endpoint=ep.id, name=ep.name)
         return ep
 
-    def _teardown(self, ep: Endpoint) -> None:
-        """Remove every kernel object and record of ``ep``; safe to repeat."""
+    def _teardown(self, ep: Endpoint) -> set[int]:
+        """Remove every kernel object and record of ``ep``; safe to repeat. Returns the
+        endpoints whose policy changes because ``ep``'s identity is gone."""
         if ep.ifindex:
             self.dp.detach(ep.ifindex)
         self.pipeline.remove(ep)  # every enforcer forgets it (the kernel: row and policy)
         self.kernel.purge_flows(ep.id, ep.addresses())
         self.dp.remove_pod(ep.netns)
+        affected: set[int] = set()
         if ep.identity and ep.state != State.INIT:
-            self.allocator.release(ep.identity)
+            affected = self._release_identity(ep.identity)
         self.store.delete(ep.id)
         self._release_addresses(ep.ipv4, ep.ipv6)
         if ep.state != State.DISCONNECTED:
             ep.state = State.DISCONNECTED
         # The address may be named by a policy CIDR: fall back to what the rest wants.
         self._write_ipcache(ipaddress.ip_network(a) for a in ep.addresses())
+        return affected
+
+    def _release_identity(self, ident: int) -> set[int]:
+        """Drop a reference; when none remain, the identity leaves every peer's policy
+        (its number is handed out again, maybe to other labels: a stale key would
+        grant the newcomer what the old holder was allowed). Returns the endpoints
+        whose policy changed."""
+        if self.allocator.release(ident) > 0:
+            return set()
+        return self.engine.remove_identity(ident)
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
         ep = self.find(ref)
@@ -347,7 +359,7 @@ class AgentCore:
             affected |= self.engine.upsert_endpoint(self._info(ep))
             self._ipcache_endpoint(ep)
             if old != new:
-                self.allocator.release(old)
+                affected |= self._release_identity(old)
         self._regenerate_and_wait(affected)
 
     # -- policy --------------------------------------------------------------------
@@ -404,9 +416,7 @@ class AgentCore:
         gone = [n for n in self.cidr_identities if n not in wanted]
         affected: set[int] = set()
         for net in gone:
-            ident = self.cidr_identities.pop(net)
-            self.allocator.release(ident)
-            affected |= self.engine.remove_identity(ident)
+            affected |= self._release_identity(self.cidr_identities.pop(net))
         if affected:
             self.regenerate(affected)
         self._write_ipcache(gone)

@@ -292,3 +292,17 @@ def test_a_completion_counts_once() -> None:
     c.complete()
     c.add_done_callback(lambda x: seen.append(x.error))
     assert seen == ["first", "first"] and c.error == "first"
+
+
+def test_waiting_for_settlement_ends_when_an_attempt_failed_visibly() -> None:
+    envoy = ScriptedEnforcer("xds", mode="fail")
+    ep = endpoint(1)
+
+    async def scenario(p: Pipeline, clock: FakeClock) -> None:
+        p.request(ep, 1, policy())
+        waiter = asyncio.ensure_future(p.wait_settled_async([1], timeout=30))
+        await settle()
+        assert waiter.done() and waiter.result() == []  # no need to wait out the timeout
+        assert ep.state == State.NOT_READY and ep.policy_revision == 0
+
+    run(scenario, envoy)

@@ -191,6 +191,8 @@ class _Slot:
     #: Tickets: every request gets the next one; realized = newest fully completed.
     requested: int = 0
     realized: int = 0
+    #: The newest ticket whose attempt finished, realized or failed.
+    finished: int = 0
     failures: int = 0
     task: asyncio.Task[None] | None = None
     applying: asyncio.Future[list[tuple[str, Completion]]] | None = None
@@ -324,7 +326,8 @@ class Pipeline:
         return asyncio.run_coroutine_threadsafe(self.wait_revision_async(revision, timeout, endpoints), self._loop)
 
     def wait_settled(self, endpoints: Collection[int], timeout: float) -> list[Endpoint]:
-        """Wait until every request made so far for ``endpoints`` is realized."""
+        """Wait until every request made so far for ``endpoints`` has been attempted:
+        realized, or failed visibly (``not-ready``, retried in the background)."""
         return self._block(self.wait_settled_async(endpoints, timeout))
 
     async def wait_revision_async(
@@ -344,7 +347,7 @@ class Pipeline:
             out = []
             for i, ticket in targets.items():
                 s = self._slots.get(i)
-                if s is not None and s.realized < ticket:
+                if s is not None and s.finished < ticket:
                     out.append(s.endpoint)
             return out
 
@@ -405,20 +408,25 @@ class Pipeline:
 
     async def _work(self, slot: _Slot) -> None:
         try:
-            while slot.pending is not None and not slot.removed:
-                req, slot.pending = slot.pending, None
-                error = await self._run(slot, req)
-                if slot.removed:
-                    return
-                if error is None:
-                    slot.failures = 0
-                    continue
-                slot.failures += 1
-                if slot.pending is None:
-                    slot.pending = req  # retry it; a newer request replaces it meanwhile
-                await self.clock.sleep(self.settings.backoff(slot.failures))
+            await self._work_loop(slot)
+        except Exception:  # a bug: the next request starts a new worker
+            log.exception("regeneration-worker-failed", endpoint=slot.endpoint.id)
         finally:
             slot.task = None
+
+    async def _work_loop(self, slot: _Slot) -> None:
+        while slot.pending is not None and not slot.removed:
+            req, slot.pending = slot.pending, None
+            error = await self._run(slot, req)
+            if slot.removed:
+                return
+            if error is None:
+                slot.failures = 0
+                continue
+            slot.failures += 1
+            if slot.pending is None:
+                slot.pending = req  # retry it; a newer request replaces it meanwhile
+            await self.clock.sleep(self.settings.backoff(slot.failures))
 
     async def _run(self, slot: _Slot, req: _Request) -> str | None:
         """One regeneration; returns the failure reason, or None once realized."""
@@ -441,6 +449,7 @@ class Pipeline:
         if slot.removed:
             return None
         elapsed = self.clock.now() - started
+        slot.finished = req.ticket
         if error is None:
             self.stats.record("success", elapsed)
             slot.realized = req.ticket

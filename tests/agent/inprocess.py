@@ -15,6 +15,7 @@ from flagella.agent.settings import AgentSettings
 from flagella.cli import app
 from flagella.cli._client import call
 from flagella.datapath.port import MemoryDatapath
+from flagella.errors import AgentUnavailable
 
 
 class InProcessAgent:
@@ -41,8 +42,13 @@ class InProcessAgent:
         self.thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
         self.thread.start()
         ready.wait()
-        while not Path(self.settings.socket_path).exists():
-            self.thread.join(0.01)
+        # The socket file appears at bind(), a moment before listen(): ready when it answers.
+        while True:
+            try:
+                call(self.settings.socket_path, "status", {}, timeout=5)
+                break
+            except AgentUnavailable:
+                self.thread.join(0.01)
 
     def cli(self, *args: str) -> Any:
         return CliRunner().invoke(app, [*args, "--socket", self.settings.socket_path])

@@ -25,6 +25,7 @@ from tests.agent.inprocess import InProcessAgent
 from tests.system._support import (
     Agent,
     Cluster,
+    Pod,
     bpftool_dump,
     cnp_ingress,
     hex_bytes,
@@ -48,6 +49,9 @@ class Backend:
 
     def namespace(self) -> str:
         raise NotImplementedError
+
+    def delete(self, ep: dict[str, Any]) -> None:
+        self.call("endpoint.delete", {"name": ep["id"]})
 
     def damage_policy(self, ep_id: int) -> None:
         """Delete one policy entry of the endpoint behind the agent's back."""
@@ -111,6 +115,7 @@ class KernelBackend(Backend):
             f.write("conntrack: {non_tcp_s: 1, gc_interval_non_tcp_s: 0.2}\n")
         self.agent.start()
         self.cluster = make_cluster(self.agent)
+        self.pods: dict[int, Pod] = {}
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         return self.agent.call(method, params or {})
@@ -119,7 +124,12 @@ class KernelBackend(Backend):
         return namespace("ct")
 
     def create(self, name: str, labels: dict[str, str], n: int) -> dict[str, Any]:
-        return self.cluster.create(name, self.namespace(), n, labels).ep
+        pod = self.cluster.create(name, self.namespace(), n, labels)
+        self.pods[pod.ep["id"]] = pod
+        return pod.ep
+
+    def delete(self, ep: dict[str, Any]) -> None:
+        self.cluster.delete(self.pods.pop(ep["id"]))
 
     def damage_policy(self, ep_id: int) -> None:
         for row in bpftool_dump(self.agent, "policy"):
@@ -198,7 +208,7 @@ def test_delete_leaves_no_entry_and_no_address_behind(backend: Backend) -> None:
     server, client, _ = trio(backend)
     ns = backend.namespace()
     import_and_wait(backend, cnp_ingress("contract", ns, {"app": "server"}, {"app": "client"}, [(PORT, "TCP")]))
-    backend.call("endpoint.delete", {"name": client["id"]})
+    backend.delete(client)
     assert not [r for r in policy_rows(backend, server) if r["identity"] == client["identity"]]
     assert f"{client['ipv4']}/32" not in ipcache(backend)
     with pytest.raises(Exception, match="not found"):

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flagella.clock import FakeClock
 from flagella.endpoint import Endpoint, State
@@ -304,5 +306,64 @@ def test_waiting_for_settlement_ends_when_an_attempt_failed_visibly() -> None:
         await settle()
         assert waiter.done() and waiter.result() == []  # no need to wait out the timeout
         assert ep.state == State.NOT_READY and ep.policy_revision == 0
+
+    run(scenario, envoy)
+
+OPS = st.lists(
+    st.one_of(
+        st.just(("request",)),
+        st.just(("complete",)),
+        st.just(("fail",)),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 4.0, 10.0])),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_random_changes_never_realize_an_unconfirmed_revision_and_always_converge(ops: list[tuple]) -> None:
+    envoy = ScriptedEnforcer("xds", mode="hold")
+    ep = endpoint(1)
+    confirmed: set[int] = set()  # revisions whose apply was completed successfully
+
+    async def scenario(p: Pipeline, clock: FakeClock) -> None:
+        revision = 0
+        answered = 0  # completions the test has answered, oldest first
+
+        def answer(ok: bool) -> None:
+            nonlocal answered
+            if answered < len(envoy.held):
+                held = envoy.held[answered]
+                if ok:
+                    held.complete()
+                    confirmed.add(envoy.applied[answered][1])
+                else:
+                    held.fail("NACK")
+                answered += 1
+
+        for op in ops:
+            if op[0] == "request":
+                revision += 1
+                p.request(ep, revision, policy())
+            elif op[0] == "complete":
+                answer(True)
+            elif op[0] == "fail":
+                answer(False)
+            else:
+                clock.advance(op[1])
+            await settle()
+            assert ep.policy_revision == 0 or ep.policy_revision in confirmed
+            revisions = [r for _, r in envoy.applied]
+            assert revisions == sorted(revisions)  # never an older policy after a newer one
+        # From here every enforcer answers: the newest request is realized.
+        envoy.mode = "complete"
+        while answered < len(envoy.held):
+            answer(True)
+        for _ in range(12):
+            clock.advance(30)
+            await settle()
+        if revision:
+            assert ep.policy_revision == revision and ep.state == State.READY
 
     run(scenario, envoy)

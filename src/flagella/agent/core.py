@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections import Counter as Tally
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import structlog
 from flagella.agent.persistence import StateFiles
 from flagella.agent.settings import AgentSettings
 from flagella.clock import Clock
-from flagella.datapath.port import Datapath, IPNetwork
+from flagella.datapath.port import Datapath, IPNetwork, pod_netns_name
 from flagella.datapath.realizer import DatapathEnforcer
 from flagella.endpoint import Endpoint, EndpointStore, State
 from flagella.endpoint.addressing import PodAddressAllocator
@@ -57,6 +58,7 @@ log = structlog.get_logger("flagella.agent")
 @dataclass
 class Stats:
     import_errors: int = 0
+    attach_repairs: Tally[str] = field(default_factory=Tally)  # by program
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -227,10 +229,11 @@ class AgentCore:
                 ipv6=v6,
                 named_ports={k: [(int(p[0]), int(p[1])) for p in v] for k, v in (named_ports or {}).items()},
             )
+            ep.netns = pod_netns_name(namespace, name)
+            self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
         except BaseException:
             self._release_addresses(v4, v6)
             raise
-        ep.netns = f"{namespace}-{name}" if len(f"{namespace}-{name}") <= 64 else f"ep{ep.id}"
         self.store.save(ep)  # intent first: a crash from here on is undone by restore
         ep.set_state(State.WAITING_FOR_IDENTITY)
         try:
@@ -479,8 +482,26 @@ class AgentCore:
         )
 
     def sync_all(self, count: bool = True) -> int:
-        """Repair drift in every map; return the number of repairs."""
-        return self.kernel.sync(count)
+        """Repair drift in every map and every program attachment; return the number of repairs."""
+        return self.kernel.sync(count) + self._sync_attachments(count)
+
+    def _sync_attachments(self, count: bool) -> int:
+        """Reattach the programs of every endpoint where they no longer run (a filter
+        deleted with tc, a link detached with bpftool); return how many were."""
+        repaired, failed = 0, []
+        for ep in self.endpoints.values():
+            try:
+                fixed = self.dp.attach(ep.ifindex)
+            except DatapathError as exc:
+                failed.append(f"endpoint {ep.id} (ifindex {ep.ifindex}): {exc}")
+                continue
+            if fixed and count:
+                self.stats.attach_repairs.update(fixed)
+                log.warning("attachment-repaired", endpoint=ep.id, ifindex=ep.ifindex, programs=fixed)
+            repaired += len(fixed)
+        if failed:
+            raise DatapathError("reattaching programs failed: " + "; ".join(failed))
+        return repaired
 
     def ct_gc(self, tcp: bool = True) -> int:
         return self.kernel.ct_gc(tcp)
@@ -505,6 +526,7 @@ class AgentCore:
             "revision": self.engine.revision,
             "identities": len(self.allocator.all()),
             "repairs": dict(self.kernel.repairs),
+            "attach_repairs": dict(self.stats.attach_repairs),
             "regenerations": dict(self.pipeline.stats.outcomes),
             "not_ready": sorted(ep.id for ep in self.endpoints.values() if ep.state == State.NOT_READY),
         }

@@ -51,9 +51,13 @@ def upstream() -> Iterator[int]:
     server.shutdown()
 
 
-def _envoy(rbac: object, upstream_port: int, listen: str = "127.0.0.1") -> tuple[EnvoyProcess, int]:
+def _envoy(
+    rbac: object, upstream_port: int, listen: str = "127.0.0.1", access_log: tuple[str, str] | None = None
+) -> tuple[EnvoyProcess, int]:
+    """An Envoy whose one listener runs ``rbac``; ``access_log`` = (log name, ALS socket path)."""
     port = free_port(listen)
-    hcm = L.http_connection_manager("test", L.rbac_http_filter("flagella/test", None), "upstream")
+    log = L.access_log_to_agent(access_log[0]) if access_log else None
+    hcm = L.http_connection_manager("test", L.rbac_http_filter("flagella/test", None), "upstream", log)
     hcm.http_filters[0].typed_config.Pack(rbac)
     listener = {
         "name": "test",
@@ -79,7 +83,8 @@ def _envoy(rbac: object, upstream_port: int, listen: str = "127.0.0.1") -> tuple
         },
     }
     config = bootstrap(
-        "test", "/nonexistent.sock", free_port(), static_resources={"listeners": [listener], "clusters": [cluster]}, ads=False
+        "test", access_log[1] if access_log else "/nonexistent.sock", free_port(),
+        static_resources={"listeners": [listener], "clusters": [cluster]}, ads=False,
     )
     envoy = EnvoyProcess(config, base_id=next(_base_ids))
     envoy.start()

@@ -171,7 +171,7 @@ def http_connection_manager(
     )
 
 
-def access_log_to_agent(log_name: str) -> accesslog_pb2.AccessLog:
+def access_log_to_agent(log_name: str, cluster: str = ACCESS_LOG_CLUSTER) -> accesslog_pb2.AccessLog:
     """Every request, allowed or denied, streamed to the agent's access-log service."""
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.http_grpc",
@@ -181,7 +181,7 @@ def access_log_to_agent(log_name: str) -> accesslog_pb2.AccessLog:
                     log_name=log_name,
                     transport_api_version=config_source_pb2.V3,
                     grpc_service=grpc_service_pb2.GrpcService(
-                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ACCESS_LOG_CLUSTER)
+                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster)
                     ),
                 )
             )
@@ -198,8 +198,10 @@ def _cidr(addr: IPAddress) -> address_pb2.CidrRange:
 def filter_chain(
     redirect: HTTPRedirect,
     ecds: config_source_pb2.ConfigSource | None,
-    access_log: accesslog_pb2.AccessLog | None = None,
+    access_log_cluster: str | None = None,
 ) -> listener_components_pb2.FilterChain:
+    """One endpoint port's chain; with ``access_log_cluster``, requests are logged
+    to the agent under the chain's name (see `flagella.proxy.accesslog`)."""
     match = listener_components_pb2.FilterChainMatch(
         destination_port=wrappers_pb2.UInt32Value(value=redirect.port)
     )
@@ -212,7 +214,7 @@ def filter_chain(
         redirect.filter_name.replace("/", "_"),
         rbac_http_filter(redirect.filter_name, ecds),
         ORIGINAL_DST_CLUSTER,
-        access_log,
+        access_log_to_agent(redirect.filter_name, access_log_cluster) if access_log_cluster else None,
     )
     return listener_components_pb2.FilterChain(
         name=redirect.filter_name,
@@ -242,11 +244,11 @@ def transparent_listener(
     port: int,
     redirects: Iterable[HTTPRedirect],
     ecds: config_source_pb2.ConfigSource | None,
-    access_log: accesslog_pb2.AccessLog | None = None,
+    access_log_cluster: str | None = None,
     ipv6: bool = True,
 ) -> listener_pb2.Listener:
     """One direction's listener on 127.0.0.1 (and ::1) at ``port``."""
-    chains = [filter_chain(r, ecds, access_log) for r in sorted(redirects, key=_redirect_order)]
+    chains = [filter_chain(r, ecds, access_log_cluster) for r in sorted(redirects, key=_redirect_order)]
     listener = listener_pb2.Listener(
         name=name,
         address=address_pb2.Address(

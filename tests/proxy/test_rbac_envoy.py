@@ -106,6 +106,9 @@ def _curl(port: int, path: str, source: str, method: str = "GET", host: str = ""
     return int(code), body
 
 
+#: Both compiled forms: RBAC rules (linear) and the matcher API (IP trie).
+FORMS = pytest.mark.parametrize("threshold", [1000, 0], ids=["rules", "matcher"])
+
 PEERS = {300: PeerSet((ipaddress.ip_network(f"{CLIENT_A}/32"),)), 301: PeerSet((ipaddress.ip_network(f"{CLIENT_B}/32"),))}
 
 
@@ -113,7 +116,8 @@ def http(*rules: HTTPRule, wildcard: bool = False) -> L7Policy:
     return L7Policy("http", frozenset(rules), wildcard=wildcard)
 
 
-def test_ingress_rules_per_peer_and_403_body(upstream: int) -> None:
+@FORMS
+def test_ingress_rules_per_peer_and_403_body(upstream: int, threshold: int) -> None:
     rbac = http_rbac(
         [
             (300, http(HTTPRule(method="GET", path="/v1/.*"))),
@@ -122,6 +126,7 @@ def test_ingress_rules_per_peer_and_403_body(upstream: int) -> None:
         ],
         PEERS,
         egress=False,
+        matcher_threshold=threshold,
     )
     envoy, port = _envoy(rbac, upstream)
     try:
@@ -147,12 +152,14 @@ def test_ingress_rules_per_peer_and_403_body(upstream: int) -> None:
         envoy.stop()
 
 
-def test_wildcard_host_and_any_peer(upstream: int) -> None:
+@FORMS
+def test_wildcard_host_and_any_peer(upstream: int, threshold: int) -> None:
     rbac = http_rbac(
         [(0, http(HTTPRule(path="/public"))), (300, http(wildcard=True))],
         PEERS,
         egress=False,
         wildcard_identities=[301],
+        matcher_threshold=threshold,
     )
     envoy, port = _envoy(rbac, upstream)
     try:
@@ -164,11 +171,13 @@ def test_wildcard_host_and_any_peer(upstream: int) -> None:
         envoy.stop()
 
 
-def test_egress_matches_the_destination(upstream: int) -> None:
+@FORMS
+def test_egress_matches_the_destination(upstream: int, threshold: int) -> None:
     listen = "127.0.0.4"
     peers = peer_sets({ipaddress.ip_network(f"{listen}/32"): 400, ipaddress.ip_network("127.0.0.0/8"): 401})
     rbac = http_rbac(
-        [(400, http(HTTPRule(method="GET"))), (401, http(HTTPRule(path="/only-401")))], peers, egress=True
+        [(400, http(HTTPRule(method="GET"))), (401, http(HTTPRule(path="/only-401")))], peers, egress=True,
+        matcher_threshold=threshold,
     )
     envoy, port = _envoy(rbac, upstream, listen=listen)
     try:
@@ -180,8 +189,9 @@ def test_egress_matches_the_destination(upstream: int) -> None:
         envoy.stop()
 
 
-def test_no_redirects_denies_everything(upstream: int) -> None:
-    envoy, port = _envoy(http_rbac([], PEERS, egress=False), upstream)
+@FORMS
+def test_no_redirects_denies_everything(upstream: int, threshold: int) -> None:
+    envoy, port = _envoy(http_rbac([], PEERS, egress=False, matcher_threshold=threshold), upstream)
     try:
         assert _curl(port, "/", CLIENT_A)[0] == 403
     finally:

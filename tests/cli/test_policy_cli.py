@@ -129,3 +129,35 @@ def test_bad_query_line_names_the_line(tmp_path):
 def test_missing_policy_file_is_bad_input(tmp_path):
     r = run("policy", "trace", "--policy", str(tmp_path / "nope.yaml"), "-s", "a=b", "-d", "c=d")
     assert r.exit_code == 2
+
+
+REDOS = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: redos, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{path: "%s"}]}
+"""
+
+
+def test_offline_trace_of_a_backtracking_bomb_uses_re2(tmp_path):
+    policy = tmp_path / "redos.yaml"
+    policy.write_text(REDOS % "/(a+)+$")
+    base = ("--policy", str(policy), "-s", "app=client", "-d", "app=web", "--dport", "80/TCP")
+    # Python's re needs 2**40 steps for this path; RE2 is linear.
+    assert trace_json(*base, "--http-path", "/" + "a" * 40 + "!")["l7"] == "rejected"
+    assert trace_json(*base, "--http-path", "/" + "a" * 40)["l7"] == "forwarded"
+
+
+@pytest.mark.parametrize("pattern", [r"/(a)\\1", "/(?=admin).*", "/(?<!x)y"])
+def test_validate_refuses_what_re2_refuses(tmp_path, pattern):
+    policy = tmp_path / "bad.yaml"
+    policy.write_text(REDOS % pattern)
+    r = run("policy", "validate", str(policy))
+    assert r.exit_code == 2
+    assert "spec.ingress[0].toPorts[0].rules.http[0].path: not a valid RE2 regex" in r.output

@@ -11,6 +11,20 @@ gain from interleaving them), while controllers run on their intervals:
 
 A controller that raises is counted as failing until its next success
 (``controllers_failing`` metric, ``status``).
+
+The socket is reachable by every member of the agent's group, so no client
+may hold the agent for the others (settings ``api.*``):
+
+* at most `connection_cap` connections are served at once, below the fd limit;
+  a connection beyond it is answered "agent busy" and closed at once;
+* a connection that has not delivered its request line within
+  ``idle_timeout_s`` (or does not take its answer) is closed with an error;
+* a request line over ``max_request_bytes`` is answered with an error and the
+  connection closed, nothing of it applied;
+* ``policy.trace`` takes the lock only to snapshot the policies and resolve
+  endpoint names; it runs on a worker thread of its own, outside the lock,
+  checks ``trace_timeout_s`` between queries and is abandoned with an error
+  past it. HTTP regexes are RE2, so one query is linear in its input.
 """
 
 from __future__ import annotations
@@ -18,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +45,12 @@ import structlog
 from flagella import rpc
 from flagella.agent.core import AgentCore, parse_kv
 from flagella.agent.metrics import start_metrics
+from flagella.agent.settings import connection_cap
 from flagella.datapath.desired import PolicyKey
 from flagella.errors import FlagellaError, InputError
-from flagella.policy.api import PROTOCOL_NAMES
-from flagella.policy.query import parse_named_ports, parse_query
+from flagella.policy.api import PROTOCOL_NAMES, Policy
+from flagella.policy.query import TraceQuery, parse_named_ports, parse_query
+from flagella.policy.trace import Tracer
 
 log = structlog.get_logger("flagella.agent")
 
@@ -66,9 +84,13 @@ class AgentServer:
     controllers: list[Controller] = field(default_factory=list)
     subscribers: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    connections: int = 0
 
     def __post_init__(self) -> None:
         s = self.core.settings
+        self.max_connections = connection_cap(s.api, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        # One trace at a time: an abandoned trace finishes its current query before the next starts.
+        self.trace_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace")
         self.controllers = [
             Controller("sync-maps", s.controllers.sync_interval_s, self.core.sync_all),
             Controller("ct-gc", s.conntrack.gc_interval_s, self.core.ct_gc),
@@ -162,7 +184,12 @@ class AgentServer:
         return {"revision": revision, "waiting": behind}
 
     def policy_trace(self, p: dict[str, Any]) -> list[dict[str, Any]]:
-        """Trace against the live policies; a side may name a live endpoint."""
+        """Trace against the live policies; a side may name a live endpoint (blocking form)."""
+        policies, queries = self.trace_snapshot(p)
+        return self.run_trace(policies, queries, time.monotonic() + self.core.settings.api.trace_timeout_s)
+
+    def trace_snapshot(self, p: dict[str, Any]) -> tuple[list[Policy], list[TraceQuery]]:
+        """What a trace needs from the agent's state; the only part that runs under the lock."""
         queries = p.get("queries")
         if not isinstance(queries, list):
             raise InputError("queries: expected a list")
@@ -175,7 +202,32 @@ class AgentServer:
                     if ref:
                         q[side] = self._endpoint_side(str(ref))
             parsed.append(parse_query(q))
-        return self.core.trace(parsed)
+        return list(self.core.engine.policies.values()), parsed
+
+    def run_trace(self, policies: list[Policy], queries: list[TraceQuery], deadline: float) -> list[dict[str, Any]]:
+        """Answer ``queries`` against ``policies`` (a snapshot), giving up at ``deadline``."""
+        tracer = Tracer(policies, self.core.settings.policy, self.core.label_filter)
+        answers = []
+        for q in queries:
+            if time.monotonic() > deadline:
+                raise self._trace_timeout()
+            answers.append(tracer.trace(q).to_json())
+        return answers
+
+    def _trace_timeout(self) -> InputError:
+        limit = self.core.settings.api.trace_timeout_s
+        return InputError(f"policy.trace: not finished within {limit:g}s (api.trace_timeout_s); trace fewer queries")
+
+    async def policy_trace_unlocked(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        async with self.lock:
+            policies, queries = await loop.run_in_executor(None, self.trace_snapshot, p)
+        limit = self.core.settings.api.trace_timeout_s
+        work = loop.run_in_executor(self.trace_worker, self.run_trace, policies, queries, time.monotonic() + limit)
+        try:
+            return await asyncio.wait_for(work, limit)
+        except TimeoutError:
+            raise self._trace_timeout() from None
 
     def _endpoint_side(self, ref: str) -> dict[str, Any]:
         ep = self.core.find(ref)
@@ -234,40 +286,67 @@ class AgentServer:
     # -- serving -------------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        api = self.core.settings.api
+        self.connections += 1
         try:
-            line = await reader.readline()
+            if self.connections > self.max_connections:
+                raise _Refused(
+                    AgentBusy(f"agent busy: {self.max_connections} connections open (api.max_connections); retry later")
+                )
+            try:
+                line = await asyncio.wait_for(reader.readline(), api.idle_timeout_s)
+            except TimeoutError:
+                raise _Refused(InputError(f"request: not received within {api.idle_timeout_s:g}s (api.idle_timeout_s)")) from None
+            except ValueError:  # the stream's limit: no newline within max_request_bytes
+                raise _Refused(
+                    InputError(f"request: larger than {api.max_request_bytes} bytes (api.max_request_bytes)")
+                ) from None
             if not line:
                 return
-            try:
-                req = rpc.decode(line)
-                if not isinstance(req, dict) or not isinstance(req.get("method"), str):
-                    raise InputError("request: expected {\"method\": ..., \"params\": {...}}")
-                method = req["method"]
-                params = req.get("params") or {}
-                if not isinstance(params, dict):
-                    raise InputError("params: expected an object")
-                if method == "monitor":
-                    await self.stream_events(params, writer)
-                    return
-                handler = self.handlers.get(method)
-                if handler is None:
-                    raise InputError(f"unknown method {method!r}")
-                loop = asyncio.get_running_loop()
-                async with self.lock:
-                    # Off the loop: netlink and bpf(2) block, and pyroute2 runs loops of its own.
-                    result = await loop.run_in_executor(None, handler, params)
-                writer.write(rpc.ok(result))
-            except FlagellaError as exc:
-                writer.write(rpc.error(exc))
-            except Exception as exc:  # a bug: report it, keep serving
-                log.exception("request-failed")
-                writer.write(rpc.error(RuntimeError(f"internal error: {exc}")))
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+            answer = await self._answer(line, writer)
+            if answer is not None:
+                writer.write(answer)
+                await asyncio.wait_for(writer.drain(), api.idle_timeout_s)
+        except _Refused as refused:
+            with contextlib.suppress(Exception):
+                writer.write(rpc.error(refused.error))
+                await asyncio.wait_for(writer.drain(), 1.0)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
+            self.connections -= 1
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> bytes | None:
+        """The answer line to one request line (None when a stream has taken the connection)."""
+        loop = asyncio.get_running_loop()
+        try:
+            # A big line takes a while to decode: not on the loop, which serves everyone.
+            req = rpc.decode(line) if len(line) < 65536 else await loop.run_in_executor(None, rpc.decode, line)
+            if not isinstance(req, dict) or not isinstance(req.get("method"), str):
+                raise InputError("request: expected {\"method\": ..., \"params\": {...}}")
+            method = req["method"]
+            params = req.get("params") or {}
+            if not isinstance(params, dict):
+                raise InputError("params: expected an object")
+            if method == "monitor":
+                await self.stream_events(params, writer)
+                return None
+            if method == "policy.trace":
+                return rpc.ok(await self.policy_trace_unlocked(params))
+            handler = self.handlers.get(method)
+            if handler is None:
+                raise InputError(f"unknown method {method!r}")
+            async with self.lock:
+                # Off the loop: netlink and bpf(2) block, and pyroute2 runs loops of its own.
+                result = await loop.run_in_executor(None, handler, params)
+            return rpc.ok(result)
+        except FlagellaError as exc:
+            return rpc.error(exc)
+        except Exception as exc:  # a bug: report it, keep serving
+            log.exception("request-failed")
+            return rpc.error(RuntimeError(f"internal error: {exc}"))
 
     async def stream_events(self, params: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         kind = params.get("type")
@@ -281,7 +360,10 @@ class AgentServer:
                 if kind and event.get("type") != kind:
                     continue
                 writer.write(rpc.encode(event))
-                await writer.drain()
+                # A subscriber that stops reading is dropped, not buffered for.
+                await asyncio.wait_for(writer.drain(), self.core.settings.api.idle_timeout_s)
+        except TimeoutError:
+            log.info("monitor-subscriber-dropped", reason="not reading")
         finally:
             self.subscribers.remove(queue)
 
@@ -311,13 +393,20 @@ class AgentServer:
             if not events:
                 await asyncio.sleep(0.05)
 
+    async def start_api(self, path: str) -> asyncio.Server:
+        """Listen on ``path`` (mode 0660) with the request size limit of the settings."""
+        server = await asyncio.start_unix_server(
+            self.handle, path=path, limit=self.core.settings.api.max_request_bytes
+        )
+        os.chmod(path, 0o660)
+        return server
+
     async def serve(self) -> None:
         path = self.core.settings.socket_path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        server = await asyncio.start_unix_server(self.handle, path=path, limit=rpc.MAX_LINE)
-        os.chmod(path, 0o660)
+        server = await self.start_api(path)
         start_metrics(self)
         tasks = [asyncio.create_task(self.run_controller(c)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
@@ -330,9 +419,21 @@ class AgentServer:
             await stop.wait()
         for t in tasks:
             t.cancel()
+        self.trace_worker.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         log.info("agent-stopped")
+
+
+class AgentBusy(FlagellaError):
+    """No room for another connection; the client may retry."""
+
+
+@dataclass
+class _Refused(Exception):
+    """A connection answered with ``error`` and closed without running a request."""
+
+    error: FlagellaError
 
 
 def _req(p: dict[str, Any], key: str) -> str:

@@ -7,6 +7,7 @@ mirror these groups, e.g.::
     network: {ipv4_cidr: 10.244.0.0/24, ipv6_cidr: "fd00:10:244::/112"}
     policy: {enforcement: default, legacy_host_allows_world: false}
     conntrack: {tcp_established_s: 21600}
+    api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
 
 Unknown keys are errors that name the key.
 """
@@ -51,6 +52,40 @@ class ControllerSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """Limits of the agent's unix-socket API (see `flagella.agent.server`)."""
+
+    #: Largest request line, in bytes. 16 MiB holds ~40,000 typical rules; a bigger
+    #: request is answered with an error (nothing of it is applied).
+    max_request_bytes: int = 16 * 1024 * 1024
+    #: Seconds a connection gets to deliver its whole request, and to take its answer.
+    idle_timeout_s: float = 30.0
+    #: Concurrent connections; 0 derives the cap from RLIMIT_NOFILE (`connection_cap`).
+    max_connections: int = 0
+    #: Seconds a ``policy.trace`` request may run before it is abandoned with an error.
+    trace_timeout_s: float = 60.0
+
+
+#: File descriptors kept for the agent's own use (maps, pins, netlink, state files).
+RESERVED_FDS = 256
+#: Largest derived connection cap: each connection may buffer a whole request.
+MAX_DERIVED_CONNECTIONS = 1024
+
+
+def connection_cap(api: ApiSettings, nofile_soft: int) -> int:
+    """How many API connections the agent serves at once.
+
+    Derived from the soft RLIMIT_NOFILE: what is left after `RESERVED_FDS` (at least
+    a quarter of the limit), at most `MAX_DERIVED_CONNECTIONS`. An explicit
+    ``max_connections`` is honoured up to that same fd budget, never beyond it.
+    """
+    budget = max(1, nofile_soft - max(RESERVED_FDS, nofile_soft // 4))
+    if api.max_connections > 0:
+        return min(api.max_connections, budget)
+    return min(budget, MAX_DERIVED_CONNECTIONS)
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     state_dir: str = "/var/run/flagella"
     socket: str = ""  # default: <state_dir>/flagella.sock
@@ -62,6 +97,7 @@ class AgentSettings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
     controllers: ControllerSettings = field(default_factory=ControllerSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     @property
     def socket_path(self) -> str:
@@ -93,6 +129,13 @@ class AgentSettings:
                 raise InputError(f"conntrack.{name}: must be positive")
         if self.controllers.sync_interval_s <= 0:
             raise InputError("controllers.sync_interval_s: must be positive")
+        if not 1024 <= self.api.max_request_bytes <= 1 << 30:
+            raise InputError("api.max_request_bytes: must be 1024 to 1073741824")
+        for name in ("idle_timeout_s", "trace_timeout_s"):
+            if not 0 < getattr(self.api, name) < float("inf"):
+                raise InputError(f"api.{name}: must be a positive number of seconds")
+        if self.api.max_connections < 0:
+            raise InputError("api.max_connections: must be 0 (derived) or positive")
         return self
 
 

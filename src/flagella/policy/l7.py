@@ -1,7 +1,8 @@
 """L7 verdicts: does an HTTP or Kafka request pass an `L7Policy`?
 
 HTTP (spec 5): a rule's method, path and host are regexes that must match
-the *whole* value (RE2 full match in Envoy; Python's `re.fullmatch` here);
+the *whole* value, with RE2 semantics as in Envoy (`flagella.policy.api._re2`:
+linear time, no backtracking, the same program-size bound the proxy gets);
 ``:path`` includes the query string. ``headers`` entries are ``"Name: value"``
 (exact value) or ``"Name"`` (presence); header names are case-insensitive.
 Empty fields match anything; rules are ORed.
@@ -14,12 +15,10 @@ non-topic requests unless their api key carries topics.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from flagella.policy.api import HTTPRule, KafkaRule
+from flagella.policy.api import HTTPRule, KafkaRule, full_match
 from flagella.policy.mapstate import L7Policy
 
 
@@ -45,19 +44,10 @@ TOPIC_KEYS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 19, 20, 21, 23, 24, 27, 28, 3
 PARSED_KEYS = frozenset({0, 1, 2, 3, 8, 9})
 
 
-@lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
-def _full(pattern: str, value: str) -> bool:
-    return not pattern or _regex(pattern).fullmatch(value) is not None
-
-
 def http_rule_matches(rule: HTTPRule, req: HTTPRequest) -> bool:
-    if not (_full(rule.method, req.method) and _full(rule.path, req.path)):
+    if not (full_match(rule.method, req.method) and full_match(rule.path, req.path)):
         return False
-    if not _full(rule.host, req.host):
+    if not full_match(rule.host, req.host):
         return False
     headers = {k.lower(): v for k, v in req.headers.items()}
     for spec in rule.headers:

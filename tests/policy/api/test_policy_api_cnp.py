@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from flagella.errors import FieldError, PolicyValidationError
 from flagella.policy.api import (
     KAFKA_API_KEYS,
     KAFKA_ROLES,
+    RE2_MAX_PROGRAM_SIZE,
     CIDRRule,
     HTTPRule,
     ICMPField,
@@ -526,9 +528,30 @@ def test_one_l7_type_per_port_rule() -> None:
 def test_http_regex_must_compile() -> None:
     reasons = error_map(cnp(ingress(tcp("80", rules={"http": [{"path": "/a(", "method": "[", "host": "*"}]}))))
     base = "spec.ingress[0].toPorts[0].rules.http[0]"
-    assert reasons[f"{base}.path"].startswith("invalid regular expression '/a('")
-    assert reasons[f"{base}.method"].startswith("invalid regular expression")
-    assert reasons[f"{base}.host"].startswith("invalid regular expression")
+    assert reasons[f"{base}.path"].startswith("not a valid RE2 regex: missing )")
+    assert reasons[f"{base}.path"].endswith("(pattern '/a(')")
+    assert reasons[f"{base}.method"].startswith("not a valid RE2 regex")
+    assert reasons[f"{base}.host"].startswith("not a valid RE2 regex")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        (r"/(a)\1", "invalid escape sequence: \\1"),
+        ("/(?=admin)", "invalid perl operator: (?="),
+        ("/(?!admin).*", "invalid perl operator: (?!"),
+        ("/x(?<=x)", "invalid perl operator: (?<"),
+        ("/a{1001}", "invalid repetition size: {1001}"),
+        ("/[a-z]{1,600}", f"program size 1204 exceeds the limit of {RE2_MAX_PROGRAM_SIZE}"),
+    ],
+)
+def test_http_regex_must_be_re2(pattern: str, reason: str) -> None:
+    """Python's re accepts all of these; RE2 (Envoy's safe_regex) does not, so neither do we."""
+    re.compile(pattern)
+    reasons = error_map(cnp(ingress(tcp("80", rules={"http": [{"path": "/ok", "method": pattern}]}))))
+    base = "spec.ingress[0].toPorts[0].rules.http[0]"
+    assert f"{base}.path" not in reasons
+    assert reasons[f"{base}.method"].startswith(f"not a valid RE2 regex: {reason}")
 
 
 def test_kafka_rules_expand_roles_and_keys() -> None:

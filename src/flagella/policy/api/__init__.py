@@ -19,9 +19,13 @@ from flagella.policy.api._model import (
     Rule,
     Tier,
 )
+from flagella.policy.api._re2 import RE2_MAX_PROGRAM_SIZE, RegexError, full_match
 
 __all__ = [
     "PROTOCOL_NAMES",
+    "RE2_MAX_PROGRAM_SIZE",
+    "RegexError",
+    "full_match",
     "KAFKA_API_KEYS",
     "KAFKA_ROLES",
     "CIDRRule",

@@ -65,6 +65,7 @@ from flagella.policy.api._model import (
     Requirement,
     Rule,
 )
+from flagella.policy.api._re2 import RegexError, compile_re2
 
 # --------------------------------------------------------------------------
 # Constants of the policy language
@@ -630,9 +631,9 @@ def _parse_port(ctx: Ctx, value: object, path: str) -> PortProtocol | None:
 
 def _compile(ctx: Ctx, text: str, path: str) -> None:
     try:
-        re.compile(text)
-    except (re.error, RecursionError, OverflowError) as exc:
-        ctx.error(path, f"invalid regular expression {text!r}: {exc}")
+        compile_re2(text)
+    except RegexError as exc:
+        ctx.error(path, f"not a valid RE2 regex: {exc} (pattern {text!r})")
 
 
 def _parse_http(ctx: Ctx, value: object, path: str) -> HTTPRule:

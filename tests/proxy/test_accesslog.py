@@ -30,28 +30,27 @@ class _Server:
         self.records: list[L7Record] = []
         self.path = path
         self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.servicer = AccessLogServicer(self.records.append, lambda ip: IDENTITIES.get(str(ip), 2))
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._serve())
+        self.loop.run_forever()
 
-    async def _serve(self) -> None:
+    async def _start(self) -> None:
         self.server = grpc.aio.server()
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.servicer, self.server)
         self.server.add_insecure_port(f"unix://{self.path}")
         await self.server.start()
-        self.ready.set()
-        await self.server.wait_for_termination()
 
     def start(self) -> None:
         self.thread.start()
-        assert self.ready.wait(10)
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
 
     def stop(self) -> None:
+        # The loop keeps running until the server has stopped, then stops itself.
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
 

@@ -176,7 +176,8 @@ class EnvoyProcess:
     def admin(self, path: str, method: str = "GET") -> str:
         req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/{path}", method=method)
         with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 (loopback admin)
-            return resp.read().decode()
+            body: bytes = resp.read()
+            return body.decode()
 
     def stats(self, pattern: str = "") -> dict[str, int]:
         out = {}

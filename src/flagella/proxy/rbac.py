@@ -97,13 +97,18 @@ def peer_sets(ipcache: Mapping[IPNetwork, int]) -> dict[int, PeerSet]:
             other
             for other, owner in ipcache.items()
             if owner != ident
-            and any(
-                other.version == net.version and other != net and other.subnet_of(net)
-                for net in nets
-            )
+            and any(other != net and _inside(other, net) for net in nets)
         }
         out[ident] = PeerSet(tuple(sorted(nets, key=_net_order)), tuple(sorted(inside, key=_net_order)))
     return out
+
+
+def _inside(inner: IPNetwork, outer: IPNetwork) -> bool:
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False
 
 
 def _net_order(net: IPNetwork) -> tuple[int, int, int]:
@@ -157,7 +162,7 @@ class _Side:
         return self.negate(self.any())
 
     def negate(self, node: rbac_pb2.Permission | rbac_pb2.Principal) -> rbac_pb2.Permission | rbac_pb2.Principal:
-        return self.cls(not_rule=node) if self.egress else self.cls(not_id=node)  # type: ignore[call-arg]
+        return self.cls(not_rule=node) if self.egress else self.cls(not_id=node)
 
     def all_of(self, nodes: list[rbac_pb2.Permission | rbac_pb2.Principal]) -> rbac_pb2.Permission | rbac_pb2.Principal:
         if not nodes:

@@ -75,7 +75,8 @@ class AgentCore:
         enforcers: Sequence[Enforcer] = (),
         clock: Clock | None = None,
     ) -> None:
-        """``enforcers`` are added after the kernel datapath's (the xDS server's)."""
+        """``enforcers`` (the xDS server's) complete before the kernel datapath applies:
+        a port is redirected only once the proxy ACKed its listener and policy."""
         self.settings = settings
         self.dp = datapath
         self.state_dir = Path(settings.state_dir)
@@ -98,7 +99,7 @@ class AgentCore:
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
         self.kernel = DatapathEnforcer(datapath, settings.policy.proxy_port)
         self.pipeline = Pipeline(
-            [self.kernel, *enforcers], settings.regeneration, clock, on_change=self._endpoint_changed
+            [self.kernel], settings.regeneration, clock, on_change=self._endpoint_changed, first=enforcers
         )
         for ident, labels in reserved_identity_labels().items():
             self.engine.set_identity(ident, labels)

@@ -13,7 +13,7 @@ built from *every* endpoint's redirects:
 
 - CDS: the ``ORIGINAL_DST`` cluster;
 - LDS: the two transparent listeners (one filter chain per endpoint,
-  direction and redirected port);
+  direction and redirected port; a direction without chains has none);
 - ECDS: one RBAC `TypedExtensionConfig` per endpoint, direction and port.
 
 The completion resolves when every connected Envoy has ACKed the LDS and
@@ -114,6 +114,10 @@ class XdsEnforcer:
 
     def apply(self, endpoint: Endpoint, revision: int, policy: EndpointPolicy) -> Completion:
         entry = self._entry(endpoint, policy.ingress, policy.egress, self._peers())
+        if not entry.redirects:
+            # Nothing for the kernel to redirect: dropping the chains can come later.
+            asyncio.run_coroutine_threadsafe(self._publish(endpoint.id, None, None), self.loop)
+            return Completion.completed()
         completion = Completion()
         asyncio.run_coroutine_threadsafe(self._publish(endpoint.id, entry, completion), self.loop)
         return completion
@@ -148,10 +152,16 @@ class XdsEnforcer:
         entries = list(self._entries.values())
         ingress = [p.redirect for e in entries for p in e.ingress.ports]
         egress = [p.redirect for e in entries for p in e.egress.ports]
-        return {
-            INGRESS_LISTENER: transparent_listener(INGRESS_LISTENER, self.ports.ingress, ingress, ecds, self._access_log),
-            EGRESS_LISTENER: transparent_listener(EGRESS_LISTENER, self.ports.egress, egress, ecds, self._access_log),
-        }
+        out: dict[str, Message] = {}
+        # Envoy rejects a listener without filter chains: a direction without
+        # redirects has no listener (nothing is redirected to its port).
+        for name, port, redirects in (
+            (INGRESS_LISTENER, self.ports.ingress, ingress),
+            (EGRESS_LISTENER, self.ports.egress, egress),
+        ):
+            if redirects:
+                out[name] = transparent_listener(name, port, redirects, ecds, self._access_log)
+        return out
 
     def _filters(self) -> dict[str, Message]:
         out: dict[str, Message] = {}
@@ -173,13 +183,10 @@ class XdsEnforcer:
                     if self._on_redirects is not None:
                         self._on_redirects()
             # The filter configs first: a new chain finds its config already there.
-            self.server.set_resources(EXTENSION_CONFIG, self._filters())
-            self.server.set_resources(CLUSTER, {ORIGINAL_DST_CLUSTER: original_dst_cluster()})
-            self.server.set_resources(LISTENER, self._listeners())
+            self._push(EXTENSION_CONFIG, self._filters())
+            self._push(CLUSTER, {ORIGINAL_DST_CLUSTER: original_dst_cluster()})
+            self._push(LISTENER, self._listeners())
             if completion is None:
-                return
-            if entry is None or not entry.redirects:
-                completion.complete()
                 return
             error = await self._await_acks()
         except Exception as exc:  # the completion must learn of every failure
@@ -195,7 +202,12 @@ class XdsEnforcer:
         self._entries = {
             i: self._entry(e.endpoint, e.ingress_state, e.egress_state, peers) for i, e in self._entries.items()
         }
-        self.server.set_resources(EXTENSION_CONFIG, self._filters())
+        self._push(EXTENSION_CONFIG, self._filters())
+
+    def _push(self, type_url: str, resources: Mapping[str, Message]) -> None:
+        # The server's own completion (per change) is not ours: `_await_acks` checks
+        # the node's ACKed versions, which also covers an Envoy that connects later.
+        self.server.set_resources(type_url, resources).add_done_callback(_retrieve)
 
     async def _await_acks(self) -> str | None:
         """Wait until every connected node ACKed the current listeners and filters;
@@ -234,3 +246,8 @@ class XdsEnforcer:
                 if t.version_acked != want:
                     waiting.append(f"{row.node} has not ACKed {url.rsplit('.', 1)[-1]} {want[:12]}")
         return "; ".join(waiting)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,9 @@ class AgentCore:
         self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
         self.kernel = DatapathEnforcer(datapath, settings.policy.proxy_port)
+        #: Called with the whole desired ipcache after every ipcache write (the node
+        #: proxy's peer sets follow identities and addresses through it).
+        self.ipcache_listeners: list[Callable[[Mapping[IPNetwork, int]], None]] = []
         self.pipeline = Pipeline(
             [self.kernel], settings.regeneration, clock, on_change=self._endpoint_changed, first=enforcers
         )
@@ -428,7 +431,10 @@ class AgentCore:
     def _write_ipcache(self, prefixes: Iterable[IPNetwork]) -> None:
         """Make these ipcache entries what the full desired ipcache says (an endpoint's
         own address wins over a policy CIDR that names it exactly)."""
-        self.kernel.set_ipcache(self.desired_ipcache(), prefixes)
+        desired = self.desired_ipcache()
+        self.kernel.set_ipcache(desired, prefixes)
+        for listener in self.ipcache_listeners:
+            listener(desired)
 
     def _ipcache_endpoint(self, ep: Endpoint) -> None:
         self._write_ipcache(ipaddress.ip_network(a) for a in ep.addresses())

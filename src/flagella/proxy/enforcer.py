@@ -32,8 +32,10 @@ HTTP redirects: the agent starts Envoy then.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -91,7 +93,7 @@ class XdsEnforcer:
     def __init__(
         self,
         server: XdsServer,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop | None,
         peers: Callable[[], Mapping[int, PeerSet]],
         ports: ProxyPorts = ProxyPorts(),
         legacy_host_allows_world: bool = False,
@@ -101,6 +103,9 @@ class XdsEnforcer:
     ) -> None:
         self.server = server
         self.loop = loop
+        # Publications asked for before the xDS server's loop exists (agent restore).
+        self._backlog: list[Coroutine[Any, Any, None]] = []
+        self._backlog_lock = threading.Lock()
         self.ports = ports
         self._peers = peers
         self._wildcards = (HOST_IDENTITY, WORLD_IDENTITY) if legacy_host_allows_world else (HOST_IDENTITY,)
@@ -110,25 +115,40 @@ class XdsEnforcer:
         self._entries: dict[int, _Entry] = {}  # touched on the loop only
         self._ever_redirected = False
 
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The xDS server runs on ``loop`` now: publish what waited for it."""
+        with self._backlog_lock:
+            self.loop, backlog, self._backlog = loop, self._backlog, []
+        for coro in backlog:
+            asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        with self._backlog_lock:
+            if self.loop is None:
+                self._backlog.append(coro)
+                return
+            loop = self.loop
+        asyncio.run_coroutine_threadsafe(coro, loop)
+
     # -- the Enforcer seam (any thread) ----------------------------------------------
 
     def apply(self, endpoint: Endpoint, revision: int, policy: EndpointPolicy) -> Completion:
         entry = self._entry(endpoint, policy.ingress, policy.egress, self._peers())
         if not entry.redirects:
             # Nothing for the kernel to redirect: dropping the chains can come later.
-            asyncio.run_coroutine_threadsafe(self._publish(endpoint.id, None, None), self.loop)
+            self._run(self._publish(endpoint.id, None, None))
             return Completion.completed()
         completion = Completion()
-        asyncio.run_coroutine_threadsafe(self._publish(endpoint.id, entry, completion), self.loop)
+        self._run(self._publish(endpoint.id, entry, completion))
         return completion
 
     def remove(self, endpoint: Endpoint) -> None:
-        asyncio.run_coroutine_threadsafe(self._publish(endpoint.id, None, None), self.loop)
+        self._run(self._publish(endpoint.id, None, None))
 
     def refresh_peers(self) -> None:
         """Identities or the ipcache changed: recompute every RBAC config (ECDS only)."""
         peers = self._peers()
-        asyncio.run_coroutine_threadsafe(self._refresh(peers), self.loop)
+        self._run(self._refresh(peers))
 
     def redirect_count(self) -> int:
         return sum(e.redirects for e in list(self._entries.values()))

@@ -252,6 +252,14 @@ class EnvoySupervisor:
                 log.error("envoy-start-failed", error=str(exc))
                 delay = min(delay * 2, self.backoff_max_s)
 
+    async def detach(self) -> None:
+        """Stop watching and leave Envoy running (it keeps its last config)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:

@@ -10,6 +10,7 @@ from typing import Any
 from typer.testing import CliRunner
 
 from flagella.agent.core import AgentCore
+from flagella.agent.proxy import NodeProxy
 from flagella.agent.server import AgentServer
 from flagella.agent.settings import AgentSettings
 from flagella.cli import app
@@ -27,9 +28,14 @@ class InProcessAgent:
         self.settings = AgentSettings(
             state_dir=str(tmp), metrics_addr="", socket=str(tmp / "agent.sock"), **settings
         )
-        self.core = AgentCore(self.settings, self.dp, enforcers=[enforcer] if enforcer else [])
+        # With ``proxy=ProxySettings(enabled=True, ...)``: the node proxy, as the agent composes it.
+        self.proxy = NodeProxy(self.settings) if self.settings.proxy.enabled else None
+        enforcers = [enforcer] if enforcer else [self.proxy.enforcer] if self.proxy else []
+        self.core = AgentCore(self.settings, self.dp, enforcers=enforcers)
+        if self.proxy is not None:
+            self.core.ipcache_listeners.append(self.proxy.set_ipcache)
         self.core.restore()
-        self.server = AgentServer(self.core)
+        self.server = AgentServer(self.core, proxy=self.proxy)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         ready = threading.Event()

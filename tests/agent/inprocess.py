@@ -22,9 +22,10 @@ from flagella.errors import AgentUnavailable
 class InProcessAgent:
     """The agent over the in-memory datapath, serving its real socket from a thread."""
 
-    def __init__(self, tmp: Path, enforcer: Any = None, **settings: Any) -> None:
+    def __init__(self, tmp: Path, enforcer: Any = None, dp: MemoryDatapath | None = None, **settings: Any) -> None:
+        """``dp``: the datapath twin of a previous agent (a restart: its pods still exist)."""
         self.envoy = enforcer
-        self.dp = MemoryDatapath()
+        self.dp = dp if dp is not None else MemoryDatapath()
         self.settings = AgentSettings(
             state_dir=str(tmp), metrics_addr="", socket=str(tmp / "agent.sock"), **settings
         )
@@ -60,6 +61,10 @@ class InProcessAgent:
         return CliRunner().invoke(app, [*args, "--socket", self.settings.socket_path])
 
     def close(self) -> None:
+        """Stop the agent (idempotent: a test may stop it before its fixture does)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self.thread.join()

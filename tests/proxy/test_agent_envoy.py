@@ -30,6 +30,7 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 
 from flagella.agent.settings import NetworkSettings, ProxySettings
 from flagella.cli._client import stream
+from flagella.datapath.port import MemoryDatapath
 from flagella.endpoint import State
 from flagella.proxy import listeners as L
 from flagella.proxy.envoy import free_port
@@ -54,13 +55,20 @@ def wait_for(predicate: Any, timeout: float = 20.0, what: str = "") -> Any:
     raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[InProcessAgent]:
-    proxy = ProxySettings(
+def proxy_settings() -> ProxySettings:
+    return ProxySettings(
         enabled=True, ingress_port=free_port(), egress_port=free_port(),
         envoy_base_id=next(_base_ids), admin_port=free_port(), envoy_wait_s=20,
     )
-    a = InProcessAgent(tmp_path, network=NetworkSettings(ipv4_cidr="127.0.1.0/24", ipv6_cidr=""), proxy=proxy)
+
+
+def start_agent(tmp: Path, proxy: ProxySettings, dp: MemoryDatapath | None = None) -> InProcessAgent:
+    return InProcessAgent(tmp, dp=dp, network=NetworkSettings(ipv4_cidr="127.0.1.0/24", ipv6_cidr=""), proxy=proxy)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[InProcessAgent]:
+    a = start_agent(tmp_path, proxy_settings())
     try:
         for name, labels in (
             ("deathstar", "org=empire,class=deathstar"),
@@ -85,8 +93,9 @@ def test_policy_import_wait_returns_after_envoy_acked(agent: InProcessAgent, ups
     revision = int(r.stdout.split()[-1])
     ds, tie, xwing = (agent.core.find(n) for n in ("deathstar", "tiefighter", "xwing"))
     assert ds.state == State.READY and ds.policy_revision >= revision
-    envoy = agent.proxy.supervisor.process
-    assert envoy is not None and envoy.running  # started by the first redirect
+    # Started by the first redirect (ACKs may come before its admin says LIVE).
+    envoy = wait_for(lambda: agent.proxy is not None and agent.proxy.supervisor.process, what="Envoy")
+    assert envoy.running
     assert oct(os.stat(agent.settings.xds_socket_path).st_mode & 0o777) == "0o660"
 
     # `proxy status`: the node ACKed what the agent sent.
@@ -133,8 +142,8 @@ def test_policy_import_wait_returns_after_envoy_acked(agent: InProcessAgent, ups
 def test_envoy_crash_is_restarted_and_gets_the_whole_config(agent: InProcessAgent, upstream: int) -> None:  # noqa: F811
     assert agent.proxy is not None
     assert agent.cli("policy", "import", "--wait", "--timeout", "60", L3L4L7).exit_code == 0
-    first = agent.proxy.supervisor.process
-    assert first is not None and first.proc is not None
+    first = wait_for(lambda: agent.proxy is not None and agent.proxy.supervisor.process, what="Envoy")
+    assert first.proc is not None
     os.killpg(first.proc.pid, signal.SIGKILL)
     second = wait_for(
         lambda: agent.proxy is not None and agent.proxy.supervisor.process is not first
@@ -145,6 +154,46 @@ def test_envoy_crash_is_restarted_and_gets_the_whole_config(agent: InProcessAgen
     ds = agent.core.find("deathstar")
     assert L.filter_name(ds.id, False, 80) in json.dumps(second.config_dump())
     assert active_listeners(second.config_dump()) == {"flagella-ingress"}
+
+
+def test_agent_restart_keeps_l7_verdicts_and_resyncs(tmp_path: Path, agent: InProcessAgent,
+                                                     upstream: int) -> None:  # noqa: F811
+    assert agent.proxy is not None
+    assert agent.cli("policy", "import", "--wait", "--timeout", "60", L3L4L7).exit_code == 0
+    envoy = wait_for(lambda: agent.proxy is not None and agent.proxy.supervisor.process, what="Envoy")
+    ds, tie = agent.core.find("deathstar"), agent.core.find("tiefighter")
+    name, tie_ip = L.filter_name(ds.id, False, 80), str(tie.ipv4)
+    port = test_listener(agent, name, upstream)
+    assert curl_method(port, "/v1/exhaust-port", tie_ip, "PUT") == (403, L.DENIED_BODY)
+    assert curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 200
+    agent.close()  # the agent is gone; Envoy keeps its last config and verdicts
+    try:
+        assert envoy.running
+        assert curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 200
+        assert curl_method(port, "/v1/exhaust-port", tie_ip, "PUT") == (403, L.DENIED_BODY)
+
+        again = start_agent(tmp_path, agent.settings.proxy, agent.dp)  # same state dir, sockets, pods
+        try:
+            assert again.proxy is not None
+            wait_for(lambda: again.proxy is not None and again.proxy.adopted, what="the running Envoy adopted")
+            assert again.proxy.supervisor.process is None  # no second Envoy
+            port = test_listener(again, name, upstream)
+            wait_for(lambda: again.proxy is not None and again.proxy.enforcer.sync_state() == "", what="resync")
+            assert active_listeners(envoy.config_dump()) == {"flagella-ingress", "flagella-test"}
+            assert curl_method(port, "/v1/exhaust-port", tie_ip, "PUT") == (403, L.DENIED_BODY)
+            # A policy change after the restart applies.
+            more = tmp_path / "exhaust.yaml"
+            more.write_text(Path(L3L4L7).read_text().replace(
+                "path: /v1/request-landing", "path: /v1/request-landing\n        - method: PUT\n          path: /v1/exhaust-port"
+            ))
+            r = again.cli("policy", "import", "--wait", "--timeout", "60", str(more))
+            assert r.exit_code == 0, r.output
+            assert curl_method(port, "/v1/exhaust-port", tie_ip, "PUT")[0] == 200
+            assert envoy.running  # the same Envoy throughout
+        finally:
+            again.close()
+    finally:
+        envoy.stop()
 
 
 def test_listener(agent: InProcessAgent, filter_name: str, upstream_port: int) -> int:

@@ -21,9 +21,11 @@ started on the agent's loop with the API:
 - each L7 record becomes a monitor event (``type: l7``, with the
   `format_l7` line) and counts in ``flagella_policy_l7_total{rule}``.
 
-Envoy is left running when the agent stops (it keeps enforcing its last
-config, and resyncs when an agent is back); a new agent adopts nothing yet
-and starts its own when it needs one.
+Envoy is left running when the agent stops: it keeps enforcing its last
+config, and its ADS stream reconnects to the next agent, which resyncs it.
+That agent *adopts* the running Envoy (its admin port answers with our node
+id) instead of starting a second one on the same base id and ports, and
+watches it: when it goes away, the supervisor starts a new one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -87,6 +91,7 @@ class NodeProxy(Collector):
         #: Where L7 records go besides the metric (the agent's monitor subscribers).
         self.sinks: list[Callable[[dict[str, Any]], None]] = []
         self._envoy_task: asyncio.Task[None] | None = None
+        self.adopted = False
 
     # -- wiring --------------------------------------------------------------------
 
@@ -124,20 +129,43 @@ class NodeProxy(Collector):
         p = self.settings.proxy
         workdir = Path(self.settings.state_dir) / "envoy"
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return EnvoyProcess(bootstrap(self.node_id, self.socket, p.admin_port), p.envoy_base_id, workdir=workdir)
+        return EnvoyProcess(
+            bootstrap(self.node_id, self.socket, p.admin_port), p.envoy_base_id, workdir=workdir, detached=True
+        )
 
     def _want_envoy(self) -> None:
         """On the xDS loop: the first HTTP redirect appeared."""
         if self._envoy_task is None and self.supervisor.process is None:
             self._envoy_task = asyncio.get_running_loop().create_task(self._start_envoy())
 
-    async def _start_envoy(self) -> None:
+    def _running_envoy(self) -> bool:
+        """An Envoy of ours (a previous agent's) answers on the admin port."""
+        url = f"http://127.0.0.1:{self.settings.proxy.admin_port}/server_info"
         try:
-            await self.supervisor.start()
-            log.info("envoy-started", admin_port=self.settings.proxy.admin_port)
-        except Exception as exc:  # reported in the endpoints' state by the enforcer
-            log.error("envoy-start-failed", error=str(exc))
-            self._envoy_task = None
+            with urllib.request.urlopen(url, timeout=1) as r:
+                info = json.loads(r.read())
+        except (OSError, ValueError):
+            return False
+        return bool(info.get("node", {}).get("id") == self.node_id)
+
+    async def _start_envoy(self) -> None:
+        if await asyncio.to_thread(self._running_envoy):
+            self.adopted = True
+            log.info("envoy-adopted", admin_port=self.settings.proxy.admin_port)
+            while await asyncio.to_thread(self._running_envoy):
+                await asyncio.sleep(0.5)
+            self.adopted = False
+            log.warning("envoy-adopted-exited")
+        delay = 0.5
+        while True:
+            try:
+                await self.supervisor.start()
+                log.info("envoy-started", admin_port=self.settings.proxy.admin_port)
+                return
+            except Exception as exc:  # endpoints show "no Envoy connected" meanwhile
+                log.error("envoy-start-failed", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     # -- lifecycle (on the agent's loop) ---------------------------------------------------
 
@@ -145,13 +173,14 @@ class NodeProxy(Collector):
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         await self.server.start()
         self.enforcer.bind(asyncio.get_running_loop())
-        if self.settings.proxy.start_at_agent_start:
+        if self.settings.proxy.start_at_agent_start or await asyncio.to_thread(self._running_envoy):
             self._want_envoy()
 
     async def stop(self, stop_envoy: bool = False) -> None:
         """Stop serving xDS; Envoy keeps its last config unless ``stop_envoy``."""
-        if self._envoy_task is not None:
-            with contextlib.suppress(Exception):
+        if self._envoy_task is not None and not self._envoy_task.done():
+            self._envoy_task.cancel()  # adopting or (re)trying a start
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._envoy_task
         if stop_envoy:
             await self.supervisor.stop()

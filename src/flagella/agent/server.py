@@ -53,6 +53,8 @@ from flagella.errors import FlagellaError, InputError
 from flagella.policy.api import PROTOCOL_NAMES, Policy
 from flagella.policy.query import parse_named_ports, parse_query
 from flagella.policy.trace import TraceQuery, Tracer
+from flagella.xds.server import XdsServer
+from flagella.xds.status import rows_to_json
 
 log = structlog.get_logger("flagella.agent")
 
@@ -66,6 +68,7 @@ class AgentServer:
     started: float = field(default_factory=time.time)
     clock: Clock = field(default_factory=MonotonicClock)
     connections: int = 0
+    xds: XdsServer | None = None  # started and stopped with the agent when set
 
     def __post_init__(self) -> None:
         s = self.core.settings
@@ -109,6 +112,7 @@ class AgentServer:
                 key=lambda r: r["prefix"],
             ),
             "bpf.metrics": lambda p: self.bpf_metrics(),
+            "proxy.status": lambda p: rows_to_json(self.xds.status()) if self.xds else [],
         }
 
     # -- handlers -----------------------------------------------------------------
@@ -386,6 +390,8 @@ class AgentServer:
             os.unlink(path)
         server = await self.start_api(path)
         start_metrics(self.core, lambda: self.controllers)
+        if self.xds is not None:
+            await self.xds.start()
         tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
         if stop is None:
@@ -398,6 +404,8 @@ class AgentServer:
             await stop.wait()
         for t in tasks:
             t.cancel()
+        if self.xds is not None:
+            await self.xds.stop()
         self.trace_worker.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

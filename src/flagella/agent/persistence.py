@@ -2,7 +2,7 @@
 
 Endpoint records have their own store (`flagella.endpoint.store`); identities
 live in the allocator's backend. Every write goes to a temporary file, is
-fsynced and renamed over the old one, so a crash leaves the old file or the new
+fsynced and renamed over the old one (mode 0600: state names every pod and policy), so a crash leaves the old file or the new
 one, never a torn one. A missing file reads as its default.
 """
 
@@ -27,7 +27,7 @@ class StateFiles:
     def write(self, name: str, obj: Any) -> None:
         path = self.dir / name
         tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(obj, f, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())

@@ -383,3 +383,28 @@ def test_restore_overwrites_labels_an_older_agent_let_a_pod_forge(tmp_path, dp):
     assert labels is not None
     assert [x.value for x in labels if x.key == "io.kubernetes.pod.namespace"] == ["lbl"]
     assert dp.endpoints[restored.ifindex].identity == admin.identity
+
+
+def test_endpoint_ids_are_never_reused_even_across_restarts(tmp_path, dp):
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    a = core.create_endpoint("a", labels={"app": "a"})
+    b = core.create_endpoint("b", labels={"app": "b"})
+    core.delete_endpoint(b.id)
+    core.delete_endpoint(a.id)
+    c = core.create_endpoint("c", labels={"app": "c"})
+    assert c.id > b.id > a.id, (a.id, b.id, c.id)
+    core.delete_endpoint(c.id)  # no endpoint left: only the persisted counter remembers
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    again.restore()
+    d = again.create_endpoint("d", labels={"app": "d"})
+    assert d.id > c.id, (c.id, d.id)
+
+
+def test_endpoint_delete_forgets_its_fragment_entries(core, dp):
+    ds, tf, _ = starwars(core)
+    other = ipaddress.ip_address("10.244.9.9")
+    dp.frags = [(ds.id, ds.ipv4, other), (tf.id, ds.ipv4, tf.ipv4), (tf.id, other, tf.ipv4)]
+    core.delete_endpoint(ds.id)
+    # Its own entries, and another endpoint's that name its address, are gone.
+    assert dp.frags == [(tf.id, other, tf.ipv4)]

@@ -184,10 +184,12 @@ class AgentCore:
     # -- endpoints ----------------------------------------------------------------
 
     def _next_endpoint_id(self) -> int:
+        """Ids are never reused while the state dir lives: the next is above every id handed
+        out before (recorded in ``endpoint_ids.json``), so a new endpoint cannot inherit kernel
+        state keyed by an old one's id (conntrack, fragments, policy counters)."""
         used = set(self.endpoints) | {ep.id for ep in self.store.load_all()}
-        n = 1
-        while n in used:
-            n += 1
+        n = max([self.files.load_last_endpoint_id(), *used]) + 1
+        self.files.save_last_endpoint_id(n)
         return n
 
     def _security_labels(self, ep: Endpoint) -> LabelSet:
@@ -325,7 +327,7 @@ class AgentCore:
         if ep.ifindex:
             self.dp.detach(ep.ifindex)
         self.pipeline.remove(ep)  # every enforcer forgets it (the kernel: row and policy)
-        self.kernel.purge_flows(ep.id, ep.addresses())
+        self.kernel.purge_flows(ep.id, ep.addresses())  # conntrack and fragments
         self.dp.remove_pod(ep.netns)
         affected: set[int] = set()
         if ep.identity and ep.state != State.INIT:

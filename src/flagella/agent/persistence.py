@@ -18,6 +18,7 @@ __all__ = ["StateFiles"]
 
 POLICIES = "policies.json"
 NAMESPACES = "namespaces.json"
+ENDPOINT_IDS = "endpoint_ids.json"
 
 
 class StateFiles:
@@ -51,3 +52,9 @@ class StateFiles:
 
     def load_namespaces(self) -> dict[str, dict[str, str]]:
         return {str(k): dict(v) for k, v in self.read(NAMESPACES, {}).items()}
+
+    def save_last_endpoint_id(self, n: int) -> None:
+        self.write(ENDPOINT_IDS, {"last": n})
+
+    def load_last_endpoint_id(self) -> int:
+        return int(self.read(ENDPOINT_IDS, {}).get("last", 0))

@@ -248,3 +248,40 @@ def monitor_l7(agent: InProcessAgent, lines: list[str]) -> None:
     for ev in stream(agent.settings.socket_path, "monitor", {"type": "l7"}):
         lines.append(format_event(ev))
 
+
+
+def test_a_nack_shows_in_proxy_status_and_the_previous_config_keeps_enforcing(
+    agent: InProcessAgent, upstream: int, tmp_path: Path  # noqa: F811
+) -> None:
+    """Envoy is started with a tiny RE2 program-size limit, so a path regex the policy
+    parser accepts is one Envoy rejects: a real NACK of a real agent publication."""
+    assert agent.proxy is not None
+    make = agent.proxy.supervisor.make
+
+    def strict_re2() -> Any:
+        proc = make()
+        proc.config["layered_runtime"]["layers"][0]["static_layer"]["re2.max_program_size.error_level"] = 100
+        return proc
+
+    agent.proxy.supervisor.make = strict_re2
+    assert agent.cli("policy", "import", "--wait", "--timeout", "60", L3L4L7).exit_code == 0
+    ds, tie = agent.core.find("deathstar"), agent.core.find("tiefighter")
+    port = test_listener(agent, L.filter_name(ds.id, False, 80), upstream)
+    tie_ip = str(tie.ipv4)
+    assert curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 200
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(L3L4L7).read_text().replace(
+        "path: /v1/request-landing", "path: /v1/(request-landing|[a-z]+-port/[0-9]{1,8}){1,9}"
+    ))
+    r = agent.cli("policy", "import", "--wait", "--timeout", "5", str(bad))
+    assert r.exit_code == 1, r.output
+    assert "not-ready" in r.output and "nack from flagella-node" in r.output, r.output
+    got = json.loads(agent.cli("endpoint", "get", "deathstar").output)
+    assert got["state"] == "not-ready" and "program size" in got["state_reason"].lower(), got
+    rows = json.loads(agent.cli("proxy", "status", "--output", "json").output)
+    ecds = [t for row in rows for t in row["types"] if t["type_url"].endswith("TypedExtensionConfig")]
+    assert ecds and "program size" in ecds[0]["last_error"].lower(), ecds
+    # Envoy keeps the config it had: the old rule still decides.
+    assert curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 200
+    assert curl_method(port, "/v1/exhaust-port/1", tie_ip, "PUT") == (403, L.DENIED_BODY)

@@ -124,6 +124,83 @@ def test_sync_repairs_drift_and_counts_it(core, dp):
     assert core.sync_all() == 0
 
 
+def test_sync_reattaches_detached_programs_and_counts_it(core, dp):
+    ds, tf, _ = starwars(core)
+    assert core.sync_all() == 0
+    dp.detach(ds.ifindex)  # `tc filter del`, `bpftool link detach`: enforcement is off
+    assert core.sync_all() == 2
+    assert ds.ifindex in dp.attached
+    assert core.stats.attach_repairs == {"from_pod": 1, "to_pod": 1}
+    assert core.status()["attach_repairs"] == {"from_pod": 1, "to_pod": 1}
+    assert core.sync_all() == 0
+
+
+def test_pod_netns_names_never_collide(core, dp):
+    """``b-c`` in ``x`` and ``c`` in ``x-b`` were both ``x-b-c``: the second took the first over."""
+    first = core.create_endpoint("b-c", namespace="x", labels={"app": "one"})
+    second = core.create_endpoint("c", namespace="x-b", labels={"app": "two"})
+    assert first.netns != second.netns and first.ifindex != second.ifindex
+    assert dp.pods[first.netns].ipv4 == first.ipv4 and dp.pods[second.netns].ipv4 == second.ipv4
+    core.delete_endpoint("x-b/c")
+    assert first.netns in dp.pods and core.find("x/b-c").state == State.READY
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name"),
+    [("x", "b-c"), ("x-b", "c"), ("x.b", "c"), ("a" * 63, "b" * 63), ("a" * 63, "b" * 62 + "c")],
+)
+def test_pod_netns_name_is_a_valid_netns_name(namespace, name):
+    from flagella.datapath.port import pod_netns_name
+
+    got = pod_netns_name(namespace, name)
+    assert 1 <= len(got) <= 64 and got.count("_") in (1, 3)
+
+
+def test_pod_netns_name_is_injective_on_dns_labels():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from flagella.datapath.port import pod_netns_name
+
+    label = st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?", fullmatch=True)
+
+    @given(label, label, label, label)
+    def check(ns1, n1, ns2, n2):
+        if (ns1, n1) != (ns2, n2):
+            assert pod_netns_name(ns1, n1) != pod_netns_name(ns2, n2)
+
+    check()
+
+
+def test_create_refuses_a_netns_it_did_not_make_and_touches_nothing(core, dp):
+    from flagella.datapath.port import pod_netns_name
+
+    dp.foreign.add(pod_netns_name("default", "web"))
+    records_before = {e.id for e in core.store.load_all()}
+    identities_before = dict(core.allocator.all())
+    with pytest.raises(InputError, match="already exists"):
+        core.create_endpoint("web", labels={"app": "web"})
+    assert not core.endpoints and not dp.pods
+    assert {e.id for e in core.store.load_all()} == records_before
+    assert dict(core.allocator.all()) == identities_before
+
+
+def test_restart_finds_pods_by_their_recorded_netns(tmp_path, dp):
+    """Records written before the naming change (``<ns>-<name>``) keep their pods."""
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    ds = core.create_endpoint("deathstar", labels={"class": "deathstar"})
+    old = "default-deathstar"
+    pod = dp.pods.pop(ds.netns)
+    dp.pods[old] = pod.__class__(old, pod.host_ifname, pod.ifindex, pod.ipv4, pod.ipv6)
+    ds.netns = old
+    core.store.save(ds)
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    report = again.restore()
+    assert report["restored"] == 1 and report["removed"] == 0
+    assert again.find("deathstar").netns == old and old in dp.pods
+
+
 def test_restart_restores_endpoints_policies_and_identities(tmp_path, dp):
     core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
     core.restore()
@@ -155,10 +232,10 @@ def test_crash_during_create_is_undone_on_restart(tmp_path, dp, monkeypatch):
     with pytest.raises(Killed):
         core.create_endpoint("probe", labels={"app": "probe"})
     monkeypatch.undo()
-    assert "default-probe" in dp.pods
+    assert "default_probe" in dp.pods
     again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
     report = again.restore()
-    assert "default-probe" not in dp.pods
+    assert "default_probe" not in dp.pods
     assert report["removed"] == 1
     assert {e.name for e in again.endpoints.values()} == {"deathstar", "tiefighter", "xwing"}
     assert not any(k.ep_id == 4 for k in dp.policy)
@@ -171,7 +248,7 @@ def test_pods_of_another_agent_are_left_alone(tmp_path, dp):
     core.create_endpoint("mine", labels={"app": "mine"})
     again = AgentCore(AgentSettings(state_dir=str(tmp_path / "a")), dp)
     again.restore()
-    assert "other-agents-pod" in dp.pods and "default-mine" in dp.pods
+    assert "other-agents-pod" in dp.pods and "default_mine" in dp.pods
 
 
 def test_a_policy_cidr_naming_a_pod_address_keeps_the_pod_identity(core, dp):

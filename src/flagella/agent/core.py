@@ -28,9 +28,9 @@ import structlog
 
 from flagella.agent.settings import AgentSettings
 from flagella.datapath.desired import PolicyKey, PolicyValue, diff, policy_entries
-from flagella.datapath.port import Datapath, EndpointRow, IPNetwork
+from flagella.datapath.port import Datapath, EndpointRow, IPNetwork, pod_netns_name
 from flagella.endpoint import Endpoint, EndpointStore, State
-from flagella.errors import FieldError, InputError, PolicyValidationError
+from flagella.errors import DatapathError, FieldError, InputError, PolicyValidationError
 from flagella.identity import Allocator, SQLiteBackend
 from flagella.identity._allocator import Backend
 from flagella.ipcache import desired_ipcache
@@ -60,6 +60,7 @@ class Stats:
     regenerations: Tally[str] = field(default_factory=Tally)
     import_errors: int = 0
     repairs: Tally[str] = field(default_factory=Tally)
+    attach_repairs: Tally[str] = field(default_factory=Tally)  # by program
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -229,7 +230,8 @@ class AgentCore:
             ipv6=v6,
             named_ports={k: [tuple(p) for p in v] for k, v in (named_ports or {}).items()},  # type: ignore[misc]
         )
-        ep.netns = f"{namespace}-{name}" if len(f"{namespace}-{name}") <= 64 else f"ep{ep.id}"
+        ep.netns = pod_netns_name(namespace, name)
+        self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
         self.store.save(ep)  # intent first: a crash from here on is undone by restore
         ep.set_state(State.WAITING_FOR_IDENTITY)
         ep.identity = self.allocator.allocate(self._security_labels(ep))
@@ -528,7 +530,25 @@ class AgentCore:
         finally:
             if writing:  # a repair can change verdicts: cached ones are checked again
                 self.dp.bump_generation()
-        return repairs
+        return repairs + self._sync_attachments(count)
+
+    def _sync_attachments(self, count: bool) -> int:
+        """Reattach the programs of every endpoint where they no longer run (a filter
+        deleted with tc, a link detached with bpftool); return how many were."""
+        repaired, failed = 0, []
+        for ep in self.endpoints.values():
+            try:
+                fixed = self.dp.attach(ep.ifindex)
+            except DatapathError as exc:
+                failed.append(f"endpoint {ep.id} (ifindex {ep.ifindex}): {exc}")
+                continue
+            if fixed and count:
+                self.stats.attach_repairs.update(fixed)
+                log.warning("attachment-repaired", endpoint=ep.id, ifindex=ep.ifindex, programs=fixed)
+            repaired += len(fixed)
+        if failed:
+            raise DatapathError("reattaching programs failed: " + "; ".join(failed))
+        return repaired
 
     def ct_gc(self, tcp: bool = True) -> int:
         """Delete expired conntrack entries (with ``tcp=False``, only non-TCP ones).
@@ -562,6 +582,7 @@ class AgentCore:
             "revision": self.engine.revision,
             "identities": len(self.allocator.all()),
             "repairs": dict(self.stats.repairs),
+            "attach_repairs": dict(self.stats.attach_repairs),
             "regenerations": dict(self.stats.regenerations),
         }
 

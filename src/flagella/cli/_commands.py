@@ -96,6 +96,7 @@ def status(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
                 f"Identities: {r['identities']}",
                 f"Controller Status: {healthy}/{len(ctl)} healthy",
                 f"Map repairs: {sum(r['repairs'].values())}",
+                f"Attachment repairs: {sum(r.get('attach_repairs', {}).values())}",
             ]
         )
 

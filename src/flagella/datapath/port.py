@@ -10,15 +10,31 @@ real traffic.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from flagella.datapath.desired import PolicyKey, PolicyValue
+from flagella.errors import InputError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def pod_netns_name(namespace: str, name: str) -> str:
+    """The netns of pod ``namespace/name`` (both DNS labels: no ``_``); distinct pods get
+    distinct names.
+
+    ``<namespace>_<name>``, or, when that exceeds 64 characters (a netns name's limit
+    here), both truncated plus ``__`` and a hash of the pair: two underscores, so a long
+    name never equals a short one."""
+    short = f"{namespace}_{name}"
+    if len(short) <= 64:
+        return short
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:16]
+    return f"{namespace[:20]}_{name[:20]}__{digest}"
 
 
 @dataclass(frozen=True)
@@ -78,11 +94,19 @@ class Datapath(Protocol):
     def ensure_pod(
         self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None
     ) -> PodInfo: ...
+    def check_pod_name(self, name: str) -> None:
+        """Raise an `InputError` when a netns or host veth of this name already exists."""
+        ...
+
     def remove_pod(self, name: str) -> None: ...
     def list_pods(self) -> list[PodInfo]: ...
     def host_addresses(self) -> list[IPAddress]: ...
 
-    def attach(self, ifindex: int) -> None: ...
+    def attach(self, ifindex: int) -> list[str]:
+        """Make both programs run on ``ifindex`` (check and repair); return the programs
+        (``from_pod``, ``to_pod``) that were missing and are attached now."""
+        ...
+
     def detach(self, ifindex: int) -> None: ...
 
     def bump_generation(self) -> None:
@@ -105,6 +129,7 @@ class MemoryDatapath:
         self.policy: dict[PolicyKey, PolicyValue] = {}
         self.ipcache: dict[IPNetwork, int] = {}
         self.pods: dict[str, PodInfo] = {}
+        self.foreign: set[str] = set()  # netns names made by someone else (tests)
         self.attached: set[int] = set()
         self.ct: list[CTRow] = []
         self.events: list[dict[str, object]] = []
@@ -130,6 +155,10 @@ class MemoryDatapath:
         self.pods[name] = pod
         return pod
 
+    def check_pod_name(self, name: str) -> None:
+        if name in self.pods or name in self.foreign:
+            raise InputError(f"pod {name}: network namespace {name!r} already exists")
+
     def remove_pod(self, name: str) -> None:
         self.pods.pop(name, None)
 
@@ -139,8 +168,11 @@ class MemoryDatapath:
     def host_addresses(self) -> list[IPAddress]:
         return list(self.host)
 
-    def attach(self, ifindex: int) -> None:
+    def attach(self, ifindex: int) -> list[str]:
+        if ifindex in self.attached:
+            return []
         self.attached.add(ifindex)
+        return ["from_pod", "to_pod"]
 
     def detach(self, ifindex: int) -> None:
         self.attached.discard(ifindex)

@@ -423,9 +423,9 @@ class AgentCore:
 
     def desired_policy(self, ep: Endpoint) -> tuple[dict[PolicyKey, PolicyValue], EndpointRow]:
         pol = self.engine.policy(ep.id)
-        port = self.settings.policy.proxy_port
-        ingress, imask = policy_entries(ep.id, pol.ingress, False, port)
-        egress, emask = policy_entries(ep.id, pol.egress, True, port)
+        ports = self.settings.proxy
+        ingress, imask = policy_entries(ep.id, pol.ingress, False, ports.port(egress=False))
+        egress, emask = policy_entries(ep.id, pol.egress, True, ports.port(egress=True))
         flags = (ENFORCE_INGRESS if pol.ingress.enforced else 0) | (
             ENFORCE_EGRESS if pol.egress.enforced else 0
         )

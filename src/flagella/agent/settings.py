@@ -8,6 +8,7 @@ mirror these groups, e.g.::
     policy: {enforcement: default, legacy_host_allows_world: false}
     conntrack: {tcp_established_s: 21600}
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
+    proxy: {enabled: true, ingress_port: 15001, egress_port: 15002}
 
 Unknown keys are errors that name the key.
 """
@@ -25,6 +26,7 @@ import yaml
 
 from flagella.errors import InputError
 from flagella.policy.resolver import PolicySettings
+from flagella.proxy.ports import ProxySettings
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class AgentSettings:
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
     controllers: ControllerSettings = field(default_factory=ControllerSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
 
     @property
     def socket_path(self) -> str:
@@ -141,6 +144,7 @@ class AgentSettings:
                 raise InputError(f"api.{name}: must be a positive number of seconds")
         if self.api.max_connections < 0:
             raise InputError("api.max_connections: must be 0 (derived) or positive")
+        self.proxy.validate()
         return self
 
 

@@ -209,6 +209,7 @@ class DpConfigStruct(ctypes.Structure):
     """struct dp_config {
         __u64 ct_tcp_ns; __u64 ct_syn_ns; __u64 ct_non_tcp_ns; __u64 ct_closing_ns;
         __u32 flags; __u32 generation;
+        __u32 reentry_ifindex; __u8 reentry_mac[6]; __u16 pad;
     };"""
 
     C_NAME: ClassVar[str] = "dp_config"
@@ -219,6 +220,9 @@ class DpConfigStruct(ctypes.Structure):
         ("ct_closing_ns", ctypes.c_uint64),
         ("flags", ctypes.c_uint32),
         ("generation", ctypes.c_uint32),
+        ("reentry_ifindex", ctypes.c_uint32),
+        ("reentry_mac", ctypes.c_uint8 * 6),
+        ("pad", ctypes.c_uint16),
     ]
 
 
@@ -881,13 +885,21 @@ class CtEntry:
 
 @dataclass(frozen=True)
 class DatapathConfig:
-    """The ``config`` map: conntrack lifetimes (Cilium 1.1's) and feature flags."""
+    """The ``config`` map: conntrack lifetimes (Cilium 1.1's), feature flags, and the
+    proxy re-entry device that ingress redirects go through (ifindex 0: none, so an
+    ingress REDIRECT verdict drops, reason 161, rather than skip the proxy)."""
 
     ct_tcp_ns: int = 21600 * NSEC_PER_SEC
     ct_syn_ns: int = 60 * NSEC_PER_SEC
     ct_non_tcp_ns: int = 60 * NSEC_PER_SEC
     ct_closing_ns: int = 10 * NSEC_PER_SEC
     trace_new_flows: bool = False
+    reentry_ifindex: int = 0
+    reentry_mac: bytes = bytes(6)
+
+    def __post_init__(self) -> None:
+        if len(self.reentry_mac) != 6:
+            raise DatapathError(f"config.reentry_mac: {self.reentry_mac.hex()} is not 6 bytes")
 
     def _struct(self) -> DpConfigStruct:
         return DpConfigStruct(
@@ -896,6 +908,8 @@ class DatapathConfig:
             ct_non_tcp_ns=self.ct_non_tcp_ns,
             ct_closing_ns=self.ct_closing_ns,
             flags=1 if self.trace_new_flows else 0,
+            reentry_ifindex=self.reentry_ifindex,
+            reentry_mac=(ctypes.c_uint8 * 6)(*self.reentry_mac),
         )
 
     @classmethod
@@ -907,6 +921,8 @@ class DatapathConfig:
             s.ct_non_tcp_ns or d.ct_non_tcp_ns,
             s.ct_closing_ns or d.ct_closing_ns,
             bool(s.flags & 1),
+            s.reentry_ifindex,
+            bytes(s.reentry_mac),
         )
 
 

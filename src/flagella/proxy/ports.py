@@ -1,0 +1,55 @@
+"""Where the node proxy listens: one transparent listener per direction.
+
+The proxy package owns these numbers. The agent writes them into the kernel
+policy map (the value of a REDIRECT key carries its direction's port, which
+the datapath turns into the mark ``0x200 | port << 16``) and into the host
+plumbing (one nftables ``tproxy`` rule per port), and the proxy's listeners
+bind them. The two directions use different ports so that a flow redirected
+on egress and then again on ingress (it cannot be: see
+``flagella.datapath.redirect``) could never be confused with the other.
+
+Pure: settings only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flagella.errors import InputError
+
+INGRESS_PORT = 15001
+EGRESS_PORT = 15002
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The ``proxy`` group of the agent settings."""
+
+    #: Install the redirect plumbing (re-entry device, nftables, policy routing) and
+    #: tell the datapath about it. Off: an ingress REDIRECT drops (fail closed).
+    enabled: bool = False
+    ingress_port: int = INGRESS_PORT
+    egress_port: int = EGRESS_PORT
+    reentry_ifname: str = "flreentry0"
+    reentry_peer: str = "flreentry1"
+    nft_table: str = "flagella_proxy"
+
+    def port(self, egress: bool) -> int:
+        return self.egress_port if egress else self.ingress_port
+
+    def validate(self) -> ProxySettings:
+        for name in ("ingress_port", "egress_port"):
+            if not 1 <= getattr(self, name) <= 65535:
+                raise InputError(f"proxy.{name}: must be 1-65535")
+        if self.ingress_port == self.egress_port:
+            raise InputError("proxy.egress_port: must differ from proxy.ingress_port")
+        for name in ("reentry_ifname", "reentry_peer"):
+            value = getattr(self, name)
+            if not 1 <= len(value) <= 15 or "/" in value or " " in value:
+                raise InputError(f"proxy.{name}: {value!r} is not a device name")
+        if not self.nft_table.replace("_", "").isalnum():
+            raise InputError(f"proxy.nft_table: {self.nft_table!r} is not a table name")
+        return self
+
+
+__all__ = ["EGRESS_PORT", "INGRESS_PORT", "ProxySettings"]

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from tests.system._support import PID, Agent, Cluster, in_netns, netguard_on, sweep_stale  # noqa: E402
+
 from flagella.policy.api import load_policies  # noqa: E402
 from flagella.policy.engine import PolicyEngine  # noqa: E402
 from flagella.policy.labels import k8s_labels  # noqa: E402
@@ -44,7 +46,6 @@ from flagella.proxy.l7policy import direction_http_policy  # noqa: E402
 from flagella.proxy.ports import ProxySettings  # noqa: E402
 from flagella.proxy.rbac import peer_sets  # noqa: E402
 from flagella.proxy.static import static_bootstrap  # noqa: E402
-from tests.system._support import PID, Agent, Cluster, in_netns, netguard_on, sweep_stale  # noqa: E402
 
 NS = "bench-rd"
 PORTS = ProxySettings(enabled=True, ingress_port=15201, egress_port=15202)

@@ -34,7 +34,8 @@
  * the host stack hand it to the proxy (nftables tproxy); on ingress (to_pod)
  * the mark would be lost crossing into the pod, so the frame is readdressed
  * to the re-entry device (config map) and redirected into its ingress,
- * re-entering the host stack with the mark (see flagella.datapath.redirect).
+ * re-entering the host stack with the mark (see flagella.datapath.redirect);
+ * with no re-entry device configured (proxy off) it is only marked.
  * A packet that carries the proxy's own mark 0x300 (its upstream, with the
  * client's real address) is never redirected again: its REDIRECT counts as
  * ALLOW, and the L3/L4 check still applies to the real peer.
@@ -130,7 +131,6 @@ struct ipv4_hdr {
 #define DROP_FRAG_NOSUPPORT 157
 #define DROP_UNSUPPORTED_L2 166
 #define DROP_FRAG_NOT_FOUND 175
-#define DROP_PROXY 161 /* an ingress redirect with no re-entry device configured */
 
 #define IDENTITY_HOST 1
 #define IDENTITY_WORLD 2
@@ -1039,13 +1039,11 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	__u8 reentry_mac[6] = {};
 	if (verdict == VERDICT_REDIRECT) {
 		gen = 0;
-		if (!egress) {
-			if (cfg) {
-				reentry = cfg->reentry_ifindex;
-				__builtin_memcpy(reentry_mac, cfg->reentry_mac, 6);
-			}
-			if (!reentry || !decider)
-				return drop(skb, DROP_PROXY, dir, ep, f, peer, state);
+		/* No re-entry device (proxy off): marked and passed, as on egress without
+		 * the nftables rules; L7 is then not enforced (NOTES.md, Known limits). */
+		if (!egress && cfg && decider) {
+			reentry = cfg->reentry_ifindex;
+			__builtin_memcpy(reentry_mac, cfg->reentry_mac, 6);
 		}
 		if (decider)
 			skb->mark = MARK_MAGIC_TO_PROXY | ((__u32)decider->proxy_port << 16);

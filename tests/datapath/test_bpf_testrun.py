@@ -447,11 +447,12 @@ def _l7_ingress(dp: Datapath) -> PolicyKey:
     return key
 
 
-def test_ingress_redirect_without_reentry_device_drops(dp: Datapath, events: EventReader) -> None:
-    """No re-entry device configured: fail closed rather than skip the proxy."""
+def test_ingress_redirect_without_reentry_device_only_marks(dp: Datapath) -> None:
+    """Proxy off (no re-entry device): marked and passed, as an egress redirect without the
+    nftables rules (L7 is not enforced then: NOTES.md, Known limits)."""
     _l7_ingress(dp)
-    assert into(dp, frame4(PEER4, POD4, TCP, tcp(1000, 80))) == SHOT
-    assert [e.reason for e in events.read() if e.type == EventType.DROP] == [161]
+    r = dp.test_run("to_pod", frame4(PEER4, POD4, TCP, tcp(1000, 80)))
+    assert r.verdict == OK and r.mark == 0x200 | 15001 << 16
 
 
 def test_ingress_redirect_goes_to_the_reentry_device_with_the_mark(dp: Datapath) -> None:

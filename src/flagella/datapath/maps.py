@@ -909,8 +909,8 @@ class CtEntry:
 @dataclass(frozen=True)
 class DatapathConfig:
     """The ``config`` map: conntrack lifetimes (Cilium 1.1's), feature flags, and the
-    proxy re-entry device that ingress redirects go through (ifindex 0: none, so an
-    ingress REDIRECT verdict drops, reason 161, rather than skip the proxy)."""
+    proxy re-entry device that ingress redirects go through (ifindex 0: none, the proxy
+    is off; an ingress REDIRECT is then only marked and passes, like an egress one)."""
 
     ct_tcp_ns: int = 21600 * NSEC_PER_SEC
     ct_syn_ns: int = 60 * NSEC_PER_SEC

@@ -26,7 +26,7 @@ class ProxySettings:
     """The ``proxy`` group of the agent settings."""
 
     #: Install the redirect plumbing (re-entry device, nftables, policy routing) and
-    #: tell the datapath about it. Off: an ingress REDIRECT drops (fail closed).
+    #: tell the datapath about it. Off: REDIRECT verdicts only mark and pass (no L7).
     enabled: bool = False
     ingress_port: int = INGRESS_PORT
     egress_port: int = EGRESS_PORT

@@ -9,7 +9,8 @@ HTTP/2) send the requests.
 
 * Ingress rules of the server: the client pod, the host and world are held to them; an
   allowed request reaches the server with the client's real address as peer; a denied
-  one gets 403 ``Access denied\\r\\n`` from Envoy; a pod that L3/L4 denies gets no answer.
+  one gets 403 ``Access denied\\r\\n`` from Envoy (IPv4 and IPv6, world on TEST-NET-2 and
+  2001:db8:100::/64); a pod that L3/L4 denies gets no answer.
 * Egress rules of the client: the same, on the client's side (a port the server accepts
   from the client without L7 rules).
 * Both sides on one port: the egress proxy's upstream is not redirected again, and the
@@ -48,6 +49,8 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 NS = "l7r"
 HOST4 = "198.51.100.1"  # the node's address towards world: the host's source address
 WORLD4 = "198.51.100.10"
+HOST6 = "2001:db8:100::1"  # documentation prefix, on the node's link to world only
+WORLD6 = "2001:db8:100::10"
 PORTS = ProxySettings(enabled=True, ingress_port=15101, egress_port=15102,
                       reentry_ifname=f"flrd{PID % 100000}a", reentry_peer=f"flrd{PID % 100000}b",
                       nft_table=f"flagella_proxy_{PID}")
@@ -151,7 +154,7 @@ class L7Node:
 
 def proxy_config(engine: PolicyEngine, pods: dict[str, Pod], admin_port: int) -> dict[str, Any]:
     """The one place where resolved policy becomes the proxy's config (xDS will replace it)."""
-    ipcache: dict[Any, int] = {ipaddress.ip_network(f"{HOST4}/32"): HOST_ID}
+    ipcache: dict[Any, int] = {ipaddress.ip_network(f"{HOST4}/32"): HOST_ID, ipaddress.ip_network(f"{HOST6}/128"): HOST_ID}
     addrs: dict[str, list[Any]] = {}
     for app, pod in pods.items():
         addrs[app] = [ipaddress.ip_address(pod.ipv4), ipaddress.ip_address(pod.ipv6)]
@@ -198,6 +201,9 @@ def l7(system_host: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         sh("ip", "-n", world, "link", "set", "eth0", "up")
         sh("ip", "-n", world, "link", "set", "lo", "up")
         sh("ip", "-n", world, "route", "add", "10.244.0.0/16", "via", HOST4)
+        sh("ip", "-n", agent.node, "addr", "add", f"{HOST6}/64", "dev", wl, "nodad")
+        sh("ip", "-n", world, "addr", "add", f"{WORLD6}/64", "dev", "eth0", "nodad")
+        sh("ip", "-n", world, "route", "add", "fd00:10:244::/48", "via", HOST6)
         server_proc = cluster.spawn(pods["server"].netns, sys.executable, "-c", SERVER,
                                     stdout=subprocess.PIPE, text=True, env=os.environ.copy())
         assert server_proc.stdout is not None and server_proc.stdout.readline().strip() == "ready"
@@ -256,12 +262,14 @@ def _peer(ip: str) -> str:
     return f"::ffff:{ip}" if ":" not in ip else ip
 
 
-def test_ingress_rules_for_world_and_host(l7: L7Node) -> None:
-    dst = l7.server.ipv4
-    assert curl(l7.world, url(dst, 80, "/public")) == (200, f"peer=::ffff:{WORLD4} path=/public")
+@FAMILIES
+def test_ingress_rules_for_world_and_host(l7: L7Node, family: int) -> None:
+    dst = l7.server.ip(family)
+    world, host = (WORLD4, HOST4) if family == 4 else (WORLD6, HOST6)
+    assert curl(l7.world, url(dst, 80, "/public")) == (200, f"peer={_peer(world)} path=/public")
     assert curl(l7.world, url(dst, 80, "/private")) == (403, "Access denied\r\n")
     assert curl(l7.world, url(dst, 81, "/public"))[0] == 0  # L3/L4: world only on 80
-    assert curl(l7.agent.node, url(dst, 80, "/public")) == (200, f"peer=::ffff:{HOST4} path=/public")
+    assert curl(l7.agent.node, url(dst, 80, "/public")) == (200, f"peer={_peer(host)} path=/public")
     assert curl(l7.agent.node, url(dst, 80, "/private")) == (403, "Access denied\r\n")
 
 

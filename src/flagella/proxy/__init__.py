@@ -1,3 +1,2 @@
-"""The node-local Envoy: its bootstrap and supervision, the listeners and RBAC
-policy it is given, and (in ``flagella.proxy.kafka``) the Kafka processor behind
-its network ext_proc filter."""
+"""The L7 proxy side of Flagella: the node-local Envoy (its bootstrap and supervision, the
+listeners, ports and RBAC policy it is given) and the Kafka policy processor."""

@@ -9,7 +9,7 @@ Flagella pod it finds in its namespace). So it builds a *node*: a network namesp
 thread exists. Every process started from then on (the agent, iptables, tc, ``ip netns
 exec``) forks from that thread and lives in the node, where the agent's veths, routes,
 nftables table and the benchmark's iptables chain go. Pod namespaces are named
-``bench-*-<pid>``. Leaving the node (``NodeNamespace.__exit__``) kills what it started
+``bench_*-<pid>``. Leaving the node (``NodeNamespace.__exit__``) kills what it started
 and deletes every namespace it made, so nothing outlives the run; `sweep_stale` removes
 what a run killed with SIGKILL left behind (its pid is gone).
 
@@ -155,7 +155,7 @@ class NodeNamespace:
 
     def pod_namespaces(self) -> list[str]:
         suffix = f"-{self.pid}"
-        return [n for n in list_netns() if n.startswith("bench-") and n.endswith(suffix) and n != self.name]
+        return [n for n in list_netns() if n.startswith(("bench-", "bench_")) and n.endswith(suffix) and n != self.name]
 
     def __exit__(self, *exc: object) -> None:
         for proc in reversed(self.procs):
@@ -181,7 +181,7 @@ def sweep_stale() -> list[str]:
     """Remove the namespaces and bpf dirs of benchmark runs whose process is gone."""
     removed = []
     for name in list_netns():
-        m = re.fullmatch(r"bench-[a-z0-9-]*?-(\d+)", name)
+        m = re.fullmatch(r"bench[-_][a-z0-9-]*?-(\d+)", name)
         if m and not pid_alive(int(m.group(1))):
             sh("ip", "netns", "del", name, check=False)
             removed.append(f"netns {name}")

@@ -23,7 +23,7 @@ cleanup() {
   fi
   pkill -f "$PWD/scripts/demo-server.py" 2>/dev/null
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null
-  for ns in default-deathstar-1 default-deathstar-2 default-tiefighter default-xwing; do
+  for ns in default_deathstar-1 default_deathstar-2 default_tiefighter default_xwing; do
     ip netns del "$ns" 2>/dev/null
   done
   rm -rf "$STATE" "$BPF"
@@ -62,15 +62,15 @@ say "Creating the pods: deathstar (2 replicas), tiefighter, xwing"
 "$F" endpoint create xwing --labels org=alliance,class=xwing -o json >/dev/null
 "$F" endpoint list
 for r in 1 2; do
-  ip netns exec "default-deathstar-$r" "$PY" "$PWD/scripts/demo-server.py" 80 &
+  ip netns exec "default_deathstar-$r" "$PY" "$PWD/scripts/demo-server.py" 80 &
 done
 DEATHSTAR=$("$F" endpoint get deathstar-1 -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["ipv4"])')
 for _ in $(seq 1 50); do
-  ip netns exec default-tiefighter curl -s -m 1 -o /dev/null "http://$DEATHSTAR/" && break; sleep 0.1
+  ip netns exec default_tiefighter curl -s -m 1 -o /dev/null "http://$DEATHSTAR/" && break; sleep 0.1
 done
 
 land() {
-  ip netns exec "default-$1" curl -s -m 3 -XPOST "http://$DEATHSTAR/v1/request-landing" \
+  ip netns exec "default_$1" curl -s -m 3 -XPOST "http://$DEATHSTAR/v1/request-landing" \
     || echo "(no answer: dropped)"
 }
 

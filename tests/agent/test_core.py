@@ -124,6 +124,83 @@ def test_sync_repairs_drift_and_counts_it(core, dp):
     assert core.sync_all() == 0
 
 
+def test_sync_reattaches_detached_programs_and_counts_it(core, dp):
+    ds, tf, _ = starwars(core)
+    assert core.sync_all() == 0
+    dp.detach(ds.ifindex)  # `tc filter del`, `bpftool link detach`: enforcement is off
+    assert core.sync_all() == 2
+    assert ds.ifindex in dp.attached
+    assert core.stats.attach_repairs == {"from_pod": 1, "to_pod": 1}
+    assert core.status()["attach_repairs"] == {"from_pod": 1, "to_pod": 1}
+    assert core.sync_all() == 0
+
+
+def test_pod_netns_names_never_collide(core, dp):
+    """``b-c`` in ``x`` and ``c`` in ``x-b`` were both ``x-b-c``: the second took the first over."""
+    first = core.create_endpoint("b-c", namespace="x", labels={"app": "one"})
+    second = core.create_endpoint("c", namespace="x-b", labels={"app": "two"})
+    assert first.netns != second.netns and first.ifindex != second.ifindex
+    assert dp.pods[first.netns].ipv4 == first.ipv4 and dp.pods[second.netns].ipv4 == second.ipv4
+    core.delete_endpoint("x-b/c")
+    assert first.netns in dp.pods and core.find("x/b-c").state == State.READY
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name"),
+    [("x", "b-c"), ("x-b", "c"), ("x.b", "c"), ("a" * 63, "b" * 63), ("a" * 63, "b" * 62 + "c")],
+)
+def test_pod_netns_name_is_a_valid_netns_name(namespace, name):
+    from flagella.datapath.port import pod_netns_name
+
+    got = pod_netns_name(namespace, name)
+    assert 1 <= len(got) <= 64 and got.count("_") in (1, 3)
+
+
+def test_pod_netns_name_is_injective_on_dns_labels():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from flagella.datapath.port import pod_netns_name
+
+    label = st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?", fullmatch=True)
+
+    @given(label, label, label, label)
+    def check(ns1, n1, ns2, n2):
+        if (ns1, n1) != (ns2, n2):
+            assert pod_netns_name(ns1, n1) != pod_netns_name(ns2, n2)
+
+    check()
+
+
+def test_create_refuses_a_netns_it_did_not_make_and_touches_nothing(core, dp):
+    from flagella.datapath.port import pod_netns_name
+
+    dp.foreign.add(pod_netns_name("default", "web"))
+    records_before = {e.id for e in core.store.load_all()}
+    identities_before = dict(core.allocator.all())
+    with pytest.raises(InputError, match="already exists"):
+        core.create_endpoint("web", labels={"app": "web"})
+    assert not core.endpoints and not dp.pods
+    assert {e.id for e in core.store.load_all()} == records_before
+    assert dict(core.allocator.all()) == identities_before
+
+
+def test_restart_finds_pods_by_their_recorded_netns(tmp_path, dp):
+    """Records written before the naming change (``<ns>-<name>``) keep their pods."""
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    ds = core.create_endpoint("deathstar", labels={"class": "deathstar"})
+    old = "default-deathstar"
+    pod = dp.pods.pop(ds.netns)
+    dp.pods[old] = pod.__class__(old, pod.host_ifname, pod.ifindex, pod.ipv4, pod.ipv6)
+    ds.netns = old
+    core.store.save(ds)
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    report = again.restore()
+    assert report["restored"] == 1 and report["removed"] == 0
+    assert again.find("deathstar").netns == old and old in dp.pods
+
+
 def test_restart_restores_endpoints_policies_and_identities(tmp_path, dp):
     core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
     core.restore()
@@ -155,10 +232,10 @@ def test_crash_during_create_is_undone_on_restart(tmp_path, dp, monkeypatch):
     with pytest.raises(Killed):
         core.create_endpoint("probe", labels={"app": "probe"})
     monkeypatch.undo()
-    assert "default-probe" in dp.pods
+    assert "default_probe" in dp.pods
     again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
     report = again.restore()
-    assert "default-probe" not in dp.pods
+    assert "default_probe" not in dp.pods
     assert report["removed"] == 1
     assert {e.name for e in again.endpoints.values()} == {"deathstar", "tiefighter", "xwing"}
     assert not any(k.ep_id == 4 for k in dp.policy)
@@ -171,7 +248,7 @@ def test_pods_of_another_agent_are_left_alone(tmp_path, dp):
     core.create_endpoint("mine", labels={"app": "mine"})
     again = AgentCore(AgentSettings(state_dir=str(tmp_path / "a")), dp)
     again.restore()
-    assert "other-agents-pod" in dp.pods and "default-mine" in dp.pods
+    assert "other-agents-pod" in dp.pods and "default_mine" in dp.pods
 
 
 def test_a_policy_cidr_naming_a_pod_address_keeps_the_pod_identity(core, dp):
@@ -249,3 +326,78 @@ def test_ct_gc_removes_expired_entries_and_non_tcp_more_often(core, dp):
     assert [r.proto for r in dp.ct] == [6, 17]
     assert core.ct_gc() == 1
     assert dp.ct == [rows[2]]
+
+
+def test_create_with_namespace_labels_relabels_the_namespace_members(core):
+    first = core.create_endpoint("first", "ns1", {"app": "a"})
+    second = core.create_endpoint("second", "ns1", {"app": "a"}, namespace_labels={"team": "blue"})
+    assert first.namespace_labels == {"team": "blue"}
+    assert first.identity == second.identity
+    assert core.namespace_labels["ns1"] == {"team": "blue"}
+
+
+def test_reserved_label_is_refused_and_nothing_is_created(core):
+    with pytest.raises(InputError, match="io.kubernetes.pod.namespace"):
+        core.create_endpoint("evil", "lbl", {"app": "admin", "io.kubernetes.pod.namespace": "kube-system"})
+    with pytest.raises(InputError, match="--namespace-labels"):
+        core.create_endpoint("evil", "lbl", {"app": "admin"}, namespace_labels={"io.cilium.k8s.x": "y"})
+    assert not core.endpoints and "lbl" not in core.namespace_labels
+
+
+def test_online_trace_shows_live_identities(core):
+    from flagella.agent.server import AgentServer
+
+    ds, tf, xw = starwars(core)
+    answer = AgentServer(core).handlers["policy.trace"](
+        {"queries": [{"src": {"endpoint": "xwing"}, "dst": {"endpoint": "deathstar"}}]}
+    )[0]
+    assert (answer["src_identity"], answer["dst_identity"]) == (xw.identity, ds.identity)
+
+
+def test_restore_overwrites_labels_an_older_agent_let_a_pod_forge(tmp_path, dp):
+    """State written before reserved keys were refused: the forged key is dropped on restart,
+    and the forger shares the identity of the pods whose labels it really has."""
+    import json
+
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    admin = core.create_endpoint("admin", "lbl", {"app": "admin"})
+    evil = core.create_endpoint("evil", "lbl", {"app": "admin", "tmp": "x"})
+    record = tmp_path / "endpoints" / f"{evil.id}.json"
+    obj = json.loads(record.read_text())
+    obj["labels"] = {"app": "admin", "io.kubernetes.pod.namespace": "kube-system"}
+    record.write_text(json.dumps(obj))
+
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    again.restore()
+    restored = again.find("lbl/evil")
+    assert restored.identity == admin.identity
+    labels = again.allocator.labels(restored.identity)
+    assert labels is not None
+    assert [x.value for x in labels if x.key == "io.kubernetes.pod.namespace"] == ["lbl"]
+    assert dp.endpoints[restored.ifindex].identity == admin.identity
+
+
+def test_endpoint_ids_are_never_reused_even_across_restarts(tmp_path, dp):
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    a = core.create_endpoint("a", labels={"app": "a"})
+    b = core.create_endpoint("b", labels={"app": "b"})
+    core.delete_endpoint(b.id)
+    core.delete_endpoint(a.id)
+    c = core.create_endpoint("c", labels={"app": "c"})
+    assert c.id > b.id > a.id, (a.id, b.id, c.id)
+    core.delete_endpoint(c.id)  # no endpoint left: only the persisted counter remembers
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    again.restore()
+    d = again.create_endpoint("d", labels={"app": "d"})
+    assert d.id > c.id, (c.id, d.id)
+
+
+def test_endpoint_delete_forgets_its_fragment_entries(core, dp):
+    ds, tf, _ = starwars(core)
+    other = ipaddress.ip_address("10.244.9.9")
+    dp.frags = [(ds.id, ds.ipv4, other), (tf.id, ds.ipv4, tf.ipv4), (tf.id, other, tf.ipv4)]
+    core.delete_endpoint(ds.id)
+    # Its own entries, and another endpoint's that name its address, are gone.
+    assert dp.frags == [(tf.id, other, tf.ipv4)]

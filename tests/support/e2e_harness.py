@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flagella.datapath.port import pod_netns_name
+
 from .cases import SHARED
 from .e2e_plan import STANDARD_IPS, CasePlan, Peer, PodPlan, ProbePlan, StepPlan
 
@@ -495,7 +497,7 @@ class Cluster:
 
     # pods
     def _create(self, pp: PodPlan) -> None:
-        self.netns_seen.add(f"{pp.namespace}-{pp.name}")
+        self.netns_seen.add(pod_netns_name(pp.namespace, pp.name))
         MARKER_DIR.mkdir(parents=True, exist_ok=True)
         self.marker.write_text(json.dumps(sorted(self.netns_seen)))
         ep = self.agent.call(

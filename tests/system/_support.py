@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flagella.datapath.port import pod_netns_name
+
 REPO = Path(__file__).resolve().parents[2]
 FLAGELLA = str(REPO / ".venv" / "bin" / "flagella")
 SHARED = Path(os.environ.get("FLAGELLA_SHARED") or REPO.parent / "shared")
@@ -149,7 +151,7 @@ def remove_pod_by_hand(netns: str, node: str) -> list[str]:
 def sweep_stale() -> list[str]:
     """Remove namespaces and pin dirs left by system-test runs whose process died."""
     removed = []
-    stale = re.compile(r"sys-(\d+)[a-z0-9]+-.+")
+    stale = re.compile(r"sys-(\d+)[a-z0-9]+[-_].+")
     for name in sorted(netns_names()):
         m = stale.fullmatch(name)
         if m and not _pid_alive(int(m.group(1))):
@@ -363,7 +365,7 @@ class Agent:
     either destroy the other's pods; the node namespace also keeps pod traffic off the host.
     """
 
-    def __init__(self, workdir: Path, tag: str, sync_interval_s: float = 1.0) -> None:
+    def __init__(self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto") -> None:
         self.workdir = workdir
         self.tag = tag
         self.node = f"{NS_PREFIX}{tag}-node"
@@ -382,6 +384,7 @@ class Agent:
             f"metrics_addr: 127.0.0.1:{self.metrics_port}\n"
             f"controllers: {{sync_interval_s: {sync_interval_s}}}\n"
             "network: {ipv4_cidr: 10.244.0.0/16}\n"
+            f"attach_mode: {attach_mode}\n"
         )
 
     @property
@@ -511,7 +514,7 @@ class Pod:
 
     @property
     def netns(self) -> str:
-        return f"{self.namespace}-{self.name}"
+        return pod_netns_name(self.namespace, self.name)
 
     @property
     def ipv4(self) -> str:
@@ -674,6 +677,40 @@ def hex_bytes(raw: list[str]) -> list[str]:
     """bpftool's ``["0x01", ...]`` as the ``01 ...`` words ``bpftool map ... key hex`` takes."""
     return [b[2:].rjust(2, "0") for b in raw]
 
+
+
+# -- drift repair: tamper right after a sync run, then probe -----------------------------------------
+
+
+def sync_runs(agent: Agent) -> int:
+    status = agent.call("status")
+    return int(next(c["runs"] for c in status["controllers"] if c["name"] == "sync-maps"))
+
+
+def just_after_sync(agent: Agent, sync_s: float) -> None:
+    runs = sync_runs(agent)
+    wait_until(lambda: sync_runs(agent) > runs, timeout=3 * sync_s, interval=0.01, what="a sync-maps run")
+
+
+def tamper_until_observed(
+    agent: Agent, sync_s: float, tamper: Callable[[], None], repaired: Callable[[], bool],
+    probe: Callable[[], bool], what: str,
+) -> tuple[int, float]:
+    """Tamper right after a sync run and probe (``probe`` says whether traffic showed the
+    damage); repeat while the repair beat the probes, at most three times.
+
+    Returns (tampers made, seconds from the last tamper to its repair).
+    """
+    for attempt in range(1, 4):
+        just_after_sync(agent, sync_s)
+        t0 = time.monotonic()
+        tamper()
+        observed = probe()
+        wait_until(repaired, timeout=sync_s + 2.0, interval=0.02, what=f"the repair of {what}")
+        took = time.monotonic() - t0
+        if observed:
+            return attempt, took
+    raise AssertionError(f"{what}: three tampers in a row were repaired before traffic could show them")
 
 
 # -- policies and traffic expectations -------------------------------------------------------------

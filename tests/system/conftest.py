@@ -41,8 +41,8 @@ def _start(agent: Agent) -> None:
 def make_agent(system_host: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
-    def make(tag: str, sync_interval_s: float = 1.0, start: bool = True) -> Agent:
-        agent = Agent(tmp_path_factory.mktemp(f"agent-{tag}"), tag, sync_interval_s)
+    def make(tag: str, sync_interval_s: float = 1.0, start: bool = True, attach_mode: str = "auto") -> Agent:
+        agent = Agent(tmp_path_factory.mktemp(f"agent-{tag}"), tag, sync_interval_s, attach_mode)
         agents.append(agent)
         if start:
             _start(agent)

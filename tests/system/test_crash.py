@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from flagella.datapath.port import pod_netns_name
 from tests.system._support import (
     ALLOW_TIMEOUT,
     DENY_TIMEOUT,
@@ -82,7 +83,7 @@ def _inconsistencies(agent: Agent, ns: str) -> tuple[list[str], list[str]]:
         if e["state"] != "ready":
             problems.append(f"endpoint {e['id']} {e['namespace']}/{e['name']} is {e['state']}")
     # Pods on the host.
-    ours = {n for n in netns_names() if n.startswith(f"{ns}-") and n != agent.node}
+    ours = {n for n in netns_names() if n.startswith(f"{ns}_") and n != agent.node}
     for name in sorted(ours - set(by_netns)):
         problems.append(f"netns {name} has no endpoint")
     for name in sorted(set(by_netns) - ours):
@@ -90,7 +91,7 @@ def _inconsistencies(agent: Agent, ns: str) -> tuple[list[str], list[str]]:
     veths = {}
     for link in links(agent.node):
         alias = link.get("ifalias") or ""
-        if link["ifname"].startswith("fl") and alias.startswith(f"{ns}-"):
+        if link["ifname"].startswith("fl") and alias.startswith(f"{ns}_"):
             veths[alias] = link
             if alias not in by_netns:
                 problems.append(f"veth {link['ifname']} (ifalias {alias}) has no endpoint")
@@ -178,7 +179,7 @@ def test_kill9_during_create_and_delete_leaves_a_consistent_node(
         created_ok.add(victim.name)
 
         name, n = f"c{i}", 140 + i
-        c.netns_seen.add(f"{ns}-{name}")
+        c.netns_seen.add(pod_netns_name(ns, name))
         params = {"name": name, "namespace": ns, "labels": ["app=client"], "ipv4": addr4(n), "ipv6": addr6(n)}
         outcome, detail = _kill_during(agent, "endpoint.create", params, create_delays[i])
         if outcome == "ok":

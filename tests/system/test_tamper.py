@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +26,8 @@ from tests.system._support import (
     hex_bytes,
     namespace,
     sh,
+    tamper_until_observed,
     tcp_connect,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
@@ -36,16 +35,6 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 SYNC_S = 1.0
 GAP_PROBE_TIMEOUT = 0.3  # well inside one sync interval
 PORT = 7400
-
-
-def _sync_runs(agent: Agent) -> int:
-    status = agent.call("status")
-    return int(next(c["runs"] for c in status["controllers"] if c["name"] == "sync-maps"))
-
-
-def _just_after_sync(agent: Agent) -> None:
-    runs = _sync_runs(agent)
-    wait_until(lambda: _sync_runs(agent) > runs, timeout=3 * SYNC_S, interval=0.01, what="a sync-maps run")
 
 
 def _probe_both(client: Pod, intruder: Pod, dst: str) -> tuple[str, str]:
@@ -56,25 +45,6 @@ def _probe_both(client: Pod, intruder: Pod, dst: str) -> tuple[str, str]:
     out["c"] = tcp_connect(client.netns, dst, PORT, GAP_PROBE_TIMEOUT)
     t.join()
     return out["c"], out["i"]
-
-
-def _tamper_until_observed(
-    agent: Agent, tamper: Callable[[], None], repaired: Callable[[], bool], probe: Callable[[], bool], what: str
-) -> tuple[int, float]:
-    """Tamper right after a sync run and probe; repeat while the repair beat the probes.
-
-    Returns (tampers made, seconds from the last tamper to its repair).
-    """
-    for attempt in range(1, 4):
-        _just_after_sync(agent)
-        t0 = time.monotonic()
-        tamper()
-        observed = probe()
-        wait_until(repaired, timeout=SYNC_S + 2.0, interval=0.02, what=f"the repair of {what}")
-        took = time.monotonic() - t0
-        if observed:
-            return attempt, took
-    pytest.fail(f"{what}: three tampers in a row were repaired before traffic could show them")
 
 
 def test_sync_controller_repairs_tampered_maps(make_agent: Callable[..., Agent], make_cluster: Callable[[Agent], Cluster]) -> None:
@@ -122,7 +92,7 @@ def test_sync_controller_repairs_tampered_maps(make_agent: Callable[..., Agent],
     def policy_gap_seen() -> bool:
         return _probe_both(client, intruder, server.ipv4) == ("timeout", "open")
 
-    tampers, took = _tamper_until_observed(agent, tamper_policy, policy_repaired, policy_gap_seen, "the policy map")
+    tampers, took = tamper_until_observed(agent, SYNC_S, tamper_policy, policy_repaired, policy_gap_seen, "the policy map")
     timings = [f"policy map: {tampers} tamper(s), repaired in {took:.2f}s"]
     assert took <= SYNC_S + 1.0, f"policy map repaired after {took:.2f}s with a {SYNC_S}s sync interval"
     assert_allowed(client, server.ipv4, PORT, "after the policy repair")
@@ -143,7 +113,7 @@ def test_sync_controller_repairs_tampered_maps(make_agent: Callable[..., Agent],
     def endpoint_gap_seen() -> bool:
         return tcp_connect(intruder.netns, server.ipv4, PORT, GAP_PROBE_TIMEOUT) == "open"
 
-    n, took = _tamper_until_observed(agent, tamper_endpoint, endpoint_repaired, endpoint_gap_seen, "the endpoints map")
+    n, took = tamper_until_observed(agent, SYNC_S, tamper_endpoint, endpoint_repaired, endpoint_gap_seen, "the endpoints map")
     timings.append(f"endpoints map: {n} tamper(s), repaired in {took:.2f}s")
     assert took <= SYNC_S + 1.0, f"endpoints map repaired after {took:.2f}s"
     assert_denied(intruder, server.ipv4, PORT, "after the endpoints repair")
@@ -168,7 +138,7 @@ def test_sync_controller_repairs_tampered_maps(make_agent: Callable[..., Agent],
     def ipcache_gap_seen() -> bool:
         return tcp_connect(client.netns, server.ipv4, PORT, GAP_PROBE_TIMEOUT) == "timeout"
 
-    n, took = _tamper_until_observed(agent, tamper_ipcache, ipcache_repaired, ipcache_gap_seen, "the ipcache")
+    n, took = tamper_until_observed(agent, SYNC_S, tamper_ipcache, ipcache_repaired, ipcache_gap_seen, "the ipcache")
     timings.append(f"ipcache: {n} tamper(s), repaired in {took:.2f}s")
     assert took <= SYNC_S + 1.0, f"ipcache repaired after {took:.2f}s"
     assert_allowed(client, server.ipv4, PORT, "after the ipcache repair")

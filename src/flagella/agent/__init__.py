@@ -27,7 +27,7 @@ def run(config: str | Path | None, **overrides: Any) -> None:
     datapath = KernelDatapath(
         KernelSettings(
             settings.bpf_dir, links, ct.tcp_established_s, ct.tcp_syn_s, ct.non_tcp_s,
-            ct.closing_s, settings.trace_events,
+            ct.closing_s, settings.trace_events, settings.attach_mode,
         )
     )
     run_agent(AgentCore(settings, datapath))

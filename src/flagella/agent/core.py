@@ -28,15 +28,15 @@ import structlog
 
 from flagella.agent.settings import AgentSettings
 from flagella.datapath.desired import PolicyKey, PolicyValue, diff, policy_entries
-from flagella.datapath.port import Datapath, EndpointRow, IPNetwork
+from flagella.datapath.port import Datapath, EndpointRow, IPNetwork, pod_netns_name
 from flagella.endpoint import Endpoint, EndpointStore, State
-from flagella.errors import FieldError, InputError, PolicyValidationError
+from flagella.errors import DatapathError, FieldError, InputError, PolicyValidationError
 from flagella.identity import Allocator, SQLiteBackend
 from flagella.identity._allocator import Backend
 from flagella.ipcache import desired_ipcache
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
-from flagella.policy.labels import LabelFilter, LabelSet, parse_label
+from flagella.policy.labels import LabelFilter, LabelSet, check_pod_labels, parse_label
 from flagella.policy.resolver import EndpointInfo
 from flagella.policy.trace import (
     RESERVED_IDENTITIES,
@@ -60,6 +60,7 @@ class Stats:
     regenerations: Tally[str] = field(default_factory=Tally)
     import_errors: int = 0
     repairs: Tally[str] = field(default_factory=Tally)
+    attach_repairs: Tally[str] = field(default_factory=Tally)  # by program
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -79,8 +80,16 @@ class AgentCore:
         self.settings = settings
         self.dp = datapath
         self.state_dir = Path(settings.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)  # state names every pod and policy: root's alone
         self.store = EndpointStore(self.state_dir / "endpoints")
+        if identity_backend is None:
+            # SQLite gives its -wal and -shm files the database file's mode.
+            db = self.state_dir / "identities.db"
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+            for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                if path.exists():  # a state dir from an older agent: 0644
+                    path.chmod(0o600)
         backend = identity_backend or SQLiteBackend(self.state_dir / "identities.db")
         self.allocator = Allocator(backend)
         self.label_filter = (
@@ -101,7 +110,7 @@ class AgentCore:
     def _write_json(self, name: str, obj: Any) -> None:
         path = self.state_dir / name
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(obj, f, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
@@ -147,6 +156,11 @@ class AgentCore:
             self.endpoints[ep.id] = ep
             ep.state = State.RESTORING
             report["restored"] += 1
+        # Records from an older agent may carry labels the agent now derives itself (see
+        # policy.labels): their endpoints share one identity number per label set again.
+        canonical: dict[LabelSet, int] = {}
+        for ep in self.endpoints.values():
+            ep.identity = canonical.setdefault(self._security_labels(ep), ep.identity)
         # Pods without any record are not ours (records are written before pods are
         # created and deleted after they are removed): another agent's, left alone.
         # Identities: references become exactly what restored endpoints and policy
@@ -174,10 +188,13 @@ class AgentCore:
     # -- endpoints ----------------------------------------------------------------
 
     def _next_endpoint_id(self) -> int:
+        """Ids are never reused while the state dir lives: the next is above every id handed
+        out before (recorded in ``endpoint_ids.json``), so a new endpoint cannot inherit kernel
+        state keyed by an old one's id (conntrack, fragments, policy counters)."""
         used = set(self.endpoints) | {ep.id for ep in self.store.load_all()}
-        n = 1
-        while n in used:
-            n += 1
+        last = int(self._read_json("endpoint_ids.json", {}).get("last", 0))
+        n = max([last, *used]) + 1
+        self._write_json("endpoint_ids.json", {"last": n})
         return n
 
     def _security_labels(self, ep: Endpoint) -> LabelSet:
@@ -211,13 +228,16 @@ class AgentCore:
     ) -> Endpoint:
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
+        if service_account is not None:
+            _check_name("--service-account", service_account)
         for ep in self.endpoints.values():
             if ep.name == name and ep.namespace == namespace:
                 raise InputError(f"endpoint {namespace}/{name} already exists")
+        check_pod_labels(labels or {}, "--labels")
+        check_pod_labels(namespace_labels or {}, "--namespace-labels")
         v4, v6 = self._addresses(ipv4, ipv6)
-        if namespace_labels:
-            self.namespace_labels.setdefault(namespace, {}).update(namespace_labels)
-            self._save_namespaces()
+        if namespace_labels:  # the same change as `namespace labels --set`: members follow
+            self.set_namespace_labels(namespace, namespace_labels, ())
         ep = Endpoint(
             id=self._next_endpoint_id(),
             name=name,
@@ -229,7 +249,8 @@ class AgentCore:
             ipv6=v6,
             named_ports={k: [tuple(p) for p in v] for k, v in (named_ports or {}).items()},  # type: ignore[misc]
         )
-        ep.netns = f"{namespace}-{name}" if len(f"{namespace}-{name}") <= 64 else f"ep{ep.id}"
+        ep.netns = pod_netns_name(namespace, name)
+        self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
         self.store.save(ep)  # intent first: a crash from here on is undone by restore
         ep.set_state(State.WAITING_FOR_IDENTITY)
         ep.identity = self.allocator.allocate(self._security_labels(ep))
@@ -290,6 +311,7 @@ class AgentCore:
         ]
         if stale:
             self.dp.ct_delete(stale)
+        self.dp.frag_forget(ep.id, addrs)
         self.dp.remove_pod(ep.netns)
         if ep.identity and ep.state != State.INIT:
             self.allocator.release(ep.identity)
@@ -301,6 +323,7 @@ class AgentCore:
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
         ep = self.find(ref)
+        check_pod_labels(set_labels, "--set")
         labels = dict(ep.labels)
         for key in unset:
             labels.pop(key, None)
@@ -310,6 +333,7 @@ class AgentCore:
 
     def set_namespace_labels(self, namespace: str, set_labels: Mapping[str, str], unset: Iterable[str]) -> dict[str, str]:
         _check_name("namespace", namespace)
+        check_pod_labels(set_labels, "--set")
         labels = dict(self.namespace_labels.get(namespace, {}))
         for key in unset:
             labels.pop(key, None)
@@ -528,7 +552,25 @@ class AgentCore:
         finally:
             if writing:  # a repair can change verdicts: cached ones are checked again
                 self.dp.bump_generation()
-        return repairs
+        return repairs + self._sync_attachments(count)
+
+    def _sync_attachments(self, count: bool) -> int:
+        """Reattach the programs of every endpoint where they no longer run (a filter
+        deleted with tc, a link detached with bpftool); return how many were."""
+        repaired, failed = 0, []
+        for ep in self.endpoints.values():
+            try:
+                fixed = self.dp.attach(ep.ifindex)
+            except DatapathError as exc:
+                failed.append(f"endpoint {ep.id} (ifindex {ep.ifindex}): {exc}")
+                continue
+            if fixed and count:
+                self.stats.attach_repairs.update(fixed)
+                log.warning("attachment-repaired", endpoint=ep.id, ifindex=ep.ifindex, programs=fixed)
+            repaired += len(fixed)
+        if failed:
+            raise DatapathError("reattaching programs failed: " + "; ".join(failed))
+        return repaired
 
     def ct_gc(self, tcp: bool = True) -> int:
         """Delete expired conntrack entries (with ``tcp=False``, only non-TCP ones).
@@ -551,8 +593,15 @@ class AgentCore:
             out[ident] = {"id": ident, "labels": sorted(str(x) for x in labels), "references": refs.get(ident, 0)}
         return out
 
+    def live_identities(self) -> dict[LabelSet, int]:
+        """Allocated label sets and their numbers: a trace keeps them, so a traced
+        endpoint shows its real identity."""
+        return {labels: ident for ident, labels in self.allocator.all().items()}
+
     def trace(self, queries: list[TraceQuery]) -> list[dict[str, Any]]:
-        tracer = Tracer(self.engine.policies.values(), self.settings.policy, self.label_filter)
+        tracer = Tracer(
+            self.engine.policies.values(), self.settings.policy, self.label_filter, self.live_identities()
+        )
         return [tracer.trace(q).to_json() for q in queries]
 
     def status(self) -> dict[str, Any]:
@@ -562,6 +611,7 @@ class AgentCore:
             "revision": self.engine.revision,
             "identities": len(self.allocator.all()),
             "repairs": dict(self.stats.repairs),
+            "attach_repairs": dict(self.stats.attach_repairs),
             "regenerations": dict(self.stats.regenerations),
         }
 

@@ -60,6 +60,12 @@ class AgentCollector(Collector):
         for name, n in core.stats.repairs.items():
             repairs.add_metric([name], n)
         yield repairs
+        attach = CounterMetricFamily(
+            "flagella_attach_repairs", "Programs reattached by the sync controller", labels=["program"]
+        )
+        for prog, n in core.stats.attach_repairs.items():
+            attach.add_metric([prog], n)
+        yield attach
         failing = sum(1 for c in self.server.controllers if c.consecutive_failures)
         yield GaugeMetricFamily("flagella_controllers_failing", "Controllers failing", value=failing)
 

@@ -90,6 +90,9 @@ class AgentSettings:
     state_dir: str = "/var/run/flagella"
     socket: str = ""  # default: <state_dir>/flagella.sock
     bpf_dir: str = "/sys/fs/bpf/flagella"
+    #: How programs are attached to pods: ``auto`` (tcx links where the kernel has them,
+    #: else clsact), ``tcx`` or ``tc`` (clsact filters) to force one.
+    attach_mode: str = "auto"
     metrics_addr: str = "127.0.0.1:9962"
     trace_events: bool = False
     label_prefixes: tuple[str, ...] = ()
@@ -127,6 +130,8 @@ class AgentSettings:
         for name in ("tcp_established_s", "tcp_syn_s", "non_tcp_s", "closing_s"):
             if getattr(self.conntrack, name) <= 0:
                 raise InputError(f"conntrack.{name}: must be positive")
+        if self.attach_mode not in ("auto", "tcx", "tc"):
+            raise InputError("attach_mode: must be auto, tcx or tc")
         if self.controllers.sync_interval_s <= 0:
             raise InputError("controllers.sync_interval_s: must be positive")
         if not 1024 <= self.api.max_request_bytes <= 1 << 30:

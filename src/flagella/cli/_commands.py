@@ -26,6 +26,7 @@ bpf_policy_app = typer.Typer(no_args_is_help=True)
 bpf_ct_app = typer.Typer(no_args_is_help=True)
 bpf_ipcache_app = typer.Typer(no_args_is_help=True)
 bpf_metrics_app = typer.Typer(no_args_is_help=True)
+proxy_app = typer.Typer(no_args_is_help=True, help="The Envoy proxies the agent's xDS server feeds.")
 bpf_app.add_typer(bpf_policy_app, name="policy", help="Policy map entries of an endpoint.")
 bpf_app.add_typer(bpf_ct_app, name="ct", help="Connection tracking entries.")
 bpf_app.add_typer(bpf_ipcache_app, name="ipcache", help="IP/CIDR -> identity.")
@@ -96,6 +97,7 @@ def status(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
                 f"Identities: {r['identities']}",
                 f"Controller Status: {healthy}/{len(ctl)} healthy",
                 f"Map repairs: {sum(r['repairs'].values())}",
+                f"Attachment repairs: {sum(r.get('attach_repairs', {}).values())}",
             ]
         )
 
@@ -311,6 +313,17 @@ def bpf_metrics_list(socket: SocketOpt = None, output: OutputOpt = "text") -> No
         ["REASON", "DIRECTION", "PACKETS", "BYTES"]))
 
 
+@proxy_app.command("status")
+def proxy_status(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
+    """Every connected proxy: per type, version sent and ACKed, last NACK, last ACK time."""
+    from flagella.xds.status import render_proxy_status, rows_from_json
+
+    rows = rows_from_json(run("proxy.status", {}, socket))
+    if output not in ("text", "json"):
+        raise InputError(f"--output: {output!r} is not text or json")
+    typer.echo(render_proxy_status(rows, output), nl=False)
+
+
 def format_event(ev: dict[str, Any]) -> str:
     if ev.get("type") == "drop":
         return (
@@ -352,6 +365,7 @@ def register(app: typer.Typer, policy_app: typer.Typer) -> None:
     app.add_typer(namespace_app, name="namespace")
     app.add_typer(identity_app, name="identity")
     app.add_typer(bpf_app, name="bpf")
+    app.add_typer(proxy_app, name="proxy")
     policy_app.command("import")(policy_import)
     policy_app.command("get")(policy_get)
     policy_app.command("delete")(policy_delete)

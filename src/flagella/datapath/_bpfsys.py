@@ -2,7 +2,9 @@
 
 Only what Flagella needs and bcc does not give without a compile: opening a
 pinned map or program (``obj_get``), pinning, element lookup/update/delete,
-key iteration, the batch commands, object info and ``prog_test_run``.
+key iteration, the batch commands, object info, ``prog_test_run``, and tcx
+attachment (bcc 0.26 has none): ``link_create``/``link_update``/``link_info``/
+``link_detach`` and ``prog_query``.
 Each command has its own ``bpf_attr`` variant below, laid out as in
 ``include/uapi/linux/bpf.h``; the kernel zero-fills whatever tail of the
 union we do not pass.
@@ -30,7 +32,14 @@ __all__ = [
     "MapInfo",
     "MapType",
     "ProgInfo",
+    "BPF_TCX_EGRESS",
+    "BPF_TCX_INGRESS",
+    "LinkInfo",
     "close",
+    "link_create",
+    "link_detach",
+    "link_info",
+    "link_update",
     "map_create",
     "map_delete",
     "map_delete_batch",
@@ -44,6 +53,7 @@ __all__ = [
     "obj_pin",
     "possible_cpus",
     "prog_info",
+    "prog_query",
     "prog_test_run",
 ]
 
@@ -59,9 +69,17 @@ _OBJ_PIN = 6
 _OBJ_GET = 7
 _PROG_TEST_RUN = 10
 _OBJ_GET_INFO_BY_FD = 15
+_PROG_QUERY = 16
 _MAP_LOOKUP_BATCH = 24
 _MAP_UPDATE_BATCH = 26
 _MAP_DELETE_BATCH = 27
+_LINK_CREATE = 28
+_LINK_UPDATE = 29
+_LINK_DETACH = 34
+
+# enum bpf_attach_type (tcx: Linux 6.6+)
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -170,6 +188,61 @@ class _TestRunAttr(ctypes.Structure):
     ]
 
 
+class _LinkCreateAttr(ctypes.Structure):
+    # struct { prog_fd; target_ifindex; attach_type; flags;
+    #          union { ... struct { relative_fd; __u64 expected_revision; } tcx; }; } link_create
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_ifindex", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("relative_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("expected_revision", ctypes.c_uint64),
+    ]
+
+
+class _LinkUpdateAttr(ctypes.Structure):
+    # struct { link_fd; new_prog_fd; flags; old_prog_fd; } link_update
+    _fields_ = [
+        ("link_fd", ctypes.c_uint32),
+        ("new_prog_fd", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("old_prog_fd", ctypes.c_uint32),
+    ]
+
+
+class _QueryAttr(ctypes.Structure):
+    # struct { target_ifindex; attach_type; query_flags; attach_flags; prog_ids; prog_cnt;
+    #          :32; prog_attach_flags; link_ids; link_attach_flags; revision; } query
+    _fields_ = [
+        ("target_ifindex", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("query_flags", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("prog_ids", ctypes.c_uint64),
+        ("prog_cnt", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("prog_attach_flags", ctypes.c_uint64),
+        ("link_ids", ctypes.c_uint64),
+        ("link_attach_flags", ctypes.c_uint64),
+        ("revision", ctypes.c_uint64),
+    ]
+
+
+class _BpfLinkInfo(ctypes.Structure):
+    # struct bpf_link_info { type; id; prog_id; union { ... struct { ifindex; attach_type; } tcx; } }
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("rest", ctypes.c_uint64 * 6),
+    ]
+
+
 class _BpfMapInfo(ctypes.Structure):
     # struct bpf_map_info { type; id; key_size; value_size; max_entries; map_flags;
     #                       char name[BPF_OBJ_NAME_LEN]; ... }  (prefix; the kernel honours info_len)
@@ -202,6 +275,17 @@ class MapInfo:
     max_entries: int
     map_flags: int
     name: str
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """``type`` 11 is a tcx link (BPF_LINK_TYPE_TCX); ``ifindex`` 0 means its device went (or it was detached)."""
+
+    type: int
+    id: int
+    prog_id: int
+    ifindex: int
+    attach_type: int
 
 
 @dataclass(frozen=True)
@@ -434,3 +518,39 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n += (int(hi) if hi else int(lo)) - int(lo) + 1
     return n
+
+
+def link_create(prog_fd: int, ifindex: int, attach_type: int) -> int:
+    """Attach a program with a BPF link (tcx: BPF_TCX_INGRESS/EGRESS) in the caller's netns;
+    returns the link's fd. The attachment lives while the fd or a pin of it does."""
+    attr = _LinkCreateAttr(prog_fd=prog_fd, target_ifindex=ifindex, attach_type=attach_type)
+    return _check(_bpf(_LINK_CREATE, attr), f"link_create ifindex {ifindex} type {attach_type}")
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """Swap the program of a link atomically (no packet sees neither)."""
+    _check(_bpf(_LINK_UPDATE, _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd)), "link_update")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach a link now. Dropping its last reference (closing the fd, unlinking the pin)
+    detaches it too, but later: the release runs from an RCU callback and a workqueue."""
+    _check(_bpf(_LINK_DETACH, _LinkUpdateAttr(link_fd=link_fd)), "link_detach")
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = _BpfLinkInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _check(_bpf(_OBJ_GET_INFO_BY_FD, attr), "obj_get_info_by_fd (link)")
+    return LinkInfo(info.type, info.id, info.prog_id, info.ifindex, info.attach_type)
+
+
+def prog_query(ifindex: int, attach_type: int, room: int = 64) -> list[int]:
+    """Ids of the programs attached to ``ifindex`` (caller's netns) at ``attach_type``, in run
+    order; [] when the device has none."""
+    ids = (ctypes.c_uint32 * room)()
+    attr = _QueryAttr(
+        target_ifindex=ifindex, attach_type=attach_type, prog_ids=ctypes.addressof(ids), prog_cnt=room
+    )
+    _check(_bpf(_PROG_QUERY, attr), f"prog_query ifindex {ifindex} type {attach_type}")
+    return [int(ids[i]) for i in range(min(int(attr.prog_cnt), room))]

@@ -3,7 +3,8 @@
 It composes the three kernel-facing modules and adds the host plumbing
 none of them owns:
 
-* `loader` compiles (once per source hash) and attaches the tc programs,
+* `loader` compiles (once per source hash) and attaches the programs (tcx
+  links, or clsact filters),
   and opens the pinned maps; `maps` gives typed access to them;
 * `links` creates pods (netns + veth + addresses + routes) with netlink;
 * here: the BPF filesystem mount, the datapath config (conntrack
@@ -23,7 +24,7 @@ import ipaddress
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,7 @@ class KernelSettings:
     ct_non_tcp_s: int = 60
     ct_closing_s: int = 10
     trace_events: bool = False
+    attach_mode: str = "auto"  # DatapathSettings.attach
 
 
 class KernelDatapath:
@@ -217,7 +219,9 @@ class KernelDatapath:
     def start(self) -> None:
         ensure_bpffs()
         prepare_host(self.link_settings)
-        self._dp = load_datapath(DatapathSettings(pin_dir=Path(self.settings.bpf_dir)))
+        self._dp = load_datapath(
+            DatapathSettings(pin_dir=Path(self.settings.bpf_dir), attach=self.settings.attach_mode)
+        )
         maps = self._dp.maps
         s = self.settings
         maps.config.set(
@@ -260,6 +264,9 @@ class KernelDatapath:
         link = self.pods.ensure_pod(name, ipv4, ipv6)
         return PodInfo(link.netns, link.host_ifname, link.host_ifindex, link.ipv4, link.ipv6)
 
+    def check_pod_name(self, name: str) -> None:
+        self.pods.check_free(name)
+
     def remove_pod(self, name: str) -> None:
         self.pods.remove_pod(name)
 
@@ -272,10 +279,12 @@ class KernelDatapath:
     def host_addresses(self) -> list[IPAddress]:
         return [a for a in self.pods.host_addresses() if not a.is_link_local and not a.is_loopback]
 
-    def attach(self, ifindex: int) -> None:
-        if self._dp.attached(ifindex).get("from_pod") != self._dp.build or \
-                self._dp.attached(ifindex).get("to_pod") != self._dp.build:
-            self._dp.attach(ifindex)
+    def attach(self, ifindex: int) -> list[str]:
+        return list(self._dp.attach(ifindex))
+
+    @property
+    def attach_mode(self) -> str:
+        return str(self._dp.attach_mode) if self._dp is not None else ""
 
     def detach(self, ifindex: int) -> None:
         with contextlib.suppress(DatapathError):  # the device is already gone
@@ -309,6 +318,9 @@ class KernelDatapath:
             key = m.CtKey(r.ep_id, r.egress, r.proto, r.saddr, r.daddr, r.sport, r.dport)
             n += bool(self._dp.maps.ct.delete(key))
         return n
+
+    def frag_forget(self, ep_id: int, addrs: Collection[IPAddress]) -> int:
+        return self._dp.maps.frag4.forget(ep_id, addrs) + self._dp.maps.frag6.forget(ep_id, addrs)
 
     def metrics(self) -> dict[tuple[int, int], Counters]:
         return {

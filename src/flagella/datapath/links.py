@@ -3,10 +3,14 @@
 Theory of operation
 -------------------
 A pod is a named network namespace (``/var/run/netns/NAME``, so ``ip netns exec NAME``
-works) joined to the host by a veth pair. The host end is named from the namespace name
-(`host_ifname_for`: ``fl`` + 8 hex digits of its SHA-256) and records that name in its
-ifalias, which is how `PodNetwork.list_pods` finds pods again after an agent restart. The
-pod end is ``eth0``.
+works) joined to the host by a veth pair. The agent names it with
+`flagella.datapath.port.pod_netns_name`, injectively (``<namespace>_<name>``; neither
+may contain ``_``). A create claims only names that are free (`PodNetwork.check_free`):
+an existing netns or host veth of the name was not made for this pod (another pod's,
+another agent's, an operator's) and is refused, never taken over. The host end is named
+from the namespace name (`host_ifname_for`: ``fl`` + 8 hex digits of its SHA-256) and
+records that name in its ifalias, which is how `PodNetwork.list_pods` finds pods again
+after an agent restart. The pod end is ``eth0``.
 
 Routing follows Cilium's veth mode: the pod owns a /32 (and /128) and routes everything
 to a link-local gateway that nobody owns (169.254.1.1 ``onlink``, fe80::1). Permanent
@@ -64,6 +68,7 @@ __all__ = [
     "PodCIDRExhausted",
     "PodLink",
     "PodNetwork",
+    "PodNameTaken",
     "host_ifname_for",
     "prepare_host",
 ]
@@ -140,6 +145,10 @@ class PodLink:
 def host_ifname_for(netns: str) -> str:
     """The host-side veth name of the pod in ``netns``: stable, unique enough, 10 chars."""
     return HOST_IFNAME_PREFIX + hashlib.sha256(netns.encode()).hexdigest()[:8]
+
+
+class PodNameTaken(InputError):
+    """A pod's netns or host veth name is already in use by something else."""
 
 
 def _check_netns_name(name: str) -> None:
@@ -399,6 +408,24 @@ class PodNetwork:
             if route not in present:
                 nl.replace_route(route)
                 repairs.append(f"set route {describe_route(route)} in {nl.where}")
+
+    def check_free(self, name: str) -> None:
+        """Raise `PodNameTaken` when netns ``name`` or its host veth already exists: a new
+        pod never takes over what it did not create."""
+        _check_netns_name(name)
+        host_ifname = host_ifname_for(name)
+        if _netlink.netns_exists(name):
+            raise PodNameTaken(
+                f"pod {name}: network namespace {name!r} already exists and was not made for "
+                "this endpoint; refusing to take it over"
+            )
+        with _netlink.host() as host:
+            link = host.link(host_ifname)
+        if link is not None:
+            raise PodNameTaken(
+                f"pod {name}: host interface {host_ifname} already exists (alias "
+                f"{link.alias!r}) and was not made for this endpoint; refusing to take it over"
+            )
 
     # -- remove, list ------------------------------------------------------------------------
 

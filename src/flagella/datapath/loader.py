@@ -15,11 +15,22 @@ A build is identified by the SHA-256 of the C sources, the compile flags
 (pin directory, map sizes) and the kernel release. Its four programs and its
 prog array are pinned under ``pin_dir/programs/<hash>/``. :func:`load_datapath`
 opens those pins when they exist (no bcc import, no compile: milliseconds)
-and compiles only otherwise (about a second). :meth:`Datapath.attach`
-installs ``from_pod`` on tc ingress and ``to_pod`` on tc egress of a clsact
-qdisc, with a fixed priority and handle so that attaching a new build
-replaces the old filter atomically; the filter's name carries the build hash,
-which :meth:`Datapath.attached` reports. :meth:`Datapath.prune_stale_programs`
+and compiles only otherwise (about a second).
+
+:meth:`Datapath.attach` runs ``from_pod`` on the ingress and ``to_pod`` on the
+egress of a pod's host veth. Where the kernel has tcx (6.6+) each is a BPF
+link (BPF_LINK_CREATE, BPF_TCX_INGRESS/EGRESS) pinned at
+``pin_dir/links/<ifindex>-<program>``: the pin, not the agent, keeps it
+attached, so a restart or a crash leaves traffic enforced, and a new build is
+switched in with BPF_LINK_UPDATE (atomically). Otherwise (``attach: tc``, or
+``auto`` on a kernel whose BPF_LINK_CREATE refuses tcx) each is a clsact
+filter with a fixed priority and handle, so that attaching a new build
+replaces the old filter atomically; the filter's name carries the build hash.
+``attach`` is a check-and-repair that returns what it had to (re)attach, which
+is how the agent's sync controller notices a filter deleted with ``tc`` or a
+link removed with ``bpftool`` (`attached` reports what runs: the kernel's
+``BPF_PROG_QUERY`` for tcx, the filter dump for clsact). :meth:`Datapath.detach`
+removes both kinds. :meth:`Datapath.prune_stale_programs`
 removes the pins of other builds, and must only run once every device runs
 the current one: an old ``from_pod`` still attached tail-calls into its own
 build's prog array, which the kernel empties when its pin goes.
@@ -41,11 +52,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from flagella.datapath import _bpfsys
 from flagella.datapath._bpfsys import MapType
+from flagella.datapath._netlink import run_in_netns
 from flagella.datapath.events import EventReader
 from flagella.datapath.maps import MAP_SPECS, DatapathMaps, KernelMap, MapSpec
-from flagella.errors import DatapathError
+from flagella.errors import DatapathError, InputError
 
 __all__ = [
     "PROGRAMS",
@@ -68,6 +82,13 @@ _TC_INGRESS = 0xFFFFFFF2  # clsact ingress: from the pod
 _TC_EGRESS = 0xFFFFFFF3  # clsact egress: to the pod
 _FILTER_PRIO = 1
 _FILTER_HANDLE = 1
+_HOOK_PROGRAMS = ("from_pod", "to_pod")
+_TCX_HOOKS = {"from_pod": _bpfsys.BPF_TCX_INGRESS, "to_pod": _bpfsys.BPF_TCX_EGRESS}
+#: What BPF_LINK_CREATE answers on a kernel without tcx (unknown attach type).
+_NO_TCX_ERRNOS = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: ENOTSUPP (kernel-internal)
+ATTACH_MODES = ("auto", "tcx", "tc")
+
+_log = structlog.get_logger("flagella.datapath.loader")
 
 _T = TypeVar("_T")
 
@@ -84,7 +105,7 @@ class MapSizes:
     policy: int = 262144
     ipcache: int = 512000  # each of ipcache4 and ipcache6
     ct: int = 262144
-    frag4: int = 8192
+    frag4: int = 8192  # each of frag4 and frag6
     metrics: int = 1024
     events_pages: int = 64  # ring buffer size in 4 KiB pages, a power of two
 
@@ -103,6 +124,13 @@ class DatapathSettings:
     pin_dir: Path = Path("/sys/fs/bpf/flagella")
     source_dir: Path = field(default_factory=_default_source_dir)
     sizes: MapSizes = field(default_factory=MapSizes)
+    #: ``auto``: tcx links, or clsact where BPF_LINK_CREATE refuses tcx; ``tcx`` or ``tc``
+    #: (clsact) force one.
+    attach: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attach not in ATTACH_MODES:
+            raise InputError(f"attach: must be one of {', '.join(ATTACH_MODES)}, got {self.attach!r}")
 
     def specs(self) -> dict[str, MapSpec]:
         """:data:`MAP_SPECS` with this configuration's sizes."""
@@ -114,6 +142,7 @@ class DatapathSettings:
             "ipcache6": s.ipcache,
             "ct": s.ct,
             "frag4": s.frag4,
+            "frag6": s.frag4,
             "metrics": s.metrics,
             "events": s.events_pages * 4096,
         }
@@ -131,6 +160,7 @@ class DatapathSettings:
             f"-DIPCACHE_MAX={s.ipcache}",
             f"-DCT_MAX={s.ct}",
             f"-DFRAG4_MAX={s.frag4}",
+            f"-DFRAG6_MAX={s.frag4}",
             f"-DMETRICS_MAX={s.metrics}",
             f"-DEVENTS_PAGES={s.events_pages}",
         ]
@@ -179,6 +209,8 @@ class Datapath:
         self.maps = maps
         self.compiled = compiled  # False when a pinned build was reused
         self.load_seconds = load_seconds
+        self._mode: str | None = None  # "tcx" or "tc" once an attach has decided (auto)
+        self._ids: dict[str, int] = {}  # program ids of this build, for prog_query
 
     @property
     def prog_dir(self) -> Path:
@@ -187,8 +219,78 @@ class Datapath:
     def _filter_name(self, prog: str) -> str:
         return f"flagella_{prog}:{self.build}"
 
-    def attach(self, ifindex: int, netns: str | None = None) -> None:
-        """Run ``from_pod``/``to_pod`` on the host-side veth ``ifindex`` (idempotent)."""
+    @property
+    def attach_mode(self) -> str:
+        """``tcx`` or ``tc`` (clsact): what `attach` uses, once it has decided."""
+        return self._mode or ("tc" if self.settings.attach == "tc" else "tcx")
+
+    def attach(self, ifindex: int, netns: str | None = None) -> list[str]:
+        """Make ``from_pod``/``to_pod`` of this build run on host veth ``ifindex``.
+
+        A check-and-repair: it reads what is attached and (re)attaches only what is missing
+        or runs another program, so calling it on a healthy device changes nothing. Returns
+        the programs it (re)attached. With tcx, an existing pinned link of another build is
+        switched to this build in place (BPF_LINK_UPDATE: no packet goes unchecked).
+        """
+        if self.attach_mode == "tcx":
+            try:
+                changed = self._in(netns, lambda: self._attach_tcx(ifindex))
+            except DatapathError as e:
+                if self.settings.attach == "tcx" or self._mode == "tcx" or \
+                        getattr(e, "errno", None) not in _NO_TCX_ERRNOS:
+                    raise
+                self._mode = "tc"  # a kernel without tcx (before 6.6): clsact from now on
+                _log.warning("tcx_unavailable", error=str(e), fallback="clsact")
+            else:
+                self._mode = "tcx"
+                if changed:
+                    self._detach_tc(ifindex, netns)  # a clsact filter of an older agent
+                return changed
+        current = self._attached_tc(ifindex, netns)
+        missing = [p for p in _HOOK_PROGRAMS if current.get(p) != self.build]
+        if missing:
+            self._attach_tc(ifindex, netns)
+        return missing
+
+    def _prog_ids(self) -> dict[str, int]:
+        if not self._ids:
+            self._ids = {p: _bpfsys.prog_info(self.prog_fds[p]).id for p in _HOOK_PROGRAMS}
+        return self._ids
+
+    def _link_pin(self, ifindex: int, prog: str) -> Path:
+        return self.settings.pin_dir / "links" / f"{ifindex}-{prog}"
+
+    def _attach_tcx(self, ifindex: int) -> list[str]:
+        changed = []
+        ids = self._prog_ids()
+        for prog, attach_type in _TCX_HOOKS.items():
+            running = _bpfsys.prog_query(ifindex, attach_type)
+            pin = self._link_pin(ifindex, prog)
+            link = _open_link(pin)
+            try:
+                if link is not None:
+                    fd, info = link
+                    live = info.ifindex == ifindex and info.prog_id in running
+                    if live and info.prog_id == ids[prog]:
+                        continue
+                    if live:  # another build: swap the program under the packet flow
+                        _bpfsys.link_update(fd, self.prog_fds[prog])
+                        changed.append(prog)
+                        continue
+                    pin.unlink(missing_ok=True)  # detached or its device gone: a dead link
+            finally:
+                if link is not None:
+                    os.close(link[0])
+            fd = _bpfsys.link_create(self.prog_fds[prog], ifindex, attach_type)
+            try:
+                pin.parent.mkdir(parents=True, exist_ok=True)
+                _bpfsys.obj_pin(fd, str(pin))
+            finally:
+                os.close(fd)  # the pin holds the link from now on
+            changed.append(prog)
+        return changed
+
+    def _attach_tc(self, ifindex: int, netns: str | None) -> None:
         with _netlink(netns) as ipr:
             try:
                 ipr.tc("add", "clsact", ifindex)
@@ -213,8 +315,24 @@ class Datapath:
                     raise DatapathError(f"attach {prog} on ifindex {ifindex}: {e}") from e
 
     def detach(self, ifindex: int, netns: str | None = None) -> None:
-        """Remove our filters (and the clsact qdisc if nothing else uses it). A device that is
-        already gone is not an error."""
+        """Remove our tcx links (their pins) and clsact filters, and the clsact qdisc if
+        nothing else uses it. A device that is already gone is not an error."""
+        for prog in _HOOK_PROGRAMS:
+            pin = self._link_pin(ifindex, prog)
+            link = _open_link(pin)
+            if link is not None:
+                try:
+                    # Now, not when the pin's release gets round to it.
+                    _bpfsys.link_detach(link[0])
+                except DatapathError as e:
+                    if getattr(e, "errno", None) not in (errno.ENOLINK, errno.EINVAL, errno.ENODEV):
+                        raise
+                finally:
+                    os.close(link[0])
+            pin.unlink(missing_ok=True)
+        self._detach_tc(ifindex, netns)
+
+    def _detach_tc(self, ifindex: int, netns: str | None) -> None:
         with _netlink(netns) as ipr:
             for parent in (_TC_INGRESS, _TC_EGRESS):
                 try:
@@ -243,7 +361,29 @@ class Datapath:
                     raise DatapathError(f"clsact removal on ifindex {ifindex}: {e}") from e
 
     def attached(self, ifindex: int, netns: str | None = None) -> dict[str, str]:
-        """Our filters on ``ifindex``: {"from_pod"|"to_pod": build hash}."""
+        """Our programs running on ``ifindex``: {"from_pod"|"to_pod": build hash}, by tcx
+        link (this build's) or clsact filter (any build's, named in the filter)."""
+        out = self._attached_tc(ifindex, netns)
+        if self.attach_mode == "tcx":
+            ids = self._prog_ids()
+
+            def query() -> dict[str, str]:
+                found = {}
+                for prog, attach_type in _TCX_HOOKS.items():
+                    try:
+                        running = _bpfsys.prog_query(ifindex, attach_type)
+                    except DatapathError as e:
+                        if getattr(e, "errno", None) in (errno.ENODEV, *_NO_TCX_ERRNOS):
+                            continue
+                        raise
+                    if ids[prog] in running:
+                        found[prog] = self.build
+                return found
+
+            out.update(self._in(netns, query))
+        return out
+
+    def _attached_tc(self, ifindex: int, netns: str | None) -> dict[str, str]:
         out = {}
         with _netlink(netns) as ipr:
             for parent, prog in ((_TC_INGRESS, "from_pod"), (_TC_EGRESS, "to_pod")):
@@ -259,6 +399,11 @@ class Datapath:
                     if name and name.startswith(f"flagella_{prog}:"):
                         out[prog] = name.split(":", 1)[1]
         return out
+
+    @staticmethod
+    def _in(netns: str | None, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` in ``netns`` (bpf(2) resolves an ifindex in the calling thread's)."""
+        return fn() if netns is None else run_in_netns(netns, fn)
 
     def events(self) -> EventReader:
         """A reader of the drop/trace ring buffer (close it when done)."""
@@ -336,6 +481,22 @@ def _open_build(prog_dir: Path) -> dict[str, int] | None:
             os.close(fd)
         return None
     return fds
+
+
+def _open_link(pin: Path) -> tuple[int, _bpfsys.LinkInfo] | None:
+    """The fd and info of the link pinned at ``pin``, or None when there is none."""
+    if not pin.exists():
+        return None
+    try:
+        fd = _bpfsys.obj_get(str(pin))
+    except DatapathError:
+        pin.unlink(missing_ok=True)  # not a link (or unreadable): it is replaced
+        return None
+    try:
+        return fd, _bpfsys.link_info(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_pinned_maps(settings: DatapathSettings) -> None:

@@ -35,7 +35,7 @@ import ipaddress
 import secrets
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from pathlib import Path
@@ -63,6 +63,8 @@ __all__ = [
     "EndpointInfo",
     "EndpointMap",
     "Frag4Map",
+    "Frag6Key",
+    "Frag6Map",
     "IPCache",
     "KernelMap",
     "MapBackend",
@@ -238,6 +240,24 @@ class Frag4KeyStruct(ctypes.Structure):
     ]
 
 
+class Frag6KeyStruct(ctypes.Structure):
+    """struct frag6_key {
+        __u32 ep_id; __u8 egress; __u8 proto; __u16 pad; __be32 frag_id;
+        __u8 saddr[16]; __u8 daddr[16];
+    };"""
+
+    C_NAME: ClassVar[str] = "frag6_key"
+    _fields_ = [
+        ("ep_id", ctypes.c_uint32),
+        ("egress", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+        ("frag_id", ctypes.c_uint32),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
 class Frag4PortsStruct(ctypes.Structure):
     """struct frag4_ports { __be16 sport; __be16 dport; };"""
 
@@ -270,6 +290,7 @@ LAYOUTS: tuple[type[ctypes.Structure], ...] = (
     CtEntryStruct,
     DpConfigStruct,
     Frag4KeyStruct,
+    Frag6KeyStruct,
     Frag4PortsStruct,
     MetricsKeyStruct,
     MetricsValueStruct,
@@ -383,6 +404,7 @@ MAP_SPECS: Mapping[str, MapSpec] = {
         _spec("ct", MapType.LRU_HASH, CtKeyStruct, CtEntryStruct, 262144, 0),
         _spec("config", MapType.ARRAY, ctypes.c_uint32, DpConfigStruct, 1),
         _spec("frag4", MapType.LRU_HASH, Frag4KeyStruct, Frag4PortsStruct, 8192, 0),
+        _spec("frag6", MapType.LRU_HASH, Frag6KeyStruct, Frag4PortsStruct, 8192, 0),
         _spec("metrics", MapType.PERCPU_HASH, MetricsKeyStruct, MetricsValueStruct, 1024, 0),
         _spec("events", MapType.RINGBUF, None, None, 64 * 4096, 0),
     )
@@ -712,6 +734,7 @@ class CtFlags(IntFlag):
     SEEN_NON_SYN = 0x1
     CLOSING_FWD = 0x2
     CLOSING_REV = 0x4
+    DENIED = 0x8  # tombstone of a flow that policy denies (see flagella.h)
 
 
 @dataclass(frozen=True)
@@ -930,6 +953,16 @@ class Frag4Key:
     ip_id: int  # host order
     saddr: ipaddress.IPv4Address
     daddr: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class Frag6Key:
+    ep_id: int
+    egress: bool
+    proto: int  # the fragment header's Next Header
+    frag_id: int  # host order
+    saddr: ipaddress.IPv6Address
+    daddr: ipaddress.IPv6Address
 
 
 # --------------------------------------------------------------------------------------------
@@ -1264,6 +1297,45 @@ class Frag4Map(_Typed):
             ] = (_from_be16(p.sport), _from_be16(p.dport))
         return out
 
+    def forget(self, ep_id: int, addrs: Collection[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> int:
+        """Delete the entries of ``ep_id`` and those naming any of ``addrs``."""
+        stale = [
+            k for k, v in self.backend.items()
+            if (s := _unpack(Frag4KeyStruct, k)).ep_id == ep_id
+            or _from_be32(s.saddr) in addrs or _from_be32(s.daddr) in addrs
+        ]
+        return self.backend.delete_many(stale)
+
+
+class Frag6Map(_Typed):
+    """``frag6``: ports recorded by first IPv6 fragments that passed."""
+
+    def items(self) -> dict[Frag6Key, tuple[int, int]]:
+        out = {}
+        for k, v in self.backend.items():
+            s = _unpack(Frag6KeyStruct, k)
+            p = _unpack(Frag4PortsStruct, v)
+            key = Frag6Key(
+                s.ep_id,
+                bool(s.egress),
+                s.proto,
+                int.from_bytes(s.frag_id.to_bytes(4, sys.byteorder), "big"),
+                ipaddress.IPv6Address(bytes(s.saddr)),
+                ipaddress.IPv6Address(bytes(s.daddr)),
+            )
+            out[key] = (_from_be16(p.sport), _from_be16(p.dport))
+        return out
+
+    def forget(self, ep_id: int, addrs: Collection[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> int:
+        """Delete the entries of ``ep_id`` and those naming any of ``addrs``."""
+        stale = [
+            k for k, _ in self.backend.items()
+            if (s := _unpack(Frag6KeyStruct, k)).ep_id == ep_id
+            or ipaddress.IPv6Address(bytes(s.saddr)) in addrs
+            or ipaddress.IPv6Address(bytes(s.daddr)) in addrs
+        ]
+        return self.backend.delete_many(stale)
+
 
 @dataclass
 class DatapathMaps:
@@ -1276,6 +1348,7 @@ class DatapathMaps:
     metrics: MetricsMap
     config: ConfigMap
     frag4: Frag4Map
+    frag6: Frag6Map
     _backends: list[MapBackend] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -1288,6 +1361,7 @@ class DatapathMaps:
             metrics=MetricsMap(b["metrics"]),
             config=ConfigMap(b["config"]),
             frag4=Frag4Map(b["frag4"]),
+            frag6=Frag6Map(b["frag6"]),
             _backends=list(b.values()),
         )
 
@@ -1329,6 +1403,7 @@ class DatapathMaps:
             self.metrics,
             self.config,
             self.frag4,
+            self.frag6,
         ):
             m.clear()
 

@@ -10,15 +10,31 @@ real traffic.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Collection, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from flagella.datapath.desired import PolicyKey, PolicyValue
+from flagella.errors import InputError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def pod_netns_name(namespace: str, name: str) -> str:
+    """The netns of pod ``namespace/name`` (both DNS labels: no ``_``); distinct pods get
+    distinct names.
+
+    ``<namespace>_<name>``, or, when that exceeds 64 characters (a netns name's limit
+    here), both truncated plus ``__`` and a hash of the pair: two underscores, so a long
+    name never equals a short one."""
+    short = f"{namespace}_{name}"
+    if len(short) <= 64:
+        return short
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:16]
+    return f"{namespace[:20]}_{name[:20]}__{digest}"
 
 
 @dataclass(frozen=True)
@@ -78,11 +94,19 @@ class Datapath(Protocol):
     def ensure_pod(
         self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None
     ) -> PodInfo: ...
+    def check_pod_name(self, name: str) -> None:
+        """Raise an `InputError` when a netns or host veth of this name already exists."""
+        ...
+
     def remove_pod(self, name: str) -> None: ...
     def list_pods(self) -> list[PodInfo]: ...
     def host_addresses(self) -> list[IPAddress]: ...
 
-    def attach(self, ifindex: int) -> None: ...
+    def attach(self, ifindex: int) -> list[str]:
+        """Make both programs run on ``ifindex`` (check and repair); return the programs
+        (``from_pod``, ``to_pod``) that were missing and are attached now."""
+        ...
+
     def detach(self, ifindex: int) -> None: ...
 
     def bump_generation(self) -> None:
@@ -92,6 +116,9 @@ class Datapath(Protocol):
     def policy_counters(self, ep_id: int) -> dict[PolicyKey, tuple[PolicyValue, Counters]]: ...
     def ct_entries(self) -> Iterator[CTRow]: ...
     def ct_delete(self, rows: list[CTRow]) -> int: ...
+    def frag_forget(self, ep_id: int, addrs: Collection[IPAddress]) -> int:
+        """Delete the fragment entries of ``ep_id`` and those naming any of ``addrs``."""
+        ...
     def metrics(self) -> dict[tuple[int, int], Counters]: ...
     def poll_events(self, timeout_ms: int) -> list[dict[str, object]]: ...
     def now_ns(self) -> int: ...
@@ -105,8 +132,11 @@ class MemoryDatapath:
         self.policy: dict[PolicyKey, PolicyValue] = {}
         self.ipcache: dict[IPNetwork, int] = {}
         self.pods: dict[str, PodInfo] = {}
+        self.foreign: set[str] = set()  # netns names made by someone else (tests)
         self.attached: set[int] = set()
         self.ct: list[CTRow] = []
+        #: fragment entries: (endpoint id, source, destination) of first fragments that passed
+        self.frags: list[tuple[int, IPAddress, IPAddress]] = []
         self.events: list[dict[str, object]] = []
         self.clock_ns = 0
         self.generation = 0  # bumps of the verdict cache generation
@@ -130,6 +160,10 @@ class MemoryDatapath:
         self.pods[name] = pod
         return pod
 
+    def check_pod_name(self, name: str) -> None:
+        if name in self.pods or name in self.foreign:
+            raise InputError(f"pod {name}: network namespace {name!r} already exists")
+
     def remove_pod(self, name: str) -> None:
         self.pods.pop(name, None)
 
@@ -139,8 +173,11 @@ class MemoryDatapath:
     def host_addresses(self) -> list[IPAddress]:
         return list(self.host)
 
-    def attach(self, ifindex: int) -> None:
+    def attach(self, ifindex: int) -> list[str]:
+        if ifindex in self.attached:
+            return []
         self.attached.add(ifindex)
+        return ["from_pod", "to_pod"]
 
     def detach(self, ifindex: int) -> None:
         self.attached.discard(ifindex)
@@ -159,6 +196,11 @@ class MemoryDatapath:
         gone = set(rows)
         self.ct = [r for r in self.ct if r not in gone]
         return before - len(self.ct)
+
+    def frag_forget(self, ep_id: int, addrs: Collection[IPAddress]) -> int:
+        before = len(self.frags)
+        self.frags = [f for f in self.frags if f[0] != ep_id and f[1] not in addrs and f[2] not in addrs]
+        return before - len(self.frags)
 
     def metrics(self) -> dict[tuple[int, int], Counters]:
         return {}

@@ -19,7 +19,8 @@ from flagella.endpoint.model import Endpoint
 class EndpointStore:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # records name every pod: root's alone
 
     def _path(self, ep_id: int) -> Path:
         return self.dir / f"{ep_id}.json"
@@ -27,7 +28,7 @@ class EndpointStore:
     def save(self, ep: Endpoint) -> None:
         path = self._path(ep.id)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(ep.to_json(), f, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())

@@ -94,8 +94,11 @@ def _json(msg: object) -> dict[str, object]:
 @contextlib.contextmanager
 def kafka_envoy(
     broker: tuple[str, int], pods: Mapping[str, Pod], codec: KafkaCodec, *, enforce: bool = True,
+    relays: bool = True,
 ) -> Iterator[KafkaEnvoy]:
-    """Envoy + the ext_proc service in front of ``broker``; ``enforce=False``: tcp_proxy only."""
+    """Envoy + the ext_proc service in front of ``broker``; ``enforce=False``: tcp_proxy only.
+    ``relays=False`` (one pod, source 127.0.0.1): clients talk to Envoy itself, which
+    Metadata answers advertise (the benchmark's setting: no extra hop)."""
     workdir = Path(tempfile.mkdtemp(prefix="flagella-kafka-envoy-"))
     socket_path = str(workdir / "agent.sock")
     by_identity = {p.identity: p for p in pods.values()}
@@ -136,6 +139,10 @@ def kafka_envoy(
         out = KafkaEnvoy(envoy, port, service)
         service.on_record = out.records.append
         for name, pod in pods.items():
+            if not relays:
+                relay_port[pod.identity] = port
+                out.addresses[name] = f"127.0.0.1:{port}"
+                continue
             relay = stack.enter_context(KafkaRelay(("127.0.0.1", port), pod.identity, None, codec,
                                                    local_addr=pod.source))
             relay_port[pod.identity] = relay.port

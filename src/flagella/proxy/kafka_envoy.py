@@ -301,6 +301,19 @@ def sidecar_grpc_service(unix_socket: str) -> grpc_service_pb2.GrpcService:
         target_uri=f"unix:{unix_socket}", stat_prefix="flagella_kafka"))
 
 
+def kafka_enforcement_filters(
+    chain: ChainKey,
+    principals: Mapping[int, list[rbac_pb2.Principal]],
+    grpc_service: grpc_service_pb2.GrpcService,
+) -> list[listener_components_pb2.Filter]:
+    """RBAC (identity) -> ext_proc: what an Istio sidecar's EnvoyFilter inserts before its
+    own ``tcp_proxy`` (with `spiffe_principals` and `sidecar_grpc_service`)."""
+    return [
+        listener_components_pb2.Filter(name="envoy.filters.network.rbac", typed_config=packed(identity_rbac(chain, principals))),
+        listener_components_pb2.Filter(name="envoy.filters.network.ext_proc", typed_config=packed(kafka_ext_proc(chain, grpc_service))),
+    ]
+
+
 def kafka_network_filters(
     chain: ChainKey,
     principals: Mapping[int, list[rbac_pb2.Principal]],
@@ -310,13 +323,11 @@ def kafka_network_filters(
 ) -> list[listener_components_pb2.Filter]:
     """RBAC (identity) -> ext_proc -> tcp_proxy. (``kafka_broker`` for stats is a contrib
     filter whose v3 proto xds-protos does not ship; the processor's records count instead.)"""
-    filters = [
-        listener_components_pb2.Filter(name="envoy.filters.network.rbac", typed_config=packed(identity_rbac(chain, principals))),
-        listener_components_pb2.Filter(name="envoy.filters.network.ext_proc", typed_config=packed(kafka_ext_proc(chain, grpc_service))),
+    tcp_proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=chain.stat_prefix, cluster=upstream_cluster)
+    return [
+        *kafka_enforcement_filters(chain, principals, grpc_service),
+        listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=packed(tcp_proxy)),
     ]
-    filters.append(listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=packed(
-        tcp_proxy_pb2.TcpProxy(stat_prefix=chain.stat_prefix, cluster=upstream_cluster))))
-    return filters
 
 
 @dataclass(frozen=True)
@@ -356,6 +367,7 @@ __all__ = [
     "agent_grpc_service",
     "identity_rbac",
     "ip_principals",
+    "kafka_enforcement_filters",
     "kafka_ext_proc",
     "kafka_filter_chain",
     "kafka_network_filters",

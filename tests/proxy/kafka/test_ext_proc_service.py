@@ -22,8 +22,11 @@ from flagella.proxy.kafka_envoy import (
     Peer,
     identity_rbac,
     ip_principals,
+    kafka_enforcement_filters,
     kafka_filter_chain,
     peer_from_metadata,
+    sidecar_grpc_service,
+    spiffe_principals,
 )
 
 CODEC = KafkaCodec()
@@ -140,3 +143,20 @@ def test_chain_builders() -> None:
         "envoy.filters.network.rbac", "envoy.filters.network.ext_proc", "envoy.filters.network.tcp_proxy"]
     assert chain.filter_chain_match.destination_port.value == 9092
     assert chain.filter_chain_match.prefix_ranges[0].address_prefix == "10.244.0.5"
+
+
+def test_sidecar_filters_use_spiffe_and_google_grpc() -> None:
+    from envoy.extensions.filters.network.ext_proc.v3 import ext_proc_pb2
+
+    spiffe = spiffe_principals({1003: ["spiffe://cluster.local/ns/default/sa/outpost"]})
+    rbac_filter, ext_proc_filter = kafka_enforcement_filters(CHAIN, spiffe, sidecar_grpc_service("/var/run/flagella/agent.sock"))
+    rbac = identity_rbac(CHAIN, spiffe)
+    unpacked = type(rbac)()
+    assert rbac_filter.typed_config.Unpack(unpacked) and unpacked == rbac
+    [principal] = rbac.shadow_rules.policies["identity-1003"].principals
+    assert principal.authenticated.principal_name.exact == "spiffe://cluster.local/ns/default/sa/outpost"
+    config = ext_proc_pb2.NetworkExternalProcessor()
+    assert ext_proc_filter.typed_config.Unpack(config)
+    assert config.grpc_service.google_grpc.target_uri == "unix:/var/run/flagella/agent.sock"
+    assert list(config.metadata_options.forwarding_namespaces.untyped) == [RBAC_NAMESPACE]
+    assert not config.failure_mode_allow

@@ -8,6 +8,7 @@ CNP/CCNP status write-back, the PodCIDR options and the reserved-label rule.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -280,18 +281,41 @@ def test_pod_with_bad_label_is_refused_naming_it() -> None:
 
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=8)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=12)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=12,
+)
+ip_like = st.ip_addresses().map(str) | st.text(alphabet="0123456789abcdef:.", max_size=12) | json_values
+labels = st.dictionaries(st.sampled_from(["app", "io.cilium.k8s.x", "bad key", "a/b", ""]),
+                         st.text(max_size=5) | json_values, max_size=3)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    meta=st.fixed_dictionaries({}, optional={"name": st.text(max_size=5) | json_values,
+                                             "namespace": st.text(max_size=5) | json_values,
+                                             "labels": labels | json_values}),
+    spec=json_values | st.fixed_dictionaries({}, optional={"nodeName": json_values, "hostNetwork": json_values,
+                                                         "serviceAccountName": json_values}),
+    status=json_values | st.fixed_dictionaries({}, optional={
+        "podIP": ip_like, "podIPs": st.lists(st.fixed_dictionaries({"ip": ip_like}), max_size=2) | json_values}),
+)
+def test_pod_translation_fuzz(meta: Any, spec: Any, status: Any) -> None:
+    """Any pod shape yields a PodInfo or an InputError, never another exception."""
+    with contextlib.suppress(InputError):
+        info = pod_info({"metadata": meta, "spec": spec, "status": status})
+        assert all(not k.startswith("io.cilium.k8s.") for k in info.labels)
 
 
 @settings(max_examples=300, deadline=None)
-@given(meta=st.dictionaries(st.sampled_from(["name", "namespace", "labels", "uid"]), json_values),
-       spec=json_values, status=st.dictionaries(st.sampled_from(["podIP", "podIPs"]), json_values))
-def test_pod_translation_fuzz(meta: Any, spec: Any, status: Any) -> None:
-    """Any pod shape yields a PodInfo or an InputError, never another exception."""
-    try:
-        pod_info({"metadata": meta, "spec": spec if isinstance(spec, dict) else {}, "status": status})
-    except InputError:
-        pass
+@given(node=st.fixed_dictionaries({"metadata": st.fixed_dictionaries({"name": st.text(min_size=1, max_size=4)})},
+                                  optional={"spec": json_values | st.fixed_dictionaries(
+                                      {"podCIDRs": st.lists(ip_like | st.sampled_from(
+                                          ["10.0.0.0/24", "fd00::/64", "10.0.0.1/24", "fd00::/129"]), max_size=3)}),
+                                      "status": json_values}))
+def test_node_translation_fuzz(node: Any) -> None:
+    with contextlib.suppress(InputError):
+        node_info(node, K8sSettings(require_ipv6_pod_cidr=True, ipv6_cluster_alloc_cidr="fd00::/48"))
 
 
 # -- container runtime ------------------------------------------------------------

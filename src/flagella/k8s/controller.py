@@ -19,15 +19,33 @@ from __future__ import annotations
 import datetime
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
-from kubernetes import client  # type: ignore[import-untyped]
+from kubernetes import client
 
 from flagella.errors import FlagellaError, InputError
-from flagella.k8s.translate import K8sSettings, NodeInfo, PodInfo, namespace_labels, node_info, pod_info, policy_status
+from flagella.k8s.translate import (
+    K8sSettings,
+    NodeInfo,
+    PodInfo,
+    namespace_labels,
+    node_info,
+    pod_info,
+    policy_status,
+)
 from flagella.k8s.watch import (
-    CCNPS, CNPS, NAMESPACES, NETWORK_POLICIES, NODES, PODS, Obj, Resource, Watcher, WatchError, request,
+    CCNPS,
+    CNPS,
+    NAMESPACES,
+    NETWORK_POLICIES,
+    NODES,
+    PODS,
+    Obj,
+    Resource,
+    Watcher,
+    WatchError,
+    request,
 )
 from flagella.policy.api import Policy, parse_policy
 
@@ -188,9 +206,9 @@ class Controller:
 def api_client(host: str = "", token: str = "") -> client.ApiClient:
     """In-cluster configuration when ``host`` is empty, else that URL (tests, kubeconfig-less)."""
     if not host:
-        from kubernetes import config  # type: ignore[import-untyped]
+        from kubernetes import config
 
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
         return client.ApiClient()
     cfg = client.Configuration()
     cfg.host = host

@@ -86,9 +86,18 @@ class NodeInfo:
 
 def _meta(obj: Mapping[str, Any], what: str) -> Mapping[str, Any]:
     meta = obj.get("metadata")
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]:
+    if not isinstance(meta, Mapping):
+        raise InputError(f"{what}: metadata: expected an object")
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
         raise InputError(f"{what}: metadata.name: missing")
     return meta
+
+
+def _section(obj: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
+    value = obj.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise InputError(f"{where}: {name}: expected an object")
+    return value
 
 
 def _str_map(value: object, where: str) -> dict[str, str]:
@@ -111,15 +120,18 @@ def pod_info(pod: Mapping[str, Any]) -> PodInfo:
     raw = _str_map(meta.get("labels"), f"{where}: metadata.labels")
     labels = {k: v for k, v in raw.items() if not is_agent_owned(k)}
     check_pod_labels(labels, f"{where}: metadata.labels")
-    spec = pod.get("spec") or {}
-    status = pod.get("status") or {}
-    ips = tuple(
-        str(ipaddress.ip_address(p["ip"]))
-        for p in (status.get("podIPs") or [])
-        if isinstance(p, Mapping) and isinstance(p.get("ip"), str)
-    )
-    if not ips and isinstance(status.get("podIP"), str):
-        ips = (str(ipaddress.ip_address(status["podIP"])),)
+    spec = _section(pod, "spec", where)
+    status = _section(pod, "status", where)
+    pod_ips = status.get("podIPs") or []
+    if not isinstance(pod_ips, list):
+        raise InputError(f"{where}: status.podIPs: expected a list")
+    raw_ips = [p.get("ip") for p in pod_ips if isinstance(p, Mapping)]
+    if not raw_ips:
+        raw_ips = [status.get("podIP")] if status.get("podIP") else []
+    try:
+        ips = tuple(str(ipaddress.ip_address(ip)) for ip in raw_ips if isinstance(ip, str))
+    except ValueError as exc:
+        raise InputError(f"{where}: status.podIPs: {exc}") from None
     return PodInfo(
         namespace=namespace,
         name=meta["name"],
@@ -142,8 +154,9 @@ def node_info(node: Mapping[str, Any], settings: K8sSettings) -> NodeInfo:
     """A node object -> `NodeInfo`; `InputError` when the settings' PodCIDR rules fail."""
     meta = _meta(node, "node")
     where = f"node {meta['name']}"
-    spec = node.get("spec") or {}
-    cidrs = [c for c in (spec.get("podCIDRs") or []) if isinstance(c, str)]
+    spec = _section(node, "spec", where)
+    listed = spec.get("podCIDRs") or []
+    cidrs = [c for c in listed if isinstance(c, str)] if isinstance(listed, list) else []
     if not cidrs and isinstance(spec.get("podCIDR"), str):
         cidrs = [spec["podCIDR"]]
     v4 = v6 = ""
@@ -168,7 +181,7 @@ def node_info(node: Mapping[str, Any], settings: K8sSettings) -> NodeInfo:
             )
     addrs = tuple(
         str(a["address"])
-        for a in ((node.get("status") or {}).get("addresses") or [])
+        for a in (_section(node, "status", where).get("addresses") or [])
         if isinstance(a, Mapping) and a.get("type") in ("InternalIP", "ExternalIP")
     )
     return NodeInfo(meta["name"], v4, v6, addrs)

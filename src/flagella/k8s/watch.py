@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from kubernetes import client  # type: ignore[import-untyped]
-from kubernetes.client.rest import ApiException  # type: ignore[import-untyped]
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from flagella.errors import FlagellaError
 
@@ -133,8 +133,8 @@ class Watcher:
                 self.handler("delete", old)
         for k, obj in fresh.items():
             kind_obj = {"kind": self.resource.kind, **obj}
-            old = self.objects.get(k)
-            if old is None or _rv(old) != _rv(kind_obj):
+            known = self.objects.get(k)
+            if known is None or _rv(known) != _rv(kind_obj):
                 self.objects[k] = kind_obj
                 self.handler("upsert", kind_obj)
         if self.resource_version:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flagella.errors import InputError
+from flagella.errors import InputError, ResolutionError
 from flagella.k8s import K8sSettings, NodeInfo, PodInfo, api_client, compose, detect_runtime
 from flagella.k8s.controller import Controller
 from flagella.k8s.translate import node_info, pod_info
@@ -144,6 +144,21 @@ def test_cnp_status_is_written_back_per_node(server: FakeApiServer) -> None:
     assert ccnp["status"]["nodes"]["node-a"]["annotations"] == {"policy.example.org/ticket": "SEC-101"}
     # NetworkPolicy has no status to write.
     assert not any("networkpolicies/allow-empire" in p for p in by_path)
+
+
+def test_policy_the_agent_refuses_gets_an_error_status(server: FakeApiServer) -> None:
+    class Refusing(RecordingSink):
+        def upsert_policy(self, policy: Policy) -> int:
+            if policy.name == "rule1":
+                raise ResolutionError("conflicting L7 parsers on port 80: http and kafka")
+            return super().upsert_policy(policy)
+
+    sink = Refusing()
+    ctl = _controller(server, sink)
+    ctl.sync()
+    entry = [b for p, _, b in server.patches if p.endswith("/rule1/status")][-1]["status"]["nodes"]["node-a"]
+    assert entry["ok"] is False and "conflicting L7 parsers" in entry["error"]
+    assert ("CiliumClusterwideNetworkPolicy", "", "deny-world-egress") in sink.policies
 
 
 def test_status_revision_follows_the_sink(server: FakeApiServer) -> None:

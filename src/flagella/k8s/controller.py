@@ -157,7 +157,12 @@ class Controller:
             self._skip(kind, exc)
             self._write_status(obj, revision=0, error=str(exc))
             return
-        revision = self.sink.upsert_policy(policy)
+        try:
+            revision = self.sink.upsert_policy(policy)
+        except FlagellaError as exc:  # the agent refused it (e.g. conflicting L7 parsers)
+            self._skip(kind, exc)
+            self._write_status(obj, revision=0, error=str(exc))
+            return
         self._write_status(obj, revision=revision, enforcing=True)
 
     def _write_status(self, obj: Obj, *, revision: int, error: str = "", enforcing: bool = False) -> None:

@@ -6,7 +6,8 @@ import ipaddress
 
 import pytest
 
-from flagella.datapath.desired import PolicyValue, policy_entries
+from flagella.datapath.desired import policy_entries
+from flagella.datapath.entries import PolicyValue
 from flagella.policy.api import Protocol as P
 from flagella.policy.api import load_policies
 from flagella.policy.labels import k8s_labels

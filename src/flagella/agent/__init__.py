@@ -30,4 +30,17 @@ def run(config: str | Path | None, **overrides: Any) -> None:
             ct.closing_s, settings.trace_events, settings.attach_mode,
         )
     )
-    run_agent(AgentCore(settings, datapath, build_identity_backend(settings.kvstore)))
+    proxy = None
+    if settings.proxy.enabled:
+        from prometheus_client import REGISTRY
+
+        from flagella.agent.proxy import NodeProxy
+
+        proxy = NodeProxy(settings, REGISTRY if settings.metrics_addr else None)
+    core = AgentCore(
+        settings, datapath, build_identity_backend(settings.kvstore),
+        enforcers=[proxy.enforcer] if proxy else [],
+    )
+    if proxy is not None:
+        core.ipcache_listeners.append(proxy.set_ipcache)
+    run_agent(core, proxy)

@@ -9,6 +9,7 @@ mirror these groups, e.g.::
     conntrack: {tcp_established_s: 21600}
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
     kvstore: {backend: etcd, endpoints: ["http://127.0.0.1:2379"], lease_ttl_s: 15}
+    proxy: {enabled: true, ingress_port: 15001, egress_port: 15002, start_at_agent_start: false}
 
 Unknown keys are errors that name the key.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.identity import Backend
 from flagella.policy.resolver import PolicySettings
@@ -99,6 +101,30 @@ def build_identity_backend(kv: KvstoreSettings) -> Backend | None:
     )
 
 
+@dataclass(frozen=True)
+class ProxySettings:
+    """The node proxy: the xDS server and the one Envoy it feeds (`flagella.proxy`).
+
+    Disabled by default until the datapath redirects into it; when enabled, the
+    xDS enforcer runs before the kernel's (a port is redirected only after Envoy
+    ACKed its listener and policy).
+    """
+
+    enabled: bool = False
+    #: Envoy's transparent listeners (127.0.0.1 and ::1), one per direction.
+    ingress_port: int = 15001
+    egress_port: int = 15002
+    #: Envoy's shared-memory base id (unique per Envoy on the host) and admin port (127.0.0.1).
+    envoy_base_id: int = 15000
+    admin_port: int = 15000
+    #: The xDS (and access-log) socket; default: <state_dir>/xds.sock, mode 0660.
+    xds_socket: str = ""
+    #: Start Envoy with the agent, not when the first HTTP redirect appears.
+    start_at_agent_start: bool = False
+    #: Seconds an HTTP redirect waits for an Envoy to connect and ACK before it fails.
+    envoy_wait_s: float = 30.0
+
+
 #: File descriptors kept for the agent's own use (maps, pins, netlink, state files).
 RESERVED_FDS = 256
 #: Largest derived connection cap: each connection may buffer a whole request.
@@ -133,12 +159,18 @@ class AgentSettings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
     controllers: ControllerSettings = field(default_factory=ControllerSettings)
+    regeneration: RegenerationSettings = field(default_factory=RegenerationSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     kvstore: KvstoreSettings = field(default_factory=KvstoreSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
 
     @property
     def socket_path(self) -> str:
         return self.socket or str(Path(self.state_dir) / "flagella.sock")
+
+    @property
+    def xds_socket_path(self) -> str:
+        return self.proxy.xds_socket or str(Path(self.state_dir) / "xds.sock")
 
     def validate(self) -> AgentSettings:
         try:
@@ -168,6 +200,9 @@ class AgentSettings:
             raise InputError("attach_mode: must be auto, tcx or tc")
         if self.controllers.sync_interval_s <= 0:
             raise InputError("controllers.sync_interval_s: must be positive")
+        for name in ("completion_timeout_s", "backoff_initial_s", "backoff_max_s"):
+            if getattr(self.regeneration, name) <= 0:
+                raise InputError(f"regeneration.{name}: must be positive")
         if not 1024 <= self.api.max_request_bytes <= 1 << 30:
             raise InputError("api.max_request_bytes: must be 1024 to 1073741824")
         for name in ("idle_timeout_s", "trace_timeout_s"):
@@ -190,6 +225,15 @@ class AgentSettings:
             raise InputError("kvstore.timeout_s: must be a positive number of seconds")
         if "/" in kv.node:
             raise InputError("kvstore.node: must not contain '/'")
+        for name in ("ingress_port", "egress_port", "admin_port"):
+            if not 1 <= getattr(self.proxy, name) <= 65535:
+                raise InputError(f"proxy.{name}: must be 1-65535")
+        if self.proxy.ingress_port == self.proxy.egress_port:
+            raise InputError("proxy.egress_port: must differ from proxy.ingress_port")
+        if self.proxy.envoy_base_id < 0:
+            raise InputError("proxy.envoy_base_id: must be 0 or positive")
+        if not 0 < self.proxy.envoy_wait_s < float("inf"):
+            raise InputError("proxy.envoy_wait_s: must be a positive number of seconds")
         return self
 
 

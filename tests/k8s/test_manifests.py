@@ -203,7 +203,10 @@ def test_daemonset_runs_the_agent_with_what_it_needs() -> None:
     assert mounts[cm["state_dir"]]["hostPath"]["path"] == settings.state_dir
     assert mounts["/host/opt/cni/bin"]["hostPath"]["path"] == "/opt/cni/bin"
     assert mounts["/host/etc/cni/net.d"]["hostPath"]["path"] == "/etc/cni/net.d"
-    assert any(p.startswith(cm["state_dir"] + "/envoy") for p in mounts)
+    xds_dir = str(Path(settings.xds_socket_path).parent)
+    assert xds_dir == settings.state_dir  # the default lives in the state dir, mounted above
+    xds_socket = Path(cm["proxy"]["xds_socket"])
+    assert mounts[str(xds_socket.parent)]["hostPath"]["path"] == str(xds_socket.parent)
     config_dir = next(p for p, v in mounts.items() if v.get("configMap", {}).get("name") == "flagella-config")
     assert agent["command"][-1] == f"{config_dir}/flagella.yaml"
     # The clean-state init container reads the ConfigMap key and sees the same state dir.

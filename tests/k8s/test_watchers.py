@@ -360,5 +360,13 @@ def test_runtime_detection_from_sockets(tmp_path: Path) -> None:
         detect_runtime(tmp_path, forced="rkt")
 
 
+def test_compose_detects_or_forces_the_runtime(server: FakeApiServer, tmp_path: Path) -> None:
+    api = api_client(server.url)
+    with _listen(tmp_path / "run/containerd/containerd.sock"):
+        assert compose(RecordingSink(), K8sSettings(), api, runtime_root=str(tmp_path)).runtime == "containerd"
+        forced = K8sSettings(container_runtime="crio")
+        assert compose(RecordingSink(), forced, api, runtime_root=str(tmp_path)).runtime == "crio"
+
+
 def test_pods_resource_path() -> None:
     assert PODS.path == "/api/v1/pods"

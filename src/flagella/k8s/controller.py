@@ -25,6 +25,7 @@ import structlog
 from kubernetes import client
 
 from flagella.errors import FlagellaError, InputError
+from flagella.k8s.runtime import detect_runtime
 from flagella.k8s.translate import (
     K8sSettings,
     NodeInfo,
@@ -102,6 +103,8 @@ class Controller:
         ]
         self.watchers = [Watcher(api, r, h, field_selector=f, timeout_s=timeout_s) for r, h, f in table]
         self._threads: list[threading.Thread] = []
+        #: The node's container runtime (`compose` detects it; "none" until then).
+        self.runtime = "none"
 
     # -- event handlers -------------------------------------------------------------
 
@@ -222,9 +225,21 @@ def api_client(host: str = "", token: str = "") -> client.ApiClient:
     return client.ApiClient(cfg)
 
 
-def compose(sink: ClusterSink, settings: K8sSettings, api: client.ApiClient | None = None) -> Controller:
-    """The watchers for this node, feeding ``sink``; call ``start()`` to run them."""
-    return Controller(api if api is not None else api_client(), sink, settings)
+def compose(
+    sink: ClusterSink,
+    settings: K8sSettings,
+    api: client.ApiClient | None = None,
+    *,
+    runtime_root: str = "/",
+) -> Controller:
+    """The watchers for this node, feeding ``sink``; call ``start()`` to run them.
+
+    ``runtime_root`` is where the host's /run is visible (``/host`` in the DaemonSet);
+    the detected (or forced) container runtime is `Controller.runtime`.
+    """
+    ctl = Controller(api if api is not None else api_client(), sink, settings)
+    ctl.runtime = detect_runtime(runtime_root, settings.container_runtime)
+    return ctl
 
 
 __all__ = ["ClusterSink", "Controller", "api_client", "compose"]

@@ -167,20 +167,24 @@ class Watcher:
 
         return lines()
 
-    def watch_once(self) -> None:
-        """One watch request, until the server ends it; on 410 Gone, relist."""
+    def watch_once(self) -> int:
+        """One watch request, until the server ends it; on 410 Gone, relist.
+
+        Answers how many events the stream carried."""
         events = self._events()
         if events is None:
             self._step("gone")
             self.list()
-            return
+            return 0
+        seen = 0
         for ev in events:
+            seen += 1
             kind, obj = ev.get("type", ""), ev.get("object") or {}
             if kind == "ERROR":
                 if obj.get("code") == 410:
                     self._step("gone")
                     self.list()
-                    return
+                    return seen
                 raise WatchError(f"{self.resource.kind}: watch error {obj.get('code')}: {obj.get('message')}")
             self._step(kind)
             rv = _rv(obj)
@@ -197,8 +201,9 @@ class Watcher:
                 self.handler("upsert", obj)
             self.resource_version = rv or self.resource_version
             if self._stop.is_set():
-                return
+                return seen
         self._step("ended")
+        return seen
 
     def run(self) -> None:
         """List, then watch until `stop`; errors are logged and lead to a relist."""
@@ -206,7 +211,10 @@ class Watcher:
             try:
                 if self.state == "list":
                     self.list()
-                self.watch_once()
+                if not self.watch_once():
+                    # A real server holds an idle watch open for timeoutSeconds; one that
+                    # ends it at once must not be hammered.
+                    self._stop.wait(1.0)
             except (WatchError, OSError, ValueError) as exc:
                 log.warning("k8s-watch-failed", kind=self.resource.kind, error=str(exc))
                 self.state = "list"

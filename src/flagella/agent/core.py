@@ -106,7 +106,7 @@ class AgentCore:
         net = settings.network
         self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
-        self.kernel = DatapathEnforcer(datapath, settings.policy.proxy_port)
+        self.kernel = DatapathEnforcer(datapath, settings.proxy.ingress_port, settings.proxy.egress_port)
         #: Called with the whole desired ipcache after every ipcache write (the node
         #: proxy's peer sets follow identities and addresses through it).
         self.ipcache_listeners: list[Callable[[Mapping[IPNetwork, int]], None]] = []

@@ -29,6 +29,7 @@ from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.identity import Backend
 from flagella.policy.resolver import PolicySettings
+from flagella.proxy.ports import ProxySettings
 
 
 @dataclass(frozen=True)
@@ -99,30 +100,6 @@ def build_identity_backend(kv: KvstoreSettings) -> Backend | None:
         kv.endpoints, node=kv.node or socket.gethostname(), prefix=kv.prefix,
         lease_ttl_s=kv.lease_ttl_s, timeout_s=kv.timeout_s,
     )
-
-
-@dataclass(frozen=True)
-class ProxySettings:
-    """The node proxy: the xDS server and the one Envoy it feeds (`flagella.proxy`).
-
-    Disabled by default until the datapath redirects into it; when enabled, the
-    xDS enforcer runs before the kernel's (a port is redirected only after Envoy
-    ACKed its listener and policy).
-    """
-
-    enabled: bool = False
-    #: Envoy's transparent listeners (127.0.0.1 and ::1), one per direction.
-    ingress_port: int = 15001
-    egress_port: int = 15002
-    #: Envoy's shared-memory base id (unique per Envoy on the host) and admin port (127.0.0.1).
-    envoy_base_id: int = 15000
-    admin_port: int = 15000
-    #: The xDS (and access-log) socket; default: <state_dir>/xds.sock, mode 0660.
-    xds_socket: str = ""
-    #: Start Envoy with the agent, not when the first HTTP redirect appears.
-    start_at_agent_start: bool = False
-    #: Seconds an HTTP redirect waits for an Envoy to connect and ACK before it fails.
-    envoy_wait_s: float = 30.0
 
 
 #: File descriptors kept for the agent's own use (maps, pins, netlink, state files).
@@ -225,15 +202,7 @@ class AgentSettings:
             raise InputError("kvstore.timeout_s: must be a positive number of seconds")
         if "/" in kv.node:
             raise InputError("kvstore.node: must not contain '/'")
-        for name in ("ingress_port", "egress_port", "admin_port"):
-            if not 1 <= getattr(self.proxy, name) <= 65535:
-                raise InputError(f"proxy.{name}: must be 1-65535")
-        if self.proxy.ingress_port == self.proxy.egress_port:
-            raise InputError("proxy.egress_port: must differ from proxy.ingress_port")
-        if self.proxy.envoy_base_id < 0:
-            raise InputError("proxy.envoy_base_id: must be 0 or positive")
-        if not 0 < self.proxy.envoy_wait_s < float("inf"):
-            raise InputError("proxy.envoy_wait_s: must be a positive number of seconds")
+        self.proxy.validate()
         return self
 
 

@@ -145,7 +145,7 @@ def _struct_fields(metadata: object) -> dict[str, dict[str, object]]:
     return out
 
 
-class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):
+class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ignore[misc]
     """``envoy.service.network_ext_proc.v3.NetworkExternalProcessor`` for Kafka chains.
 
     Register on any ``grpc.aio`` server with `register`. ``on_record`` gets every

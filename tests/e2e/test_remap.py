@@ -288,9 +288,13 @@ def test_l7_probes():
     http = {"method": "GET", "path": "/"}
     assert _plan(P_(http=http)).action == "check"
     assert _plan(P_(expect="deny", http=http, deny_mode="drop")).action == "check"
-    assert _plan(P_(expect="deny", http=http, deny_mode="l7-reject")).action == "skip"
-    assert _plan(P_(expect="deny", http=http), [L7_POLICY]).action == "skip"
+    # HTTP goes through the node proxy: every HTTP probe is checked, L7 rejections too.
+    assert _plan(P_(expect="deny", http=http, deny_mode="l7-reject")).action == "check"
+    assert _plan(P_(expect="deny", http=http), [L7_POLICY]).action == "check"
     assert _plan(P_(expect="deny", http=http), [L4_POLICY]).action == "check"
+    # Kafka with L7 rules in effect: the node proxy has no Kafka chains yet.
+    kafka = {"apiKey": "produce", "topic": "t"}
+    assert _plan(P_(expect="deny", port=9092, kafka=kafka), [L7_POLICY]).action == "skip"
     assert _plan(P_(expect="deny", port=53, proto="UDP", dns={"query": "x"}), [L4_POLICY]).kind == "udp"
     assert has_l7_rules(L7_POLICY) and not has_l7_rules(L4_POLICY)
     assert not has_l7_rules({"spec": {"rules": {"http": [{}]}}})  # "rules" outside toPorts

@@ -259,6 +259,18 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+#: The node proxy's listeners in e2e runs (not the defaults, which a user's agent may hold).
+PROXY_INGRESS_PORT, PROXY_EGRESS_PORT = 15301, 15302
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Agent:
     """``flagella agent`` as a subprocess, with its own state dir, socket and bpf dir."""
 
@@ -290,8 +302,16 @@ class Agent:
 
     def start(self, timeout: float = 120.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # The node proxy is on: HTTP rules are enforced by the agent's own Envoy. Names,
+        # ports and the base id are this run's, so concurrent runs do not collide.
+        tag = f"{os.getpid() % 100000}"
         self.config.write_text(
             "network:\n  ipv4_cidr: 10.244.0.0/16\n" f"  ipv6_cidr: \"{self.ipv6_cidr}\"\n"
+            "proxy:\n  enabled: true\n"
+            f"  ingress_port: {PROXY_INGRESS_PORT}\n  egress_port: {PROXY_EGRESS_PORT}\n"
+            f"  reentry_ifname: fle2e{tag}a\n  reentry_peer: fle2e{tag}b\n"
+            f"  nft_table: flagella_e2e_{tag}\n  envoy_base_id: {20000 + os.getpid() % 20000}\n"
+            f"  admin_port: {_free_port()}\n"
         )
         self._routes_before = self._agent_routes()
         self._nft_before = self._nft_tables()
@@ -333,6 +353,8 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        # The agent leaves its Envoy running on purpose (restarts keep L7 enforced).
+        sh("pkill", "-f", f"{self.state_dir}/envoy/", check=False)
         remove_bpf_dir(self.bpf_dir)
         if self.proc is None:
             return
@@ -341,7 +363,7 @@ class Agent:
             fam, dst = route.split(" ", 1)
             sh("ip", fam, "route", "del", "unreachable", dst, "proto", ROUTE_PROTO, check=False)
         for table in self._nft_tables() - self._nft_before:
-            if table.split()[-1] == "flagella":
+            if table.split()[-1] == "flagella" or table.split()[-1].startswith("flagella_e2e_"):
                 sh("nft", "delete", *table.split(), check=False)
 
 
@@ -726,14 +748,22 @@ class Outcome:
     @property
     def got(self) -> str:
         if self.result == "open":
-            return "allow"
+            # An HTTP request the proxy refused: 403 with Cilium's body.
+            return "deny" if self.plan.http and self.http_status == 403 else "allow"
         if self.result == "timeout":
             return "deny"
         return f"error ({self.result})"
 
     @property
     def agrees(self) -> bool:
-        return self.got == self.plan.probe.expect
+        if self.got != self.plan.probe.expect:
+            return False
+        mode = (self.plan.probe.raw or {}).get("deny_mode")
+        if self.got == "deny" and mode == "drop":
+            return self.result == "timeout"
+        if self.got == "deny" and mode == "l7-reject":
+            return self.http_status == 403
+        return True
 
     def describe(self) -> str:
         pp = self.plan

@@ -421,14 +421,18 @@ def plan_probe(
     l7 = next((f for f in L7_FIELDS if raw.get(f)), None)
     if l7 is not None:
         deny_mode = raw.get("deny_mode")
-        if probe.expect == "allow":
-            reason = f"{l7} allow checked as its {proto} transport (L3/L4 stage)"
+        if l7 == "http":
+            # Through the agent's node proxy: an allowed request is answered by the pod,
+            # a refused one gets 403 from Envoy, a dropped flow no answer.
+            reason = f"http {probe.expect} through the node proxy"
+        elif any(has_l7_rules(p) for p in step_policies):
+            return ProbePlan(probe, "skip", f"{l7} with L7 rules in effect: the node proxy enforces HTTP only (Kafka through Envoy is not wired into the agent)")
+        elif probe.expect == "allow":
+            reason = f"{l7} allow checked as its {proto} transport (no L7 rule in effect)"
         elif deny_mode == "drop":
             reason = f"{l7} deny_mode=drop checked as a dropped {proto} transport"
         elif deny_mode == "l7-reject":
-            return ProbePlan(probe, "skip", f"{l7} deny by L7 rejection: needs the L7 proxy (later stage)")
-        elif any(has_l7_rules(p) for p in step_policies):
-            return ProbePlan(probe, "skip", f"{l7} deny without deny_mode while L7 rules are in effect: may be an L7 rejection")
+            return ProbePlan(probe, "skip", f"{l7} deny by L7 rejection without L7 rules in effect")
         else:
             reason = f"{l7} deny without deny_mode, no L7 rule in effect: can only be an L3/L4 drop"
     if probe.loopback_ignored or (probe.src == probe.dst and src.kind == "pod"):

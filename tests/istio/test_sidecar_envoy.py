@@ -1,0 +1,144 @@
+"""Flagella's ECDS policy enforced by a real Envoy shaped like an Istio sidecar, over mTLS.
+
+The release notes' example: service account ``luke`` may ``GET /public`` on
+``leia`` port 80. Policies are resolved by the real engine, published by
+`IstioPublisher` on a real `XdsServer`, fetched by the sidecar's filter over
+``google_grpc`` from the unix socket, and enforced on requests that arrive
+over mutual TLS with SPIFFE client certificates. Each workload's address is a
+loopback address of its own (127.77.<n>.x) standing for its pod IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+from flagella.istio.publisher import IstioPublisher
+from flagella.istio.workload import IstioSettings, node_id, workload_rbac
+from flagella.policy.api import load_policies
+from flagella.policy.engine import PolicyEngine
+from flagella.policy.labels import LabelSet, k8s_labels
+from flagella.policy.resolver import EndpointInfo, PolicySettings
+from flagella.proxy.rbac import peer_sets
+from flagella.xds.server import XdsServer, XdsSettings
+from flagella.xds.types import EXTENSION_CONFIG
+from tests.istio.sidecar_harness import make_ca, make_leaf, request, sidecar_config, start_sidecar
+from tests.proxy.test_rbac_envoy import upstream  # noqa: F401 (fixture)
+
+NET = f"127.77.{os.getpid() % 250}"
+LEIA, LUKE, VADER = f"{NET}.1", f"{NET}.2", f"{NET}.3"
+NODE = node_id("leia-7d4b9", "default", ipaddress.ip_address(LEIA))
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: leia, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {io.cilium.k8s.policy.serviceaccount: leia}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {io.cilium.k8s.policy.serviceaccount: luke}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET, path: /public}]}
+"""
+UPDATED = POLICY.replace("path: /public}", "path: /public}, {method: GET, path: /health}")
+
+
+def _engine(policy: str) -> tuple[PolicyEngine, dict[int, LabelSet]]:
+    engine = PolicyEngine(PolicySettings())
+    engine.upsert_policies(load_policies(policy))
+    identities = {
+        300: k8s_labels({"app": "luke"}, "default", service_account="luke"),
+        301: k8s_labels({"app": "vader"}, "default", service_account="vader"),
+        256: k8s_labels({"app": "leia"}, "default", service_account="leia"),
+    }
+    for ident, labels in identities.items():
+        engine.set_identity(ident, labels)
+    engine.upsert_endpoint(EndpointInfo(1, 256, identities[256], addresses=frozenset({ipaddress.ip_address(LEIA)})))
+    return engine, identities
+
+
+def _config(policy: str) -> object:
+    engine, identities = _engine(policy)
+    ipcache = {ipaddress.ip_network(f"{ip}/32"): i for i, ip in ((300, LUKE), (301, VADER), (256, LEIA))}
+    return workload_rbac(engine.policy(1).ingress, peer_sets(ipcache), identities, IstioSettings())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path] | Path]:
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca(d)
+    return {"ca": ca, **{sa: make_leaf(d, "default", sa) for sa in ("leia", "luke", "vader")}}
+
+
+def test_luke_gets_public_over_mtls_update_outage_and_fail_closed(
+    tmp_path: Path, upstream: int, pki: dict  # noqa: F811
+) -> None:
+    asyncio.run(asyncio.wait_for(_scenario(tmp_path, upstream, pki), 120))
+
+
+async def _acked(server: XdsServer, node: str) -> None:
+    """Until ``node``'s sidecar is connected and has ACKed what the cache holds for it."""
+    want = server.cache.view(node, EXTENSION_CONFIG).version
+    while not any(
+        row.node == node and any(t.type_url == EXTENSION_CONFIG and t.version_acked == want for t in row.types)
+        for row in server.status()
+    ):
+        await asyncio.sleep(0.05)
+
+
+async def _scenario(tmp_path: Path, app_port: int, pki: dict) -> None:
+    sock = tmp_path / "xds.sock"
+    ca = pki["ca"]
+    config = sidecar_config("leia-7d4b9", "default", LEIA, 80, app_port, pki["leia"], ca, sock)
+    envoy = await asyncio.to_thread(start_sidecar, config)
+    server = XdsServer(XdsSettings(unix_socket=sock, debounce_quiet=0.05, ack_timeout=20))
+
+    async def req(path: str, source: str, sa: str, method: str = "GET") -> int:
+        return await asyncio.to_thread(request, LEIA, 80, path, source, pki[sa], ca, method)
+
+    try:
+        # Fail closed: no ECDS server yet, the EnvoyFilter's default_config (deny-all) applies.
+        assert await req("/public", LUKE, "luke") == 403
+        pid = envoy.proc.pid if envoy.proc else 0
+
+        await server.start()
+        publisher = IstioPublisher(server)
+        await asyncio.wait_for(
+            publisher.publish("leia-7d4b9", "default", [ipaddress.ip_address(LEIA)], _config(POLICY)), 20
+        )
+        await asyncio.wait_for(_acked(server, NODE), 30)  # the sidecar reconnects after its backoff
+        assert await req("/public", LUKE, "luke") == 200
+        assert await req("/public?x=1", LUKE, "luke") == 403  # full match on :path
+        assert await req("/private", LUKE, "luke") == 403
+        assert await req("/public", LUKE, "luke", method="POST") == 403
+        assert await req("/public", VADER, "vader") == 403  # another service account
+        # Attacks: luke's stolen certificate from vader's pod, and vader's certificate from luke's address.
+        assert await req("/public", VADER, "luke") == 403
+        assert await req("/public", LUKE, "vader") == 403
+        assert await req("/health", LUKE, "luke") == 403
+
+        # A policy update applies without restarting the sidecar.
+        await asyncio.wait_for(
+            publisher.publish("leia-7d4b9", "default", [ipaddress.ip_address(LEIA)], _config(UPDATED)), 20
+        )
+        await asyncio.wait_for(_acked(server, NODE), 30)
+        assert await req("/health", LUKE, "luke") == 200
+        assert await req("/health", VADER, "vader") == 403
+        assert envoy.proc is not None and envoy.proc.pid == pid and envoy.running
+
+        # Agent outage: the ECDS server goes away, the last config stays in force.
+        await server.stop()
+        await asyncio.sleep(1.0)
+        assert await req("/health", LUKE, "luke") == 200
+        assert await req("/public", LUKE, "luke") == 200
+        assert await req("/private", LUKE, "luke") == 403
+        assert await req("/public", VADER, "vader") == 403
+        assert envoy.running
+    finally:
+        await server.stop()
+        await asyncio.to_thread(envoy.stop)

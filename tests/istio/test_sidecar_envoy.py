@@ -142,3 +142,81 @@ async def _scenario(tmp_path: Path, app_port: int, pki: dict) -> None:
     finally:
         await server.stop()
         await asyncio.to_thread(envoy.stop)
+
+
+BOOKINFO = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ratings-v1, namespace: default}
+specs:
+- endpointSelector: {matchLabels: {"k8s:app": ratings, "k8s:version": v1}}
+  ingress:
+  - fromEndpoints:
+    - {matchLabels: {"k8s:app": productpage, "k8s:version": v1}}
+    - {matchLabels: {"k8s:app": reviews, "k8s:version": v2}}
+    toPorts:
+    - ports: [{port: "9080", protocol: TCP}]
+      rules: {http: [{method: GET, path: "/ratings/[0-9]*"}]}
+"""
+RATINGS, PRODUCTPAGE, REVIEWS_V1, REVIEWS_V2 = f"{NET}.11", f"{NET}.12", f"{NET}.13", f"{NET}.14"
+
+
+def test_bookinfo_ratings_over_mtls(tmp_path: Path, upstream: int, pki: dict) -> None:  # noqa: F811
+    asyncio.run(asyncio.wait_for(_bookinfo(tmp_path, upstream, pki), 120))
+
+
+async def _bookinfo(tmp_path: Path, app_port: int, pki: dict) -> None:
+    """Spec 10(c): ratings-v1 admits GET /ratings/<n> from productpage-v1 and reviews-v2 only.
+
+    reviews-v1 and reviews-v2 share the service account ``bookinfo-reviews``
+    (one certificate): the label selector tells them apart by address."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        (d / name).write_bytes(Path(pki["ca"]).with_name(name).read_bytes())
+    ca = d / "ca.pem"
+    certs = {sa: make_leaf(d, "default", sa) for sa in ("bookinfo-ratings", "bookinfo-productpage", "bookinfo-reviews")}
+    engine = PolicyEngine(PolicySettings())
+    engine.upsert_policies(load_policies(BOOKINFO))
+    pods = {  # identity: (labels, address)
+        400: (k8s_labels({"app": "ratings", "version": "v1"}, "default", service_account="bookinfo-ratings"), RATINGS),
+        401: (k8s_labels({"app": "productpage", "version": "v1"}, "default", service_account="bookinfo-productpage"),
+              PRODUCTPAGE),
+        402: (k8s_labels({"app": "reviews", "version": "v1"}, "default", service_account="bookinfo-reviews"), REVIEWS_V1),
+        403: (k8s_labels({"app": "reviews", "version": "v2"}, "default", service_account="bookinfo-reviews"), REVIEWS_V2),
+    }
+    for ident, (labels, _) in pods.items():
+        engine.set_identity(ident, labels)
+    engine.upsert_endpoint(EndpointInfo(1, 400, pods[400][0], addresses=frozenset({ipaddress.ip_address(RATINGS)})))
+    ipcache = {ipaddress.ip_network(f"{ip}/32"): i for i, (_, ip) in pods.items()}
+    config = workload_rbac(engine.policy(1).ingress, peer_sets(ipcache), {i: ls for i, (ls, _) in pods.items()},
+                           IstioSettings())
+
+    sock = tmp_path / "xds.sock"
+    server = XdsServer(XdsSettings(unix_socket=sock, debounce_quiet=0.05, ack_timeout=20))
+    await server.start()
+    envoy = None
+    try:
+        publisher = IstioPublisher(server)
+        publisher.publish("ratings-v1-5f9", "default", [ipaddress.ip_address(RATINGS)], config)
+        envoy = await asyncio.to_thread(
+            start_sidecar,
+            sidecar_config("ratings-v1-5f9", "default", RATINGS, 9080, app_port, certs["bookinfo-ratings"], ca, sock),
+        )
+        await asyncio.wait_for(_acked(server, node_id("ratings-v1-5f9", "default", ipaddress.ip_address(RATINGS))), 30)
+
+        async def req(path: str, source: str, sa: str, method: str = "GET") -> int:
+            return await asyncio.to_thread(request, RATINGS, 9080, path, source, certs[sa], ca, method)
+
+        assert await req("/ratings/0", PRODUCTPAGE, "bookinfo-productpage") == 200
+        assert await req("/ratings/0", REVIEWS_V2, "bookinfo-reviews") == 200
+        assert await req("/ratings/0", REVIEWS_V1, "bookinfo-reviews") == 403
+        assert await req("/ratings/0", PRODUCTPAGE, "bookinfo-productpage", method="POST") == 403
+        assert await req("/ratings/x", PRODUCTPAGE, "bookinfo-productpage") == 403
+        assert await req("/details/0", REVIEWS_V2, "bookinfo-reviews") == 403
+        # reviews' certificate replayed from productpage's address: principal and address disagree.
+        assert await req("/ratings/0", PRODUCTPAGE, "bookinfo-reviews") == 403
+    finally:
+        await server.stop()
+        if envoy is not None:
+            await asyncio.to_thread(envoy.stop)

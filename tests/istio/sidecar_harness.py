@@ -25,9 +25,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
+import yaml
 
-from flagella.istio.workload import FILTER_NAME, deny_all_config, node_id
+from flagella.istio.workload import node_id
 from flagella.proxy.envoy import EnvoyProcess, bootstrap, free_port
 from flagella.proxy.rbac import RBAC_TYPE_URL
 
@@ -60,28 +60,18 @@ def make_leaf(directory: Path, namespace: str, sa: str) -> tuple[Path, Path]:
     return directory / f"{name}.pem", directory / f"{name}.key"
 
 
+ENVOYFILTER = Path(__file__).resolve().parents[2] / "manifests" / "istio" / "envoyfilter.yaml"
+MANIFEST_SOCKET = "unix:///var/run/flagella/xds.sock"
+
+
 def _flagella_filter(xds_socket: Path) -> dict[str, Any]:
-    default = json_format.MessageToDict(deny_all_config(), preserving_proto_field_name=True)
-    default["@type"] = RBAC_TYPE_URL
-    return {
-        "name": FILTER_NAME,
-        "config_discovery": {
-            "config_source": {
-                "api_config_source": {
-                    "api_type": "GRPC",
-                    "transport_api_version": "V3",
-                    "grpc_services": [
-                        {"google_grpc": {"target_uri": f"unix://{xds_socket}", "stat_prefix": "flagella"}}
-                    ],
-                },
-                "resource_api_version": "V3",
-                "initial_fetch_timeout": "5s",
-            },
-            "default_config": default,
-            "apply_default_config_without_warming": True,
-            "type_urls": [RBAC_TYPE_URL],
-        },
-    }
+    """The HTTP filter exactly as manifests/istio/envoyfilter.yaml inserts it, with the test's socket."""
+    (doc,) = [d for d in yaml.safe_load_all(ENVOYFILTER.read_text()) if d]
+    value: dict[str, Any] = doc["spec"]["configPatches"][0]["patch"]["value"]
+    (service,) = value["config_discovery"]["config_source"]["api_config_source"]["grpc_services"]
+    assert service["google_grpc"]["target_uri"] == MANIFEST_SOCKET
+    service["google_grpc"]["target_uri"] = f"unix://{xds_socket}"
+    return value
 
 
 def sidecar_config(

@@ -44,11 +44,12 @@ from flagella.errors import DatapathError, FieldError, InputError, PolicyValidat
 from flagella.identity import Allocator, SQLiteBackend
 from flagella.identity._allocator import Backend
 from flagella.ipcache import desired_ipcache
+from flagella.istio import sidecar as istio_sidecar
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
 from flagella.policy.identities import cidr_identity_labels, reserved_identity_labels, rule_prefixes
 from flagella.policy.labels import LabelFilter, LabelSet, parse_label
-from flagella.policy.resolver import EndpointInfo
+from flagella.policy.resolver import EndpointInfo, EndpointPolicy
 from flagella.policy.trace import TraceQuery, Tracer
 
 log = structlog.get_logger("flagella.agent")
@@ -448,7 +449,7 @@ class AgentCore:
             ep = self.endpoints.get(ep_id)
             if ep is None or ep_id not in self.engine.resolved:
                 continue
-            self.pipeline.request(ep, revision, self.engine.policy(ep_id).snapshot())
+            self.pipeline.request(ep, revision, self._enforced_policy(ep))
             requested.add(ep_id)
         self.pipeline.advance([ep for ep in self.endpoints.values() if ep.id not in ids], revision)
         return requested
@@ -470,7 +471,13 @@ class AgentCore:
 
     def desired_policy(self, ep: Endpoint) -> Any:
         """The kernel entries and endpoint row ``ep``'s current policy resolves to."""
-        return self.kernel.desired(ep, self.engine.policy(ep.id))
+        return self.kernel.desired(ep, self._enforced_policy(ep))
+
+    def _enforced_policy(self, ep: Endpoint) -> EndpointPolicy:
+        """What the enforcers realize: for a pod with an Istio sidecar, its inbound
+        HTTP is left to the sidecar (no node-proxy redirect; L3/L4 unchanged)."""
+        policy = self.engine.policy(ep.id).snapshot()
+        return istio_sidecar.kernel_policy(policy) if istio_sidecar.is_sidecar(ep.labels) else policy
 
     # -- controllers -------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from flagella.errors import InputError
-from flagella.policy.labels import NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL, Label, LabelSet
+from flagella.policy.labels import NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL, LabelSet
 from flagella.policy.mapstate import ANY_IDENTITY, MapState
 from flagella.proxy.l7policy import MAX_PORTS_PER_DIRECTION, http_redirect_ports, port_redirects
 from flagella.proxy.rbac import RBAC_TYPE_URL, PeerSet, http_rbac
@@ -50,8 +50,6 @@ from flagella.proxy.rbac import RBAC_TYPE_URL, PeerSet, http_rbac
 #: The ECDS resource (and filter) name the EnvoyFilter subscribes to.
 FILTER_NAME = "flagella.rbac"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
-#: Cilium's label for a pod whose injected sidecar enforces its HTTP policy.
-SIDECAR_LABEL = Label("k8s", "io.cilium.k8s.policy.istiosidecarproxy", "true")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -210,7 +208,6 @@ def ecds_resource(config: http_rbac_pb2.RBAC) -> extension_pb2.TypedExtensionCon
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
     "FILTER_NAME",
-    "SIDECAR_LABEL",
     "IstioSettings",
     "SidecarNode",
     "deny_all_config",

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from flagella.istio.publisher import IstioPublisher
 from flagella.istio.workload import IstioSettings, node_id, workload_rbac
@@ -216,6 +217,37 @@ async def _bookinfo(tmp_path: Path, app_port: int, pki: dict) -> None:
         assert await req("/details/0", REVIEWS_V2, "bookinfo-reviews") == 403
         # reviews' certificate replayed from productpage's address: principal and address disagree.
         assert await req("/ratings/0", PRODUCTPAGE, "bookinfo-reviews") == 403
+    finally:
+        await server.stop()
+        if envoy is not None:
+            await asyncio.to_thread(envoy.stop)
+
+
+def test_unknown_workload_gets_deny_all_and_is_logged(tmp_path: Path, upstream: int, pki: dict) -> None:  # noqa: F811
+    asyncio.run(asyncio.wait_for(_unknown(tmp_path, upstream, pki), 120))
+
+
+async def _unknown(tmp_path: Path, app_port: int, pki: dict) -> None:
+    sock = tmp_path / "xds.sock"
+    server = XdsServer(XdsSettings(unix_socket=sock, debounce_quiet=0.05, ack_timeout=20))
+    await server.start()
+    envoy = None
+    try:
+        publisher = IstioPublisher(server)
+        # Leia is published under her pod name; a sidecar claiming another pod at her address is not her.
+        publisher.publish("leia-7d4b9", "default", [ipaddress.ip_address(LEIA)], _config(POLICY))
+        stranger = node_id("leia-fake", "default", ipaddress.ip_address(LEIA))
+        envoy = await asyncio.to_thread(
+            start_sidecar, sidecar_config("leia-fake", "default", LEIA, 80, app_port, pki["leia"], pki["ca"], sock)
+        )
+        await asyncio.wait_for(_acked(server, stranger), 30)
+        status = await asyncio.to_thread(request, LEIA, 80, "/public", LUKE, pki["luke"], pki["ca"])
+        assert status == 403
+        with structlog.testing.capture_logs() as logs:
+            assert publisher.check_nodes() == [stranger]
+            assert publisher.check_nodes() == [stranger]
+        assert [e["event"] for e in logs] == ["istio.unknown_workload"]  # logged once
+        assert logs[0]["pod"] == "leia-fake" and logs[0]["config"] == "deny-all"
     finally:
         await server.stop()
         if envoy is not None:

@@ -9,34 +9,47 @@
  * passes untouched. Everything that differs between endpoints or policies
  * lives in maps, so nothing is recompiled when they change.
  *
- * Per packet: parse (IPv4 with fragments, IPv6 with up to 4 extension
- * headers), anti-spoofing on from_pod, then conntrack: ESTABLISHED
- * (same-direction entry), REPLY (reversed tuple in the opposite direction of
- * the same endpoint: passes without policy), RELATED (ICMP error whose
- * embedded packet is such a flow: passes), else NEW. NEW and ESTABLISHED
- * packets get the peer's identity from the ipcache (a miss is world; towards
- * a pod, "host" needs the host mark, see enforce()) and are checked against
- * policy with a bounded number of hash probes: identity {peer, 0} x
- * ({proto} x wildcard lengths present in the endpoint's mask, plus protocol
- * 0). Any DENY drops; else any REDIRECT marks for the proxy and passes; else
- * any ALLOW passes; no hit drops only if the direction is enforced. An
- * allowed NEW packet creates a CT entry even in an unenforced direction, so
- * its replies pass an enforced reverse direction; an ESTABLISHED packet that
- * policy now denies deletes its entry.
+ * Fragments (IPv4, and IPv6 fragment headers): a first fragment that passes
+ * records its ports in frag4/frag6 under (endpoint, direction, addresses,
+ * protocol, id); a later fragment takes them from there, so it meets the same
+ * conntrack entry and policy as its first, and drops (reason 175) without one.
+ *
+ * Per packet: L2 gate (ARP passes; a VLAN tag, in the frame or in the skb's
+ * metadata, and every other ethertype drop as "Unsupported L2 protocol": the
+ * kernel would untag and deliver what we did not check), parse (IPv4 with
+ * fragments, IPv6 with up to 4 extension headers), anti-spoofing on
+ * from_pod, then conntrack: ESTABLISHED (same-direction entry), REPLY
+ * (reversed tuple in the opposite direction of the same endpoint), RELATED
+ * (ICMP error whose embedded packet is such a flow: passes), else NEW. NEW
+ * and ESTABLISHED packets get the peer's identity from the ipcache (a miss is
+ * world; towards a pod, "host" needs the host mark, see enforce()) and are
+ * checked against policy with a bounded number of hash probes: identity
+ * {peer, 0} x ({proto} x wildcard lengths present in the endpoint's mask,
+ * plus protocol 0). Any DENY drops; else any REDIRECT marks for the proxy and
+ * passes; else any ALLOW passes; no hit drops only if the direction is
+ * enforced. An allowed NEW packet creates a CT entry even in an unenforced
+ * direction, so its replies pass an enforced reverse direction.
  *
  * Verdict cache: the CT entry remembers the config generation under which
  * policy last passed the flow (struct ct_entry in flagella.h says when it may
  * and may not). An ESTABLISHED packet whose entry carries the current
  * generation is counted and passes in the first half, without the tail call,
- * the ipcache or the policy probes. The control plane bumps the generation
- * after every map change that can change a verdict, so the next packet of
- * every flow takes the full path again, and one that policy now denies is
- * dropped and its entry deleted, as without the cache. Packets so passed are
- * not added to the counters of the policy entry that allowed their flow.
+ * the ipcache or the policy probes; so does a REPLY whose flow's entry does.
+ * The control plane bumps the generation after every map change that can
+ * change a verdict, so the next packet of every flow, in either direction,
+ * takes the full path again: a REPLY is checked against the policy of its
+ * flow's direction (the entry's), with the flow's destination port. A flow
+ * that policy now denies is dropped and its entry becomes a tombstone
+ * (CT_F_DENIED) under that generation: packets of either direction that meet
+ * it drop in the first half, and since the entry stays, the other side cannot
+ * reopen the flow as NEW in an unenforced direction and get the peer's
+ * packets in as its replies. A later generation checks it again and revives
+ * it if policy allows. Packets passed from the cache are not added to the
+ * counters of the policy entry that allowed their flow.
  *
  * The work is split in two programs per direction joined by a tail call, as
  * Cilium does: `from_pod`/`to_pod` parse and classify the packet against
- * conntrack; NEW and ESTABLISHED packets continue in
+ * conntrack; NEW, ESTABLISHED and re-checked REPLY packets continue in
  * `policy_from_pod`/`policy_to_pod` (prog array `policy_calls`, index
  * DIR_INGRESS/DIR_EGRESS). The 17-step port-prefix probe loop behind all the
  * parsing paths of one program exceeds the verifier's budget; alone it is
@@ -88,6 +101,9 @@ struct ipv4_hdr {
 #ifndef FRAG4_MAX
 #define FRAG4_MAX 8192
 #endif
+#ifndef FRAG6_MAX
+#define FRAG6_MAX 8192
+#endif
 #ifndef METRICS_MAX
 #define METRICS_MAX 1024
 #endif
@@ -102,6 +118,7 @@ struct ipv4_hdr {
 #define DROP_MISSED_TAIL_CALL 140
 #define DROP_INVALID_EXTHDR 156
 #define DROP_FRAG_NOSUPPORT 157
+#define DROP_UNSUPPORTED_L2 166
 #define DROP_FRAG_NOT_FOUND 175
 
 #define IDENTITY_HOST 1
@@ -143,6 +160,8 @@ BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, CT_MAX, PIN_DIR
 BPF_TABLE_PINNED("array", __u32, struct dp_config, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("lru_hash", struct frag4_key, struct frag4_ports, frag4, FRAG4_MAX,
 		 PIN_DIR "/frag4");
+BPF_TABLE_PINNED("lru_hash", struct frag6_key, struct frag4_ports, frag6, FRAG6_MAX,
+		 PIN_DIR "/frag6");
 BPF_TABLE_PINNED("percpu_hash", struct metrics_key, struct metrics_value, metrics, METRICS_MAX,
 		 PIN_DIR "/metrics");
 
@@ -185,7 +204,8 @@ struct flow {
 	__u8 icmp_kind;
 	__u8 frag;
 	__u8 has_related;    /* scratch.other holds the embedded packet's CT key */
-	__u8 pad;
+	__u8 frag_nh;        /* IPv6 fragments: the fragment header's Next Header */
+	__be32 frag_id;      /* IPv6 fragments: the fragment header's Identification */
 };
 
 /* Working memory of one packet, shared by the classify and policy halves. */
@@ -203,10 +223,19 @@ BPF_TABLE_PINNED("prog", __u32, __u32, policy_calls, 3, PROG_DIR "/policy_calls"
 
 /* bpf_skb_load_bytes, read straight from the packet when the bytes are in its linear part
  * (headers nearly always are): no helper call. `len` must be a constant. */
+/* skb->data and skb->data_end, read in one instruction each from skb itself: the compiler
+ * may otherwise keep &skb->data_end in a register (ctx + 80), which the verifier refuses. */
+static __always_inline void *ctx_u32(struct __sk_buff *skb, const int off)
+{
+	__u64 v;
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(v) : "r"(skb), "i"(off));
+	return (void *)(long)v;
+}
+
 static __always_inline int load_bytes(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	void *data = ctx_u32(skb, offsetof(struct __sk_buff, data));
+	void *data_end = ctx_u32(skb, offsetof(struct __sk_buff, data_end));
 	if (off <= 0xffff) {
 		void *p = data + off;
 		if (p + len <= data_end) {
@@ -420,6 +449,19 @@ unknown:
 	return 0;
 }
 
+/* A later fragment takes the ports (ICMP: type and echo id) its first fragment recorded. */
+static __always_inline void later_ports(struct flow *f, struct frag4_ports *ports, int v6)
+{
+	f->has_l4 = 0;
+	if (f->proto == (v6 ? PROTO_ICMPV6 : PROTO_ICMP)) {
+		classify_icmp(f, (__u8)bpf_ntohs(ports->dport), ports->sport, v6);
+	} else {
+		f->sport = ports->sport;
+		f->dport = ports->dport;
+		f->policy_port = bpf_ntohs(ports->dport);
+	}
+}
+
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct endpoint_info *ep,
 				      int egress, struct flow *f, struct ct_key *rel)
 {
@@ -451,14 +493,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct endpoint_inf
 		f->frag = FRAG_LATER;
 		if (!ports)
 			return -DROP_FRAG_NOT_FOUND;
-		f->has_l4 = 0;
-		if (f->proto == PROTO_ICMP) {
-			classify_icmp(f, (__u8)bpf_ntohs(ports->dport), ports->sport, 0);
-		} else {
-			f->sport = ports->sport;
-			f->dport = ports->dport;
-			f->policy_port = bpf_ntohs(ports->dport);
-		}
+		later_ports(f, ports, 0);
 		return 0;
 	}
 	if (frag_off & 0x2000)
@@ -502,8 +537,27 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct endpoint_inf
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		if (nh == 44) {
-			f->proto = nh;
-			return -DROP_FRAG_NOSUPPORT;
+			/* Fragment header: a later fragment stops here (no transport header). */
+			struct {
+				__u8 nh;
+				__u8 reserved;
+				__be16 off_m;
+				__be32 id;
+			} fh;
+			if (f->frag != FRAG_NONE || load_bytes(skb, off, &fh, sizeof(fh)) < 0)
+				return -DROP_INVALID;
+			__u16 off_m = bpf_ntohs(fh.off_m);
+			f->frag_nh = fh.nh;
+			f->frag_id = fh.id;
+			nh = fh.nh;
+			off += 8;
+			if (off_m & 0xfff8) {
+				f->frag = FRAG_LATER;
+				break;
+			}
+			if (off_m & 1)
+				f->frag = FRAG_FIRST; /* else an atomic fragment: a whole packet */
+			continue;
 		}
 		if (!is_ipv6_ext(nh))
 			break;
@@ -514,8 +568,22 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct endpoint_inf
 		nh = opt[0];
 	}
 	f->proto = nh;
+	if (f->frag == FRAG_LATER) {
+		struct frag6_key fk = {};
+		fk.ep_id = ep->ep_id;
+		fk.egress = egress;
+		fk.proto = f->frag_nh;
+		fk.frag_id = f->frag_id;
+		copy16(fk.saddr, f->saddr);
+		copy16(fk.daddr, f->daddr);
+		struct frag4_ports *ports = frag6.lookup(&fk);
+		if (!ports)
+			return -DROP_FRAG_NOT_FOUND;
+		later_ports(f, ports, 1);
+		return 0;
+	}
 	if (nh == 44)
-		return -DROP_FRAG_NOSUPPORT;
+		return -DROP_FRAG_NOSUPPORT; /* a fragment header beyond the 4 we walk */
 	if (is_ipv6_ext(nh))
 		return -DROP_INVALID_EXTHDR;
 	return parse_l4(skb, off, f, 1, rel);
@@ -732,20 +800,13 @@ static __always_inline void ct_touch(struct ct_entry *e, struct flow *f, int rep
 	__sync_fetch_and_add(&e->bytes, len);
 }
 
-/* A first IPv4 fragment that passed records its ports for the later ones. */
+/* A first fragment that passed records its ports for the later ones (frag4, frag6). */
 static __always_inline void frag_record(struct endpoint_info *ep, int egress, struct flow *f)
 {
 	if (f->frag != FRAG_FIRST)
 		return;
-	struct frag4_key fk = {};
 	struct frag4_ports ports = {};
-	fk.ep_id = ep->ep_id;
-	fk.egress = egress;
-	fk.proto = f->proto;
-	fk.ip_id = f->ip_id;
-	__builtin_memcpy(&fk.saddr, &f->saddr[12], 4);
-	__builtin_memcpy(&fk.daddr, &f->daddr[12], 4);
-	if (f->proto == PROTO_ICMP) {
+	if (f->proto == PROTO_ICMP || f->proto == PROTO_ICMPV6) {
 		if (f->icmp_kind == ICMP_KIND_ECHO_REQUEST || f->icmp_kind == ICMP_KIND_ECHO_REPLY)
 			ports.sport = f->sport;
 		ports.dport = bpf_htons(f->policy_port);
@@ -753,6 +814,24 @@ static __always_inline void frag_record(struct endpoint_info *ep, int egress, st
 		ports.sport = f->sport;
 		ports.dport = f->dport;
 	}
+	if (f->family == 6) {
+		struct frag6_key k6 = {};
+		k6.ep_id = ep->ep_id;
+		k6.egress = egress;
+		k6.proto = f->frag_nh;
+		k6.frag_id = f->frag_id;
+		copy16(k6.saddr, f->saddr);
+		copy16(k6.daddr, f->daddr);
+		frag6.update(&k6, &ports);
+		return;
+	}
+	struct frag4_key fk = {};
+	fk.ep_id = ep->ep_id;
+	fk.egress = egress;
+	fk.proto = f->proto;
+	fk.ip_id = f->ip_id;
+	__builtin_memcpy(&fk.saddr, &f->saddr[12], 4);
+	__builtin_memcpy(&fk.daddr, &f->daddr[12], 4);
 	frag4.update(&fk, &ports);
 }
 
@@ -776,12 +855,19 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 
 	if (load_bytes(skb, 12, &eth_proto, 2) < 0)
 		return drop(skb, DROP_INVALID, dir, ep, f, 0, CT_NEW);
+	/* A VLAN tag, in the frame or already taken out into the skb's metadata (the
+	 * receive path untags the outer one before tc), hides a packet the kernel would
+	 * untag and deliver after us: never ours to pass. */
+	if (skb->vlan_present)
+		return drop(skb, DROP_UNSUPPORTED_L2, dir, ep, f, 0, CT_NEW);
 	if (eth_proto == bpf_htons(ETH_P_IP))
 		ret = parse_ipv4(skb, ep, egress, f, &s->other);
 	else if (eth_proto == bpf_htons(ETH_P_IPV6))
 		ret = parse_ipv6(skb, ep, egress, f, &s->other);
+	else if (eth_proto == bpf_htons(ETH_P_ARP))
+		goto pass_untracked; /* ARP: neighbour plumbing, carries no payload */
 	else
-		goto pass_untracked; /* ARP and other non-IP */
+		return drop(skb, DROP_UNSUPPORTED_L2, dir, ep, f, 0, CT_NEW); /* VLAN, QinQ, ... */
 	if (ret < 0)
 		return drop(skb, -ret, dir, ep, f, 0, CT_NEW);
 	if (f->icmp_kind == ICMP_KIND_NEIGHBOUR)
@@ -796,7 +882,7 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 		other->egress = !egress;
 		other->pad = 0;
 		entry = ct.lookup(other);
-		if (entry && entry->expires_ns > now)
+		if (entry && entry->expires_ns > now && !(entry->flags & CT_F_DENIED))
 			goto pass; /* RELATED */
 	}
 
@@ -812,11 +898,13 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 
 	__u8 state = CT_NEW;
 	struct dp_config *cfg = config.lookup(&zero);
+	__u32 gen = cache_generation(cfg);
 	entry = ct.lookup(key);
 	if (entry && entry->expires_ns > now) {
 		state = CT_ESTABLISHED;
-		__u32 gen = cache_generation(cfg);
 		if (gen && entry->verdict_gen == gen && verdict_cacheable(skb, f, egress)) {
+			if (entry->flags & CT_F_DENIED)
+				goto tombstone; /* ESTABLISHED, denied under this generation */
 			ct_touch(entry, f, 0, cfg, now, skb->len);
 			goto pass; /* ESTABLISHED, verdict cached */
 		}
@@ -833,8 +921,15 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 		other->dport = f->sport;
 		entry = ct.lookup(other);
 		if (entry && entry->expires_ns > now) {
-			ct_touch(entry, f, 1, cfg, now, skb->len);
-			goto pass; /* REPLY */
+			state = CT_REPLY;
+			if (!(entry->flags & CT_F_DENIED) &&
+			    (!entry->verdict_gen || entry->verdict_gen == gen)) {
+				ct_touch(entry, f, 1, cfg, now, skb->len);
+				goto pass; /* REPLY, its flow's verdict is current (or never cached) */
+			}
+			if ((entry->flags & CT_F_DENIED) && gen && entry->verdict_gen == gen)
+				goto tombstone; /* REPLY of a denied flow */
+			/* else: policy changed since the flow's verdict: check it again */
 		}
 	}
 
@@ -842,6 +937,11 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 	s->state = state;
 	policy_calls.call(skb, dir);
 	return drop(skb, DROP_MISSED_TAIL_CALL, dir, ep, f, 0, state);
+
+tombstone:
+	/* Keep the tombstone as long as the flow keeps trying. */
+	entry->expires_ns = now + ct_lifetime(cfg, f->proto, entry->flags);
+	return drop(skb, DROP_POLICY, dir, ep, f, 0, state);
 
 pass:
 	frag_record(ep, egress, f);
@@ -865,30 +965,55 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	__u64 now = bpf_ktime_get_coarse_ns();
 	__u8 state = s->state;
 
-	/* The peer's identity: only NEW and ESTABLISHED packets need it. */
-	__u32 peer;
-	if (egress) {
-		peer = ipcache_lookup(f, f->daddr);
-	} else {
-		peer = ipcache_lookup(f, f->saddr);
-		if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_HOST)
+	/* A REPLY is checked as its flow: the entry's direction, the flow's destination
+	 * port (this packet's source port; ICMP: the echo request). */
+	int reply = state == CT_REPLY;
+	__u8 pegress = reply ? !egress : egress;
+	__u16 pport = f->policy_port;
+	if (reply)
+		pport = f->proto == PROTO_ICMP ? 8 : f->proto == PROTO_ICMPV6 ? 128 :
+			bpf_ntohs(f->sport);
+
+	/* The peer's identity (the remote end, whichever direction decides). */
+	__u32 peer = ipcache_lookup(f, egress ? f->daddr : f->saddr);
+	if (!pegress) {
+		if (!egress && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_HOST)
 			peer = IDENTITY_HOST;
 		else if (peer == IDENTITY_HOST)
 			peer = IDENTITY_WORLD; /* e.g. SNATed to the node address */
 	}
 
 	struct policy_entry *decider = 0;
-	__u32 enforced = egress ? EP_F_ENFORCE_EGRESS : EP_F_ENFORCE_INGRESS;
-	__u8 verdict = policy_lookup(ep, egress, peer, f->proto, f->policy_port,
+	__u32 enforced = pegress ? EP_F_ENFORCE_EGRESS : EP_F_ENFORCE_INGRESS;
+	__u8 verdict = policy_lookup(ep, pegress, peer, f->proto, pport,
 				     (ep->flags & enforced) != 0, &decider);
 	if (decider) {
 		__sync_fetch_and_add(&decider->packets, 1);
 		__sync_fetch_and_add(&decider->bytes, skb->len);
 	}
+	struct ct_key *flow_key = reply ? &s->other : &s->key;
 	if (verdict == VERDICT_DENY || (verdict == NO_HIT && (ep->flags & enforced))) {
-		if (state == CT_ESTABLISHED)
-			ct.delete(&s->key); /* CT cleanup on deny */
+		/* CT on deny: the flow's entry becomes a tombstone under this generation. */
+		struct ct_entry *dead = state != CT_NEW ? ct.lookup(flow_key) : 0;
+		if (dead) {
+			dead->flags |= CT_F_DENIED;
+			dead->verdict_gen = gen;
+			dead->expires_ns = now + ct_lifetime(cfg, f->proto, dead->flags);
+		}
 		return drop(skb, DROP_POLICY, dir, ep, f, peer, state);
+	}
+	if (reply) {
+		/* The flow is allowed again or still: its entry carries the new verdict. Replies
+		 * never take the proxy mark. */
+		struct ct_entry *e = ct.lookup(flow_key);
+		if (e) {
+			ct_touch(e, f, 1, cfg, now, skb->len);
+			e->flags &= ~CT_F_DENIED;
+			e->verdict_gen = verdict == VERDICT_REDIRECT ? 0 : gen;
+		}
+		frag_record(ep, egress, f);
+		count(0, dir, skb->len);
+		return TC_ACT_OK;
 	}
 	/* A plain pass is cached under `gen`; a REDIRECT clears the cache. Uncacheable
 	 * packets leave it alone: what it holds was decided for cacheable ones. */
@@ -901,6 +1026,7 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	struct ct_entry *entry = state == CT_ESTABLISHED ? ct.lookup(&s->key) : 0;
 	if (entry) {
 		ct_touch(entry, f, 0, cfg, now, skb->len);
+		entry->flags &= ~CT_F_DENIED;
 		if (cacheable || verdict == VERDICT_REDIRECT)
 			entry->verdict_gen = gen;
 	} else {

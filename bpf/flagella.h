@@ -72,10 +72,16 @@ struct remote_info {
 	__u32 flags;
 };
 
-/* ct: LRU_HASH ct_key -> ct_entry, one entry per endpoint, direction and flow */
+/* ct: LRU_HASH ct_key -> ct_entry, one entry per endpoint, direction and flow.
+ * A reply (the reversed tuple of an entry) is checked again against the policy of the
+ * entry's direction when the entry's verdict_gen is stale; a flow that policy denies
+ * keeps its entry as a tombstone (CT_F_DENIED), so the other side cannot reopen it as
+ * a new flow of an unenforced direction and get the peer's packets in as its replies. */
 #define CT_F_SEEN_NON_SYN 0x1
 #define CT_F_CLOSING_FWD 0x2
 #define CT_F_CLOSING_REV 0x4
+#define CT_F_DENIED 0x8   /* tombstone: policy now denies this flow; packets of either
+			   * direction drop until a later generation allows it again */
 
 struct ct_key {
 	__u32 ep_id;
@@ -130,6 +136,18 @@ struct frag4_key {
 struct frag4_ports {
 	__be16 sport;     /* ICMP: the echo id (echo) or 0 */
 	__be16 dport;     /* ICMP: htons(type) */
+};
+
+/* frag6: LRU_HASH frag6_key -> frag4_ports, recorded by a first IPv6 fragment that passed.
+ * proto is the Next Header of the fragment header (the same in every fragment). */
+struct frag6_key {
+	__u32 ep_id;
+	__u8 egress;
+	__u8 proto;
+	__u16 pad;
+	__be32 frag_id;   /* as on the wire */
+	__u8 saddr[16];
+	__u8 daddr[16];
 };
 
 /* metrics: PERCPU_HASH metrics_key -> metrics_value */

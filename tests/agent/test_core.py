@@ -333,3 +333,78 @@ def test_ct_gc_removes_expired_entries_and_non_tcp_more_often(core, dp):
     assert [r.proto for r in dp.ct] == [6, 17]
     assert core.ct_gc() == 1
     assert dp.ct == [rows[2]]
+
+
+def test_create_with_namespace_labels_relabels_the_namespace_members(core):
+    first = core.create_endpoint("first", "ns1", {"app": "a"})
+    second = core.create_endpoint("second", "ns1", {"app": "a"}, namespace_labels={"team": "blue"})
+    assert first.namespace_labels == {"team": "blue"}
+    assert first.identity == second.identity
+    assert core.namespace_labels["ns1"] == {"team": "blue"}
+
+
+def test_reserved_label_is_refused_and_nothing_is_created(core):
+    with pytest.raises(InputError, match="io.kubernetes.pod.namespace"):
+        core.create_endpoint("evil", "lbl", {"app": "admin", "io.kubernetes.pod.namespace": "kube-system"})
+    with pytest.raises(InputError, match="--namespace-labels"):
+        core.create_endpoint("evil", "lbl", {"app": "admin"}, namespace_labels={"io.cilium.k8s.x": "y"})
+    assert not core.endpoints and "lbl" not in core.namespace_labels
+
+
+def test_online_trace_shows_live_identities(core):
+    from flagella.agent.server import AgentServer
+
+    ds, tf, xw = starwars(core)
+    answer = AgentServer(core).handlers["policy.trace"](
+        {"queries": [{"src": {"endpoint": "xwing"}, "dst": {"endpoint": "deathstar"}}]}
+    )[0]
+    assert (answer["src_identity"], answer["dst_identity"]) == (xw.identity, ds.identity)
+
+
+def test_restore_overwrites_labels_an_older_agent_let_a_pod_forge(tmp_path, dp):
+    """State written before reserved keys were refused: the forged key is dropped on restart,
+    and the forger shares the identity of the pods whose labels it really has."""
+    import json
+
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    admin = core.create_endpoint("admin", "lbl", {"app": "admin"})
+    evil = core.create_endpoint("evil", "lbl", {"app": "admin", "tmp": "x"})
+    record = tmp_path / "endpoints" / f"{evil.id}.json"
+    obj = json.loads(record.read_text())
+    obj["labels"] = {"app": "admin", "io.kubernetes.pod.namespace": "kube-system"}
+    record.write_text(json.dumps(obj))
+
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    again.restore()
+    restored = again.find("lbl/evil")
+    assert restored.identity == admin.identity
+    labels = again.allocator.labels(restored.identity)
+    assert labels is not None
+    assert [x.value for x in labels if x.key == "io.kubernetes.pod.namespace"] == ["lbl"]
+    assert dp.endpoints[restored.ifindex].identity == admin.identity
+
+
+def test_endpoint_ids_are_never_reused_even_across_restarts(tmp_path, dp):
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    core.restore()
+    a = core.create_endpoint("a", labels={"app": "a"})
+    b = core.create_endpoint("b", labels={"app": "b"})
+    core.delete_endpoint(b.id)
+    core.delete_endpoint(a.id)
+    c = core.create_endpoint("c", labels={"app": "c"})
+    assert c.id > b.id > a.id, (a.id, b.id, c.id)
+    core.delete_endpoint(c.id)  # no endpoint left: only the persisted counter remembers
+    again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
+    again.restore()
+    d = again.create_endpoint("d", labels={"app": "d"})
+    assert d.id > c.id, (c.id, d.id)
+
+
+def test_endpoint_delete_forgets_its_fragment_entries(core, dp):
+    ds, tf, _ = starwars(core)
+    other = ipaddress.ip_address("10.244.9.9")
+    dp.frags = [(ds.id, ds.ipv4, other), (tf.id, ds.ipv4, tf.ipv4), (tf.id, other, tf.ipv4)]
+    core.delete_endpoint(ds.id)
+    # Its own entries, and another endpoint's that name its address, are gone.
+    assert dp.frags == [(tf.id, other, tf.ipv4)]

@@ -111,6 +111,7 @@ def test_queries_answer_one_line_per_query_in_order(tmp_path):
         (("-s", TIEFIGHTER, "--dst-ip", "not-an-ip"), "--dst-ip"),
         (("-d", DEATHSTAR), "--src-labels or --src-ip"),
         (("-s", TIEFIGHTER, "-d", DEATHSTAR, "--kafka-api-key", "nosuchkey"), "api_key"),
+        (("-s", TIEFIGHTER, "-d", DEATHSTAR, "--http-header", "nocolon"), "--http-header: 'nocolon'"),
     ],
 )
 def test_bad_input_exits_2_and_names_the_flag(args, message):

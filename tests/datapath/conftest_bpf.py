@@ -33,7 +33,7 @@ import pytest
 
 from flagella.datapath.events import DatapathEvent, EventReader
 from flagella.datapath.loader import DatapathSettings, LoadedBuild, load_datapath, remove_pins
-from flagella.datapath.maps import EndpointRow, PolicyKey, Verdict, wild_mask
+from flagella.datapath.maps import CtEntry, CtFlags, EndpointRow, PolicyKey, Verdict, wild_mask
 
 __all__ = [
     "NETGUARD",
@@ -67,6 +67,11 @@ NETGUARD = next(
     Path("/work/shared/tools/netguard"),
 )
 _PREFIX = f"flt{os.getpid()}"
+
+
+def is_tombstone(entry: CtEntry | None) -> bool:
+    """A CT entry that policy denied: kept, marked DENIED, so the flow cannot be reopened."""
+    return entry is not None and bool(entry.flags & CtFlags.DENIED)
 
 
 def netguard_on() -> None:

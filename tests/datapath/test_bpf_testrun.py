@@ -33,6 +33,7 @@ from flagella.datapath.maps import (
     DatapathConfig,
     Direction,
     EndpointRow,
+    Frag6Key,
     PolicyKey,
     Verdict,
     wild_mask,
@@ -205,14 +206,43 @@ def test_too_many_ipv6_extension_headers(dp: LoadedBuild) -> None:
     assert dropped(dp, DropReason.INVALID_IPV6_EXT, Direction.EGRESS) == 1
 
 
-def test_ipv6_fragments_are_not_supported(dp: LoadedBuild, events: EventReader) -> None:
-    endpoint(dp)
-    frag = struct.pack("!BBHI", UDP, 0, 1, 99)  # offset 0, M flag
-    assert out(dp, frame6(POD6, PEER6, 0, ext(44) + frag + udp(1000, 53))) == SHOT
-    assert into(dp, frame6(PEER6, POD6, 44, frag + udp(53, 1000))) == SHOT
-    evs = events.read()
-    assert [e.reason for e in evs] == [157, 157]
-    assert evs[0].reason_text == "IPv6 fragmentation not supported"
+def test_vlan_tagged_and_non_ip_frames_drop_and_arp_passes(dp: LoadedBuild, events: EventReader) -> None:
+    endpoint(dp)  # no policy: every IP packet would pass
+    inner = ipv4(POD4, PEER4, UDP, udp(1000, 53))
+    mac = b"\x02\0\0\0\0\x01" + b"\x02\0\0\0\0\x02"
+    assert out(dp, eth(0x0800) + inner) == OK
+    for tpids in ((0x8100,), (0x88A8, 0x8100), (0x8100, 0x8100)):
+        tags = b"".join(struct.pack("!HH", t, 0) for t in tpids)
+        frame = mac + tags + struct.pack("!H", 0x0800) + inner
+        assert out(dp, frame) == SHOT, tpids
+        assert into(dp, frame) == SHOT, tpids
+    for ethertype in (0x88B5, 0x8847, 0x8863, 0x0842):  # local, MPLS, PPPoE, wake-on-LAN
+        assert out(dp, eth(ethertype) + b"\0" * 46) == SHOT, hex(ethertype)
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac[6:], POD4.packed, b"\0" * 6, PEER4.packed)
+    assert out(dp, eth(0x0806) + arp) == OK and into(dp, eth(0x0806) + arp) == OK
+    assert dropped(dp, DropReason.UNSUPPORTED_L2, Direction.EGRESS) == 7
+    assert dropped(dp, DropReason.UNSUPPORTED_L2, Direction.INGRESS) == 3
+    assert {e.reason_text for e in events.read()} == {"Unsupported L2 protocol"}
+
+
+def test_ipv6_fragments_follow_their_first(dp: LoadedBuild, events: EventReader) -> None:
+    endpoint(dp, {PolicyKey(EP, PEER_ID, True, UDP, 53): Verdict.ALLOW}, egress=True)
+    first = struct.pack("!BBHI", UDP, 0, 1, 99)  # offset 0, M flag, id 99
+    later = struct.pack("!BBHI", UDP, 0, (185 << 3), 99)  # offset 1480, last
+    # A later fragment before its first: nothing to follow.
+    assert out(dp, frame6(POD6, PEER6, 44, later + b"x" * 64)) == SHOT
+    assert [e.reason for e in events.read()] == [175]
+    # The first fragment meets policy with its ports, then its later fragments pass.
+    assert out(dp, frame6(POD6, PEER6, 44, first + udp(1000, 53))) == OK
+    assert out(dp, frame6(POD6, PEER6, 44, later + b"x" * 64)) == OK
+    # Another datagram's first fragment to a denied port: its later fragments drop.
+    first_denied = struct.pack("!BBHI", UDP, 0, 1, 100)
+    later_denied = struct.pack("!BBHI", UDP, 0, (185 << 3), 100)
+    assert out(dp, frame6(POD6, PEER6, 44, first_denied + udp(1000, 54))) == SHOT
+    assert out(dp, frame6(POD6, PEER6, 44, later_denied + b"x" * 64)) == SHOT
+    assert [e.reason for e in events.read()] == [133, 175]
+    key = Frag6Key(EP, True, UDP, 99, POD6, PEER6)
+    assert dp.maps.frag6.items() == {key: (1000, 53)}
 
 
 def test_later_ipv4_fragment_needs_its_first(dp: LoadedBuild, events: EventReader) -> None:

@@ -26,6 +26,7 @@ from conftest_bpf import (  # noqa: F401 (fixtures, used by name)
     _session_events,
     datapath,
     events,
+    is_tombstone,
     node,
     requires_root,
     session_datapath,
@@ -63,6 +64,7 @@ from flagella.datapath.maps import (
     CtKey,
     DatapathConfig,
     DatapathMaps,
+    Direction,
     EndpointRow,
     PolicyKey,
     PolicyValue,
@@ -130,7 +132,7 @@ def test_cached_flow_is_rechecked_after_a_bump_and_dropped_if_now_denied(
     gen2 = dp.maps.config.bump_generation()
     assert gen2 not in (0, gen)
     assert out(dp, ack()) == SHOT
-    assert entry(dp) is None
+    assert is_tombstone(entry(dp))
     drop = [ev for ev in events.read() if ev.type == EventType.DROP]
     assert [(ev.reason, ev.ct_state, ev.dport) for ev in drop] == [
         (DropReason.POLICY_DENIED, CtState.ESTABLISHED, 80)
@@ -165,7 +167,7 @@ def test_every_map_change_takes_effect_on_established_flows_after_a_bump(dp: Loa
     dp.maps.ipcache.set(f"{PEER4}/32", PEER_ID + 1)
     assert out(dp, ack()) == OK  # cached
     dp.maps.config.bump_generation()
-    assert out(dp, ack()) == SHOT and entry(dp) is None
+    assert out(dp, ack()) == SHOT and is_tombstone(entry(dp))
 
     # Enforcement switched on for a direction that had none.
     dp.maps.ipcache.set(f"{PEER4}/32", PEER_ID)
@@ -178,7 +180,7 @@ def test_every_map_change_takes_effect_on_established_flows_after_a_bump(dp: Loa
     endpoint(dp, {ALLOW_80: Verdict.ALLOW}, egress=True)
     assert out(dp, dns) == OK  # cached
     dp.maps.config.bump_generation()
-    assert out(dp, dns) == SHOT and entry(dp, flow) is None
+    assert out(dp, dns) == SHOT and is_tombstone(entry(dp, flow))
 
 
 @pytest.mark.root
@@ -196,7 +198,7 @@ def test_a_tampered_entry_is_noticed_at_the_next_bump(dp: LoadedBuild) -> None:
     assert out(dp, frame) == OK
     dp.maps.config.bump_generation()
     assert out(dp, frame) == SHOT
-    assert entry(dp, forged) is None
+    assert is_tombstone(entry(dp, forged))
 
 
 @pytest.mark.root
@@ -237,7 +239,7 @@ def test_host_marked_packets_neither_use_nor_fill_the_cache(dp: LoadedBuild) -> 
     assert into(dp, inbound) == OK and into(dp, inbound) == OK  # cached
     assert entry(dp, flow).verdict_gen != 0  # type: ignore[union-attr]
     assert into(dp, inbound, mark=0xC00) == SHOT  # the host may not enter
-    assert entry(dp, flow) is None
+    assert is_tombstone(entry(dp, flow))
 
     host_flow = CtKey(EP, False, TCP, PEER4, POD4, 40001, 80)
     host_frame = frame4(PEER4, POD4, TCP, tcp(40001, 80, ACK))
@@ -309,7 +311,7 @@ def test_established_connection_dropped_at_its_next_packet_after_a_bump(
     node.dp.maps.config.bump_generation()
     r = a.shell.call("tcp_send_recv", conn=conn["conn"], data="four", timeout=0.5)
     assert r == {"ok": False, "error": "timeout"}
-    assert node.dp.maps.ct.get(flow) is None
+    assert is_tombstone(node.dp.maps.ct.get(flow))
     ev, _ = events.wait_for(
         lambda e: e.type == EventType.DROP and e.ct_state == CtState.ESTABLISHED, 1.0
     )
@@ -433,3 +435,41 @@ def test_the_agent_bumps_the_generation_after_every_map_write(tmp_path: Any) -> 
     dp.log.clear()
     assert core.sync_all() == 0 and dp.log == []  # nothing to repair: no bump
     core.close()
+
+
+# --- a deny stops both directions (replies are checked again after a bump) ----------------------
+
+
+@pytest.mark.root
+@requires_root
+def test_a_reply_is_rechecked_after_a_bump_and_the_denied_flow_stays_closed(dp: LoadedBuild) -> None:
+    """Ingress enforced, egress not: the pod's replies and its retries must not reopen a flow
+    that its ingress policy now denies."""
+    allow_in = PolicyKey(EP, PEER_ID, False, TCP, 80)
+    endpoint(dp, {allow_in: Verdict.ALLOW}, ingress=True)
+    dp.maps.config.bump_generation()
+    request = frame4(PEER4, POD4, TCP, tcp(40000, 80, ACK))
+    reply = frame4(POD4, PEER4, TCP, tcp(80, 40000, ACK))
+    flow = CtKey(EP, False, TCP, PEER4, POD4, 40000, 80)
+    assert into(dp, frame4(PEER4, POD4, TCP, tcp(40000, 80, SYN))) == OK
+    assert out(dp, reply) == OK and into(dp, request) == OK
+
+    dp.maps.policy.delete(allow_in)
+    dp.maps.config.bump_generation()
+    # The pod speaks first after the change: its reply meets the flow's (ingress) policy.
+    assert out(dp, reply) == SHOT
+    assert is_tombstone(entry(dp, flow))
+    # Nothing reopens it: not the pod's next packet (no fresh egress entry)...
+    assert out(dp, reply) == SHOT
+    assert entry(dp, CtKey(EP, True, TCP, POD4, PEER4, 80, 40000)) is None
+    # ...nor the peer's.
+    assert into(dp, request) == SHOT
+    assert dp.maps.metrics.get(DropReason.POLICY_DENIED, Direction.EGRESS).packets == 2
+
+    # Allowed again: the next generation revives the flow from either side.
+    endpoint(dp, {allow_in: Verdict.ALLOW}, ingress=True)
+    dp.maps.config.bump_generation()
+    assert out(dp, reply) == OK
+    e = entry(dp, flow)
+    assert e is not None and not (e.flags & CtFlags.DENIED)
+    assert into(dp, request) == OK

@@ -1,7 +1,8 @@
 """Policy as the kernel enforces it, checked with real traffic between pods of one agent.
 
-* CT cleanup on deny (IPv4 and IPv6): an established connection that a new policy no longer
-  allows loses its next packet and its conntrack entry, and the monitor reports the drop.
+* CT on deny (IPv4 and IPv6): an established connection that a new policy no longer
+  allows loses its next packet, its conntrack entry becomes a tombstone (flag DENIED), and the
+  monitor reports the drop.
   The IPv6 case is also the check that the same allow/deny holds over IPv6.
 * Anti-spoofing: a pod sending from an address it was not given is dropped ("Invalid source ip").
 * IPv4 fragments: a 4000-byte datagram arrives reassembled on an allowed port, not on a denied one.
@@ -99,7 +100,9 @@ def test_ct_entry_removed_and_packet_dropped_when_policy_stops_allowing(
             with pytest.raises(TimeoutError):
                 data = conn.recv(100)
                 pytest.fail(f"the established connection still gets echoes after the deny: {data!r}")
-            assert not server_entry(), "the server's CT entry survived a packet that policy now denies"
+            # The entry stays as a tombstone (CT_F_DENIED = 0x8), so neither side can reopen the flow.
+            left = server_entry()
+            assert left and all(r["flags"] & 0x8 for r in left), f"the server's CT entry is not a tombstone: {left}"
 
             def policy_drop() -> list[dict[str, Any]]:
                 return monitor.matching(

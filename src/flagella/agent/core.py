@@ -23,6 +23,7 @@ entries nobody wants are deleted by the first sync.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,7 +49,7 @@ from flagella.istio import sidecar as istio_sidecar
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
 from flagella.policy.identities import cidr_identity_labels, reserved_identity_labels, rule_prefixes
-from flagella.policy.labels import LabelFilter, LabelSet, parse_label
+from flagella.policy.labels import LabelFilter, LabelSet, check_pod_labels, parse_label
 from flagella.policy.resolver import EndpointInfo, EndpointPolicy
 from flagella.policy.trace import TraceQuery, Tracer
 
@@ -80,9 +81,17 @@ class AgentCore:
         self.settings = settings
         self.dp = datapath
         self.state_dir = Path(settings.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)  # state names every pod and policy: root's alone
         self.files = StateFiles(self.state_dir)
         self.store = EndpointStore(self.state_dir / "endpoints")
+        if identity_backend is None:
+            # SQLite gives its -wal and -shm files the database file's mode.
+            db = self.state_dir / "identities.db"
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+            for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                if path.exists():  # a state dir from an older agent: 0644
+                    path.chmod(0o600)
         backend = identity_backend or SQLiteBackend(self.state_dir / "identities.db")
         self.allocator = Allocator(backend)
         self.label_filter = (
@@ -143,6 +152,11 @@ class AgentCore:
             self._reserve_addresses(ep)
             ep.state, ep.state_reason = State.RESTORING, ""
             report["restored"] += 1
+        # Records from an older agent may carry labels the agent now derives itself (see
+        # policy.labels): their endpoints share one identity number per label set again.
+        canonical: dict[LabelSet, int] = {}
+        for ep in self.endpoints.values():
+            ep.identity = canonical.setdefault(self._security_labels(ep), ep.identity)
         # Pods without any record are not ours (records are written before pods are
         # created and deleted after they are removed): another agent's, left alone.
         # Identities: references become exactly what restored endpoints and policy
@@ -171,10 +185,12 @@ class AgentCore:
     # -- endpoints ----------------------------------------------------------------
 
     def _next_endpoint_id(self) -> int:
+        """Ids are never reused while the state dir lives: the next is above every id handed
+        out before (recorded in ``endpoint_ids.json``), so a new endpoint cannot inherit kernel
+        state keyed by an old one's id (conntrack, fragments, policy counters)."""
         used = set(self.endpoints) | {ep.id for ep in self.store.load_all()}
-        n = 1
-        while n in used:
-            n += 1
+        n = max([self.files.load_last_endpoint_id(), *used]) + 1
+        self.files.save_last_endpoint_id(n)
         return n
 
     def _security_labels(self, ep: Endpoint) -> LabelSet:
@@ -211,14 +227,17 @@ class AgentCore:
     ) -> Endpoint:
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
+        if service_account is not None:
+            _check_name("--service-account", service_account)
         for ep in self.endpoints.values():
             if ep.name == name and ep.namespace == namespace:
                 raise InputError(f"endpoint {namespace}/{name} already exists")
+        check_pod_labels(labels or {}, "--labels")
+        check_pod_labels(namespace_labels or {}, "--namespace-labels")
         v4, v6 = self._addresses(ipv4, ipv6)
         try:
-            if namespace_labels:
-                self.namespace_labels.setdefault(namespace, {}).update(namespace_labels)
-                self.files.save_namespaces(self.namespace_labels)
+            if namespace_labels:  # the same change as `namespace labels --set`: members follow
+                self.set_namespace_labels(namespace, namespace_labels, ())
             ep = Endpoint(
                 id=self._next_endpoint_id(),
                 name=name,
@@ -309,7 +328,7 @@ class AgentCore:
         if ep.ifindex:
             self.dp.detach(ep.ifindex)
         self.pipeline.remove(ep)  # every enforcer forgets it (the kernel: row and policy)
-        self.kernel.purge_flows(ep.id, ep.addresses())
+        self.kernel.purge_flows(ep.id, ep.addresses())  # conntrack and fragments
         self.dp.remove_pod(ep.netns)
         affected: set[int] = set()
         if ep.identity and ep.state != State.INIT:
@@ -333,6 +352,7 @@ class AgentCore:
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
         ep = self.find(ref)
+        check_pod_labels(set_labels, "--set")
         labels = dict(ep.labels)
         for key in unset:
             labels.pop(key, None)
@@ -342,6 +362,7 @@ class AgentCore:
 
     def set_namespace_labels(self, namespace: str, set_labels: Mapping[str, str], unset: Iterable[str]) -> dict[str, str]:
         _check_name("namespace", namespace)
+        check_pod_labels(set_labels, "--set")
         labels = dict(self.namespace_labels.get(namespace, {}))
         for key in unset:
             labels.pop(key, None)
@@ -522,8 +543,15 @@ class AgentCore:
             out[ident] = {"id": ident, "labels": sorted(str(x) for x in labels), "references": refs.get(ident, 0)}
         return out
 
+    def live_identities(self) -> dict[LabelSet, int]:
+        """Allocated label sets and their numbers: a trace keeps them, so a traced
+        endpoint shows its real identity."""
+        return {labels: ident for ident, labels in self.allocator.all().items()}
+
     def trace(self, queries: list[TraceQuery]) -> list[dict[str, Any]]:
-        tracer = Tracer(self.engine.policies.values(), self.settings.policy, self.label_filter)
+        tracer = Tracer(
+            self.engine.policies.values(), self.settings.policy, self.label_filter, self.live_identities()
+        )
         return [tracer.trace(q).to_json() for q in queries]
 
     def status(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Endpoint records have their own store (`flagella.endpoint.store`); identities
 live in the allocator's backend. Every write goes to a temporary file, is
-fsynced and renamed over the old one, so a crash leaves the old file or the new
+fsynced and renamed over the old one (mode 0600: state names every pod and policy), so a crash leaves the old file or the new
 one, never a torn one. A missing file reads as its default.
 """
 
@@ -18,6 +18,7 @@ __all__ = ["StateFiles"]
 
 POLICIES = "policies.json"
 NAMESPACES = "namespaces.json"
+ENDPOINT_IDS = "endpoint_ids.json"
 
 
 class StateFiles:
@@ -27,7 +28,7 @@ class StateFiles:
     def write(self, name: str, obj: Any) -> None:
         path = self.dir / name
         tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(obj, f, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
@@ -51,3 +52,9 @@ class StateFiles:
 
     def load_namespaces(self) -> dict[str, dict[str, str]]:
         return {str(k): dict(v) for k, v in self.read(NAMESPACES, {}).items()}
+
+    def save_last_endpoint_id(self, n: int) -> None:
+        self.write(ENDPOINT_IDS, {"last": n})
+
+    def load_last_endpoint_id(self) -> int:
+        return int(self.read(ENDPOINT_IDS, {}).get("last", 0))

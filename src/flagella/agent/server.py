@@ -51,6 +51,7 @@ from flagella.clock import Clock, MonotonicClock
 from flagella.datapath.entries import PolicyKey
 from flagella.errors import FlagellaError, InputError
 from flagella.policy.api import PROTOCOL_NAMES, Policy
+from flagella.policy.labels import LabelSet
 from flagella.policy.query import parse_named_ports, parse_query
 from flagella.policy.trace import TraceQuery, Tracer
 from flagella.xds.server import XdsServer
@@ -180,10 +181,13 @@ class AgentServer:
 
     def policy_trace(self, p: dict[str, Any]) -> list[dict[str, Any]]:
         """Trace against the live policies; a side may name a live endpoint (blocking form)."""
-        policies, queries = self.trace_snapshot(p)
-        return self.run_trace(policies, queries, time.monotonic() + self.core.settings.api.trace_timeout_s)
+        policies, queries, identities = self.trace_snapshot(p)
+        deadline = time.monotonic() + self.core.settings.api.trace_timeout_s
+        return self.run_trace(policies, queries, deadline, identities)
 
-    def trace_snapshot(self, p: dict[str, Any]) -> tuple[list[Policy], list[TraceQuery]]:
+    def trace_snapshot(
+        self, p: dict[str, Any]
+    ) -> tuple[list[Policy], list[TraceQuery], dict[LabelSet, int]]:
         """What a trace needs from the agent's state; the only part that runs under the lock."""
         queries = p.get("queries")
         if not isinstance(queries, list):
@@ -197,11 +201,18 @@ class AgentServer:
                     if ref:
                         q[side] = self._endpoint_side(str(ref))
             parsed.append(parse_query(q))
-        return list(self.core.engine.policies.values()), parsed
+        return list(self.core.engine.policies.values()), parsed, self.core.live_identities()
 
-    def run_trace(self, policies: list[Policy], queries: list[TraceQuery], deadline: float) -> list[dict[str, Any]]:
-        """Answer ``queries`` against ``policies`` (a snapshot), giving up at ``deadline``."""
-        tracer = Tracer(policies, self.core.settings.policy, self.core.label_filter)
+    def run_trace(
+        self, policies: list[Policy], queries: list[TraceQuery], deadline: float,
+        identities: dict[LabelSet, int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Answer ``queries`` against ``policies`` (a snapshot), giving up at ``deadline``.
+
+        ``identities`` (live label sets and their numbers) make a traced endpoint show its
+        real identity rather than one the tracer numbers itself.
+        """
+        tracer = Tracer(policies, self.core.settings.policy, self.core.label_filter, identities)
         answers = []
         for q in queries:
             if time.monotonic() > deadline:
@@ -216,9 +227,11 @@ class AgentServer:
     async def policy_trace_unlocked(self, p: dict[str, Any]) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         async with self.lock:
-            policies, queries = await loop.run_in_executor(None, self.trace_snapshot, p)
+            policies, queries, identities = await loop.run_in_executor(None, self.trace_snapshot, p)
         limit = self.core.settings.api.trace_timeout_s
-        work = loop.run_in_executor(self.trace_worker, self.run_trace, policies, queries, time.monotonic() + limit)
+        work = loop.run_in_executor(
+            self.trace_worker, self.run_trace, policies, queries, time.monotonic() + limit, identities
+        )
         try:
             return await asyncio.wait_for(work, limit)
         except TimeoutError:

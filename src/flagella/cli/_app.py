@@ -195,7 +195,11 @@ def _flag_query(
     http = None
     if http_method or http_path or http_header:
         http = ti.parse_http(
-            {"method": http_method or "GET", "path": http_path or "/", "headers": http_header}
+            {
+                "method": http_method or "GET",
+                "path": http_path or "/",
+                "headers": ti.parse_headers(http_header, "--http-header"),
+            }
         )
     kafka: tuple[Any, ...] = ()
     if kafka_api_key is not None or kafka_topic is not None:

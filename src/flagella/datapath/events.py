@@ -57,6 +57,7 @@ class DropReason(IntEnum):
     MISSED_TAIL_CALL = 140
     INVALID_IPV6_EXT = 156
     FRAG_NOSUPPORT = 157
+    UNSUPPORTED_L2 = 166  # Cilium's DROP_UNSUPPORTED_L2: VLAN-tagged or non-IP/ARP frames
     FRAG_NOT_FOUND = 175  # Cilium's DROP_FRAG_NOT_FOUND; 160 is DROP_NO_TUNNEL_ENDPOINT
 
 
@@ -94,6 +95,7 @@ DROP_REASONS: dict[int, str] = {
     160: "No tunnel/encapsulation endpoint (datapath BUG!)",
     161: "Failed to insert into proxymap",
     162: "Policy denied (CIDR)",
+    166: "Unsupported L2 protocol",
     175: "First logical datagram fragment not found",
 }
 """Reason number -> Cilium's monitor string (1.1 wording; 175 from later releases)."""

@@ -24,7 +24,7 @@ import ipaddress
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,6 +295,9 @@ class KernelDatapath:
             key = m.CtKey(r.ep_id, r.egress, r.proto, r.saddr, r.daddr, r.sport, r.dport)
             n += bool(self._dp.maps.ct.delete(key))
         return n
+
+    def frag_forget(self, ep_id: int, addrs: Collection[IPAddress]) -> int:
+        return int(self._dp.maps.frag4.forget(ep_id, addrs) + self._dp.maps.frag6.forget(ep_id, addrs))
 
     def metrics(self) -> dict[tuple[int, int], Counters]:
         return {

@@ -176,6 +176,24 @@ class Frag4KeyStruct(ctypes.Structure):
     ]
 
 
+class Frag6KeyStruct(ctypes.Structure):
+    """struct frag6_key {
+        __u32 ep_id; __u8 egress; __u8 proto; __u16 pad; __be32 frag_id;
+        __u8 saddr[16]; __u8 daddr[16];
+    };"""
+
+    C_NAME: ClassVar[str] = "frag6_key"
+    _fields_ = [
+        ("ep_id", ctypes.c_uint32),
+        ("egress", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+        ("frag_id", ctypes.c_uint32),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
 class Frag4PortsStruct(ctypes.Structure):
     """struct frag4_ports { __be16 sport; __be16 dport; };"""
 
@@ -208,6 +226,7 @@ LAYOUTS: tuple[type[ctypes.Structure], ...] = (
     CtEntryStruct,
     DpConfigStruct,
     Frag4KeyStruct,
+    Frag6KeyStruct,
     Frag4PortsStruct,
     MetricsKeyStruct,
     MetricsValueStruct,
@@ -321,6 +340,7 @@ MAP_SPECS: Mapping[str, MapSpec] = {
         _spec("ct", MapType.LRU_HASH, CtKeyStruct, CtEntryStruct, 262144, 0),
         _spec("config", MapType.ARRAY, ctypes.c_uint32, DpConfigStruct, 1),
         _spec("frag4", MapType.LRU_HASH, Frag4KeyStruct, Frag4PortsStruct, 8192, 0),
+        _spec("frag6", MapType.LRU_HASH, Frag6KeyStruct, Frag4PortsStruct, 8192, 0),
         _spec("metrics", MapType.PERCPU_HASH, MetricsKeyStruct, MetricsValueStruct, 1024, 0),
         _spec("events", MapType.RINGBUF, None, None, 64 * 4096, 0),
     )

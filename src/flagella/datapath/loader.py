@@ -105,7 +105,7 @@ class MapSizes:
     policy: int = 262144
     ipcache: int = 512000  # each of ipcache4 and ipcache6
     ct: int = 262144
-    frag4: int = 8192
+    frag4: int = 8192  # each of frag4 and frag6
     metrics: int = 1024
     events_pages: int = 64  # ring buffer size in 4 KiB pages, a power of two
 
@@ -142,6 +142,7 @@ class DatapathSettings:
             "ipcache6": s.ipcache,
             "ct": s.ct,
             "frag4": s.frag4,
+            "frag6": s.frag4,
             "metrics": s.metrics,
             "events": s.events_pages * 4096,
         }
@@ -159,6 +160,7 @@ class DatapathSettings:
             f"-DIPCACHE_MAX={s.ipcache}",
             f"-DCT_MAX={s.ct}",
             f"-DFRAG4_MAX={s.frag4}",
+            f"-DFRAG6_MAX={s.frag4}",
             f"-DMETRICS_MAX={s.metrics}",
             f"-DEVENTS_PAGES={s.events_pages}",
         ]

@@ -34,7 +34,7 @@ import ctypes
 import ipaddress
 import secrets
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntFlag
 from pathlib import Path
@@ -59,6 +59,7 @@ from flagella.datapath.layouts import (
     EndpointInfoStruct,
     Frag4KeyStruct,
     Frag4PortsStruct,
+    Frag6KeyStruct,
     IPAddress,
     Ipcache4KeyStruct,
     Ipcache6KeyStruct,
@@ -97,6 +98,8 @@ __all__ = [
     "EndpointRow",
     "EndpointMap",
     "Frag4Map",
+    "Frag6Key",
+    "Frag6Map",
     "IPCache",
     "KernelMap",
     "MapBackend",
@@ -124,6 +127,7 @@ class CtFlags(IntFlag):
     SEEN_NON_SYN = 0x1
     CLOSING_FWD = 0x2
     CLOSING_REV = 0x4
+    DENIED = 0x8  # tombstone of a flow that policy denies (see flagella.h)
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,16 @@ class Frag4Key:
     ip_id: int  # host order
     saddr: ipaddress.IPv4Address
     daddr: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class Frag6Key:
+    ep_id: int
+    egress: bool
+    proto: int  # the fragment header's Next Header
+    frag_id: int  # host order
+    saddr: ipaddress.IPv6Address
+    daddr: ipaddress.IPv6Address
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,6 +639,45 @@ class Frag4Map(_Typed):
             ] = (_from_be16(p.sport), _from_be16(p.dport))
         return out
 
+    def forget(self, ep_id: int, addrs: Collection[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> int:
+        """Delete the entries of ``ep_id`` and those naming any of ``addrs``."""
+        stale = [
+            k for k, v in self.backend.items()
+            if (s := _unpack(Frag4KeyStruct, k)).ep_id == ep_id
+            or _from_be32(s.saddr) in addrs or _from_be32(s.daddr) in addrs
+        ]
+        return self.backend.delete_many(stale)
+
+
+class Frag6Map(_Typed):
+    """``frag6``: ports recorded by first IPv6 fragments that passed."""
+
+    def items(self) -> dict[Frag6Key, tuple[int, int]]:
+        out = {}
+        for k, v in self.backend.items():
+            s = _unpack(Frag6KeyStruct, k)
+            p = _unpack(Frag4PortsStruct, v)
+            key = Frag6Key(
+                s.ep_id,
+                bool(s.egress),
+                s.proto,
+                int.from_bytes(s.frag_id.to_bytes(4, sys.byteorder), "big"),
+                ipaddress.IPv6Address(bytes(s.saddr)),
+                ipaddress.IPv6Address(bytes(s.daddr)),
+            )
+            out[key] = (_from_be16(p.sport), _from_be16(p.dport))
+        return out
+
+    def forget(self, ep_id: int, addrs: Collection[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> int:
+        """Delete the entries of ``ep_id`` and those naming any of ``addrs``."""
+        stale = [
+            k for k, _ in self.backend.items()
+            if (s := _unpack(Frag6KeyStruct, k)).ep_id == ep_id
+            or ipaddress.IPv6Address(bytes(s.saddr)) in addrs
+            or ipaddress.IPv6Address(bytes(s.daddr)) in addrs
+        ]
+        return self.backend.delete_many(stale)
+
 
 @dataclass
 class DatapathMaps:
@@ -637,6 +690,7 @@ class DatapathMaps:
     metrics: MetricsMap
     config: ConfigMap
     frag4: Frag4Map
+    frag6: Frag6Map
     _backends: list[MapBackend] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -649,6 +703,7 @@ class DatapathMaps:
             metrics=MetricsMap(b["metrics"]),
             config=ConfigMap(b["config"]),
             frag4=Frag4Map(b["frag4"]),
+            frag6=Frag6Map(b["frag6"]),
             _backends=list(b.values()),
         )
 
@@ -690,6 +745,7 @@ class DatapathMaps:
             self.metrics,
             self.config,
             self.frag4,
+            self.frag6,
         ):
             m.clear()
 

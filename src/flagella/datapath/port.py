@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Collection, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -111,6 +111,9 @@ class Datapath(Protocol):
     def policy_counters(self, ep_id: int) -> dict[PolicyKey, tuple[PolicyValue, Counters]]: ...
     def ct_entries(self) -> Iterator[CTRow]: ...
     def ct_delete(self, rows: list[CTRow]) -> int: ...
+    def frag_forget(self, ep_id: int, addrs: Collection[IPAddress]) -> int:
+        """Delete the fragment entries of ``ep_id`` and those naming any of ``addrs``."""
+        ...
     def metrics(self) -> dict[tuple[int, int], Counters]: ...
     def poll_events(self, timeout_ms: int) -> list[dict[str, object]]: ...
     def now_ns(self) -> int: ...
@@ -127,6 +130,8 @@ class MemoryDatapath:
         self.foreign: set[str] = set()  # netns names made by someone else (tests)
         self.attached: set[int] = set()
         self.ct: list[CTRow] = []
+        #: fragment entries: (endpoint id, source, destination) of first fragments that passed
+        self.frags: list[tuple[int, IPAddress, IPAddress]] = []
         self.events: list[dict[str, object]] = []
         self.clock_ns = 0
         self.generation = 0  # bumps of the verdict cache generation
@@ -186,6 +191,11 @@ class MemoryDatapath:
         gone = set(rows)
         self.ct = [r for r in self.ct if r not in gone]
         return before - len(self.ct)
+
+    def frag_forget(self, ep_id: int, addrs: Collection[IPAddress]) -> int:
+        before = len(self.frags)
+        self.frags = [f for f in self.frags if f[0] != ep_id and f[1] not in addrs and f[2] not in addrs]
+        return before - len(self.frags)
 
     def metrics(self) -> dict[tuple[int, int], Counters]:
         return {}

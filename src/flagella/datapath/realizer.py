@@ -220,12 +220,15 @@ class DatapathEnforcer:
         return self.dp.ct_delete(expired) if expired else 0
 
     def purge_flows(self, ep_id: int, addresses: Iterable[IPAddress]) -> int:
-        """Delete the endpoint's conntrack entries, and those of its addresses in other
-        endpoints' entries: a pod re-created with the same id or address must not
-        inherit old flows."""
+        """Delete the endpoint's conntrack and fragment entries, and those of its
+        addresses in other endpoints' entries: a pod re-created with the same id or
+        address must not inherit old flows."""
         addrs = frozenset(addresses)
         stale = [
             r for r in self.dp.ct_entries()
             if r.ep_id == ep_id or r.saddr in addrs or r.daddr in addrs
         ]
-        return self.dp.ct_delete(stale) if stale else 0
+        deleted = self.dp.ct_delete(stale) if stale else 0
+        # Fragment state too: a recycled id or address must not pass a stranger's fragments.
+        self.dp.frag_forget(ep_id, addrs)
+        return deleted

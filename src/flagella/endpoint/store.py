@@ -20,7 +20,8 @@ from flagella.endpoint.model import Endpoint
 class EndpointStore:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # records name every pod: root's alone
 
     def _path(self, ep_id: int) -> Path:
         return self.dir / f"{ep_id}.json"
@@ -30,7 +31,7 @@ class EndpointStore:
         # One temporary file per writer: the regeneration workers and the API may
         # save the same endpoint at once, and the last rename wins whole.
         tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(ep.to_json(), f, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())

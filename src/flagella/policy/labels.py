@@ -11,6 +11,14 @@ matched at the start of the key, optionally restricted to a source, either
 including or ignoring. A label is kept when the longest matching include
 is longer than the shortest matching ignore, or, when the user configured
 no include at all, when no ignore matches it.
+
+Labels the agent owns: the namespace, the namespace's labels, the service
+account and the cluster are facts the agent derives from where a pod runs,
+and policies trust them (a ``namespaceSelector`` matches namespace labels).
+A pod must not claim them. `check_pod_labels` rejects a user-supplied key
+the agent owns (the CLI and API paths), and `k8s_labels` drops any that
+reach it anyway and sets the derived ones itself (the overwrite a
+Kubernetes watcher needs: it relays whatever the pod spec says).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flagella.errors import InputError
+from flagella.policy.api._parse import is_label_key, is_label_value
 
 SOURCES = frozenset({"k8s", "reserved", "any", "cidr", "container", "unspec", "mesos"})
 
@@ -27,6 +36,34 @@ NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
 CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+#: Every key under this prefix is derived by the agent (namespace labels,
+#: service account, cluster, and whatever Cilium adds there later).
+AGENT_PREFIX = "io.cilium.k8s."
+
+
+def is_agent_owned(key: str) -> bool:
+    """True for a label key only the agent may set (see the module docstring)."""
+    return key == NAMESPACE_LABEL or key.startswith(AGENT_PREFIX)
+
+
+def check_pod_labels(labels: Mapping[str, str], field: str) -> None:
+    """Reject keys the agent owns and keys or values Kubernetes would reject."""
+    for key, value in labels.items():
+        if is_agent_owned(key):
+            raise InputError(
+                f"{field}: label key {key!r} is reserved: the agent sets it from the pod's "
+                "namespace, namespace labels and service account"
+            )
+        if not is_label_key(key):
+            raise InputError(
+                f"{field}: invalid label key {key!r}: must be [DNS subdomain/]name, the name "
+                "at most 63 of [A-Za-z0-9-_.] beginning and ending alphanumeric"
+            )
+        if not is_label_value(value):
+            raise InputError(
+                f"{field}: invalid value {value!r} for label {key!r}: empty or at most 63 of "
+                "[A-Za-z0-9-_.] beginning and ending alphanumeric"
+            )
 
 
 @dataclass(frozen=True, order=True)
@@ -75,11 +112,16 @@ def k8s_labels(
     service_account: str | None = None,
     cluster: str | None = "default",
 ) -> LabelSet:
-    """The labels Cilium's Kubernetes integration gives a pod (spec 1.6)."""
-    labels = {Label("k8s", k, v) for k, v in pod_labels.items()}
+    """The labels Cilium's Kubernetes integration gives a pod (spec 1.6).
+
+    Keys the agent owns are dropped from ``pod_labels`` and derived from the
+    other arguments, whatever the pod said.
+    """
+    labels = {Label("k8s", k, v) for k, v in pod_labels.items() if not is_agent_owned(k)}
     labels.add(Label("k8s", NAMESPACE_LABEL, namespace))
     for k, v in (namespace_labels or {}).items():
-        labels.add(Label("k8s", NAMESPACE_LABELS_PREFIX + k, v))
+        if not is_agent_owned(k):
+            labels.add(Label("k8s", NAMESPACE_LABELS_PREFIX + k, v))
     if service_account:
         labels.add(Label("k8s", SERVICE_ACCOUNT_LABEL, service_account))
     if cluster:

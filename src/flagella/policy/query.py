@@ -118,9 +118,9 @@ def parse_headers(items: Iterable[str], field: str) -> dict[str, str]:
     out = {}
     for item in items:
         name, sep, value = str(item).partition(":")
-        if not name.strip():
-            raise InputError(f"{field}: {item!r} is not 'Name: value'")
-        out[name.strip()] = value.strip() if sep else ""
+        if not sep or not name.strip():
+            raise InputError(f"{field}: {item!r} is not 'Name: value' (the colon is required)")
+        out[name.strip()] = value.strip()
     return out
 
 

@@ -19,7 +19,7 @@ judged at L7 when the query carries an HTTP or Kafka request.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,14 +163,20 @@ class Tracer:
         policies: Iterable[Policy],
         settings: PolicySettings | None = None,
         label_filter: LabelFilter | None = None,
+        identities: Mapping[LabelSet, int] | None = None,
     ) -> None:
+        """``identities``: numbers already allocated (the live agent's), kept as they are."""
         self.policies = list(policies)
         self.label_filter = label_filter or LabelFilter()
         self.engine = PolicyEngine(settings)
         for ident, labels in reserved_identity_labels().items():
             self.engine.set_identity(ident, labels)
-        self._next_id = MIN_ALLOCATED_ID
         self._ids: dict[LabelSet, int] = {}
+        for labels, ident in (identities or {}).items():
+            if ident >= MIN_ALLOCATED_ID:
+                self._ids[labels] = ident
+                self.engine.set_identity(ident, labels)
+        self._next_id = max(self._ids.values(), default=MIN_ALLOCATED_ID - 1) + 1
         self._prefixes = sorted(rule_prefixes(self.policies), key=lambda n: -n.prefixlen)
         for net in self._prefixes:
             self._identity_for(cidr_identity_labels(net))

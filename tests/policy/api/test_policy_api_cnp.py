@@ -683,3 +683,17 @@ def test_every_error_of_a_document_is_reported() -> None:
         "spec.ingress[0].toPorts[0].ports[1].protocol",
         "spec.ingress[1].fromEntities[0]",
     }
+
+
+@pytest.mark.parametrize(("selector", "path"), [
+    ({"matchLabels": {"a b": "v"}}, "spec.endpointSelector.matchLabels.a b"),
+    ({"matchLabels": {"k8s:bad key!": "v"}}, "spec.endpointSelector.matchLabels.k8s:bad key!"),
+    ({"matchLabels": {"foo:a b": "v"}}, "spec.endpointSelector.matchLabels.foo:a b"),
+    ({"matchExpressions": [{"key": "bad key!", "operator": "Exists"}]},
+     "spec.endpointSelector.matchExpressions[0].key"),
+    ({"matchLabels": {"example.com/" + "n" * 64: "v"}}, "spec.endpointSelector.matchLabels.example.com/"),
+])
+def test_invalid_selector_key_is_rejected_naming_the_field(selector: Any, path: str) -> None:
+    with pytest.raises(PolicyValidationError) as exc:
+        parse_policy(ccnp({"endpointSelector": selector}))
+    assert path in str(exc.value) and "invalid label key" in str(exc.value), str(exc.value)

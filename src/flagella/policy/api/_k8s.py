@@ -46,7 +46,7 @@ from flagella.policy.api._parse import (
     KeyFn,
     Metadata,
     index,
-    is_dns_subdomain,
+    is_label_key,
     is_port_name,
     join,
     parse_cidr_with_excepts,
@@ -72,21 +72,12 @@ _IP_BLOCK_FIELDS: Final = Fields(("cidr", "except"))
 _PORT_FIELDS: Final = Fields(("protocol", "port", "endPort"))
 
 _PROTOCOLS: Final = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
-_NAME_RE: Final = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _DIGITS_RE: Final = re.compile(r"[0-9]+")
-
-
-def is_qualified_name(key: str) -> bool:
-    """A Kubernetes label key: ``[dns-subdomain/]name`` with a name of at most 63."""
-    prefix, slash, name = key.rpartition("/")
-    if slash and not is_dns_subdomain(prefix):
-        return False
-    return 0 < len(name) <= 63 and _NAME_RE.fullmatch(name) is not None
 
 
 def _k8s_key(prefix: str) -> KeyFn:
     def key_fn(ctx: Ctx, key: str, path: str) -> str | None:
-        if not is_qualified_name(key):
+        if not is_label_key(key):
             ctx.error(path, f"invalid label key {key!r}: must be [DNS subdomain/]name, the "
                       "name at most 63 of [A-Za-z0-9-_.] beginning and ending alphanumeric")
             return None

@@ -309,6 +309,14 @@ def is_label_value(text: str) -> bool:
     return len(text) <= 63 and _LABEL_VALUE_RE.fullmatch(text) is not None
 
 
+def is_label_key(key: str) -> bool:
+    """A Kubernetes label key: ``[dns-subdomain/]name`` with a name of at most 63."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and not is_dns_subdomain(prefix):
+        return False
+    return 0 < len(name) <= 63 and _LABEL_VALUE_RE.fullmatch(name) is not None
+
+
 def is_dns_label(text: str) -> bool:
     return len(text) <= 63 and _DNS_LABEL_RE.fullmatch(text) is not None
 
@@ -362,10 +370,20 @@ def qualify_label_key(key: str, default_source: str = "any") -> str:
     return f"{source}:{name}"
 
 
+#: Sources whose keys are not Kubernetes label keys (``reserved:host``, ``cidr:fd00::/8``).
+_UNCHECKED_KEY_SOURCES: Final = frozenset({"reserved", "cidr"})
+
+
 def cilium_key(ctx: Ctx, key: str, path: str) -> str | None:
     qualified = qualify_label_key(key)
     if qualified.endswith(":"):
         ctx.error(path, f"label key {key!r} has an empty name")
+        return None
+    source, _, name = qualified.partition(":")
+    # A prefix that is not a source stays in the key (``foo:bar``): each part is checked.
+    if source not in _UNCHECKED_KEY_SOURCES and not all(map(is_label_key, name.split(":"))):
+        ctx.error(path, f"invalid label key {key!r}: must be [source:][DNS subdomain/]name, "
+                  "the name at most 63 of [A-Za-z0-9-_.] beginning and ending alphanumeric")
         return None
     return qualified
 

@@ -41,6 +41,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from tests.istio.sidecar_harness import make_ca, make_leaf, sidecar_config, start_sidecar  # noqa: E402
+
 from flagella.istio.publisher import IstioPublisher  # noqa: E402
 from flagella.istio.workload import IstioSettings, node_id, workload_rbac  # noqa: E402
 from flagella.policy.api import load_policies  # noqa: E402
@@ -51,7 +53,6 @@ from flagella.proxy.envoy import EnvoyProcess, bootstrap, free_port  # noqa: E40
 from flagella.proxy.rbac import peer_sets  # noqa: E402
 from flagella.xds.server import XdsServer, XdsSettings  # noqa: E402
 from flagella.xds.types import EXTENSION_CONFIG  # noqa: E402
-from tests.istio.sidecar_harness import make_ca, make_leaf, sidecar_config, start_sidecar  # noqa: E402
 
 NET = f"127.78.{os.getpid() % 250}"
 LEIA_FLAGELLA, LEIA_ISTIO, LUKE = f"{NET}.1", f"{NET}.2", f"{NET}.3"

@@ -5,12 +5,15 @@ the same entries is the real datapath's (tests/system)."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from flagella.agent.core import AgentCore
 from flagella.agent.settings import AgentSettings
 from flagella.datapath.port import MemoryDatapath
-from flagella.istio.sidecar import SIDECAR_LABEL_KEY, detect_sidecar
+from flagella.endpoint import Endpoint
+from flagella.errors import InputError
+from flagella.istio.sidecar import SIDECAR_LABEL_KEY, detect_sidecar, is_sidecar
 from flagella.policy.mapstate import Verdict
 
 POD = {
@@ -58,9 +61,10 @@ def test_sidecar_pod_gets_no_http_redirect_but_keeps_l3l4(tmp_path) -> None:
     try:
         luke = core.create_endpoint("luke", labels={"app": "luke"})
         plain = core.create_endpoint("leia-plain", labels={"app": "leia"})
-        mesh = core.create_endpoint("leia-mesh", labels={"app": "leia", SIDECAR_LABEL_KEY: "true"})
+        mesh = core.create_endpoint("leia-mesh", labels={"app": "leia"}, istio_sidecar=True)
         assert core.wait_for_revision(core.import_policies([POLICY]), timeout=30) == []
         assert mesh.identity != plain.identity  # the label is part of the identity
+        assert is_sidecar(mesh.identity_labels()) and not is_sidecar(plain.identity_labels())
 
         def ingress(ep_id: int) -> dict[tuple[int, int, int], Verdict]:
             return {(k.identity, k.protocol, k.port): Verdict(v.verdict)
@@ -74,5 +78,10 @@ def test_sidecar_pod_gets_no_http_redirect_but_keeps_l3l4(tmp_path) -> None:
                                     **host}
         # The sidecar's own config still comes from the resolved (redirecting) policy.
         assert core.engine.policy(mesh.id).ingress.lookup(luke.identity, 6, 80).verdict == Verdict.REDIRECT
+        # A pod cannot claim the label through its own labels (it is agent-owned).
+        with pytest.raises(InputError, match=SIDECAR_LABEL_KEY):
+            core.create_endpoint("sneaky", labels={"app": "leia", SIDECAR_LABEL_KEY: "true"})
+        # The persisted endpoint record carries the flag (restore reads it back).
+        assert Endpoint.from_json(core.find("leia-mesh").to_json()).istio_sidecar
     finally:
         core.close()

@@ -224,6 +224,7 @@ class AgentCore:
         ipv4: str | None = None,
         ipv6: str | None = None,
         named_ports: Mapping[str, Iterable[tuple[int, int]]] | None = None,
+        istio_sidecar: bool = False,
     ) -> Endpoint:
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
@@ -248,6 +249,7 @@ class AgentCore:
                 ipv4=v4,
                 ipv6=v6,
                 named_ports={k: [(int(p[0]), int(p[1])) for p in v] for k, v in (named_ports or {}).items()},
+                istio_sidecar=istio_sidecar,
             )
             ep.netns = pod_netns_name(namespace, name)
             self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
@@ -498,7 +500,7 @@ class AgentCore:
         """What the enforcers realize: for a pod with an Istio sidecar, its inbound
         HTTP is left to the sidecar (no node-proxy redirect; L3/L4 unchanged)."""
         policy = self.engine.policy(ep.id).snapshot()
-        return istio_sidecar.kernel_policy(policy) if istio_sidecar.is_sidecar(ep.labels) else policy
+        return istio_sidecar.kernel_policy(policy) if ep.istio_sidecar else policy
 
     # -- controllers -------------------------------------------------------------------
 

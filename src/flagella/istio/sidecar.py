@@ -5,11 +5,13 @@ Theory of operation. Cilium 1.1 (spec 6.6) labels a pod
 ``istio-proxy`` container mounts the agent's socket directory; Flagella does
 the same with its own directory (`SOCKET_DIR`). `detect_sidecar` reads a
 Kubernetes Pod object (what a Kubernetes/CNI adapter sees) and returns
-the label value to add; a value the user already set wins, so the label
-can be forced on or off. The embedded agent learns it the same way as any
-label: it arrives with the endpoint's labels at creation, is part of the
-identity (peers can select sidecar pods, e.g. "only injected pods reach
-istio-system"), and `is_sidecar` reads it back.
+the label value to add; a value the pod's owner set in the pod's labels wins, so
+it can be forced on or off. The label is agent-owned (``io.cilium.k8s.``),
+so a pod cannot claim it through its labels: the embedded agent learns it
+as the endpoint flag ``istio_sidecar`` (API ``endpoint create``), set by
+whoever creates the endpoint from the Pod object (`detect_sidecar`), and
+adds the label to the identity, so policies can select injected pods
+(e.g. "only injected pods reach istio-system"); `is_sidecar` reads it back.
 
 For such an endpoint the sidecar enforces HTTP after TLS termination, so
 the kernel must not redirect its inbound HTTP to the node proxy (it would
@@ -29,10 +31,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from flagella.policy.labels import ISTIO_SIDECAR_LABEL, Label, LabelSet
 from flagella.policy.mapstate import Entry, MapState, Verdict
 from flagella.policy.resolver import EndpointPolicy
 
-SIDECAR_LABEL_KEY = "io.cilium.k8s.policy.istiosidecarproxy"
+SIDECAR_LABEL_KEY = ISTIO_SIDECAR_LABEL
 SOCKET_DIR = "/var/run/flagella"
 ISTIO_STATUS_ANNOTATION = "sidecar.istio.io/status"
 PROXY_CONTAINER = "istio-proxy"
@@ -54,8 +57,9 @@ def detect_sidecar(pod: Mapping[str, Any]) -> str | None:
     return "false"
 
 
-def is_sidecar(labels: Mapping[str, str]) -> bool:
-    return labels.get(SIDECAR_LABEL_KEY) == "true"
+def is_sidecar(labels: LabelSet) -> bool:
+    """Whether an identity's labels say its pod has a Flagella-aware sidecar."""
+    return Label("k8s", ISTIO_SIDECAR_LABEL, "true") in labels
 
 
 def kernel_policy(policy: EndpointPolicy) -> EndpointPolicy:

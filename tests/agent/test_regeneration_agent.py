@@ -36,6 +36,8 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
 
 def test_import_wait_times_out_naming_the_endpoint_an_enforcer_has_not_confirmed(agent: Agent) -> None:
     agent.envoy.mode = "hold"
+    ds = agent.core.find("deathstar")
+    kernel_before = {k: v for k, v in agent.dp.policy.items() if k.ep_id == ds.id}
     r = agent.cli("policy", "import", "--wait", "--timeout", "0.3", L3L4)
     assert r.exit_code == 1, r.output
     assert "not realized within 0.3s by default/deathstar" in r.output
@@ -45,12 +47,13 @@ def test_import_wait_times_out_naming_the_endpoint_an_enforcer_has_not_confirmed
     assert "waiting-for-enforcers (waiting for xds)" in listed.output
     got = json.loads(agent.cli("endpoint", "get", "deathstar").output)
     assert got["state"] == "waiting-for-enforcers" and got["state_reason"] == "waiting for xds"
-    # The kernel already enforces; the revision is realized only with the second enforcer.
-    ds = agent.core.find("deathstar")
-    assert agent.core.kernel.complete[ds.id] and ds.policy_revision < agent.core.engine.revision
+    # The proxy stage comes first (§6.5): the kernel still holds the previous policy.
+    assert {k: v for k, v in agent.dp.policy.items() if k.ep_id == ds.id} == kernel_before
+    assert ds.policy_revision < agent.core.engine.revision
     agent.envoy.held[0].complete()
     w = call(agent.settings.socket_path, "policy.wait", {"revision": agent.core.engine.revision, "timeout": 30})
     assert w["lagging"] == [] and ds.state == State.READY
+    assert {k: v for k, v in agent.dp.policy.items() if k.ep_id == ds.id} != kernel_before
 
 
 def test_import_wait_returns_once_every_enforcer_confirmed(agent: Agent) -> None:

@@ -432,3 +432,59 @@ def test_baseline_applies_only_when_not_enforced(dp: LoadedBuild) -> None:
     dp.maps.endpoints.set(1, EndpointRow(EP, ID, False, True, 0, mask, POD4, POD6))
     dp.maps.policy.set(PolicyKey(EP, PEER_ID, True, TCP, 23), Verdict.ALLOW, precedence=-2)
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1002, 23))) == SHOT
+
+
+# --- proxy redirect ----------------------------------------------------------------------
+
+REENTRY_IFINDEX, REENTRY_MAC = 4242, bytes.fromhex("02aabbccddee")
+TC_ACT_REDIRECT = 7
+FROM_PROXY = 0x300
+
+
+def _l7_ingress(dp: LoadedBuild) -> PolicyKey:
+    key = PolicyKey(EP, PEER_ID, False, TCP, 80)
+    endpoint(dp, {key: (Verdict.REDIRECT, 15001)}, ingress=True)
+    return key
+
+
+def test_ingress_redirect_without_reentry_device_only_marks(dp: LoadedBuild) -> None:
+    """Proxy off (no re-entry device): marked and passed, as an egress redirect without the
+    nftables rules (L7 is not enforced then: NOTES.md, Known limits)."""
+    _l7_ingress(dp)
+    r = dp.test_run("to_pod", frame4(PEER4, POD4, TCP, tcp(1000, 80)))
+    assert r.verdict == OK and r.mark == 0x200 | 15001 << 16
+
+
+def test_ingress_redirect_goes_to_the_reentry_device_with_the_mark(dp: LoadedBuild) -> None:
+    dp.maps.config.set(DatapathConfig(reentry_ifindex=REENTRY_IFINDEX, reentry_mac=REENTRY_MAC))
+    key = _l7_ingress(dp)
+    for frame in (frame4(PEER4, POD4, TCP, tcp(1000, 80)), frame6(PEER6, POD6, TCP, tcp(1000, 80))):
+        r = dp.test_run("to_pod", frame)
+        assert r.verdict == TC_ACT_REDIRECT and r.mark == 0x200 | 15001 << 16
+        # the ESTABLISHED packets of the flow are redirected too (never cached)
+        r = dp.test_run("to_pod", frame[:-20] + tcp(1000, 80, ACK))
+        assert r.verdict == TC_ACT_REDIRECT
+    assert dp.maps.policy.get(key).packets == 4
+    # other ports are not redirected: no policy entry, ingress enforced
+    assert into(dp, frame4(PEER4, POD4, TCP, tcp(1000, 81))) == SHOT
+
+
+def test_proxy_upstream_is_not_redirected_again(dp: LoadedBuild) -> None:
+    """Mark 0x300 (the proxy's upstream, with its client's address): REDIRECT acts as ALLOW,
+    the mark is kept, and L3/L4 still applies to the real peer."""
+    dp.maps.config.set(DatapathConfig(reentry_ifindex=REENTRY_IFINDEX, reentry_mac=REENTRY_MAC))
+    _l7_ingress(dp)
+    r = dp.test_run("to_pod", frame4(PEER4, POD4, TCP, tcp(2000, 80)), mark=FROM_PROXY)
+    assert r.verdict == OK and r.mark == FROM_PROXY
+    stranger = ipaddress.IPv4Address("10.244.9.9")  # no identity: world, no rule
+    assert into(dp, frame4(stranger, POD4, TCP, tcp(2001, 80)), mark=FROM_PROXY) == SHOT
+
+
+def test_proxy_upstream_keeps_the_host_identity(dp: LoadedBuild) -> None:
+    """A host client's address reaches the pod through the proxy without the host mark;
+    with 0x300 the ipcache's host identity stands (without it, it would be world)."""
+    host = ipaddress.IPv4Address("10.244.0.1")
+    dp.maps.ipcache.set(f"{host}/32", 1)
+    endpoint(dp, {PolicyKey.any_port(EP, 1, False): Verdict.ALLOW}, ingress=True)
+    assert into(dp, frame4(host, POD4, TCP, tcp(3000, 80)), mark=FROM_PROXY) == OK
+    assert into(dp, frame4(host, POD4, TCP, tcp(3001, 80))) == SHOT

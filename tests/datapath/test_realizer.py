@@ -25,7 +25,7 @@ def allow_from(*peers: int, port: int = 80) -> EndpointPolicy:
 
 def test_apply_writes_the_policy_and_completes_at_once() -> None:
     dp = MemoryDatapath()
-    enforcer = DatapathEnforcer(dp, proxy_port=15001)
+    enforcer = DatapathEnforcer(dp, 15001, 15002)
     ep = endpoint()
     completion = enforcer.apply(ep, 1, allow_from(500))
     assert completion.done and completion.error is None
@@ -48,7 +48,7 @@ def test_a_failed_write_is_a_failed_regeneration_and_sync_repairs_to_the_wanted_
 
     dp = MemoryDatapath()
     dp.policy = Broken()  # type: ignore[assignment]
-    enforcer = DatapathEnforcer(dp, proxy_port=15001)
+    enforcer = DatapathEnforcer(dp, 15001, 15002)
     ep = endpoint()
     try:
         enforcer.apply(ep, 1, allow_from(500))
@@ -64,7 +64,7 @@ def test_a_failed_write_is_a_failed_regeneration_and_sync_repairs_to_the_wanted_
 
 def test_sync_leaves_alone_an_endpoint_regenerated_after_its_dump() -> None:
     dp = MemoryDatapath()
-    enforcer = DatapathEnforcer(dp, proxy_port=15001)
+    enforcer = DatapathEnforcer(dp, 15001, 15002)
     ep = endpoint()
     enforcer.apply(ep, 1, allow_from(500))
 
@@ -82,7 +82,7 @@ def test_sync_leaves_alone_an_endpoint_regenerated_after_its_dump() -> None:
 
 def test_remove_deletes_entries_nobody_remembers_writing() -> None:
     dp = MemoryDatapath()
-    enforcer = DatapathEnforcer(dp, proxy_port=15001)
+    enforcer = DatapathEnforcer(dp, 15001, 15002)
     ep = endpoint()
     enforcer.apply(ep, 1, allow_from(500))
     dp.policy[PolicyKey(1, 777, True, 17, 53, 0)] = PolicyValue(Verdict.ALLOW)  # from before a crash

@@ -367,3 +367,74 @@ def test_random_changes_never_realize_an_unconfirmed_revision_and_always_converg
             assert ep.policy_revision == revision and ep.state == State.READY
 
     run(scenario, envoy)
+
+
+def staged(scenario: Callable[[Pipeline, FakeClock], Awaitable[None]], proxy: ScriptedEnforcer,
+           kernel: ScriptedEnforcer) -> Pipeline:
+    clock = FakeClock()
+    pipeline = Pipeline([kernel], SETTINGS, clock, offload=False, first=[proxy])
+
+    async def main() -> None:
+        pipeline.bind(asyncio.get_running_loop())
+        await scenario(pipeline, clock)
+
+    asyncio.run(main())
+    return pipeline
+
+
+def test_kernel_applies_only_after_the_proxy_acked() -> None:
+    """cilium-1.1 §6.5: the datapath redirects a port only after Envoy ACKed."""
+    proxy, kernel = ScriptedEnforcer("xds", mode="hold"), ScriptedEnforcer("datapath")
+    ep = endpoint(1)
+
+    async def scenario(p: Pipeline, clock: FakeClock) -> None:
+        p.request(ep, 3, policy())
+        await settle()
+        assert proxy.applied == [(1, 3)]
+        assert kernel.applied == []  # nothing written while Envoy has not ACKed
+        assert ep.state == State.WAITING_FOR_ENFORCERS and ep.state_reason == "waiting for xds"
+        proxy.held[0].complete()
+        await settle()
+        assert kernel.applied == [(1, 3)]
+        assert ep.state == State.READY and ep.policy_revision == 3
+
+    staged(scenario, proxy, kernel)
+
+
+def test_a_proxy_that_never_acks_keeps_the_kernel_untouched() -> None:
+    proxy, kernel = ScriptedEnforcer("xds", mode="never"), ScriptedEnforcer("datapath")
+    ep = endpoint(1)
+
+    async def scenario(p: Pipeline, clock: FakeClock) -> None:
+        p.request(ep, 3, policy())
+        await settle()
+        clock.advance(SETTINGS.completion_timeout_s + 0.1)
+        await settle()
+        assert kernel.applied == []
+        assert ep.state == State.NOT_READY
+        assert "xds: no completion within 10s" in ep.state_reason
+        assert ep.policy_revision == 0
+        # The retry after the backoff asks the proxy again, still not the kernel.
+        clock.advance(SETTINGS.backoff_initial_s)
+        await settle()
+        assert proxy.applied == [(1, 3), (1, 3)] and kernel.applied == []
+
+    staged(scenario, proxy, kernel)
+
+
+def test_a_proxy_nack_leaves_the_kernel_at_its_previous_policy() -> None:
+    proxy, kernel = ScriptedEnforcer("xds"), ScriptedEnforcer("datapath")
+    ep = endpoint(1)
+
+    async def scenario(p: Pipeline, clock: FakeClock) -> None:
+        p.request(ep, 3, policy())
+        await settle()
+        assert kernel.applied == [(1, 3)] and ep.policy_revision == 3
+        proxy.mode = "fail"
+        p.request(ep, 4, policy())
+        await settle()
+        assert kernel.applied == [(1, 3)]
+        assert ep.state == State.NOT_READY and "NACK: listener rejected" in ep.state_reason
+        assert ep.policy_revision == 3
+
+    staged(scenario, proxy, kernel)

@@ -26,7 +26,7 @@ import ipaddress
 import os
 import re
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,8 @@ class AgentCore:
         enforcers: Sequence[Enforcer] = (),
         clock: Clock | None = None,
     ) -> None:
-        """``enforcers`` are added after the kernel datapath's (the xDS server's)."""
+        """``enforcers`` (the xDS server's) complete before the kernel datapath applies:
+        a port is redirected only once the proxy ACKed its listener and policy."""
         self.settings = settings
         self.dp = datapath
         self.state_dir = Path(settings.state_dir)
@@ -106,9 +107,12 @@ class AgentCore:
         net = settings.network
         self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
-        self.kernel = DatapathEnforcer(datapath, settings.policy.proxy_port)
+        self.kernel = DatapathEnforcer(datapath, settings.proxy.ingress_port, settings.proxy.egress_port)
+        #: Called with the whole desired ipcache after every ipcache write (the node
+        #: proxy's peer sets follow identities and addresses through it).
+        self.ipcache_listeners: list[Callable[[Mapping[IPNetwork, int]], None]] = []
         self.pipeline = Pipeline(
-            [self.kernel, *enforcers], settings.regeneration, clock, on_change=self._endpoint_changed
+            [self.kernel], settings.regeneration, clock, on_change=self._endpoint_changed, first=enforcers
         )
         for ident, labels in reserved_identity_labels().items():
             self.engine.set_identity(ident, labels)
@@ -451,7 +455,10 @@ class AgentCore:
     def _write_ipcache(self, prefixes: Iterable[IPNetwork]) -> None:
         """Make these ipcache entries what the full desired ipcache says (an endpoint's
         own address wins over a policy CIDR that names it exactly)."""
-        self.kernel.set_ipcache(self.desired_ipcache(), prefixes)
+        desired = self.desired_ipcache()
+        self.kernel.set_ipcache(desired, prefixes)
+        for listener in self.ipcache_listeners:
+            listener(desired)
 
     def _ipcache_endpoint(self, ep: Endpoint) -> None:
         self._write_ipcache(ipaddress.ip_network(a) for a in ep.addresses())

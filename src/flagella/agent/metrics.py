@@ -94,11 +94,16 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily("flagella_controllers_failing", "Controllers failing", value=failing)
 
 
-def start_metrics(core: AgentCore, controllers: Callable[[], Sequence[Controller]]) -> None:
+def start_metrics(
+    core: AgentCore, controllers: Callable[[], Sequence[Controller]], extra: Sequence[Collector] = ()
+) -> None:
+    """Serve the agent's metrics, and ``extra`` collectors' (the node proxy's)."""
     addr = core.settings.metrics_addr
     if not addr:
         return
     host, _, port = addr.rpartition(":")
     collector = AgentCollector(core, controllers)
     REGISTRY.register(collector)
+    for c in extra:
+        REGISTRY.register(c)
     start_http_server(int(port), addr=host or "127.0.0.1")

@@ -46,6 +46,7 @@ from flagella import rpc
 from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
 from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
+from flagella.agent.proxy import NodeProxy
 from flagella.agent.settings import connection_cap
 from flagella.clock import Clock, MonotonicClock
 from flagella.datapath.entries import PolicyKey
@@ -70,9 +71,13 @@ class AgentServer:
     clock: Clock = field(default_factory=MonotonicClock)
     connections: int = 0
     xds: XdsServer | None = None  # started and stopped with the agent when set
+    proxy: NodeProxy | None = None  # the node proxy (its xDS server becomes ``xds``)
 
     def __post_init__(self) -> None:
         s = self.core.settings
+        if self.proxy is not None:
+            self.xds = self.proxy.server
+            self.proxy.sinks.append(self._broadcast)
         self.max_connections = connection_cap(s.api, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # One trace at a time: an abandoned trace finishes its current query before the next starts.
         self.trace_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace")
@@ -376,14 +381,17 @@ class AgentServer:
         finally:
             self.subscribers.remove(queue)
 
+    def _broadcast(self, ev: dict[str, Any]) -> None:
+        for q in list(self.subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(ev)
+
     async def pump_events(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             events = await loop.run_in_executor(None, self.core.dp.poll_events, 200)
             for ev in events:
-                for q in list(self.subscribers):
-                    with contextlib.suppress(asyncio.QueueFull):
-                        q.put_nowait(ev)
+                self._broadcast(ev)
             if not events:
                 await asyncio.sleep(0.05)
 
@@ -403,8 +411,10 @@ class AgentServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         server = await self.start_api(path)
-        start_metrics(self.core, lambda: self.controllers)
-        if self.xds is not None:
+        start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [])
+        if self.proxy is not None:
+            await self.proxy.start()
+        elif self.xds is not None:
             await self.xds.start()
         tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
@@ -418,7 +428,9 @@ class AgentServer:
             await stop.wait()
         for t in tasks:
             t.cancel()
-        if self.xds is not None:
+        if self.proxy is not None:
+            await self.proxy.stop()
+        elif self.xds is not None:
             await self.xds.stop()
         self.trace_worker.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
@@ -493,9 +505,9 @@ def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nby
     }
 
 
-def run_agent(core: AgentCore) -> None:
+def run_agent(core: AgentCore, proxy: NodeProxy | None = None) -> None:
     core.restore()
-    server = AgentServer(core)
+    server = AgentServer(core, proxy=proxy)
     try:
         asyncio.run(server.serve())
     finally:

@@ -9,6 +9,7 @@ mirror these groups, e.g.::
     conntrack: {tcp_established_s: 21600}
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
     kvstore: {backend: etcd, endpoints: ["http://127.0.0.1:2379"], lease_ttl_s: 15}
+    proxy: {enabled: true, ingress_port: 15001, egress_port: 15002, start_at_agent_start: false}
 
 Unknown keys are errors that name the key.
 """
@@ -28,6 +29,7 @@ from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.identity import Backend
 from flagella.policy.resolver import PolicySettings
+from flagella.proxy.ports import ProxySettings
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,15 @@ class AgentSettings:
     regeneration: RegenerationSettings = field(default_factory=RegenerationSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     kvstore: KvstoreSettings = field(default_factory=KvstoreSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
 
     @property
     def socket_path(self) -> str:
         return self.socket or str(Path(self.state_dir) / "flagella.sock")
+
+    @property
+    def xds_socket_path(self) -> str:
+        return self.proxy.xds_socket or str(Path(self.state_dir) / "xds.sock")
 
     def validate(self) -> AgentSettings:
         try:
@@ -195,6 +202,7 @@ class AgentSettings:
             raise InputError("kvstore.timeout_s: must be a positive number of seconds")
         if "/" in kv.node:
             raise InputError("kvstore.node: must not contain '/'")
+        self.proxy.validate()
         return self
 
 

@@ -335,6 +335,8 @@ def proxy_status(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
 
 
 def format_event(ev: dict[str, Any]) -> str:
+    if ev.get("type") == "l7":
+        return str(ev.get("line", ""))
     if ev.get("type") == "drop":
         return (
             f"xx drop ({ev.get('reason_name', ev.get('reason'))}) to endpoint {ev.get('ep_id')}, "
@@ -348,13 +350,13 @@ def format_event(ev: dict[str, Any]) -> str:
 
 
 def monitor(
-    type_: Annotated[str | None, typer.Option("--type", "-t", help="drop or trace")] = None,
+    type_: Annotated[str | None, typer.Option("--type", "-t", help="drop, trace or l7")] = None,
     socket: SocketOpt = None,
     output: OutputOpt = "text",
 ) -> None:
-    """Print datapath events as they happen (Ctrl-C to stop)."""
-    if type_ not in (None, "drop", "trace"):
-        typer.echo("Error: --type must be drop or trace", err=True)
+    """Print datapath events and the node proxy's L7 records as they happen (Ctrl-C to stop)."""
+    if type_ not in (None, "drop", "trace", "l7"):
+        typer.echo("Error: --type must be drop, trace or l7", err=True)
         raise typer.Exit(2)
     try:
         for ev in stream(socket, "monitor", {"type": type_}):

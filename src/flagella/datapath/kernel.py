@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from flagella.datapath import maps as m
+from flagella.datapath import redirect
 from flagella.datapath.entries import EndpointRow, PolicyEntry, PolicyKey, PolicyValue
 from flagella.datapath.events import reason_text
 from flagella.datapath.links import LinkSettings, PodNetwork, prepare_host
@@ -49,12 +50,15 @@ def ensure_bpffs() -> None:
 
 
 def install_host_mark(table: str = NFT_TABLE) -> None:
-    """Mark packets the host sends into pods, so the datapath can tell host from world."""
+    """Mark packets the host sends into pods, so the datapath can tell host from world.
+
+    The proxy's upstream (mark 0x300, see `flagella.datapath.redirect`) is left alone:
+    it carries its client's address, and the client is its peer, not the host."""
     rules = f"""
 table inet {table} {{
   chain output {{
     type filter hook output priority mangle; policy accept;
-    oifname "fl*" meta mark set meta mark | {HOST_MARK:#x}
+    oifname "fl*" meta mark & {redirect.MARK_MASK:#x} != {redirect.MARK_FROM_PROXY:#x} meta mark set meta mark | {HOST_MARK:#x}
   }}
 }}
 """
@@ -182,6 +186,8 @@ class KernelSettings:
     ct_closing_s: int = 10
     trace_events: bool = False
     attach_mode: str = "auto"  # DatapathSettings.attach
+    #: The proxy redirect plumbing to install; None: none, ingress REDIRECTs drop.
+    redirect: redirect.RedirectSettings | None = None
 
 
 class KernelDatapath:
@@ -202,6 +208,7 @@ class KernelDatapath:
         )
         maps = self._dp.maps
         s = self.settings
+        reentry = redirect.install(s.redirect) if s.redirect is not None else None
         maps.config.set(
             m.DatapathConfig(
                 ct_tcp_ns=s.ct_tcp_s * NSEC,
@@ -209,6 +216,8 @@ class KernelDatapath:
                 ct_non_tcp_ns=s.ct_non_tcp_s * NSEC,
                 ct_closing_ns=s.ct_closing_s * NSEC,
                 trace_new_flows=self.settings.trace_events,
+                reentry_ifindex=reentry.ifindex if reentry else 0,
+                reentry_mac=reentry.mac if reentry else bytes(6),
             )
         )
         install_host_mark()

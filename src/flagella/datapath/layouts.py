@@ -147,6 +147,7 @@ class DpConfigStruct(ctypes.Structure):
     """struct dp_config {
         __u64 ct_tcp_ns; __u64 ct_syn_ns; __u64 ct_non_tcp_ns; __u64 ct_closing_ns;
         __u32 flags; __u32 generation;
+        __u32 reentry_ifindex; __u8 reentry_mac[6]; __u16 pad;
     };"""
 
     C_NAME: ClassVar[str] = "dp_config"
@@ -157,6 +158,9 @@ class DpConfigStruct(ctypes.Structure):
         ("ct_closing_ns", ctypes.c_uint64),
         ("flags", ctypes.c_uint32),
         ("generation", ctypes.c_uint32),
+        ("reentry_ifindex", ctypes.c_uint32),
+        ("reentry_mac", ctypes.c_uint8 * 6),
+        ("pad", ctypes.c_uint16),
     ]
 
 

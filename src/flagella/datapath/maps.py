@@ -79,6 +79,7 @@ from flagella.datapath.layouts import (
     _pack,
     _unpack,
 )
+from flagella.errors import DatapathError
 from flagella.policy.mapstate import port_blocks
 
 __all__ = [
@@ -193,13 +194,21 @@ class CtEntry:
 
 @dataclass(frozen=True)
 class DatapathConfig:
-    """The ``config`` map: conntrack lifetimes (Cilium 1.1's) and feature flags."""
+    """The ``config`` map: conntrack lifetimes (Cilium 1.1's), feature flags, and the
+    proxy re-entry device that ingress redirects go through (ifindex 0: none, the proxy
+    is off; an ingress REDIRECT is then only marked and passes, like an egress one)."""
 
     ct_tcp_ns: int = 21600 * NSEC_PER_SEC
     ct_syn_ns: int = 60 * NSEC_PER_SEC
     ct_non_tcp_ns: int = 60 * NSEC_PER_SEC
     ct_closing_ns: int = 10 * NSEC_PER_SEC
     trace_new_flows: bool = False
+    reentry_ifindex: int = 0
+    reentry_mac: bytes = bytes(6)
+
+    def __post_init__(self) -> None:
+        if len(self.reentry_mac) != 6:
+            raise DatapathError(f"config.reentry_mac: {self.reentry_mac.hex()} is not 6 bytes")
 
     def _struct(self) -> DpConfigStruct:
         return DpConfigStruct(
@@ -208,6 +217,8 @@ class DatapathConfig:
             ct_non_tcp_ns=self.ct_non_tcp_ns,
             ct_closing_ns=self.ct_closing_ns,
             flags=1 if self.trace_new_flows else 0,
+            reentry_ifindex=self.reentry_ifindex,
+            reentry_mac=(ctypes.c_uint8 * 6)(*self.reentry_mac),
         )
 
     @classmethod
@@ -219,6 +230,8 @@ class DatapathConfig:
             s.ct_non_tcp_ns or d.ct_non_tcp_ns,
             s.ct_closing_ns or d.ct_closing_ns,
             bool(s.flags & 1),
+            s.reentry_ifindex,
+            bytes(s.reentry_mac),
         )
 
 

@@ -53,9 +53,11 @@ log = structlog.get_logger("flagella.datapath")
 class DatapathEnforcer:
     name = "datapath"
 
-    def __init__(self, datapath: Datapath, proxy_port: int) -> None:
+    def __init__(self, datapath: Datapath, ingress_proxy_port: int, egress_proxy_port: int) -> None:
         self.dp = datapath
-        self.proxy_port = proxy_port
+        #: The node proxy's listener per direction: the value of a REDIRECT key.
+        self.ingress_proxy_port = ingress_proxy_port
+        self.egress_proxy_port = egress_proxy_port
         #: ep_id -> the entries last written (what the kernel should hold).
         self.written: dict[int, dict[PolicyKey, PolicyValue]] = {}
         #: ep_id -> (ifindex, row) last written.
@@ -80,8 +82,8 @@ class DatapathEnforcer:
     # -- the enforcer protocol ----------------------------------------------------------
 
     def desired(self, ep: Endpoint, policy: EndpointPolicy) -> tuple[dict[PolicyKey, PolicyValue], EndpointRow]:
-        ingress, imask = policy_entries(ep.id, policy.ingress, False, self.proxy_port)
-        egress, emask = policy_entries(ep.id, policy.egress, True, self.proxy_port)
+        ingress, imask = policy_entries(ep.id, policy.ingress, False, self.ingress_proxy_port)
+        egress, emask = policy_entries(ep.id, policy.egress, True, self.egress_proxy_port)
         row = EndpointRow(
             ep.id, ep.identity, policy.ingress.enforced, policy.egress.enforced,
             imask, emask, ep.ipv4, ep.ipv6,

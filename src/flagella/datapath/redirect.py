@@ -31,9 +31,9 @@ so `install` is idempotent and `remove` undoes it completely.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 from flagella.errors import DatapathError
 
@@ -104,8 +104,22 @@ def _rules(s: RedirectSettings) -> list[list[str]]:
     ]
 
 
-def install(s: RedirectSettings) -> int:
-    """Install (or repair) the plumbing; return the re-entry device's ifindex."""
+@dataclass(frozen=True)
+class Reentry:
+    """The re-entry device as the datapath's config map needs it."""
+
+    ifindex: int
+    mac: bytes
+
+
+def reentry_device(ifname: str) -> Reentry:
+    """Ask netlink (not sysfs, which shows the namespace it was mounted in)."""
+    out = json.loads(_run("ip", "-j", "link", "show", "dev", ifname).stdout)
+    return Reentry(int(out[0]["ifindex"]), bytes.fromhex(out[0]["address"].replace(":", "")))
+
+
+def install(s: RedirectSettings) -> Reentry:
+    """Install (or repair) the plumbing; return the re-entry device."""
     if _run("ip", "link", "show", s.reentry_ifname, check=False).returncode != 0:
         _run("ip", "link", "add", s.reentry_ifname, "type", "veth", "peer", "name", s.reentry_peer)
     for dev in ("lo", s.reentry_ifname, s.reentry_peer):
@@ -122,7 +136,7 @@ def install(s: RedirectSettings) -> int:
             while _run("ip", family, "rule", "del", "pref", rule[1], check=False).returncode == 0:
                 pass
             _run("ip", family, "rule", "add", *rule)
-    return int(Path(f"/sys/class/net/{s.reentry_ifname}/ifindex").read_text())
+    return reentry_device(s.reentry_ifname)
 
 
 def remove(s: RedirectSettings) -> None:
@@ -141,8 +155,10 @@ __all__ = [
     "MARK_MASK",
     "MARK_TO_PROXY",
     "RedirectSettings",
+    "Reentry",
     "install",
     "nft_rules",
     "proxy_mark",
+    "reentry_device",
     "remove",
 ]

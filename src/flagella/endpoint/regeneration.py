@@ -18,7 +18,14 @@ one regeneration more, not one per change. Different endpoints' workers run in
 parallel; no lock is held across an enforcer's writes.
 
 A worker run: ``regenerating`` (apply on every enforcer), then
-``waiting-for-enforcers`` until every completion has arrived. Only then does the
+``waiting-for-enforcers`` until every completion has arrived. Enforcers run in
+*stages*: the ``first`` enforcers (the node proxy) are applied and their
+completions awaited before the others (the kernel) are applied at all, so
+the datapath redirects a port only after Envoy ACKed its listener and
+policy (cilium-1.1.md §6.5). When a first-stage completion fails or is late,
+the later stages are not applied: the kernel keeps the policy it had, the
+one the proxy still enforces (Cilium waits for proxy ACKs the same way
+before it syncs the policy map). Only then does the
 endpoint's ``policy_revision`` (the *realized* revision) advance and the
 endpoint become ``ready``. A completion that fails, or does not arrive within
 ``completion_timeout_s``, makes the endpoint ``not-ready`` with the reason, counts
@@ -207,11 +214,14 @@ class Pipeline:
         clock: Clock | None = None,
         on_change: Callable[[Endpoint], None] | None = None,
         offload: bool = True,
+        first: Sequence[Enforcer] = (),
     ) -> None:
         """``on_change`` is called (on the pipeline's loop) after each state change,
         to persist the endpoint. With ``offload=False`` enforcers' ``apply`` runs on
         the loop itself (deterministic tests with in-memory enforcers)."""
-        self.enforcers = list(enforcers)
+        #: Stages, applied in order; each stage's completions before the next applies.
+        self.stages = [list(first), list(enforcers)] if first else [list(enforcers)]
+        self.enforcers = [e for stage in self.stages for e in stage]
         self.settings = settings or RegenerationSettings()
         self.clock: Clock = clock or MonotonicClock()
         self.stats = RegenerationStats()
@@ -434,18 +444,10 @@ class Pipeline:
         started = self.clock.now()
         self._set_state(ep, State.REGENERATING, "")
         error: str | None = None
-        completions: list[tuple[str, Completion]] = []
-        try:
-            completions = await self._apply_all(slot, req)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = str(exc)
-        if error is None and not slot.removed:
-            waiting = [name for name, c in completions if not c.done]
-            if waiting:
-                self._set_state(ep, State.WAITING_FOR_ENFORCERS, "waiting for " + ", ".join(waiting))
-            error = await self._await_completions(completions)
+        for stage in self.stages:
+            error = await self._run_stage(slot, req, stage)
+            if error is not None or slot.removed:
+                break
         if slot.removed:
             return None
         elapsed = self.clock.now() - started
@@ -472,12 +474,30 @@ class Pipeline:
         self._notify()
         return error
 
-    async def _apply_all(self, slot: _Slot, req: _Request) -> list[tuple[str, Completion]]:
+    async def _run_stage(self, slot: _Slot, req: _Request, enforcers: list[Enforcer]) -> str | None:
+        """Apply ``enforcers`` and await their completions; the failure reason or None."""
+        ep = slot.endpoint
+        try:
+            completions = await self._apply_all(slot, req, enforcers)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return str(exc)
+        if slot.removed:
+            return None
+        waiting = [name for name, c in completions if not c.done]
+        if waiting:
+            self._set_state(ep, State.WAITING_FOR_ENFORCERS, "waiting for " + ", ".join(waiting))
+        return await self._await_completions(completions)
+
+    async def _apply_all(
+        self, slot: _Slot, req: _Request, enforcers: list[Enforcer]
+    ) -> list[tuple[str, Completion]]:
         ep = slot.endpoint
 
         def apply_each() -> list[tuple[str, Completion]]:
             out = []
-            for enforcer in self.enforcers:
+            for enforcer in enforcers:
                 try:
                     completion = enforcer.apply(ep, req.revision, req.policy)
                 except Exception as exc:

@@ -82,8 +82,6 @@ class PolicySettings:
     #: ``always``: the host reaches every endpoint; ``policy``: the host is a peer like any other.
     allow_localhost: Literal["always", "policy"] = "always"
     legacy_host_allows_world: bool = False
-    #: Fixed proxy port handed out for redirects until a proxy assigns real ones.
-    proxy_port: int = 15001
 
 
 @dataclass(frozen=True)

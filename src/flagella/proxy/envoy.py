@@ -25,6 +25,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -125,6 +126,18 @@ def bootstrap(
     return out
 
 
+#: Envoy sets PR_SET_PDEATHSIG(SIGTERM): it dies with the thread that started it.
+#: The node proxy must outlive the agent (it keeps enforcing until the agent is
+#: back), so the agent starts it under this keeper: the keeper is Envoy's parent,
+#: lives exactly as long as Envoy and exits with its status. Both are one process
+#: group, so `EnvoyProcess.stop` (SIGTERM to the group) still stops Envoy.
+KEEPER = (
+    "import signal, subprocess, sys\n"
+    "signal.signal(signal.SIGTERM, lambda *_: None)\n"
+    "sys.exit(subprocess.call(sys.argv[1:]))\n"
+)
+
+
 @dataclass
 class EnvoyProcess:
     """One running Envoy. ``start`` returns once its admin interface answers."""
@@ -133,6 +146,8 @@ class EnvoyProcess:
     base_id: int
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flagella-envoy-")))
     log_level: str = "warning"
+    #: Run Envoy under a keeper process, so it outlives the agent (see `KEEPER`).
+    detached: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -147,15 +162,15 @@ class EnvoyProcess:
         path = self.workdir / "bootstrap.json"
         path.write_text(json.dumps(self.config))
         os.chmod(self.workdir, 0o700)
+        argv = [
+            str(envoy_binary()), "-c", str(path), "--concurrency", "1",
+            "--base-id", str(self.base_id), "--log-level", self.log_level,
+            "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
+        ]
+        if self.detached:
+            argv = [sys.executable, "-c", KEEPER, *argv]
         with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [
-                    str(envoy_binary()), "-c", str(path), "--concurrency", "1",
-                    "--base-id", str(self.base_id), "--log-level", self.log_level,
-                    "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
-                ],
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -251,6 +266,14 @@ class EnvoySupervisor:
             except EnvoyError as exc:
                 log.error("envoy-start-failed", error=str(exc))
                 delay = min(delay * 2, self.backoff_max_s)
+
+    async def detach(self) -> None:
+        """Stop watching and leave Envoy running (it keeps its last config)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def stop(self) -> None:
         self._stopping = True

@@ -401,4 +401,57 @@ def _matcher_rbac(merged: Mapping[int, L7Policy], peers: Mapping[int, PeerSet], 
     return http_rbac_pb2.RBAC(matcher=top, rules_stat_prefix="flagella")
 
 
-__all__ = ["MATCHER_THRESHOLD", "RBAC_TYPE_URL", "PeerSet", "header_matchers", "http_rbac", "peer_sets"]
+def local_ingress_rbac(targets: Iterable[tuple[Iterable[IPNetwork], http_rbac_pb2.RBAC]]) -> http_rbac_pb2.RBAC:
+    """The second RBAC filter of an egress chain: the ingress HTTP rules of the local
+    endpoints that the chain's port reaches.
+
+    The egress proxy's upstream carries mark 0x300 and is never redirected again
+    (``flagella.datapath.redirect``), so a request from a pod with egress HTTP rules
+    to a pod of the same node with ingress HTTP rules on the same port would meet
+    only the first set. This filter applies the second one in the same pass:
+    ``targets`` are (destination endpoint's addresses, its ingress RBAC for the
+    port). Each of its policies is scoped to those destination addresses
+    (``destination_ip`` AND the original permission; principals unchanged, the
+    peer is still the source); destinations that are none of them pass. A target
+    whose RBAC is in the matcher form cannot be scoped, so requests to it are
+    denied (fail closed); `http_rbac` with a high ``matcher_threshold`` gives the
+    rules form.
+    """
+    policies: dict[str, rbac_pb2.Policy] = {}
+    local: list[rbac_pb2.Permission] = []
+    for i, (nets, rbac) in enumerate(targets):
+        dest = [rbac_pb2.Permission(destination_ip=_cidr(n)) for n in nets]
+        if not dest:
+            continue
+        local.extend(dest)
+        if not rbac.HasField("rules") or rbac.rules.action != rbac_pb2.RBAC.ALLOW:
+            continue
+        to_it = rbac_pb2.Permission(or_rules=rbac_pb2.Permission.Set(rules=dest))
+        for name in sorted(rbac.rules.policies):
+            policy = rbac.rules.policies[name]
+            wanted = rbac_pb2.Permission(or_rules=rbac_pb2.Permission.Set(rules=list(policy.permissions)))
+            policies[f"dst{i}-{name}"] = rbac_pb2.Policy(
+                permissions=[rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=[to_it, wanted]))],
+                principals=list(policy.principals),
+            )
+    elsewhere = (
+        rbac_pb2.Permission(not_rule=rbac_pb2.Permission(or_rules=rbac_pb2.Permission.Set(rules=local)))
+        if local
+        else rbac_pb2.Permission(any=True)
+    )
+    policies["not-local-l7"] = rbac_pb2.Policy(permissions=[elsewhere], principals=[rbac_pb2.Principal(any=True)])
+    return http_rbac_pb2.RBAC(
+        rules=rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW, policies=policies),
+        rules_stat_prefix="flagella_local_ingress",
+    )
+
+
+__all__ = [
+    "MATCHER_THRESHOLD",
+    "RBAC_TYPE_URL",
+    "PeerSet",
+    "header_matchers",
+    "http_rbac",
+    "local_ingress_rbac",
+    "peer_sets",
+]

@@ -492,7 +492,7 @@ class Cluster:
 
     def create(
         self, name: str, ns: str, n: int, labels: dict[str, str] | None = None,
-        namespace_labels: dict[str, str] | None = None,
+        namespace_labels: dict[str, str] | None = None, istio_sidecar: bool = False,
     ) -> Pod:
         pod = Pod(name, ns, n)
         self.netns_seen.add(pod.netns)
@@ -507,6 +507,7 @@ class Cluster:
                 ),
                 "ipv4": pod.ipv4,
                 "ipv6": pod.ipv6,
+                **({"istio_sidecar": True} if istio_sidecar else {}),
             },
         )
         assert pod.ep["netns"] == pod.netns, pod.ep

@@ -45,11 +45,12 @@ from flagella.errors import DatapathError, FieldError, InputError, PolicyValidat
 from flagella.identity import Allocator, SQLiteBackend
 from flagella.identity._allocator import Backend
 from flagella.ipcache import desired_ipcache
+from flagella.istio import sidecar as istio_sidecar
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
 from flagella.policy.identities import cidr_identity_labels, reserved_identity_labels, rule_prefixes
 from flagella.policy.labels import LabelFilter, LabelSet, check_pod_labels, parse_label
-from flagella.policy.resolver import EndpointInfo
+from flagella.policy.resolver import EndpointInfo, EndpointPolicy
 from flagella.policy.trace import TraceQuery, Tracer
 
 log = structlog.get_logger("flagella.agent")
@@ -227,6 +228,7 @@ class AgentCore:
         ipv4: str | None = None,
         ipv6: str | None = None,
         named_ports: Mapping[str, Iterable[tuple[int, int]]] | None = None,
+        istio_sidecar: bool = False,
     ) -> Endpoint:
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
@@ -251,6 +253,7 @@ class AgentCore:
                 ipv4=v4,
                 ipv6=v6,
                 named_ports={k: [(int(p[0]), int(p[1])) for p in v] for k, v in (named_ports or {}).items()},
+                istio_sidecar=istio_sidecar,
             )
             ep.netns = pod_netns_name(namespace, name)
             self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
@@ -476,7 +479,7 @@ class AgentCore:
             ep = self.endpoints.get(ep_id)
             if ep is None or ep_id not in self.engine.resolved:
                 continue
-            self.pipeline.request(ep, revision, self.engine.policy(ep_id).snapshot())
+            self.pipeline.request(ep, revision, self._enforced_policy(ep))
             requested.add(ep_id)
         self.pipeline.advance([ep for ep in self.endpoints.values() if ep.id not in ids], revision)
         return requested
@@ -498,7 +501,13 @@ class AgentCore:
 
     def desired_policy(self, ep: Endpoint) -> Any:
         """The kernel entries and endpoint row ``ep``'s current policy resolves to."""
-        return self.kernel.desired(ep, self.engine.policy(ep.id))
+        return self.kernel.desired(ep, self._enforced_policy(ep))
+
+    def _enforced_policy(self, ep: Endpoint) -> EndpointPolicy:
+        """What the enforcers realize: for a pod with an Istio sidecar, its inbound
+        HTTP is left to the sidecar (no node-proxy redirect; L3/L4 unchanged)."""
+        policy = self.engine.policy(ep.id).snapshot()
+        return istio_sidecar.kernel_policy(policy) if ep.istio_sidecar else policy
 
     # -- controllers -------------------------------------------------------------------
 

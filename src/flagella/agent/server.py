@@ -144,6 +144,7 @@ class AgentServer:
             ipv4=_opt(p, "ipv4"),
             ipv6=_opt(p, "ipv6"),
             named_ports=named,
+            istio_sidecar=_bool(p, "istio_sidecar"),
         )
         return ep.to_json()
 
@@ -456,6 +457,13 @@ def _req(p: dict[str, Any], key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InputError(f"{key}: expected a string")
     return str(value)
+
+
+def _bool(p: dict[str, Any], key: str) -> bool:
+    value = p.get(key, False)
+    if not isinstance(value, bool):
+        raise InputError(f"{key}: expected true or false")
+    return value
 
 
 def _opt(p: dict[str, Any], key: str) -> str | None:

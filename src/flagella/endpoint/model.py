@@ -35,6 +35,8 @@ class Endpoint:
     policy_revision: int = 0
     enforcing_ingress: bool = False
     enforcing_egress: bool = False
+    #: Its Istio sidecar enforces its inbound HTTP (flagella.istio.sidecar); an identity label.
+    istio_sidecar: bool = False
 
     def set_state(self, new: State) -> None:
         self.state = transition(self.state, new)
@@ -42,7 +44,8 @@ class Endpoint:
     def identity_labels(self) -> LabelSet:
         """All labels; the security-relevant filter is applied by the agent."""
         return k8s_labels(
-            self.labels, self.namespace, self.namespace_labels, self.service_account
+            self.labels, self.namespace, self.namespace_labels, self.service_account,
+            istio_sidecar=self.istio_sidecar,
         )
 
     def addresses(self) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -67,6 +70,7 @@ class Endpoint:
             "state_reason": self.state_reason,
             "created": self.created,
             "policy_revision": self.policy_revision,
+            "istio_sidecar": self.istio_sidecar,
             "policy_enforcement": {
                 "ingress": self.enforcing_ingress,
                 "egress": self.enforcing_egress,
@@ -96,4 +100,5 @@ class Endpoint:
             state_reason=str(obj.get("state_reason", "")),
             created=bool(obj.get("created", obj.get("state") == State.READY.value)),
             policy_revision=int(obj.get("policy_revision", 0)),
+            istio_sidecar=bool(obj.get("istio_sidecar", False)),
         )

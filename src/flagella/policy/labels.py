@@ -35,6 +35,8 @@ SOURCES = frozenset({"k8s", "reserved", "any", "cidr", "container", "unspec", "m
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
+#: Set by the agent on a pod whose Istio sidecar enforces its inbound HTTP (spec 6.6).
+ISTIO_SIDECAR_LABEL = "io.cilium.k8s.policy.istiosidecarproxy"
 CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
 #: Every key under this prefix is derived by the agent (namespace labels,
 #: service account, cluster, and whatever Cilium adds there later).
@@ -111,6 +113,7 @@ def k8s_labels(
     namespace_labels: Mapping[str, str] | None = None,
     service_account: str | None = None,
     cluster: str | None = "default",
+    istio_sidecar: bool = False,
 ) -> LabelSet:
     """The labels Cilium's Kubernetes integration gives a pod (spec 1.6).
 
@@ -126,6 +129,8 @@ def k8s_labels(
         labels.add(Label("k8s", SERVICE_ACCOUNT_LABEL, service_account))
     if cluster:
         labels.add(Label("k8s", CLUSTER_LABEL, cluster))
+    if istio_sidecar:
+        labels.add(Label("k8s", ISTIO_SIDECAR_LABEL, "true"))
     return frozenset(labels)
 
 

@@ -77,7 +77,7 @@ from flagella.datapath.loader import PROGRAMS, DatapathSettings, load_datapath  
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGELLA = REPO / ".venv" / "bin" / "flagella"
-NETGUARD = Path("/work/shared/tools/netguard")
+NETGUARD = Path(__file__).resolve().parents[2] / "shared" / "tools" / "netguard"  # ../shared beside the repo
 
 POD_CIDR = ipaddress.IPv4Network("10.244.210.0/24")
 CLIENT_IP = "10.244.210.10"

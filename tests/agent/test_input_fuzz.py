@@ -33,9 +33,11 @@ def test_settings_files_fail_cleanly(tmp_path, doc):
     path = tmp_path / "settings.json"
     path.write_text(json.dumps(doc))
     try:
-        load_settings(path)
+        loaded = load_settings(path)
     except InputError as exc:
-        assert str(exc)
+        assert str(exc), f"an error without a message for {doc!r}"
+    else:
+        assert isinstance(loaded, AgentSettings)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +60,15 @@ def test_api_requests_fail_cleanly(server, method, params):
     if method in ("endpoint.delete",) and params.get("name") in ("a", "default/a", 1, "1"):
         return
     try:
-        server.handlers[method](params)
+        answer = server.handlers[method](params)
     except FlagellaError as exc:
-        assert str(exc)
-    # answers always encode
-    rpc.encode({"ok": True})
+        assert str(exc), f"{method}: an error without a message"
+        wire = rpc.decode(rpc.error(exc))
+        assert wire["ok"] is False and wire["error"] == str(exc)
+        return
+    # The handler's own answer goes on the wire: it encodes and comes back unchanged.
+    wire = rpc.decode(rpc.ok(answer))
+    assert wire == {"ok": True, "result": json.loads(json.dumps(answer))}
 
 
 @given(st.binary(max_size=64))
@@ -72,7 +78,9 @@ def test_garbage_lines_are_input_errors(line):
     except InputError as exc:
         assert "request" in str(exc)
     else:
-        assert json.dumps(decoded) is not None
+        # What decodes is exactly the JSON of the line.
+        assert decoded == json.loads(line)
+
 
 
 # -- the request framing, over a real socket ------------------------------------------------------

@@ -19,7 +19,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import re
 import select
 import subprocess
 import sys
@@ -30,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support import host
 
 from flagella.datapath.events import DatapathEvent, EventReader
 from flagella.datapath.loader import Datapath, DatapathSettings, load_datapath, remove_pins
 from flagella.datapath.maps import CtEntry, CtFlags, EndpointInfo, PolicyKey, Verdict, wild_mask
 
 __all__ = [
-    "NETGUARD",
     "Node",
     "Pod",
     "PodShell",
@@ -44,8 +43,6 @@ __all__ = [
     "datapath",
     "drops",
     "events",
-    "is_root",
-    "netguard_on",
     "node",
     "pin_dir_for_tests",
     "requires_root",
@@ -54,18 +51,6 @@ __all__ = [
     "settle",
 ]
 
-# shared/ sits beside the repository (here and in CI's fresh clone).
-NETGUARD = next(
-    (
-        p
-        for p in (
-            Path(__file__).resolve().parents[3] / "shared" / "tools" / "netguard",
-            Path("/work/shared/tools/netguard"),
-        )
-        if p.exists()
-    ),
-    Path("/work/shared/tools/netguard"),
-)
 _PREFIX = f"flt{os.getpid()}"
 
 
@@ -74,42 +59,19 @@ def is_tombstone(entry: CtEntry | None) -> bool:
     return entry is not None and bool(entry.flags & CtFlags.DENIED)
 
 
-def netguard_on() -> None:
-    """Required before any namespace is made: nothing may be forwarded off the machine."""
-    if not NETGUARD.exists():
-        pytest.skip(f"{NETGUARD} not found: refusing to build test namespaces without it")
-    subprocess.run([str(NETGUARD), "on"], check=True, capture_output=True)
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-requires_root = pytest.mark.skipif(not is_root(), reason="needs root and a real kernel")
+#: Tests that need root, bcc and netguard (the `root_host` fixture of tests/conftest.py).
+requires_root = pytest.mark.usefixtures("root_host")
 
 
 def run(
     *args: str, netns: str | None = None, check: bool = True, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    cmd = list(args)
-    if netns is not None:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, input=input)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {p.returncode}: {p.stderr.strip()}")
-    return p
+    return host.sh(*args, netns=netns, check=check, input=input)
 
 
 def _sweep_stale() -> None:
     """Remove namespaces and pin dirs left by earlier test processes that died."""
-    for name in run("ip", "netns", "list", check=False).stdout.split():
-        m = re.match(r"flt(\d+)-", name)
-        if m and not Path(f"/proc/{m.group(1)}").exists():
-            run("ip", "netns", "del", name, check=False)
-    for d in Path("/sys/fs/bpf").glob("flagella-test-*"):
-        m = re.match(r"flagella-test-(\d+)", d.name)
-        if m and not Path(f"/proc/{m.group(1)}").exists():
-            remove_pins(d)
+    host.sweep_stale(r"flt(\d+)-.*", bpf_dirs=r"flagella-test-(\d+).*")
 
 
 def pin_dir_for_tests(tag: str = "") -> Path:
@@ -595,9 +557,7 @@ def build_node(dp: Datapath, n_pods: int = 2) -> Iterator[Node]:
 @pytest.fixture(scope="session")
 def session_datapath() -> Iterator[Datapath]:
     """One compiled datapath for the session, pinned under a test-only directory."""
-    if not is_root():
-        pytest.skip("needs root and a real kernel")
-    netguard_on()
+    host.prepare(bcc=True)
     _sweep_stale()
     pin_dir = pin_dir_for_tests()
     try:

@@ -17,7 +17,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from conftest_bpf import netguard_on, pin_dir_for_tests, requires_root, run
+from conftest_bpf import pin_dir_for_tests, requires_root, run
+from tests.support.host import netguard_on
 
 from flagella.datapath import _bpfsys
 from flagella.datapath.loader import DatapathSettings, MapSizes, load_datapath, remove_pins
@@ -47,13 +48,9 @@ def test_second_load_reuses_the_pinned_build_and_state(pin_dir: Path) -> None:
     with load_datapath(settings) as first:
         assert first.compiled
         first.maps.endpoints.set(9, EndpointInfo(1, 1000))
-        compile_s = first.load_seconds
     with load_datapath(settings) as second:
         assert not second.compiled and second.build == first.build
         assert second.maps.endpoints.get(9) == EndpointInfo(1, 1000)
-        reuse_s = second.load_seconds
-    print(f"\n  compile+load {compile_s:.3f} s, reuse {reuse_s * 1000:.2f} ms")
-    assert reuse_s < 0.1
 
 
 def test_changed_source_recompiles_and_keeps_state(pin_dir: Path, tmp_path: Path) -> None:

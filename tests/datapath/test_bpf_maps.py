@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest_bpf import is_root
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.support.host import require
 
 from flagella.datapath._bpfsys import BPF_EXIST, BPF_NOEXIST, BpfError, MapType
 from flagella.datapath.events import EventStruct, EventType, decode_event
@@ -49,8 +49,8 @@ Factory = Callable[[MapSpec], MapBackend]
 @pytest.fixture(params=["dict", "kernel"])
 def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
     made: list[MapBackend] = []
-    if request.param == "kernel" and not is_root():
-        pytest.skip("needs root and a real kernel")
+    if request.param == "kernel":
+        require(bcc=True)
 
     def factory(spec: MapSpec) -> MapBackend:
         m: MapBackend = KernelMap.create(spec) if request.param == "kernel" else DictMap(spec)
@@ -402,49 +402,3 @@ def test_decode_event() -> None:
         "10.244.0.1:40000 -> 10.244.0.2:80 tcp"
     )
     assert ctypes.sizeof(EventStruct) == 60
-
-
-# --- update rate (printed; run with -s to see it) ------------------------------------------
-
-
-@pytest.mark.root
-@pytest.mark.skipif(not is_root(), reason="needs root and a real kernel")
-def test_update_rate_of_kernel_maps() -> None:
-    n = 20000
-    maps = DatapathMaps._from_backends(
-        {
-            name: KernelMap.create(spec)
-            for name, spec in MAP_SPECS.items()
-            if spec.type != MapType.RINGBUF
-        }
-    )
-    try:
-        keys = [PolicyKey(1 + i // 5000, 1000 + i % 5000, False, 6, 80) for i in range(n)]
-        rates = {}
-        t = time.perf_counter()
-        for k in keys:
-            maps.policy.set(k, Verdict.ALLOW)
-        rates["policy.set"] = n / (time.perf_counter() - t)
-        maps.policy.clear()
-        t = time.perf_counter()
-        maps.policy.set_many(dict.fromkeys(keys, (Verdict.ALLOW, 0)))
-        rates["policy.set_many (batch)"] = n / (time.perf_counter() - t)
-        t = time.perf_counter()
-        items = maps.policy.items()
-        rates["policy.items (batch read)"] = len(items) / (time.perf_counter() - t)
-        nets = [ipaddress.IPv4Network((0x0A000000 + (i << 8), 24)) for i in range(n)]
-        t = time.perf_counter()
-        for i, net in enumerate(nets):
-            maps.ipcache.set(net, 256 + i)
-        rates["ipcache.set (lpm)"] = n / (time.perf_counter() - t)
-        t = time.perf_counter()
-        for i in range(n):
-            maps.endpoints.set(i + 1, EndpointInfo(i, 256 + i))
-        rates["endpoints.set"] = n / (time.perf_counter() - t)
-        print()
-        for what, rate in rates.items():
-            print(f"  {what:28s} {rate:10.0f} entries/s")
-        assert len(items) == n
-        assert min(rates.values()) > 5000
-    finally:
-        maps.close()

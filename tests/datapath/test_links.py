@@ -9,20 +9,17 @@ netguard first, so nothing a pod sends can be forwarded out of the machine.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 import socket
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+from tests.support import host
 
 from flagella.datapath.links import (
     GATEWAY_IPV4,
@@ -145,10 +142,6 @@ def test_ensure_pod_rejects_bad_names_and_foreign_addresses_before_touching_the_
 
 # -- real kernel -----------------------------------------------------------------------------
 
-NETGUARD_CANDIDATES = [
-    Path(__file__).resolve().parents[3] / "shared" / "tools" / "netguard",
-    Path("/work/shared/tools/netguard"),
-]
 
 # Run as `python -c PROBE <command> ...` inside a pod (via `ip netns exec`) or on the host.
 PROBE = r"""
@@ -281,12 +274,7 @@ class Pods:
 
 @pytest.fixture(scope="module")
 def netguard() -> None:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2")
-    tool = next((p for p in NETGUARD_CANDIDATES if p.exists()), None)
-    if tool is None:
-        pytest.skip("netguard not found: refusing to create pod namespaces without it")
-    subprocess.run(["sh", str(tool), "on"], check=True, capture_output=True)
+    host.prepare()
 
 
 def _random_settings() -> LinkSettings:
@@ -518,31 +506,3 @@ def test_remove_pod_leaves_nothing_behind(pods: Pods) -> None:
     assert str(pod.ipv6) not in _ip("-6", "neigh", "show")
     assert pod.netns not in [p.netns for p in pods.net.list_pods()]
     assert pods.net.remove_pod(pod.netns) is False  # already gone: a no-op
-
-
-@pytest.mark.root
-def test_ensure_pod_timing(pods: Pods, record_property: Callable[[str, object], None]) -> None:
-    """Reports p50 of ensure_pod for new and existing pods; asserts no times."""
-    count = 20
-    new, existing = [], []
-    for i in range(count):
-        name = pods.name(f"t{i}")
-        start = time.perf_counter()
-        pods.net.ensure_pod(name, pods.ipv4(100 + i), pods.ipv6(100 + i))
-        new.append(time.perf_counter() - start)
-    for i, name in enumerate(pods.names):
-        start = time.perf_counter()
-        pods.net.ensure_pod(name, pods.ipv4(100 + i), pods.ipv6(100 + i))
-        existing.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    listed = [p for p in pods.net.list_pods() if p.netns in pods.names]
-    list_time = time.perf_counter() - start
-    assert len(listed) == count
-    report = {
-        "ensure_pod_new_p50_ms": round(statistics.median(new) * 1000, 2),
-        "ensure_pod_existing_p50_ms": round(statistics.median(existing) * 1000, 2),
-        f"list_pods_{count}_ms": round(list_time * 1000, 2),
-    }
-    for key, value in report.items():
-        record_property(key, value)
-    print(f"\nlinks timing over {count} pods: {report}")

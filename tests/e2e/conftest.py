@@ -24,9 +24,7 @@ MODULE_TIMES: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def e2e_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[h.Cluster]:
-    reason = h.skip_reason()
-    if reason:
-        pytest.skip(reason)
+    h.prepare_host()
     family = int(getattr(request.module, "FAMILY", 4))
     cases = list(request.module.CASES)
     tag = "a" if family == 4 else "b"
@@ -34,7 +32,6 @@ def e2e_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     logs = workdir / "logs"
     logs.mkdir()
     start = time.monotonic()
-    h.netguard_on()
     h.sweep_stale()
     agent = h.Agent(workdir, tag)
     world: h.World | None = None

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.support import e2e_harness as h
+from tests.support import host as hostenv
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.usefixtures("root_host"),
 ]
 
 A4, B4, GONE4 = "10.244.254.1", "10.244.254.2", "10.244.254.3"
@@ -30,7 +31,7 @@ A6, B6, GONE6 = "fd00:10:244:ffff::1", "fd00:10:244:ffff::2", "fd00:10:244:ffff:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[h.Prober, h.PodServer, Path]]:
-    h.netguard_on()
+    hostenv.netguard_on()
     logs = tmp_path_factory.mktemp("e2e-tools")
     a, b = f"e2eworld{os.getpid()}ta", f"e2eworld{os.getpid()}tb"
     helpers: list[h.JsonLines] = []
@@ -109,7 +110,7 @@ def test_many_probes_in_parallel(pair):
 
 
 def test_world_answers_from_each_testnet_address(tmp_path: Path):
-    h.netguard_on()
+    hostenv.netguard_on()
     world = h.World("t", ["198.51.100.250", "198.51.100.251"], {(80, "TCP"), (53, "UDP")}, tmp_path)
     host = None
     try:

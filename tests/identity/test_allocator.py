@@ -54,3 +54,50 @@ def test_release_frees_for_reuse_only_after_last_reference(make_backend):
     assert alloc.lookup(web) is None
     other = alloc.allocate(parse_labels("k8s:app=other"))
     assert other == ident  # the lowest free id is reused
+
+
+# --- reconcile_holders: crash-like reference states converge to exactly the holders -----------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_LABEL_SETS = [parse_labels(f"k8s:app=app{i}") for i in range(6)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    holders_per_set=st.lists(st.integers(0, 3), min_size=len(_LABEL_SETS), max_size=len(_LABEL_SETS)),
+    skew=st.lists(st.integers(-3, 3), min_size=len(_LABEL_SETS), max_size=len(_LABEL_SETS)),
+    garbage=st.lists(st.integers(0, 5), max_size=4),
+)
+def test_reconcile_holders_converges_to_exactly_the_holders(
+    holders_per_set: list[int], skew: list[int], garbage: list[int]
+) -> None:
+    """Allocate, then corrupt the counts as a crash would (a holder never recorded, a release
+    repeated, an identity nobody holds): reconciling leaves exactly one reference per holder."""
+    a = Allocator(MemoryBackend())
+    holders: list[tuple[int, object]] = []
+    idents = {}
+    for labels, n in zip(_LABEL_SETS, holders_per_set, strict=True):
+        ident = a.allocate(labels)
+        idents[ident] = labels
+        holders += [(ident, labels)] * n
+    # Crash-like damage: counts too high or too low, identities of nobody.
+    for (ident, _labels), delta in zip(idents.items(), skew, strict=True):
+        for _ in range(max(delta, 0)):
+            a.allocate(idents[ident])
+        for _ in range(max(-delta, 0)):
+            if a.references().get(ident):
+                a.release(ident)
+    for i in garbage:
+        a.allocate(parse_labels(f"k8s:orphan=o{i}"))
+    holders.append((1, parse_labels("reserved:host")))  # reserved identities are not counted
+
+    a.reconcile_holders(holders)  # type: ignore[arg-type]
+
+    want = {ident: n for ident, n in zip(idents, holders_per_set, strict=True) if n}
+    assert a.references() == want
+    for ident in want:
+        assert a.labels(ident) == idents[ident]
+    # A second reconcile finds nothing to correct.
+    assert a.reconcile_holders(holders) == {"corrected": 0, "freed": 0}  # type: ignore[arg-type]

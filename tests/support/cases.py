@@ -7,15 +7,13 @@ same cluster, apply the same policy steps and check the same probes.
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-SHARED = Path(os.environ.get("FLAGELLA_SHARED", Path(__file__).resolve().parents[2] / ".." / "shared"))
-CONFORMANCE = (SHARED / "conformance").resolve()
+from .host import CONFORMANCE
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ in its marker file, its world, its bpf dir).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import json
 import os
@@ -39,7 +38,6 @@ import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -51,14 +49,11 @@ from typing import Any
 
 from flagella.datapath.port import pod_netns_name
 
-from .cases import SHARED
+from . import host
 from .e2e_plan import STANDARD_IPS, CasePlan, Peer, PodPlan, ProbePlan, StepPlan
+from .host import FLAGELLA, PYTHON, REPO, pid_alive, remove_bpf_dir, sh
 
-REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = REPO / "tests" / "e2e"
-PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
-FLAGELLA = str(REPO / ".venv" / "bin" / "flagella")
-NETGUARD = SHARED / "tools" / "netguard"
 
 #: Probe timeouts (seconds). A drop is a timeout, so these bound each step's duration.
 TCP_TIMEOUT = 1.0
@@ -73,60 +68,22 @@ ROUTE_PROTO = "205"  # the agent's routes (flagella.datapath.links.ROUTE_PROTOCO
 MARKER_DIR = Path("/run/flagella-e2e")
 
 
-def skip_reason() -> str | None:
-    """Why the end-to-end runner cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "end-to-end conformance needs root (network namespaces, tc, bpf)"
-    if importlib.util.find_spec("bcc") is None:
-        return "end-to-end conformance needs bcc (python3-bpfcc)"
-    if not (REPO / "src" / "flagella" / "datapath" / "kernel.py").exists():
-        return "KernelDatapath (src/flagella/datapath/kernel.py) does not exist yet"
-    if not Path(FLAGELLA).exists():
-        return f"{FLAGELLA} is missing (make venv)"
-    return None
-
-
-def sh(*cmd: str, netns: str | None = None, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    argv = list(cmd) if netns is None else ["ip", "netns", "exec", netns, *cmd]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip() or p.stdout.strip()}")
-    return p
-
-
-def netguard_on() -> None:
-    sh(str(NETGUARD), "on")
-
-
-def _pid_alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
+def prepare_host() -> None:
+    """Root, bcc, the tools and netguard on (`HostUnavailable` names what is missing)."""
+    host.prepare("nft", bcc=True, flagella=True)
 
 
 def sweep_stale() -> list[str]:
     """Remove worlds, links and bpf dirs left by runner processes that died."""
-    removed = []
-    for name in sh("ip", "netns", "list", check=False).stdout.split():
-        m = re.fullmatch(r"e2eworld(\d+)[a-z0-9]*", name)
-        if m and not _pid_alive(int(m.group(1))):
-            sh("ip", "netns", "del", name, check=False)
-            removed.append(f"netns {name}")
-    links = json.loads(sh("ip", "-j", "link", "show", check=False).stdout or "[]")
-    for link in links:
-        m = re.fullmatch(r"e2ew(\d+)[a-z0-9]*", link.get("ifname", ""))
-        if m and not _pid_alive(int(m.group(1))):
-            sh("ip", "link", "del", link["ifname"], check=False)
-            removed.append(f"link {link['ifname']}")
+    removed = host.sweep_stale(
+        r"e2eworld(\d+)[a-z0-9]*", links=r"e2ew(\d+)[a-z0-9]*", bpf_dirs=r"flagella-e2e-(\d+).*"
+    )
     for marker in MARKER_DIR.glob("*.json") if MARKER_DIR.is_dir() else []:
         m = re.match(r"(\d+)-", marker.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             with contextlib.suppress(OSError, ValueError):
                 removed += [f"stale pod {x}" for x in remove_pod_leftovers(set(json.loads(marker.read_text())))]
             marker.unlink(missing_ok=True)
-    for d in Path("/sys/fs/bpf").glob("flagella-e2e-*"):
-        m = re.match(r"flagella-e2e-(\d+)", d.name)
-        if m and not _pid_alive(int(m.group(1))):
-            remove_bpf_dir(d)
-            removed.append(f"bpf dir {d}")
     return removed
 
 
@@ -157,23 +114,6 @@ def remove_pod_leftovers(netns_names: set[str]) -> list[str]:
             sh("ip", "netns", "del", name, check=False)
             left.append(f"netns {name}")
     return left
-
-
-def remove_bpf_dir(path: Path) -> None:
-    if not path.exists():
-        return
-    try:
-        from flagella.datapath.loader import remove_pins
-
-        remove_pins(path)
-    except Exception:
-        pass
-    if path.exists():
-        for p in sorted(path.rglob("*"), key=lambda x: len(x.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                p.rmdir() if p.is_dir() else p.unlink()
-        with contextlib.suppress(OSError):
-            path.rmdir()
 
 
 # -- JSON-lines helper processes ------------------------------------------------------------------

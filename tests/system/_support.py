@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
 import json
 import os
 import queue
@@ -44,11 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from flagella.datapath.port import pod_netns_name
+from tests.support import host
+from tests.support.host import FLAGELLA, netns_names, prepare, sh, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-FLAGELLA = str(REPO / ".venv" / "bin" / "flagella")
-SHARED = Path(os.environ.get("FLAGELLA_SHARED") or REPO.parent / "shared")
-NETGUARD = SHARED / "tools" / "netguard"
 PID = os.getpid()
 NS_PREFIX = f"sys-{PID}"
 
@@ -73,43 +70,9 @@ def namespace(tag: str) -> str:
     return f"{NS_PREFIX}{tag}"
 
 
-def skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "system tests need root (network namespaces, tc, bpf)"
-    if importlib.util.find_spec("bcc") is None:
-        return "system tests need bcc (python3-bpfcc)"
-    if not Path(FLAGELLA).exists():
-        return f"{FLAGELLA} is missing (make venv)"
-    for tool in ("ip", "nsenter", "bpftool", "iperf3", "ss"):
-        if shutil.which(tool) is None:
-            return f"system tests need {tool}"
-    if not NETGUARD.exists():
-        return f"netguard not found at {NETGUARD}"
-    return None
-
-
-def sh(*cmd: str, netns: str | None = None, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    argv = list(cmd) if netns is None else ["ip", "netns", "exec", netns, *cmd]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip() or p.stdout.strip()}")
-    return p
-
-
-def netguard_on() -> None:
-    sh(str(NETGUARD), "on")
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll ``pred`` until it returns something truthy; raise AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def prepare_host() -> None:
+    """Root, bcc, the tools and netguard on (`HostUnavailable` names what is missing)."""
+    prepare("nsenter", "bpftool", "iperf3", "ss", bcc=True, flagella=True)
 
 
 # -- the host: node namespaces, pods, stale leftovers --------------------------------------------
@@ -124,14 +87,6 @@ def host_ifname_for(netns: str) -> str:
 def links(node: str) -> list[dict[str, Any]]:
     """``ip -j -d link`` of a node namespace (where an agent keeps its pods' host veths)."""
     return list(json.loads(sh("ip", "-n", node, "-j", "-d", "link", "show", check=False).stdout or "[]"))
-
-
-def netns_names() -> set[str]:
-    return {line.split()[0] for line in sh("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()}
-
-
-def _pid_alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
 
 
 def remove_pod_by_hand(netns: str, node: str) -> list[str]:
@@ -150,19 +105,8 @@ def remove_pod_by_hand(netns: str, node: str) -> list[str]:
 
 def sweep_stale() -> list[str]:
     """Remove namespaces and pin dirs left by system-test runs whose process died."""
-    removed = []
-    stale = re.compile(r"sys-(\d+)[a-z0-9]+[-_].+")
-    for name in sorted(netns_names()):
-        m = stale.fullmatch(name)
-        if m and not _pid_alive(int(m.group(1))):
-            sh("ip", "netns", "del", name, check=False)  # a node takes its veths with it
-            removed.append(f"netns {name}")
-    for d in Path("/sys/fs/bpf").glob("flagella-sys-*"):
-        m = re.match(r"flagella-sys-(\d+)", d.name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(f"bpf dir {d}")
-    return removed
+    # A node takes its veths with it.
+    return host.sweep_stale(r"sys-(\d+)[a-z0-9]+[-_].+", bpf_dirs=r"flagella-sys-(\d+).*")
 
 
 # -- sockets inside pods -----------------------------------------------------------------------

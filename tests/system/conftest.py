@@ -1,6 +1,7 @@
 """Fixtures of the agent's system tests (see `tests.system._support`).
 
-* `system_host` (session): skips unless root with bcc and the tools; turns netguard on (nothing
+* `system_host` (session): raises `HostUnavailable` unless root with bcc and the tools;
+  turns netguard on (nothing
   a pod sends leaves the machine) and sweeps what dead runs of these tests left behind.
 * `make_agent`: agents for one test, each closed (stopped, pins and state removed) at teardown.
 * `module_agent`: one agent shared by the tests of a module.
@@ -17,18 +18,14 @@ import pytest
 from tests.system._support import (
     Agent,
     Cluster,
-    netguard_on,
-    skip_reason,
+    prepare_host,
     sweep_stale,
 )
 
 
 @pytest.fixture(scope="session")
 def system_host() -> Iterator[None]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    netguard_on()
+    prepare_host()
     sweep_stale()
     yield
 

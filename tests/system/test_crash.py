@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import shutil
 import sqlite3
 import subprocess
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 import pytest
 
 from flagella.datapath.port import pod_netns_name
+from tests.support import host
 from tests.system._support import (
     ALLOW_TIMEOUT,
     DENY_TIMEOUT,
@@ -206,8 +206,7 @@ def test_kill9_between_identity_release_and_record_delete(
 ) -> None:
     """Deterministic version of one crash point: strace holds the agent at the unlink of the
     endpoint record (after the identity release is committed) and the agent is killed there."""
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace")
+    host.require("strace")
     agent = make_agent("ci")
     c = make_cluster(agent)
     ns = namespace("ci")

@@ -11,7 +11,7 @@ def run(config: str | Path | None, **overrides: Any) -> None:
     from flagella.agent._logs import configure_logging
     from flagella.agent.core import AgentCore
     from flagella.agent.server import run_agent
-    from flagella.agent.settings import load_settings
+    from flagella.agent.settings import build_identity_backend, load_settings
     from flagella.datapath.kernel import KernelDatapath, KernelSettings
     from flagella.datapath.links import LinkSettings
 
@@ -30,4 +30,4 @@ def run(config: str | Path | None, **overrides: Any) -> None:
             ct.closing_s, settings.trace_events, settings.attach_mode,
         )
     )
-    run_agent(AgentCore(settings, datapath))
+    run_agent(AgentCore(settings, datapath, build_identity_backend(settings.kvstore)))

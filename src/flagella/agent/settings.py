@@ -8,6 +8,7 @@ mirror these groups, e.g.::
     policy: {enforcement: default, legacy_host_allows_world: false}
     conntrack: {tcp_established_s: 21600}
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
+    kvstore: {backend: etcd, endpoints: ["http://127.0.0.1:2379"], lease_ttl_s: 15}
 
 Unknown keys are errors that name the key.
 """
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 
 from flagella.errors import InputError
+from flagella.identity import Backend
 from flagella.policy.resolver import PolicySettings
 
 
@@ -66,6 +68,37 @@ class ApiSettings:
     trace_timeout_s: float = 60.0
 
 
+@dataclass(frozen=True)
+class KvstoreSettings:
+    """Where identities live: ``local`` (SQLite in the state dir) or ``etcd`` (cluster-wide)."""
+
+    backend: str = "local"
+    #: etcd client URLs (``http://HOST:PORT``, the v3 JSON gateway); tried in order.
+    endpoints: tuple[str, ...] = ()
+    #: TTL of this node's lease; its identity references vanish this long after it dies.
+    lease_ttl_s: int = 15
+    #: Seconds one etcd request may take before etcd counts as unreachable.
+    timeout_s: float = 2.0
+    #: Key prefix shared by the cluster's agents.
+    prefix: str = "flagella/identities"
+    #: This node's name in reference keys; default: the host name.
+    node: str = ""
+
+
+def build_identity_backend(kv: KvstoreSettings) -> Backend | None:
+    """The identity `Backend` the settings select; None for the local (SQLite) default."""
+    if kv.backend == "local":
+        return None
+    import socket
+
+    from flagella.identity import EtcdBackend
+
+    return EtcdBackend(
+        kv.endpoints, node=kv.node or socket.gethostname(), prefix=kv.prefix,
+        lease_ttl_s=kv.lease_ttl_s, timeout_s=kv.timeout_s,
+    )
+
+
 #: File descriptors kept for the agent's own use (maps, pins, netlink, state files).
 RESERVED_FDS = 256
 #: Largest derived connection cap: each connection may buffer a whole request.
@@ -101,6 +134,7 @@ class AgentSettings:
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
     controllers: ControllerSettings = field(default_factory=ControllerSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    kvstore: KvstoreSettings = field(default_factory=KvstoreSettings)
 
     @property
     def socket_path(self) -> str:
@@ -141,6 +175,21 @@ class AgentSettings:
                 raise InputError(f"api.{name}: must be a positive number of seconds")
         if self.api.max_connections < 0:
             raise InputError("api.max_connections: must be 0 (derived) or positive")
+        kv = self.kvstore
+        if kv.backend not in ("local", "etcd"):
+            raise InputError("kvstore.backend: must be local or etcd")
+        if kv.backend == "etcd" and not kv.endpoints:
+            raise InputError("kvstore.endpoints: etcd needs at least one http://HOST:PORT")
+        for i, ep in enumerate(kv.endpoints):
+            host, sep, port = ep.removeprefix("http://").rpartition(":")
+            if not ep.startswith("http://") or not sep or not host or not port.isdigit():
+                raise InputError(f"kvstore.endpoints[{i}]: {ep!r} must be http://HOST:PORT")
+        if kv.lease_ttl_s < 2:
+            raise InputError("kvstore.lease_ttl_s: must be at least 2")
+        if not 0 < kv.timeout_s < float("inf"):
+            raise InputError("kvstore.timeout_s: must be a positive number of seconds")
+        if "/" in kv.node:
+            raise InputError("kvstore.node: must not contain '/'")
         return self
 
 

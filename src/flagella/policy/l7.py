@@ -7,16 +7,24 @@ linear time, no backtracking, the same program-size bound the proxy gets);
 (exact value) or ``"Name"`` (presence); header names are case-insensitive.
 Empty fields match anything; rules are ORed.
 
-Kafka (spec 4.4): every topic of a request must be covered by some rule
-that matches the request's api key, version and client id; a request with
-no topics passes on any matching rule; a topic constraint does not stop
-non-topic requests unless their api key carries topics.
+Kafka (spec 4.4, with 1.1's holes closed): a rule matches a request when
+the api key is among its keys, the version equals its ``apiVersion`` (if set)
+and the client id equals its ``clientID`` (if set), for *every* request type
+(1.1 checked the client id of six types only). Every topic of the request
+must be covered by a matching rule; a matching rule without a topic covers
+all; a request with no topics passes on any matching rule. A request whose
+topics could not be read (a type or version the codec does not know) passes
+only a matching rule without a topic. A topic name Kafka itself would refuse
+(`valid_topic_name`) is never allowed. Metadata for *all* topics passes like
+any topic-less request; the proxy then filters the answer with
+`kafka_topic_visible`, so the topic list does not leak (1.1 leaked it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from flagella.policy.api import HTTPRule, KafkaRule, full_match
 from flagella.policy.mapstate import L7Policy
@@ -36,12 +44,22 @@ class KafkaRequest:
     api_version: int = 0
     client_id: str = ""
     topics: tuple[str, ...] = ()
+    #: False when the proxy could not read the request's topics (unknown type or version).
+    topics_known: bool = True
 
 
-#: Api keys whose requests carry topics (spec 4.4 "topic-carrying").
-TOPIC_KEYS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 19, 20, 21, 23, 24, 27, 28, 34, 35, 37})
-#: Api keys whose topics and client id the 1.1 parser decodes.
-PARSED_KEYS = frozenset({0, 1, 2, 3, 8, 9})
+#: Kafka's own limits on topic names (``org.apache.kafka.common.internals.Topic``).
+KAFKA_TOPIC_MAX_LENGTH = 249
+_KAFKA_TOPIC_CHARS = re.compile(r"[a-zA-Z0-9._-]+")
+
+
+def valid_topic_name(name: str) -> bool:
+    """Whether Kafka accepts ``name`` as a topic: ``[a-zA-Z0-9._-]``, 1-249 chars, not . or .."""
+    return (
+        len(name) <= KAFKA_TOPIC_MAX_LENGTH
+        and name not in (".", "..")
+        and _KAFKA_TOPIC_CHARS.fullmatch(name) is not None
+    )
 
 
 def http_rule_matches(rule: HTTPRule, req: HTTPRequest) -> bool:
@@ -65,24 +83,30 @@ def _kafka_rule_matches(rule: KafkaRule, req: KafkaRequest) -> bool:
         return False
     if rule.api_version is not None and rule.api_version != req.api_version:
         return False
-    if not rule.topic and not rule.client_id:
-        return True
-    if req.api_key in PARSED_KEYS:
-        return not rule.client_id or rule.client_id == req.client_id
-    return not (rule.topic and req.api_key in TOPIC_KEYS)
+    return not rule.client_id or rule.client_id == req.client_id
 
 
-def kafka_allowed(rules: Sequence[KafkaRule], req: KafkaRequest) -> bool:
-    remaining = set(req.topics) if req.api_key in PARSED_KEYS else set()
+def kafka_allowed(rules: Iterable[KafkaRule], req: KafkaRequest) -> bool:
+    """Whether ``req`` passes ``rules`` (see the module docstring)."""
+    if not all(valid_topic_name(t) for t in req.topics):
+        return False
+    covered: set[str] = set()
+    matched = False
     for rule in rules:
-        if not rule.topic or not remaining:
-            if _kafka_rule_matches(rule, req):
-                return True
-        elif rule.topic in remaining and _kafka_rule_matches(rule, req):
-            remaining.discard(rule.topic)
-            if not remaining:
-                return True
-    return False
+        if not _kafka_rule_matches(rule, req):
+            continue
+        if not rule.topic:
+            return True
+        matched = True
+        covered.add(rule.topic)
+    if not matched or not req.topics_known:
+        return False
+    return covered.issuperset(req.topics)
+
+
+def kafka_topic_visible(rules: Iterable[KafkaRule], req: KafkaRequest, topic: str) -> bool:
+    """Whether ``topic`` may appear in the answer to ``req`` (a Metadata request)."""
+    return kafka_allowed(rules, replace(req, topics=(topic,), topics_known=True))
 
 
 def l7_allows(policy: L7Policy, request: HTTPRequest | KafkaRequest) -> bool:
@@ -95,8 +119,4 @@ def l7_allows(policy: L7Policy, request: HTTPRequest | KafkaRequest) -> bool:
         return any(http_rule_matches(r, request) for r in policy.http)
     if policy.parser != "kafka":
         return False
-    return kafka_allowed(sorted(policy.kafka, key=_kafka_order), request)
-
-
-def _kafka_order(rule: KafkaRule) -> tuple[object, ...]:
-    return (rule.topic, rule.client_id, sorted(rule.api_keys), rule.api_version or -1)
+    return kafka_allowed(policy.kafka, request)

@@ -7,14 +7,13 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support.host import CONFORMANCE, SCHEMAS
 
 from flagella.errors import FieldError
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.api import _parse as p
 
-SHARED = Path("/work/shared")
-CASES = sorted((SHARED / "conformance").glob("**/*.yaml"))
-SCHEMAS = SHARED / "schemas" / "cilium"
+CASES = sorted(CONFORMANCE.glob("**/*.yaml"))
 
 
 def case_policies(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -27,7 +26,12 @@ def case_policies(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-@pytest.mark.skipif(not CASES, reason="conformance corpus not available")
+def test_the_corpus_and_schemas_are_there() -> None:
+    """A missing corpus fails: the parametrized tests below would otherwise be empty."""
+    assert len(CASES) >= 50, f"conformance corpus missing or short at {CONFORMANCE}: {len(CASES)} cases"
+    assert (SCHEMAS / "ciliumnetworkpolicies.yaml").exists(), f"CRD schemas missing at {SCHEMAS}"
+
+
 @pytest.mark.parametrize("path", CASES, ids=[c.name for c in CASES])
 def test_conformance_policies_parse(path: Path) -> None:
     for where, doc in case_policies(path):
@@ -60,7 +64,6 @@ def names(node: dict[str, Any]) -> set[str]:
     return set(node["properties"])
 
 
-@pytest.mark.skipif(not SCHEMAS.exists(), reason="CRD schemas not available")
 @pytest.mark.parametrize("crd", ["ciliumnetworkpolicies.yaml", "ciliumclusterwidenetworkpolicies.yaml"])
 def test_field_sets_follow_the_crd_schema(crd: str) -> None:
     top = crd_spec(crd)

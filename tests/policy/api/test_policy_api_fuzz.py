@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.host import CONFORMANCE
 
 from flagella.errors import PolicyValidationError
 from flagella.policy.api import Policy, load_policies, parse_policy
 
-CORPUS = Path("/work/shared/conformance")
+CORPUS = CONFORMANCE
 
 #: Field names that steer random documents deep into the parser.
 VOCABULARY = [

@@ -1,0 +1,166 @@
+"""Kafka benchmark: what enforcing Kafka policy costs a producer.
+
+    .venv/bin/python bench/kafka.py [--quick] [--messages N] [--samples N]
+
+Theory of operation
+-------------------
+One Tansu broker (memory storage) on loopback, and confluent-kafka
+(librdkafka) producers sending 1 KB messages with acks=1 to one topic, in turn:
+
+* ``direct``: straight to the broker;
+* ``flagella``: through a relay on loopback that runs the sans-IO Kafka
+  processor (`flagella.proxy.kafka.KafkaConnection`) with the Kafka guide's
+  producer policy (role produce on two topics). The relay is a separate
+  process (`tests.support.kafka_relay` in it), so its Python does not share a
+  GIL with the client. This is the stand-in for Envoy's network ext_proc until
+  that path exists; it measures the processor plus one asyncio hop.
+
+Throughput: N messages produced asynchronously (librdkafka batching, its
+defaults), timed from the first produce to the last delivery report. Latency:
+one message at a time (``linger.ms=0``), produce to delivery report, p50/p99.
+Each repetition runs both configurations back to back (order alternating), so
+drift and the shared machine's load hit both alike; medians over repetitions
+are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from confluent_kafka import Producer  # noqa: E402
+from tests.support.kafka_broker import broker_with_topics  # noqa: E402
+
+from flagella.policy.api import KAFKA_ROLES, KafkaRule  # noqa: E402
+from flagella.policy.mapstate import L7Policy  # noqa: E402
+
+TOPIC = "empire-announce"
+POLICY = L7Policy("kafka", kafka=frozenset({
+    KafkaRule(KAFKA_ROLES["produce"], topic="empire-announce"),
+    KafkaRule(KAFKA_ROLES["produce"], topic="deathstar-plans"),
+}))
+PAYLOAD = b"x" * 1024
+
+
+def _relay_process(broker: tuple[str, int], ready: mp.Queue, stop: mp.Event) -> None:  # type: ignore[type-arg]
+    from tests.support.kafka_relay import KafkaRelay
+
+    from flagella.proxy.kafka import KafkaCodec
+
+    with KafkaRelay(broker, 1001, POLICY, KafkaCodec()) as relay:
+        ready.put(relay.port)
+        stop.wait()
+        ready.put((len(relay.log.records), relay.log.closes))
+
+
+def throughput(address: str, n: int) -> float:
+    producer = Producer({"bootstrap.servers": address, "acks": 1})
+    producer.produce(TOPIC, b"warm-up")
+    producer.flush(30)
+    done = 0
+    failed = 0
+
+    def report(err: object, _msg: object) -> None:
+        nonlocal done, failed
+        done += 1
+        failed += err is not None
+
+    start = time.perf_counter()
+    for _ in range(n):
+        while True:
+            try:
+                producer.produce(TOPIC, PAYLOAD, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.001)
+        producer.poll(0)
+    producer.flush(120)
+    elapsed = time.perf_counter() - start
+    if done != n or failed:
+        raise RuntimeError(f"{address}: {done}/{n} delivered, {failed} failed")
+    return n / elapsed
+
+
+def latencies(address: str, n: int) -> list[float]:
+    producer = Producer({"bootstrap.servers": address, "acks": 1, "linger.ms": 0})
+    producer.produce(TOPIC, b"warm-up")
+    producer.flush(30)
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        producer.produce(TOPIC, PAYLOAD)
+        if producer.flush(10):
+            raise RuntimeError(f"{address}: a message was not delivered")
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small run (smoke test)")
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--samples", type=int, default=2_000)
+    parser.add_argument("--repetitions", type=int, default=5)
+    args = parser.parse_args()
+    if args.quick:
+        args.messages, args.samples, args.repetitions = 5_000, 300, 2
+
+    ctx = mp.get_context("spawn")
+    with broker_with_topics([TOPIC, "deathstar-plans"]) as broker:
+        ready = ctx.Queue()
+        stop = ctx.Event()
+        relay = ctx.Process(target=_relay_process, args=(broker, ready, stop), daemon=True)
+        relay.start()
+        relay_port = ready.get(timeout=60)
+        addresses = {"direct": f"{broker[0]}:{broker[1]}", "flagella": f"127.0.0.1:{relay_port}"}
+        rates: dict[str, list[float]] = {k: [] for k in addresses}
+        lat: dict[str, list[float]] = {k: [] for k in addresses}
+        p99s: dict[str, list[float]] = {k: [] for k in addresses}
+        try:
+            for rep in range(args.repetitions):
+                order = list(addresses) if rep % 2 == 0 else list(reversed(addresses))
+                for name in order:
+                    rates[name].append(throughput(addresses[name], args.messages))
+                    sample = latencies(addresses[name], args.samples)
+                    lat[name].extend(sample)
+                    p99s[name].append(percentile(sample, 99))
+                print(f"repetition {rep + 1}: " + ", ".join(
+                    f"{k} {rates[k][-1]:,.0f} msg/s p99 {p99s[k][-1]:.3f} ms" for k in addresses
+                ), flush=True)
+        finally:
+            stop.set()
+            records, closes = ready.get(timeout=30)
+            relay.join(30)
+
+    direct, flagella = (statistics.median(rates[k]) for k in ("direct", "flagella"))
+    print()
+    print(f"1 KB messages, acks=1, confluent-kafka {__import__('confluent_kafka').version()}, "
+          f"{args.messages} messages x {args.repetitions} repetitions; latency {args.samples} "
+          f"one-at-a-time sends per repetition")
+    print("| path | throughput (msg/s, median) | MB/s | latency p50 (ms) | p99 (ms, median of reps) |")
+    print("|---|---|---|---|---|")
+    for k in addresses:
+        rate = statistics.median(rates[k])
+        print(f"| {k} | {rate:,.0f} | {rate * 1024 / 1e6:.1f} | "
+              f"{statistics.median(lat[k]):.3f} | {statistics.median(p99s[k]):.3f} |")
+    added = statistics.median(p99s["flagella"]) - statistics.median(p99s["direct"])
+    print()
+    print(f"throughput ratio flagella/direct: {flagella / direct:.3f} (target >= 0.6)")
+    print(f"added p99 latency: {added:.3f} ms (target <= 2 ms)")
+    print(f"relay: {records} requests judged, {len(closes)} connections closed by the processor")
+
+
+if __name__ == "__main__":
+    main()

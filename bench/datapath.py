@@ -223,7 +223,12 @@ class Agent:
         return endpoint
 
     def import_policies(self, docs: list[dict[str, Any]]) -> int:
-        return int(self.call("policy.import", {"documents": docs})["revision"])
+        """Import and wait until every endpoint realized the revision (policy import --wait)."""
+        revision = int(self.call("policy.import", {"documents": docs})["revision"])
+        lagging = self.call("policy.wait", {"revision": revision, "timeout": 280})["lagging"]
+        if lagging:
+            raise RuntimeError(f"revision {revision} not realized by {[ep['id'] for ep in lagging]}")
+        return revision
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -8,12 +8,16 @@ One Tansu broker (memory storage) on loopback, and confluent-kafka
 (librdkafka) producers sending 1 KB messages with acks=1 to one topic, in turn:
 
 * ``direct``: straight to the broker;
-* ``flagella``: through a relay on loopback that runs the sans-IO Kafka
+* ``relay``: through a relay on loopback that runs the sans-IO Kafka
   processor (`flagella.proxy.kafka.KafkaConnection`) with the Kafka guide's
   producer policy (role produce on two topics). The relay is a separate
   process (`tests.support.kafka_relay` in it), so its Python does not share a
-  GIL with the client. This is the stand-in for Envoy's network ext_proc until
-  that path exists; it measures the processor plus one asyncio hop.
+  GIL with the client; it measures the processor plus one asyncio hop;
+* ``envoy``: through the real Envoy with the node proxy's Kafka chain
+  (network RBAC identity -> network ext_proc -> tcp_proxy), the ext_proc
+  service (`flagella.proxy.kafka_envoy.KafkaExtProcService`) on a grpc.aio
+  server in another process (`tests.support.kafka_envoy`), same policy:
+  the enforced path as deployed.
 
 Throughput: N messages produced asynchronously (librdkafka batching, its
 defaults), timed from the first produce to the last delivery report. Latency:
@@ -33,7 +37,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+# bench/ itself off the path: bench/xds.py would shadow the xds protos Envoy's protos import.
+sys.path[:] = [str(ROOT / "src"), str(ROOT)] + [
+    p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
+]
 
 from confluent_kafka import Producer  # noqa: E402
 from tests.support.kafka_broker import broker_with_topics  # noqa: E402
@@ -58,6 +65,18 @@ def _relay_process(broker: tuple[str, int], ready: mp.Queue, stop: mp.Event) -> 
         ready.put(relay.port)
         stop.wait()
         ready.put((len(relay.log.records), relay.log.closes))
+
+
+def _envoy_process(broker: tuple[str, int], ready: mp.Queue, stop: mp.Event) -> None:  # type: ignore[type-arg]
+    from tests.support.kafka_envoy import Pod, kafka_envoy
+
+    from flagella.proxy.kafka import KafkaCodec
+
+    pods = {"producer": Pod(1001, POLICY, "127.0.0.1")}
+    with kafka_envoy(broker, pods, KafkaCodec(), relays=False) as env:
+        ready.put(env.port)
+        stop.wait()
+        ready.put((len(env.records), env.service.closes))
 
 
 def throughput(address: str, n: int) -> float:
@@ -119,15 +138,20 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     with broker_with_topics([TOPIC, "deathstar-plans"]) as broker:
-        ready = ctx.Queue()
         stop = ctx.Event()
-        relay = ctx.Process(target=_relay_process, args=(broker, ready, stop), daemon=True)
-        relay.start()
-        relay_port = ready.get(timeout=60)
-        addresses = {"direct": f"{broker[0]}:{broker[1]}", "flagella": f"127.0.0.1:{relay_port}"}
+        workers = {}
+        for name, target in (("relay", _relay_process), ("envoy", _envoy_process)):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=target, args=(broker, queue, stop), daemon=True)
+            proc.start()
+            workers[name] = (proc, queue)
+        addresses = {"direct": f"{broker[0]}:{broker[1]}"}
+        for name, (_proc, queue) in workers.items():
+            addresses[name] = f"127.0.0.1:{queue.get(timeout=60)}"
         rates: dict[str, list[float]] = {k: [] for k in addresses}
         lat: dict[str, list[float]] = {k: [] for k in addresses}
         p99s: dict[str, list[float]] = {k: [] for k in addresses}
+        judged = {}
         try:
             for rep in range(args.repetitions):
                 order = list(addresses) if rep % 2 == 0 else list(reversed(addresses))
@@ -141,10 +165,11 @@ def main() -> None:
                 ), flush=True)
         finally:
             stop.set()
-            records, closes = ready.get(timeout=30)
-            relay.join(30)
+            for name, (proc, queue) in workers.items():
+                judged[name] = queue.get(timeout=30)
+                proc.join(30)
 
-    direct, flagella = (statistics.median(rates[k]) for k in ("direct", "flagella"))
+    direct = statistics.median(rates["direct"])
     print()
     print(f"1 KB messages, acks=1, confluent-kafka {__import__('confluent_kafka').version()}, "
           f"{args.messages} messages x {args.repetitions} repetitions; latency {args.samples} "
@@ -155,11 +180,13 @@ def main() -> None:
         rate = statistics.median(rates[k])
         print(f"| {k} | {rate:,.0f} | {rate * 1024 / 1e6:.1f} | "
               f"{statistics.median(lat[k]):.3f} | {statistics.median(p99s[k]):.3f} |")
-    added = statistics.median(p99s["flagella"]) - statistics.median(p99s["direct"])
     print()
-    print(f"throughput ratio flagella/direct: {flagella / direct:.3f} (target >= 0.6)")
-    print(f"added p99 latency: {added:.3f} ms (target <= 2 ms)")
-    print(f"relay: {records} requests judged, {len(closes)} connections closed by the processor")
+    for k in workers:
+        added = statistics.median(p99s[k]) - statistics.median(p99s["direct"])
+        records, closes = judged[k]
+        print(f"{k}: throughput ratio {statistics.median(rates[k]) / direct:.3f} (target >= 0.6), "
+              f"added p99 latency {added:.3f} ms (target <= 2 ms); "
+              f"{records} requests judged, {len(closes)} connections closed by the processor")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from flagella.datapath.loader import DatapathSettings, MapSizes, load_datapath, 
 from flagella.datapath.maps import (
     MAP_SPECS,
     DatapathMaps,
-    EndpointInfo,
+    EndpointRow,
     KernelMap,
     MapType,
     PolicyKey,
@@ -72,7 +72,7 @@ def maps_rates(n: int) -> None:
         lpm = n / (time.perf_counter() - t)
         t = time.perf_counter()
         for i in range(n):
-            maps.endpoints.set(i + 1, EndpointInfo(i, 256 + i))
+            maps.endpoints.set(i + 1, EndpointRow(i, 256 + i))
         eps = n / (time.perf_counter() - t)
     finally:
         maps.close()

@@ -21,9 +21,9 @@ import time
 
 from flagella.policy.api import parse_policy
 from flagella.policy.engine import PolicyEngine
+from flagella.policy.identities import cidr_identity_labels, reserved_identity_labels, rule_prefixes
 from flagella.policy.labels import k8s_labels
 from flagella.policy.resolver import EndpointInfo
-from flagella.policy.trace import cidr_identity_labels, reserved_identity_labels, rule_prefixes
 
 NAMESPACES = [f"ns{i}" for i in range(20)]
 APPS = [f"app{i}" for i in range(100)]

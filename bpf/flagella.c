@@ -30,6 +30,16 @@
  * enforced. An allowed NEW packet creates a CT entry even in an unenforced
  * direction, so its replies pass an enforced reverse direction.
  *
+ * Proxy redirect: a REDIRECT on egress (from_pod) marks the packet and lets
+ * the host stack hand it to the proxy (nftables tproxy); on ingress (to_pod)
+ * the mark would be lost crossing into the pod, so the frame is readdressed
+ * to the re-entry device (config map) and redirected into its ingress,
+ * re-entering the host stack with the mark (see flagella.datapath.redirect);
+ * with no re-entry device configured (proxy off) it is only marked.
+ * A packet that carries the proxy's own mark 0x300 (its upstream, with the
+ * client's real address) is never redirected again: its REDIRECT counts as
+ * ALLOW, and the L3/L4 check still applies to the real peer.
+ *
  * Verdict cache: the CT entry remembers the config generation under which
  * policy last passed the flow (struct ct_entry in flagella.h says when it may
  * and may not). An ESTABLISHED packet whose entry carries the current
@@ -116,6 +126,7 @@ struct ipv4_hdr {
 #define DROP_INVALID_SIP 132
 #define DROP_POLICY 133
 #define DROP_INVALID 134
+#define DROP_WRITE_ERROR 141
 #define DROP_MISSED_TAIL_CALL 140
 #define DROP_INVALID_EXTHDR 156
 #define DROP_FRAG_NOSUPPORT 157
@@ -128,6 +139,7 @@ struct ipv4_hdr {
 #define MARK_MAGIC_MASK 0xf00
 #define MARK_MAGIC_HOST 0xc00
 #define MARK_MAGIC_TO_PROXY 0x200
+#define MARK_MAGIC_FROM_PROXY 0x300 /* the proxy's upstream (SO_MARK): never redirected again */
 
 #define FL_NSEC_PER_SEC 1000000000ULL
 #define DEFAULT_CT_TCP_NS (21600ULL * FL_NSEC_PER_SEC)
@@ -794,6 +806,8 @@ static __always_inline int verdict_cacheable(struct __sk_buff *skb, struct flow 
 {
 	if (f->icmp_kind == ICMP_KIND_ECHO_REPLY)
 		return 0;
+	if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY)
+		return 0;
 	return egress || (skb->mark & MARK_MAGIC_MASK) != MARK_MAGIC_HOST;
 }
 
@@ -997,8 +1011,9 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	if (!pegress) {
 		if (!egress && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_HOST)
 			peer = IDENTITY_HOST;
-		else if (peer == IDENTITY_HOST)
+		else if (peer == IDENTITY_HOST && (skb->mark & MARK_MAGIC_MASK) != MARK_MAGIC_FROM_PROXY)
 			peer = IDENTITY_WORLD; /* e.g. SNATed to the node address */
+		/* The proxy's upstream keeps its client's address, the host's included. */
 	}
 
 	struct policy_entry *decider = 0;
@@ -1036,8 +1051,18 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	/* A plain pass is cached under `gen`; a REDIRECT clears the cache. Uncacheable
 	 * packets leave it alone: what it holds was decided for cacheable ones. */
 	int cacheable = verdict_cacheable(skb, f, egress);
+	if (verdict == VERDICT_REDIRECT && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_FROM_PROXY)
+		verdict = VERDICT_ALLOW; /* the proxy's upstream: L7 was applied there */
+	__u32 reentry = 0;
+	__u8 reentry_mac[6] = {};
 	if (verdict == VERDICT_REDIRECT) {
 		gen = 0;
+		/* No re-entry device (proxy off): marked and passed, as on egress without
+		 * the nftables rules; L7 is then not enforced (NOTES.md, Known limits). */
+		if (!egress && cfg && decider) {
+			reentry = cfg->reentry_ifindex;
+			__builtin_memcpy(reentry_mac, cfg->reentry_mac, 6);
+		}
 		if (decider)
 			skb->mark = MARK_MAGIC_TO_PROXY | ((__u32)decider->proxy_port << 16);
 	}
@@ -1061,6 +1086,11 @@ static __always_inline int enforce(struct __sk_buff *skb, int egress)
 	}
 	frag_record(ep, egress, f);
 	count(0, dir, skb->len);
+	if (reentry) {
+		if (bpf_skb_store_bytes(skb, 0, reentry_mac, 6, 0) < 0)
+			return drop(skb, DROP_WRITE_ERROR, dir, ep, f, peer, state);
+		return bpf_redirect(reentry, BPF_F_INGRESS);
+	}
 	return TC_ACT_OK;
 }
 

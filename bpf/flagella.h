@@ -121,6 +121,9 @@ struct dp_config {
 	__u64 ct_closing_ns;
 	__u32 flags;       /* CFG_F_* */
 	__u32 generation;  /* verdict cache generation (see ct_entry); 0 = no caching */
+	__u32 reentry_ifindex; /* proxy re-entry device for ingress redirects; 0 = none (mark only) */
+	__u8 reentry_mac[6];   /* its MAC: the destination MAC of a redirected frame */
+	__u16 pad;
 };
 
 /* frag4: LRU_HASH frag4_key -> frag4_ports, recorded by a first fragment that passed */

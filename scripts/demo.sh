@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Star Wars demo (Cilium's getting-started guide), live on this machine:
 # the agent on the embedded default, pods as network namespaces, an L3/L4 policy
-# enforced in the kernel, curl from both ships. Cleans up after itself.
+# enforced in the kernel, then the L3/L4/L7 policy enforced by the node-local Envoy
+# the agent runs and configures over xDS; curl from both ships. Cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 F="$PWD/.venv/bin/flagella"
@@ -10,7 +11,9 @@ STATE=/var/run/flagella-demo
 BPF=/sys/fs/bpf/flagella-demo
 export FLAGELLA_SOCKET=$STATE/flagella.sock
 GUARD=flagella_demo_guard
+ENVOY_BASE_ID=15917
 agent_pid=""
+monitor_pid=""
 
 say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 
@@ -22,12 +25,19 @@ cleanup() {
     done
   fi
   pkill -f "$PWD/scripts/demo-server.py" 2>/dev/null
+  [ -n "$monitor_pid" ] && kill "$monitor_pid" 2>/dev/null
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null
+  # The agent leaves its Envoy running on purpose (it keeps enforcing across agent
+  # restarts); the demo is over, so stop it too.
+  pkill -f -- "--base-id $ENVOY_BASE_ID" 2>/dev/null
   for ns in default_deathstar-1 default_deathstar-2 default_tiefighter default_xwing; do
     ip netns del "$ns" 2>/dev/null
   done
   rm -rf "$STATE" "$BPF"
   nft delete table inet "$GUARD" 2>/dev/null
+  ip link del flagella-rd0 2>/dev/null
+  nft delete table inet flagella_demo_proxy 2>/dev/null
+  for fam in -4 -6; do for pref in 97 98 99; do ip $fam rule del pref $pref 2>/dev/null; done; done
 }
 trap cleanup EXIT
 cleanup  # a previous run that was killed
@@ -49,7 +59,16 @@ fi
 
 say "Starting the agent (embedded default: state in $STATE, maps pinned in $BPF)"
 mkdir -p "$STATE"
-"$F" agent --state-dir "$STATE" --bpf-dir "$BPF" --metrics-addr 127.0.0.1:9962 \
+cat >"$STATE/settings.yaml" <<YAML
+proxy:
+  enabled: true
+  envoy_base_id: $ENVOY_BASE_ID
+  admin_port: 15917
+  reentry_ifname: flagella-rd0
+  reentry_peer: flagella-rd1
+  nft_table: flagella_demo_proxy
+YAML
+"$F" agent --config "$STATE/settings.yaml" --state-dir "$STATE" --bpf-dir "$BPF" --metrics-addr 127.0.0.1:9962 \
   >"$STATE/agent.log" 2>&1 &
 agent_pid=$!
 for _ in $(seq 1 100); do "$F" status >/dev/null 2>&1 && break; sleep 0.2; done
@@ -73,6 +92,10 @@ land() {
   ip netns exec "default_$1" curl -s -m 3 -XPOST "http://$DEATHSTAR/v1/request-landing" \
     || echo "(no answer: dropped)"
 }
+exhaust() {
+  ip netns exec "default_$1" curl -s -m 3 -XPUT "http://$DEATHSTAR/v1/exhaust-port" \
+    || echo "(no answer: dropped)"
+}
 
 say "No policy yet: both ships can land"
 echo "tiefighter: $(land tiefighter)"
@@ -92,9 +115,29 @@ say "What the kernel enforces for deathstar-1, and the drops it counted"
 "$F" bpf policy get deathstar-1
 "$F" bpf metrics list
 
-say "L7 (offline trace of sw_l3_l4_l7_policy.yaml: the L7 proxy is a later stage)"
-"$F" policy trace --policy examples/starwars/sw_l3_l4_l7_policy.yaml \
-  --src-labels k8s:org=empire,k8s:class=tiefighter --dst-labels k8s:org=empire,k8s:class=deathstar \
-  --dport 80/TCP --http-method PUT --http-path /v1/exhaust-port | tail -n 3
+say "Without L7 policy, tiefighter can also hit the exhaust port"
+echo "\$ kubectl exec tiefighter -- curl -s -XPUT deathstar.default.svc.cluster.local/v1/exhaust-port"
+echo "$(exhaust tiefighter)"
+
+say "Importing the L3/L4/L7 policy (examples/starwars/sw_l3_l4_l7_policy.yaml): port 80 goes through Envoy"
+"$F" monitor --type l7 >"$STATE/l7.log" 2>&1 &
+monitor_pid=$!
+"$F" policy import --wait --timeout 60 examples/starwars/sw_l3_l4_l7_policy.yaml
+"$F" endpoint list
+
+say "With the L7 policy: landing is allowed, the exhaust port is not, xwing is still dropped"
+echo "\$ kubectl exec tiefighter -- curl -s -XPOST deathstar.default.svc.cluster.local/v1/request-landing"
+echo "$(land tiefighter)"
+echo "\$ kubectl exec tiefighter -- curl -s -XPUT deathstar.default.svc.cluster.local/v1/exhaust-port"
+echo "$(exhaust tiefighter)"
+echo "\$ kubectl exec xwing -- curl -s -XPOST deathstar.default.svc.cluster.local/v1/request-landing"
+echo "$(land xwing)"
+
+say "The node proxy's sync status (flagella proxy status)"
+"$F" proxy status
+
+say "L7 requests the proxy saw (flagella monitor --type l7)"
+sleep 1
+cat "$STATE/l7.log"
 
 say "Cleaning up"

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_pkgs=(bpfcc-tools python3-bpfcc libbpfcc bpftool nftables iproute2 iptables iperf3 sockperf strace
-           etcd-server curl python3-venv)
+           etcd-server curl python3-venv nghttp2-client wrk)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

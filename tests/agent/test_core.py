@@ -9,7 +9,7 @@ import yaml
 
 from flagella.agent.core import AgentCore
 from flagella.agent.settings import AgentSettings
-from flagella.datapath.desired import PolicyKey
+from flagella.datapath.entries import PolicyKey
 from flagella.datapath.port import MemoryDatapath
 from flagella.endpoint import State
 from flagella.errors import InputError, PolicyValidationError
@@ -35,7 +35,14 @@ def dp():
 def core(tmp_path, dp):
     c = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
     c.restore()
-    return c
+    yield c
+    c.close()
+
+
+def realized(core: AgentCore, revision: int) -> int:
+    """Wait until every endpoint realized ``revision`` (policy import --wait)."""
+    assert core.wait_for_revision(revision, timeout=30) == []
+    return revision
 
 
 def entries_for(dp: MemoryDatapath, ep_id: int) -> dict[PolicyKey, object]:
@@ -61,10 +68,10 @@ def test_create_endpoint_enforces_before_returning(core, dp):
 def test_policy_import_regenerates_and_reports_revision(core, dp):
     ds, tf, xw = starwars(core)
     before = core.engine.revision
-    rev = core.import_policies([L3L4])
+    rev = realized(core, core.import_policies([L3L4]))
     assert rev == before + 1
     row = dp.endpoints[ds.ifindex]
-    assert row.flags & 1  # ingress enforced
+    assert row.enforce_ingress
     keys = entries_for(dp, ds.id)
     assert any(k.identity == tf.identity and k.port == 80 and k.protocol == 6 for k in keys)
     assert not any(k.identity == xw.identity for k in keys)
@@ -85,7 +92,7 @@ def test_bad_policy_imports_nothing(core, dp):
 
 def test_label_change_moves_identity_and_peers_follow(core, dp):
     ds, tf, xw = starwars(core)
-    core.import_policies([L3L4])
+    realized(core, core.import_policies([L3L4]))
     old = xw.identity
     core.set_endpoint_labels("xwing", {"org": "empire"}, [])
     assert xw.identity != old
@@ -103,7 +110,7 @@ def test_namespace_labels_change_identities(core):
 
 def test_delete_leaves_nothing_behind(core, dp):
     ds, tf, xw = starwars(core)
-    core.import_policies([L3L4])
+    realized(core, core.import_policies([L3L4]))
     core.delete_endpoint("deathstar")
     assert ds.netns not in dp.pods
     assert ds.ifindex not in dp.endpoints and not entries_for(dp, ds.id)
@@ -113,14 +120,14 @@ def test_delete_leaves_nothing_behind(core, dp):
 
 def test_sync_repairs_drift_and_counts_it(core, dp):
     ds, tf, _ = starwars(core)
-    core.import_policies([L3L4])
+    realized(core, core.import_policies([L3L4]))
     key = next(iter(entries_for(dp, ds.id)))
     value = dp.policy.pop(key)
-    stray = PolicyKey(ds.id, 4242, 0, 6, 0, 22)
+    stray = PolicyKey(ds.id, 4242, False, 6, 22, 0)
     dp.policy[stray] = value
     assert core.sync_all() == 2
     assert dp.policy[key] == value and stray not in dp.policy
-    assert core.stats.repairs["policy"] == 2
+    assert core.kernel.repairs["policy"] == 2
     assert core.sync_all() == 0
 
 
@@ -205,7 +212,7 @@ def test_restart_restores_endpoints_policies_and_identities(tmp_path, dp):
     core = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
     core.restore()
     ds, tf, _ = starwars(core)
-    rev = core.import_policies([L3L4])
+    rev = realized(core, core.import_policies([L3L4]))
     snapshot = dict(dp.policy)
     again = AgentCore(AgentSettings(state_dir=str(tmp_path)), dp)
     again.restore()
@@ -261,11 +268,11 @@ spec:
   endpointSelector: {{matchLabels: {{class: tiefighter}}}}
   egress: [{{toCIDR: ["{ds.ipv4}/32"]}}]
 """)
-    core.import_policies([cidr_policy])
+    realized(core, core.import_policies([cidr_policy]))
     net = ipaddress.ip_network(ds.ipv4)
     assert dp.ipcache[net] == ds.identity
     assert any(k.identity == ds.identity for k in entries_for(dp, tf.id) if k.egress)
-    core.delete_policies(["cidr"])
+    realized(core, core.delete_policies(["cidr"]))
     assert dp.ipcache[net] == ds.identity
 
 
@@ -281,7 +288,7 @@ spec:
   policyTypes: [Egress]
   egress: [{to: [{ipBlock: {cidr: 10.244.0.0/16}}]}]
 """)
-    core.import_policies([block])
+    realized(core, core.import_policies([block]))
     assert any(k.identity == ds.identity for k in entries_for(dp, tf.id) if k.egress)
 
 
@@ -299,7 +306,7 @@ def test_online_trace_names_live_endpoints(core):
     from flagella.agent.server import AgentServer
 
     starwars(core)
-    core.import_policies([L3L4])
+    realized(core, core.import_policies([L3L4]))
     server = AgentServer(core)
     trace = server.handlers["policy.trace"]
     answers = trace({"queries": [

@@ -49,7 +49,7 @@ def server(tmp_path_factory):
 
 
 METHODS = ["endpoint.create", "endpoint.get", "endpoint.delete", "endpoint.labels", "namespace.labels",
-           "policy.import", "policy.delete", "policy.trace", "identity.get", "bpf.policy", "policy.wait"]
+           "policy.import", "policy.delete", "policy.trace", "identity.get", "bpf.policy"]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -32,8 +32,8 @@ import pytest
 from tests.support import host
 
 from flagella.datapath.events import DatapathEvent, EventReader
-from flagella.datapath.loader import Datapath, DatapathSettings, load_datapath, remove_pins
-from flagella.datapath.maps import CtEntry, CtFlags, EndpointInfo, PolicyKey, Verdict, wild_mask
+from flagella.datapath.loader import DatapathSettings, LoadedBuild, load_datapath, remove_pins
+from flagella.datapath.maps import CtEntry, CtFlags, EndpointRow, PolicyKey, Verdict, wild_mask
 
 __all__ = [
     "Node",
@@ -339,8 +339,8 @@ class Pod:
     def v6(self) -> str:
         return str(self.ipv6)
 
-    def endpoint(self, **kw: Any) -> EndpointInfo:
-        return EndpointInfo(
+    def endpoint(self, **kw: Any) -> EndpointRow:
+        return EndpointRow(
             ep_id=self.ep_id, identity=self.identity, ipv4=self.ipv4, ipv6=self.ipv6, **kw
         )
 
@@ -348,7 +348,7 @@ class Pod:
 @dataclass
 class Node:
     netns: str
-    dp: Datapath
+    dp: LoadedBuild
     pods: dict[str, Pod] = field(default_factory=dict)
     address: str = "10.244.255.254"
     _shell: PodShell | None = None
@@ -411,7 +411,7 @@ _node_counter = [0]
 
 
 @contextlib.contextmanager
-def build_node(dp: Datapath, n_pods: int = 2) -> Iterator[Node]:
+def build_node(dp: LoadedBuild, n_pods: int = 2) -> Iterator[Node]:
     """Make the node and pod namespaces, attach the datapath; remove everything on exit."""
     _node_counter[0] += 1
     tag = f"{_PREFIX}-{_node_counter[0]}"
@@ -555,7 +555,7 @@ def build_node(dp: Datapath, n_pods: int = 2) -> Iterator[Node]:
 
 
 @pytest.fixture(scope="session")
-def session_datapath() -> Iterator[Datapath]:
+def session_datapath() -> Iterator[LoadedBuild]:
     """One compiled datapath for the session, pinned under a test-only directory."""
     host.prepare(bcc=True)
     _sweep_stale()
@@ -571,7 +571,7 @@ def session_datapath() -> Iterator[Datapath]:
 
 
 @pytest.fixture(scope="session")
-def _session_events(session_datapath: Datapath) -> Iterator[EventReader]:
+def _session_events(session_datapath: LoadedBuild) -> Iterator[EventReader]:
     reader = session_datapath.events()
     try:
         yield reader
@@ -580,7 +580,7 @@ def _session_events(session_datapath: Datapath) -> Iterator[EventReader]:
 
 
 @pytest.fixture
-def datapath(session_datapath: Datapath, _session_events: EventReader) -> Iterator[Datapath]:
+def datapath(session_datapath: LoadedBuild, _session_events: EventReader) -> Iterator[LoadedBuild]:
     """The session datapath with empty maps and a drained event ring."""
     session_datapath.maps.clear()
     _session_events.read()
@@ -589,12 +589,12 @@ def datapath(session_datapath: Datapath, _session_events: EventReader) -> Iterat
 
 
 @pytest.fixture
-def events(datapath: Datapath, _session_events: EventReader) -> EventReader:
+def events(datapath: LoadedBuild, _session_events: EventReader) -> EventReader:
     return _session_events
 
 
 @pytest.fixture
-def node(datapath: Datapath) -> Iterator[Node]:
+def node(datapath: LoadedBuild) -> Iterator[Node]:
     with build_node(datapath) as n:
         yield n
 

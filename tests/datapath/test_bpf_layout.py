@@ -18,8 +18,8 @@ from conftest_bpf import requires_root
 
 from flagella.datapath import _bpfsys
 from flagella.datapath.events import EventStruct
+from flagella.datapath.layouts import LAYOUTS
 from flagella.datapath.loader import DatapathSettings
-from flagella.datapath.maps import LAYOUTS
 
 pytestmark = [pytest.mark.root, requires_root]
 

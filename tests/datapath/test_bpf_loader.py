@@ -22,7 +22,7 @@ from tests.support.host import netguard_on
 
 from flagella.datapath import _bpfsys
 from flagella.datapath.loader import DatapathSettings, MapSizes, load_datapath, remove_pins
-from flagella.datapath.maps import MAP_SPECS, Direction, EndpointInfo, MapType
+from flagella.datapath.maps import MAP_SPECS, Direction, EndpointRow, MapType
 from flagella.errors import DatapathError, InputError
 
 pytestmark = [pytest.mark.root, requires_root]
@@ -47,10 +47,10 @@ def test_second_load_reuses_the_pinned_build_and_state(pin_dir: Path) -> None:
     settings = DatapathSettings(pin_dir=pin_dir, sizes=SMALL)
     with load_datapath(settings) as first:
         assert first.compiled
-        first.maps.endpoints.set(9, EndpointInfo(1, 1000))
+        first.maps.endpoints.set(9, EndpointRow(1, 1000))
     with load_datapath(settings) as second:
         assert not second.compiled and second.build == first.build
-        assert second.maps.endpoints.get(9) == EndpointInfo(1, 1000)
+        assert second.maps.endpoints.get(9) == EndpointRow(1, 1000)
 
 
 def test_changed_source_recompiles_and_keeps_state(pin_dir: Path, tmp_path: Path) -> None:
@@ -58,14 +58,14 @@ def test_changed_source_recompiles_and_keeps_state(pin_dir: Path, tmp_path: Path
     shutil.copytree(DatapathSettings().source_dir, src)
     old = DatapathSettings(pin_dir=pin_dir, sizes=SMALL, source_dir=src)
     with load_datapath(old) as dp:
-        dp.maps.endpoints.set(9, EndpointInfo(1, 1000))
+        dp.maps.endpoints.set(9, EndpointRow(1, 1000))
         old_build = dp.build
     with (src / "flagella.c").open("a") as f:
         f.write("\n/* a new build */\n")
     new = DatapathSettings(pin_dir=pin_dir, sizes=SMALL, source_dir=src)
     with load_datapath(new) as dp:
         assert dp.compiled and dp.build != old_build
-        assert dp.maps.endpoints.get(9) == EndpointInfo(1, 1000)
+        assert dp.maps.endpoints.get(9) == EndpointRow(1, 1000)
         assert sorted(p.name for p in (pin_dir / "programs").iterdir()) == sorted(
             [old_build, dp.build]
         )
@@ -230,7 +230,7 @@ def test_attach_mode_is_validated() -> None:
 
 def test_a_missing_policy_program_drops_with_missed_tail_call(pin_dir: Path) -> None:
     with load_datapath(DatapathSettings(pin_dir=pin_dir, sizes=SMALL)) as dp:
-        dp.maps.endpoints.set(1, EndpointInfo(7, 300, ipv4=IPv4Address("10.244.1.1")))
+        dp.maps.endpoints.set(1, EndpointRow(7, 300, ipv4=IPv4Address("10.244.1.1")))
         syn = (
             b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00"
             + bytes.fromhex("450000280001000040060000")

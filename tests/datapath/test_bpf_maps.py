@@ -29,16 +29,17 @@ from flagella.datapath.maps import (
     DatapathMaps,
     DictMap,
     Direction,
-    EndpointInfo,
+    EndpointRow,
     KernelMap,
     MapBackend,
     MapSpec,
     MetricKey,
     MetricValue,
+    PolicyEntry,
     PolicyEntryStruct,
     PolicyKey,
-    PolicyValue,
     Verdict,
+    _key_struct,
     port_range_blocks,
     wild_mask,
 )
@@ -188,7 +189,7 @@ def test_lpm_trie_longest_prefix(make: Factory) -> None:
 
 
 def test_endpoint_map_round_trip(maps: DatapathMaps) -> None:
-    info = EndpointInfo(
+    info = EndpointRow(
         12,
         1001,
         True,
@@ -199,9 +200,9 @@ def test_endpoint_map_round_trip(maps: DatapathMaps) -> None:
         ipaddress.IPv6Address("fd00::7"),
     )
     maps.endpoints.set(42, info)
-    maps.endpoints.set(43, EndpointInfo(13, 1002))
+    maps.endpoints.set(43, EndpointRow(13, 1002))
     assert maps.endpoints.get(42) == info
-    assert maps.endpoints.get(43) == EndpointInfo(13, 1002)
+    assert maps.endpoints.get(43) == EndpointRow(13, 1002)
     assert maps.endpoints.items().keys() == {42, 43}
     assert maps.endpoints.delete(42) and maps.endpoints.get(42) is None
 
@@ -213,16 +214,16 @@ def test_policy_sync_keeps_counters_of_unchanged_entries(maps: DatapathMaps) -> 
     other_ep = PolicyKey(6, 0, False, 0, 0, 16)
     for k in (keep, change, stale, other_ep):
         maps.policy.backend.update(
-            bytes(k._struct()), bytes(PolicyEntryStruct(verdict=1, packets=5, bytes=500))
+            bytes(_key_struct(k)), bytes(PolicyEntryStruct(verdict=1, packets=5, bytes=500))
         )
     new = PolicyKey(5, 1001, False, 6, 8080, 3)
     written, deleted = maps.policy.sync_endpoint(
         5, {keep: (Verdict.ALLOW, 0), change: (Verdict.REDIRECT, 15001), new: (Verdict.DENY, 0)}
     )
     assert (written, deleted) == (2, 1)
-    assert maps.policy.get(keep) == PolicyValue(Verdict.ALLOW, 0, 5, 500)
-    assert maps.policy.get(change) == PolicyValue(Verdict.REDIRECT, 15001, 0, 0)
-    assert maps.policy.get(new) == PolicyValue(Verdict.DENY)
+    assert maps.policy.get(keep) == PolicyEntry(Verdict.ALLOW, 0, 5, 500)
+    assert maps.policy.get(change) == PolicyEntry(Verdict.REDIRECT, 15001, 0, 0)
+    assert maps.policy.get(new) == PolicyEntry(Verdict.DENY)
     assert maps.policy.get(stale) is None
     assert maps.policy.get(other_ep) is not None
     assert maps.policy.delete_endpoint(5) == 3 and len(maps.policy) == 1
@@ -311,7 +312,7 @@ def test_config_defaults_and_update(maps: DatapathMaps) -> None:
 
 
 def test_clear_empties_everything(maps: DatapathMaps) -> None:
-    maps.endpoints.set(1, EndpointInfo(1, 1))
+    maps.endpoints.set(1, EndpointRow(1, 1))
     maps.policy.set(PolicyKey.any_port(1, 0, False), Verdict.ALLOW)
     maps.ipcache.set("10.0.0.0/8", 7)
     maps.clear()

@@ -26,13 +26,13 @@ from conftest_bpf import (  # noqa: F401 (fixtures, used by name)
 )
 
 from flagella.datapath.events import CtState, DropReason, EventReader, EventType
-from flagella.datapath.loader import Datapath
+from flagella.datapath.loader import LoadedBuild
 from flagella.datapath.maps import (
     CtFlags,
     CtKey,
     DatapathConfig,
     Direction,
-    EndpointInfo,
+    EndpointRow,
     Frag6Key,
     PolicyKey,
     Verdict,
@@ -120,14 +120,14 @@ def frame6(
 
 
 @pytest.fixture
-def dp(datapath: Datapath) -> Iterator[Datapath]:
+def dp(datapath: LoadedBuild) -> Iterator[LoadedBuild]:
     datapath.maps.ipcache.set(f"{PEER4}/32", PEER_ID)
     datapath.maps.ipcache.set(f"{PEER6}/128", PEER_ID)
     yield datapath
 
 
 def endpoint(
-    dp: Datapath,
+    dp: LoadedBuild,
     entries: dict[PolicyKey, Verdict | tuple[Verdict, int]] | None = None,
     *,
     ingress: bool = False,
@@ -137,41 +137,41 @@ def endpoint(
     dp.maps.policy.sync_endpoint(EP, desired)
     dp.maps.endpoints.set(
         1,
-        EndpointInfo(
+        EndpointRow(
             EP, ID, ingress, egress, wild_mask(desired, False), wild_mask(desired, True), POD4, POD6
         ),
     )
 
 
-def out(dp: Datapath, frame: bytes, mark: int = 0) -> int:
+def out(dp: LoadedBuild, frame: bytes, mark: int = 0) -> int:
     """A packet leaving the pod (from_pod)."""
     return dp.test_run("from_pod", frame, mark=mark).verdict
 
 
-def into(dp: Datapath, frame: bytes, mark: int = 0) -> int:
+def into(dp: LoadedBuild, frame: bytes, mark: int = 0) -> int:
     """A packet entering the pod (to_pod)."""
     return dp.test_run("to_pod", frame, mark=mark).verdict
 
 
-def dropped(dp: Datapath, reason: int, direction: Direction) -> int:
+def dropped(dp: LoadedBuild, reason: int, direction: Direction) -> int:
     return dp.maps.metrics.get(reason, direction).packets
 
 
 # --- tests -------------------------------------------------------------------------------
 
 
-def test_not_an_endpoint_passes_untouched(dp: Datapath) -> None:
+def test_not_an_endpoint_passes_untouched(dp: LoadedBuild) -> None:
     assert out(dp, frame4(PEER4, POD4, TCP, tcp(1, 2))) == OK
     assert dp.maps.metrics.read() == {}
 
 
-def test_non_ip_passes(dp: Datapath) -> None:
+def test_non_ip_passes(dp: LoadedBuild) -> None:
     endpoint(dp, ingress=True, egress=True)
     arp = eth(0x0806) + b"\0\x01\x08\0\x06\x04\0\x01" + b"\0" * 20
     assert out(dp, arp) == OK and into(dp, arp) == OK
 
 
-def test_neighbour_discovery_passes_enforced_directions(dp: Datapath) -> None:
+def test_neighbour_discovery_passes_enforced_directions(dp: LoadedBuild) -> None:
     endpoint(dp, ingress=True, egress=True)
     ll = ipaddress.IPv6Address("fe80::2")
     ns = frame6(ll, ipaddress.IPv6Address("ff02::1:ff00:1"), ICMPV6, icmp(135) + b"\0" * 16)
@@ -181,7 +181,7 @@ def test_neighbour_discovery_passes_enforced_directions(dp: Datapath) -> None:
     assert out(dp, ns) == OK and out(dp, unspecified) == OK and into(dp, ns) == OK
 
 
-def test_truncated_headers_are_invalid(dp: Datapath) -> None:
+def test_truncated_headers_are_invalid(dp: LoadedBuild) -> None:
     # (A cut IP header cannot be fed: the test-run path itself refuses it.)
     endpoint(dp)
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1000, 80)[:8])) == SHOT
@@ -190,7 +190,7 @@ def test_truncated_headers_are_invalid(dp: Datapath) -> None:
     assert dropped(dp, DropReason.INVALID_PACKET, Direction.EGRESS) == 3
 
 
-def test_ipv6_extension_headers_are_walked(dp: Datapath) -> None:
+def test_ipv6_extension_headers_are_walked(dp: LoadedBuild) -> None:
     endpoint(dp, {PolicyKey(EP, PEER_ID, True, TCP, 80): Verdict.ALLOW}, egress=True)
     ah = struct.pack("!BB10s", TCP, 1, b"\0" * 10)  # AH: (1 + 2) * 4 = 12 bytes
     chain = ext(43) + ext(60) + struct.pack("!BB6s", 51, 0, b"\0" * 6)
@@ -199,14 +199,14 @@ def test_ipv6_extension_headers_are_walked(dp: Datapath) -> None:
     assert dropped(dp, DropReason.POLICY_DENIED, Direction.EGRESS) == 1
 
 
-def test_too_many_ipv6_extension_headers(dp: Datapath) -> None:
+def test_too_many_ipv6_extension_headers(dp: LoadedBuild) -> None:
     endpoint(dp)
     five = ext(60) + ext(60) + ext(60) + ext(60) + ext(TCP)
     assert out(dp, frame6(POD6, PEER6, 0, five + tcp(1000, 80))) == SHOT
     assert dropped(dp, DropReason.INVALID_IPV6_EXT, Direction.EGRESS) == 1
 
 
-def test_vlan_tagged_and_non_ip_frames_drop_and_arp_passes(dp: Datapath, events: EventReader) -> None:
+def test_vlan_tagged_and_non_ip_frames_drop_and_arp_passes(dp: LoadedBuild, events: EventReader) -> None:
     endpoint(dp)  # no policy: every IP packet would pass
     inner = ipv4(POD4, PEER4, UDP, udp(1000, 53))
     mac = b"\x02\0\0\0\0\x01" + b"\x02\0\0\0\0\x02"
@@ -225,7 +225,7 @@ def test_vlan_tagged_and_non_ip_frames_drop_and_arp_passes(dp: Datapath, events:
     assert {e.reason_text for e in events.read()} == {"Unsupported L2 protocol"}
 
 
-def test_ipv6_fragments_follow_their_first(dp: Datapath, events: EventReader) -> None:
+def test_ipv6_fragments_follow_their_first(dp: LoadedBuild, events: EventReader) -> None:
     endpoint(dp, {PolicyKey(EP, PEER_ID, True, UDP, 53): Verdict.ALLOW}, egress=True)
     first = struct.pack("!BBHI", UDP, 0, 1, 99)  # offset 0, M flag, id 99
     later = struct.pack("!BBHI", UDP, 0, (185 << 3), 99)  # offset 1480, last
@@ -245,7 +245,7 @@ def test_ipv6_fragments_follow_their_first(dp: Datapath, events: EventReader) ->
     assert dp.maps.frag6.items() == {key: (1000, 53)}
 
 
-def test_later_ipv4_fragment_needs_its_first(dp: Datapath, events: EventReader) -> None:
+def test_later_ipv4_fragment_needs_its_first(dp: LoadedBuild, events: EventReader) -> None:
     endpoint(dp, {PolicyKey(EP, PEER_ID, True, UDP, 53): Verdict.ALLOW}, egress=True)
     later = frame4(POD4, PEER4, UDP, b"x" * 64, ident=77, frag=185)
     assert out(dp, later) == SHOT
@@ -263,7 +263,7 @@ def test_later_ipv4_fragment_needs_its_first(dp: Datapath, events: EventReader) 
     assert dropped(dp, DropReason.FRAG_NOT_FOUND, Direction.EGRESS) == 2
 
 
-def test_icmp_errors_of_tracked_flows_are_related(dp: Datapath) -> None:
+def test_icmp_errors_of_tracked_flows_are_related(dp: LoadedBuild) -> None:
     endpoint(dp, ingress=True)  # nothing may enter, egress is open
     assert out(dp, frame4(POD4, PEER4, UDP, udp(5000, 53))) == OK
     embedded = ipv4(POD4, PEER4, UDP, udp(5000, 53))
@@ -277,7 +277,7 @@ def test_icmp_errors_of_tracked_flows_are_related(dp: Datapath) -> None:
     assert into(dp, too_big) == OK
 
 
-def test_echo_requests_never_count_as_replies(dp: Datapath) -> None:
+def test_echo_requests_never_count_as_replies(dp: LoadedBuild) -> None:
     endpoint(dp, ingress=True)
     assert out(dp, frame4(POD4, PEER4, ICMP, icmp(8, ident=9))) == OK
     assert into(dp, frame4(PEER4, POD4, ICMP, icmp(0, ident=9))) == OK  # the reply
@@ -285,7 +285,7 @@ def test_echo_requests_never_count_as_replies(dp: Datapath) -> None:
     assert into(dp, frame4(PEER4, POD4, ICMP, icmp(0, ident=10))) == SHOT  # other id
 
 
-def test_unknown_protocols_are_evaluated_with_port_zero(dp: Datapath) -> None:
+def test_unknown_protocols_are_evaluated_with_port_zero(dp: LoadedBuild) -> None:
     endpoint(
         dp,
         {
@@ -301,17 +301,17 @@ def test_unknown_protocols_are_evaluated_with_port_zero(dp: Datapath) -> None:
     assert out(dp, frame4(POD4, PEER4, 132, struct.pack("!HH", 1, 5) + b"\0" * 8)) == SHOT
 
 
-def test_wildcard_probes_follow_the_endpoint_mask(dp: Datapath) -> None:
+def test_wildcard_probes_follow_the_endpoint_mask(dp: LoadedBuild) -> None:
     k = PolicyKey(EP, PEER_ID, True, TCP, 8080, 2)
     endpoint(dp, {k: Verdict.ALLOW}, egress=True)
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1000, 8083))) == OK
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1000, 8084))) == SHOT
     # The same entry without its mask bit is never probed.
-    dp.maps.endpoints.set(1, EndpointInfo(EP, ID, False, True, 0, 0, POD4, POD6))
+    dp.maps.endpoints.set(1, EndpointRow(EP, ID, False, True, 0, 0, POD4, POD6))
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1001, 8083))) == SHOT
 
 
-def test_verdict_combination_and_counters(dp: Datapath) -> None:
+def test_verdict_combination_and_counters(dp: LoadedBuild) -> None:
     exact = PolicyKey(EP, PEER_ID, True, TCP, 443)
     anyone = PolicyKey(EP, 0, True, TCP, 443)
     anything = PolicyKey.any_port(EP, PEER_ID, True)
@@ -333,7 +333,7 @@ def test_verdict_combination_and_counters(dp: Datapath) -> None:
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1001, 443))) == SHOT  # DENY beats all
 
 
-def test_host_mark_gives_the_host_identity(dp: Datapath, events: EventReader) -> None:
+def test_host_mark_gives_the_host_identity(dp: LoadedBuild, events: EventReader) -> None:
     endpoint(dp, {PolicyKey.any_port(EP, 1, False): Verdict.ALLOW}, ingress=True)
     stranger = ipaddress.IPv4Address("192.0.2.77")
     assert into(dp, frame4(stranger, POD4, TCP, tcp(1000, 80)), mark=0xC00) == OK
@@ -342,7 +342,7 @@ def test_host_mark_gives_the_host_identity(dp: Datapath, events: EventReader) ->
     assert (ev.src_identity, ev.dst_identity) == (2, ID)
 
 
-def test_non_tcp_lifetime_and_expiry(dp: Datapath) -> None:
+def test_non_tcp_lifetime_and_expiry(dp: LoadedBuild) -> None:
     dp.maps.config.set(DatapathConfig(ct_non_tcp_ns=200_000_000))
     endpoint(dp, ingress=True)
     assert out(dp, frame4(POD4, PEER4, UDP, udp(5000, 53))) == OK
@@ -355,7 +355,7 @@ def test_non_tcp_lifetime_and_expiry(dp: Datapath) -> None:
     assert dp.maps.ct.gc(time.monotonic_ns()) == 1
 
 
-def test_tcp_lifetimes_follow_the_handshake_and_close(dp: Datapath) -> None:
+def test_tcp_lifetimes_follow_the_handshake_and_close(dp: LoadedBuild) -> None:
     s = 1_000_000_000
     dp.maps.config.set(DatapathConfig(ct_tcp_ns=1000 * s, ct_syn_ns=100 * s, ct_closing_ns=5 * s))
     endpoint(dp)
@@ -382,7 +382,7 @@ def test_tcp_lifetimes_follow_the_handshake_and_close(dp: Datapath) -> None:
     assert entry.packets == 5
 
 
-def test_drop_event_fields(dp: Datapath, events: EventReader) -> None:
+def test_drop_event_fields(dp: LoadedBuild, events: EventReader) -> None:
     endpoint(dp, egress=True)
     assert out(dp, frame6(POD6, PEER6, UDP, udp(5000, 53, b"q" * 10))) == SHOT
     (ev,) = events.read()
@@ -394,7 +394,7 @@ def test_drop_event_fields(dp: Datapath, events: EventReader) -> None:
     assert str(ev).startswith("xx drop (Policy denied (L3)) to endpoint 7, identity 300->400")
 
 
-def test_tiers_admin_then_normal_then_baseline(dp: Datapath) -> None:
+def test_tiers_admin_then_normal_then_baseline(dp: LoadedBuild) -> None:
     """ClusterNetworkPolicy tiers: admin precedence first, Pass defers, baseline last."""
     admin_hi = 1 << 24
     normal_allow = PolicyKey(EP, PEER_ID, True, TCP, 80)
@@ -416,12 +416,12 @@ def test_tiers_admin_then_normal_then_baseline(dp: Datapath) -> None:
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1005, 81))) == SHOT  # enforced, no normal hit
 
 
-def test_baseline_applies_only_when_not_enforced(dp: Datapath) -> None:
+def test_baseline_applies_only_when_not_enforced(dp: LoadedBuild) -> None:
     base_deny = PolicyKey(EP, PEER_ID, True, TCP, 22)
     endpoint(dp, {}, egress=False)
     dp.maps.policy.set(base_deny, Verdict.DENY, precedence=-1)
     mask = wild_mask([base_deny], True)
-    dp.maps.endpoints.set(1, EndpointInfo(EP, ID, False, False, 0, mask, POD4, POD6))
+    dp.maps.endpoints.set(1, EndpointRow(EP, ID, False, False, 0, mask, POD4, POD6))
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1000, 22))) == SHOT
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1000, 23))) == OK
     # A normal-tier allow takes precedence over the baseline deny.
@@ -429,6 +429,62 @@ def test_baseline_applies_only_when_not_enforced(dp: Datapath) -> None:
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1001, 22))) == OK
     # With the direction enforced, baseline no longer applies at all.
     dp.maps.policy.delete(PolicyKey(EP, 0, True, TCP, 22))
-    dp.maps.endpoints.set(1, EndpointInfo(EP, ID, False, True, 0, mask, POD4, POD6))
+    dp.maps.endpoints.set(1, EndpointRow(EP, ID, False, True, 0, mask, POD4, POD6))
     dp.maps.policy.set(PolicyKey(EP, PEER_ID, True, TCP, 23), Verdict.ALLOW, precedence=-2)
     assert out(dp, frame4(POD4, PEER4, TCP, tcp(1002, 23))) == SHOT
+
+
+# --- proxy redirect ----------------------------------------------------------------------
+
+REENTRY_IFINDEX, REENTRY_MAC = 4242, bytes.fromhex("02aabbccddee")
+TC_ACT_REDIRECT = 7
+FROM_PROXY = 0x300
+
+
+def _l7_ingress(dp: LoadedBuild) -> PolicyKey:
+    key = PolicyKey(EP, PEER_ID, False, TCP, 80)
+    endpoint(dp, {key: (Verdict.REDIRECT, 15001)}, ingress=True)
+    return key
+
+
+def test_ingress_redirect_without_reentry_device_only_marks(dp: LoadedBuild) -> None:
+    """Proxy off (no re-entry device): marked and passed, as an egress redirect without the
+    nftables rules (L7 is not enforced then: NOTES.md, Known limits)."""
+    _l7_ingress(dp)
+    r = dp.test_run("to_pod", frame4(PEER4, POD4, TCP, tcp(1000, 80)))
+    assert r.verdict == OK and r.mark == 0x200 | 15001 << 16
+
+
+def test_ingress_redirect_goes_to_the_reentry_device_with_the_mark(dp: LoadedBuild) -> None:
+    dp.maps.config.set(DatapathConfig(reentry_ifindex=REENTRY_IFINDEX, reentry_mac=REENTRY_MAC))
+    key = _l7_ingress(dp)
+    for frame in (frame4(PEER4, POD4, TCP, tcp(1000, 80)), frame6(PEER6, POD6, TCP, tcp(1000, 80))):
+        r = dp.test_run("to_pod", frame)
+        assert r.verdict == TC_ACT_REDIRECT and r.mark == 0x200 | 15001 << 16
+        # the ESTABLISHED packets of the flow are redirected too (never cached)
+        r = dp.test_run("to_pod", frame[:-20] + tcp(1000, 80, ACK))
+        assert r.verdict == TC_ACT_REDIRECT
+    assert dp.maps.policy.get(key).packets == 4
+    # other ports are not redirected: no policy entry, ingress enforced
+    assert into(dp, frame4(PEER4, POD4, TCP, tcp(1000, 81))) == SHOT
+
+
+def test_proxy_upstream_is_not_redirected_again(dp: LoadedBuild) -> None:
+    """Mark 0x300 (the proxy's upstream, with its client's address): REDIRECT acts as ALLOW,
+    the mark is kept, and L3/L4 still applies to the real peer."""
+    dp.maps.config.set(DatapathConfig(reentry_ifindex=REENTRY_IFINDEX, reentry_mac=REENTRY_MAC))
+    _l7_ingress(dp)
+    r = dp.test_run("to_pod", frame4(PEER4, POD4, TCP, tcp(2000, 80)), mark=FROM_PROXY)
+    assert r.verdict == OK and r.mark == FROM_PROXY
+    stranger = ipaddress.IPv4Address("10.244.9.9")  # no identity: world, no rule
+    assert into(dp, frame4(stranger, POD4, TCP, tcp(2001, 80)), mark=FROM_PROXY) == SHOT
+
+
+def test_proxy_upstream_keeps_the_host_identity(dp: LoadedBuild) -> None:
+    """A host client's address reaches the pod through the proxy without the host mark;
+    with 0x300 the ipcache's host identity stands (without it, it would be world)."""
+    host = ipaddress.IPv4Address("10.244.0.1")
+    dp.maps.ipcache.set(f"{host}/32", 1)
+    endpoint(dp, {PolicyKey.any_port(EP, 1, False): Verdict.ALLOW}, ingress=True)
+    assert into(dp, frame4(host, POD4, TCP, tcp(3000, 80)), mark=FROM_PROXY) == OK
+    assert into(dp, frame4(host, POD4, TCP, tcp(3001, 80))) == SHOT

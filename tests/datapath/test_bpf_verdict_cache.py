@@ -56,10 +56,8 @@ from test_bpf_testrun import (
 
 from flagella.agent.core import AgentCore
 from flagella.agent.settings import AgentSettings
-from flagella.datapath.desired import PolicyKey as Plain
-from flagella.datapath.desired import PolicyValue as PlainValue
 from flagella.datapath.events import CtState, DropReason, EventReader, EventType
-from flagella.datapath.loader import Datapath
+from flagella.datapath.loader import LoadedBuild
 from flagella.datapath.maps import (
     CtEntry,
     CtFlags,
@@ -67,8 +65,9 @@ from flagella.datapath.maps import (
     DatapathConfig,
     DatapathMaps,
     Direction,
-    EndpointInfo,
+    EndpointRow,
     PolicyKey,
+    PolicyValue,
     Verdict,
 )
 from flagella.datapath.port import MemoryDatapath
@@ -78,7 +77,7 @@ FLOW = CtKey(EP, True, TCP, POD4, PEER4, 40000, 80)
 
 
 @pytest.fixture
-def dp(datapath: Datapath) -> Iterator[Datapath]:
+def dp(datapath: LoadedBuild) -> Iterator[LoadedBuild]:
     datapath.maps.ipcache.set(f"{PEER4}/32", PEER_ID)
     yield datapath
 
@@ -91,7 +90,7 @@ def ack() -> bytes:
     return frame4(POD4, PEER4, TCP, tcp(40000, 80, ACK))
 
 
-def entry(dp: Datapath, key: CtKey = FLOW) -> CtEntry | None:
+def entry(dp: LoadedBuild, key: CtKey = FLOW) -> CtEntry | None:
     return dp.maps.ct.get(key)
 
 
@@ -100,7 +99,7 @@ def entry(dp: Datapath, key: CtKey = FLOW) -> CtEntry | None:
 
 @pytest.mark.root
 @requires_root
-def test_generation_zero_never_caches(dp: Datapath) -> None:
+def test_generation_zero_never_caches(dp: LoadedBuild) -> None:
     """A fresh config map (generation 0): every packet is checked, as before the cache."""
     endpoint(dp, {ALLOW_80: Verdict.ALLOW}, egress=True)
     assert dp.maps.config.generation == 0
@@ -113,7 +112,7 @@ def test_generation_zero_never_caches(dp: Datapath) -> None:
 @pytest.mark.root
 @requires_root
 def test_cached_flow_is_rechecked_after_a_bump_and_dropped_if_now_denied(
-    dp: Datapath, events: EventReader
+    dp: LoadedBuild, events: EventReader
 ) -> None:
     endpoint(dp, {ALLOW_80: Verdict.ALLOW}, egress=True)
     gen = dp.maps.config.bump_generation()
@@ -143,7 +142,7 @@ def test_cached_flow_is_rechecked_after_a_bump_and_dropped_if_now_denied(
 
 @pytest.mark.root
 @requires_root
-def test_a_bump_rechecks_allowed_flows_and_caches_them_again(dp: Datapath) -> None:
+def test_a_bump_rechecks_allowed_flows_and_caches_them_again(dp: LoadedBuild) -> None:
     endpoint(dp, {ALLOW_80: Verdict.ALLOW}, egress=True)
     dp.maps.config.bump_generation()
     assert out(dp, syn()) == OK and out(dp, ack()) == OK
@@ -158,7 +157,7 @@ def test_a_bump_rechecks_allowed_flows_and_caches_them_again(dp: Datapath) -> No
 
 @pytest.mark.root
 @requires_root
-def test_every_map_change_takes_effect_on_established_flows_after_a_bump(dp: Datapath) -> None:
+def test_every_map_change_takes_effect_on_established_flows_after_a_bump(dp: LoadedBuild) -> None:
     """Endpoint rows (enforcement) and the ipcache (the peer's identity) count as much as
     policy entries."""
     endpoint(dp, {ALLOW_80: Verdict.ALLOW}, egress=True)
@@ -186,7 +185,7 @@ def test_every_map_change_takes_effect_on_established_flows_after_a_bump(dp: Dat
 
 @pytest.mark.root
 @requires_root
-def test_a_tampered_entry_is_noticed_at_the_next_bump(dp: Datapath) -> None:
+def test_a_tampered_entry_is_noticed_at_the_next_bump(dp: LoadedBuild) -> None:
     """A CT entry forged to carry the current generation for a flow policy denies passes
     (the cache trusts conntrack, as the datapath always has) until the next bump."""
     endpoint(dp, {ALLOW_80: Verdict.ALLOW}, egress=True)
@@ -204,7 +203,7 @@ def test_a_tampered_entry_is_noticed_at_the_next_bump(dp: Datapath) -> None:
 
 @pytest.mark.root
 @requires_root
-def test_redirected_flows_are_never_cached(dp: Datapath) -> None:
+def test_redirected_flows_are_never_cached(dp: LoadedBuild) -> None:
     """The proxy mark is needed on every packet."""
     redirect = PolicyKey(EP, PEER_ID, True, TCP, 80)
     endpoint(dp, {redirect: (Verdict.REDIRECT, 15001)}, egress=True)
@@ -230,7 +229,7 @@ def test_redirected_flows_are_never_cached(dp: Datapath) -> None:
 
 @pytest.mark.root
 @requires_root
-def test_host_marked_packets_neither_use_nor_fill_the_cache(dp: Datapath) -> None:
+def test_host_marked_packets_neither_use_nor_fill_the_cache(dp: LoadedBuild) -> None:
     """Towards a pod the host mark, not the address, makes the peer the host: a verdict
     cached for the tuple says nothing about a marked packet, and the other way round."""
     endpoint(dp, {PolicyKey.any_port(EP, PEER_ID, False): Verdict.ALLOW}, ingress=True)
@@ -254,7 +253,7 @@ def test_host_marked_packets_neither_use_nor_fill_the_cache(dp: Datapath) -> Non
 
 @pytest.mark.root
 @requires_root
-def test_echo_replies_sharing_an_echo_request_tuple_are_checked(dp: Datapath) -> None:
+def test_echo_replies_sharing_an_echo_request_tuple_are_checked(dp: LoadedBuild) -> None:
     """An echo request and an echo reply with the same id share a conntrack tuple, but
     policy sees different ICMP types."""
     endpoint(dp, {PolicyKey(EP, PEER_ID, True, ICMP, 8): Verdict.ALLOW}, egress=True)
@@ -268,7 +267,7 @@ def test_echo_replies_sharing_an_echo_request_tuple_are_checked(dp: Datapath) ->
 
 @pytest.mark.root
 @requires_root
-def test_ipv6_flows_are_cached_too(dp: Datapath) -> None:
+def test_ipv6_flows_are_cached_too(dp: LoadedBuild) -> None:
     from test_bpf_testrun import PEER6, frame6
 
     dp.maps.ipcache.set(f"{PEER6}/128", PEER_ID)
@@ -277,7 +276,7 @@ def test_ipv6_flows_are_cached_too(dp: Datapath) -> None:
     f = frame6(POD6, PEER6, TCP, tcp(40000, 80, ACK))
     assert out(dp, f) == OK and out(dp, f) == OK
     assert dp.maps.policy.get(ALLOW_80).packets == 1
-    dp.maps.endpoints.set(1, EndpointInfo(EP, ID, False, True, 0, 0, POD4, POD6))  # mask: no probe
+    dp.maps.endpoints.set(1, EndpointRow(EP, ID, False, True, 0, 0, POD4, POD6))  # mask: no probe
     dp.maps.config.bump_generation()
     assert out(dp, f) == SHOT
 
@@ -415,6 +414,7 @@ def test_the_agent_bumps_the_generation_after_every_map_write(tmp_path: Any) -> 
     def step(what: str, fn: Any, *args: Any, **kw: Any) -> None:
         dp.log.clear()
         fn(*args, **kw)
+        assert core.wait_idle() == []  # regenerations run in the pipeline's workers
         assert dp.unbumped_writes() == [], f"{what}: writes after the last bump: {dp.log}"
 
     step("restore", core.restore)
@@ -428,12 +428,13 @@ def test_the_agent_bumps_the_generation_after_every_map_write(tmp_path: Any) -> 
     step("delete policy", core.delete_policies, ["rule1"])
     step("delete endpoint", core.delete_endpoint, "client")
     # Drift (a stray policy entry, a missing ipcache entry): repaired, then bumped.
-    dp.policy[Plain(4242, 4242, 0, 6, 0, 22)] = PlainValue(1, 0, 0)  # type: ignore[index]
+    dp.policy[PolicyKey(4242, 4242, False, 6, 22, 0)] = PolicyValue(Verdict.ALLOW)
     dp.ipcache.pop(ipaddress.ip_network(core.find("server").ipv4))
     step("sync_all", core.sync_all)
     assert dp.log[-1] == "bump"
     dp.log.clear()
     assert core.sync_all() == 0 and dp.log == []  # nothing to repair: no bump
+    core.close()
 
 
 # --- a deny stops both directions (replies are checked again after a bump) ----------------------
@@ -441,7 +442,7 @@ def test_the_agent_bumps_the_generation_after_every_map_write(tmp_path: Any) -> 
 
 @pytest.mark.root
 @requires_root
-def test_a_reply_is_rechecked_after_a_bump_and_the_denied_flow_stays_closed(dp: Datapath) -> None:
+def test_a_reply_is_rechecked_after_a_bump_and_the_denied_flow_stays_closed(dp: LoadedBuild) -> None:
     """Ingress enforced, egress not: the pod's replies and its retries must not reopen a flow
     that its ingress policy now denies."""
     allow_in = PolicyKey(EP, PEER_ID, False, TCP, 80)

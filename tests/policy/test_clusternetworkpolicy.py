@@ -6,7 +6,8 @@ import ipaddress
 
 import pytest
 
-from flagella.datapath.desired import PolicyValue, policy_entries
+from flagella.datapath.desired import policy_entries
+from flagella.datapath.entries import PolicyValue
 from flagella.policy.api import Protocol as P
 from flagella.policy.api import load_policies
 from flagella.policy.labels import k8s_labels
@@ -438,7 +439,7 @@ def test_kernel_values_carry_the_precedence() -> None:
     state.add(Key(300, 6, 80, 80, 0), Entry(Verdict.ALLOW))
     state.add(Key(301, 6, 80, 80, -2), Entry(Verdict.PASS))
     state.add(Key(301, 6, 80, 80, -1), Entry(Verdict.ALLOW))
-    entries, _ = policy_entries(1, state, egress=True, proxy_port=15001)
+    entries, _ = policy_entries(1, state, egress=True, proxy_port=15002)
     assert sorted((k.identity, v) for k, v in entries.items()) == [
         (300, PolicyValue(int(Verdict.DENY), 0, 7)),
         (301, PolicyValue(int(Verdict.ALLOW), 0, -1)),

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from flagella.policy.api import parse_policy
 from flagella.policy.engine import PolicyEngine
+from flagella.policy.identities import reserved_identity_labels
 from flagella.policy.labels import k8s_labels
 from flagella.policy.resolver import EndpointInfo
-from flagella.policy.trace import reserved_identity_labels
 
 APPS = ["a", "b"]
 

@@ -549,12 +549,16 @@ class Cluster:
             self.set_namespace_labels(ns, labels)
         for key, labels in step.pod_labels.items():
             self.set_pod_labels(key, labels)
-        self.agent.call("policy.delete", {"all": True})
+        revision = self.agent.call("policy.delete", {"all": True})["revision"]
         if step.policies:
-            self.agent.call(
+            revision = self.agent.call(
                 "policy.import",
                 {"documents": step.policies, "sources": [_policy_source(d) for d in step.policies]},
-            )
+            )["revision"]
+        # An import returns before enforcers confirm it (policy import --wait waits).
+        lagging = self.agent.call("policy.wait", {"revision": revision, "timeout": 60})["lagging"]
+        if lagging:
+            raise RuntimeError(f"step {step.number}: revision {revision} not realized by {lagging}")
         got = self.agent.call("policy.get", {})["policies"]
         names = sorted(_policy_source(d) for d in got)
         want = sorted(_policy_source(d) for d in step.policies)

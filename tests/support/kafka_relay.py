@@ -42,8 +42,12 @@ class KafkaRelay:
     def __init__(
         self, broker: tuple[str, int], identity: int, policy: L7Policy | None,
         codec: KafkaCodec, topic_ids: TopicIds | None = None,
+        local_addr: str | None = None,
     ) -> None:
         self.broker = broker
+        #: Source address of the upstream connections (a plain relay in front of Envoy
+        #: gives each client pod its own loopback address).
+        self.local_addr = local_addr
         self.identity = identity
         self.policy = policy  # None: plain relay, no processor
         self.codec = codec
@@ -96,7 +100,9 @@ class KafkaRelay:
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.log.connections += 1
         try:
-            broker_r, broker_w = await asyncio.open_connection(*self.broker)
+            broker_r, broker_w = await asyncio.open_connection(
+                *self.broker, local_addr=(self.local_addr, 0) if self.local_addr else None
+            )
         except OSError:
             client_w.close()
             return

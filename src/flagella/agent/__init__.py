@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flagella.datapath.redirect import RedirectSettings
+    from flagella.proxy.ports import ProxySettings
 
 
 def run(config: str | Path | None, **overrides: Any) -> None:
@@ -28,6 +32,32 @@ def run(config: str | Path | None, **overrides: Any) -> None:
         KernelSettings(
             settings.bpf_dir, links, ct.tcp_established_s, ct.tcp_syn_s, ct.non_tcp_s,
             ct.closing_s, settings.trace_events, settings.attach_mode,
+            _redirect_settings(settings.proxy),
         )
     )
-    run_agent(AgentCore(settings, datapath, build_identity_backend(settings.kvstore)))
+    proxy = None
+    if settings.proxy.enabled:
+        from prometheus_client import REGISTRY
+
+        from flagella.agent.proxy import NodeProxy
+
+        proxy = NodeProxy(settings, REGISTRY if settings.metrics_addr else None)
+    core = AgentCore(
+        settings, datapath, build_identity_backend(settings.kvstore),
+        enforcers=[proxy.enforcer] if proxy else [],
+    )
+    if proxy is not None:
+        core.ipcache_listeners.append(proxy.set_ipcache)
+    run_agent(core, proxy)
+
+
+def _redirect_settings(proxy: ProxySettings) -> RedirectSettings | None:
+    """The datapath's redirect plumbing for the proxy settings (None when the proxy is off)."""
+    from flagella.datapath.redirect import RedirectSettings
+
+    if not proxy.enabled:
+        return None
+    return RedirectSettings(
+        proxy.ingress_port, proxy.egress_port, nft_table=proxy.nft_table,
+        reentry_ifname=proxy.reentry_ifname, reentry_peer=proxy.reentry_peer,
+    )

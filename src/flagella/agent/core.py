@@ -1,71 +1,68 @@
 """The agent's state and operations, independent of how requests arrive.
 
-`AgentCore` composes the policy engine, the identity allocator, the
-endpoint store and a `Datapath`. Every operation is synchronous and runs
-under the server's single lock, so operations never interleave; each one
-ends with the kernel enforcing its result (regeneration writes the maps
-before the call returns).
+`AgentCore` is orchestration only. It composes the policy engine, the identity
+allocator, the endpoint store, pod plumbing (the `Datapath` port) and the
+regeneration pipeline (`flagella.endpoint.regeneration`), whose enforcers
+realize policy: the kernel datapath (`flagella.datapath.realizer`) first, the
+xDS server next. Operations run one at a time under the server's lock; the
+kernel writes of a regeneration happen in the pipeline's per-endpoint workers,
+outside that lock.
+
+What an operation waits for: creating an endpoint waits for its first
+regeneration before its program is attached (a pod never runs unenforced);
+endpoint and label changes wait (bounded) for the regenerations they caused;
+a policy import returns its revision at once, and ``wait_for_revision`` (``policy
+import --wait``) waits until every endpoint realized it with every enforcer.
 
 Crash safety: an endpoint record is saved before its kernel objects are
 created and deleted after they are removed; `restore` finishes or undoes
-whatever a crash left: pods without a ready record are removed, map
+whatever a crash left: pods whose creation did not finish are removed, map
 entries nobody wants are deleted by the first sync.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
-import time
+import re
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from flagella.agent.persistence import StateFiles
 from flagella.agent.settings import AgentSettings
-from flagella.datapath.desired import PolicyKey, PolicyValue, diff, policy_entries
-from flagella.datapath.port import Datapath, EndpointRow, IPNetwork, pod_netns_name
+from flagella.clock import Clock
+from flagella.datapath.port import Datapath, IPNetwork, pod_netns_name
+from flagella.datapath.realizer import DatapathEnforcer
 from flagella.endpoint import Endpoint, EndpointStore, State
+from flagella.endpoint.addressing import PodAddressAllocator
+from flagella.endpoint.regeneration import Enforcer, Pipeline
 from flagella.errors import DatapathError, FieldError, InputError, PolicyValidationError
 from flagella.identity import Allocator, SQLiteBackend
 from flagella.identity._allocator import Backend
 from flagella.ipcache import desired_ipcache
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
+from flagella.policy.identities import cidr_identity_labels, reserved_identity_labels, rule_prefixes
 from flagella.policy.labels import LabelFilter, LabelSet, check_pod_labels, parse_label
 from flagella.policy.resolver import EndpointInfo
-from flagella.policy.trace import (
-    RESERVED_IDENTITIES,
-    TraceQuery,
-    Tracer,
-    cidr_identity_labels,
-    reserved_identity_labels,
-    rule_prefixes,
-)
+from flagella.policy.trace import TraceQuery, Tracer
 
 log = structlog.get_logger("flagella.agent")
 
-ENFORCE_INGRESS = 0x1
-ENFORCE_EGRESS = 0x2
-HOST_ID = RESERVED_IDENTITIES["host"]
-NAME_RE_MAX = 63
 
 
 @dataclass
 class Stats:
-    regenerations: Tally[str] = field(default_factory=Tally)
     import_errors: int = 0
-    repairs: Tally[str] = field(default_factory=Tally)
     attach_repairs: Tally[str] = field(default_factory=Tally)  # by program
 
 
 def _check_name(kind: str, name: str) -> None:
-    import re
-
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?", name or ""):
         raise InputError(f"{kind} {name!r}: must be a DNS label (lowercase letters, digits, '-', '.')")
 
@@ -76,12 +73,17 @@ class AgentCore:
         settings: AgentSettings,
         datapath: Datapath,
         identity_backend: Backend | None = None,
+        enforcers: Sequence[Enforcer] = (),
+        clock: Clock | None = None,
     ) -> None:
+        """``enforcers`` (the xDS server's) complete before the kernel datapath applies:
+        a port is redirected only once the proxy ACKed its listener and policy."""
         self.settings = settings
         self.dp = datapath
         self.state_dir = Path(settings.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)  # state names every pod and policy: root's alone
+        self.files = StateFiles(self.state_dir)
         self.store = EndpointStore(self.state_dir / "endpoints")
         if identity_backend is None:
             # SQLite gives its -wal and -shm files the database file's mode.
@@ -99,62 +101,59 @@ class AgentCore:
         self.endpoints: dict[int, Endpoint] = {}
         self.namespace_labels: dict[str, dict[str, str]] = {}
         self.cidr_identities: dict[IPNetwork, int] = {}
-        self.written: dict[int, dict[PolicyKey, PolicyValue]] = {}
         self.stats = Stats()
         self.host_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        net = settings.network
+        self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
+        self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
+        self.kernel = DatapathEnforcer(datapath, settings.proxy.ingress_port, settings.proxy.egress_port)
+        #: Called with the whole desired ipcache after every ipcache write (the node
+        #: proxy's peer sets follow identities and addresses through it).
+        self.ipcache_listeners: list[Callable[[Mapping[IPNetwork, int]], None]] = []
+        self.pipeline = Pipeline(
+            [self.kernel], settings.regeneration, clock, on_change=self._endpoint_changed, first=enforcers
+        )
         for ident, labels in reserved_identity_labels().items():
             self.engine.set_identity(ident, labels)
 
+    def _endpoint_changed(self, ep: Endpoint) -> None:
+        if ep.id in self.endpoints:
+            self.store.save(ep)
+
+    def close(self) -> None:
+        self.pipeline.stop()
+
     # -- persistence -----------------------------------------------------------
 
-    def _write_json(self, name: str, obj: Any) -> None:
-        path = self.state_dir / name
-        tmp = path.with_suffix(".tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(obj, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def _read_json(self, name: str, default: Any) -> Any:
-        try:
-            return json.loads((self.state_dir / name).read_text())
-        except FileNotFoundError:
-            return default
-
     def _save_policies(self) -> None:
-        self._write_json(
-            "policies.json",
-            {"revision": self.engine.revision, "documents": [p.source for p in self.engine.policies.values()]},
-        )
-
-    def _save_namespaces(self) -> None:
-        self._write_json("namespaces.json", self.namespace_labels)
+        self.files.save_policies(self.engine.revision, [p.source for p in self.engine.policies.values()])
 
     # -- start / restore ---------------------------------------------------------
 
     def restore(self) -> dict[str, int]:
         """Rebuild in-memory state from the state dir and reconcile the kernel."""
+        self.pipeline.start()
         self.dp.start()
         self.host_ips = self.dp.host_addresses()
-        self.namespace_labels = self._read_json("namespaces.json", {})
-        saved = self._read_json("policies.json", {"revision": 1, "documents": []})
-        policies = [parse_policy(doc) for doc in saved["documents"]]
+        self.namespace_labels = self.files.load_namespaces()
+        revision, documents = self.files.load_policies()
+        policies = [parse_policy(doc) for doc in documents]
         self._sync_cidr_identities(policies)
         self.engine.upsert_policies(policies)
-        self.engine.revision = max(self.engine.revision, int(saved.get("revision", 1)))
+        self.engine.revision = max(self.engine.revision, revision)
         report = {"restored": 0, "removed": 0}
         records = {ep.id: ep for ep in self.store.load_all()}
         pods = {p.netns: p for p in self.dp.list_pods()}
         for ep in records.values():
             pod = pods.get(ep.netns)
-            if ep.state != State.READY or pod is None or pod.ifindex != ep.ifindex:
+            if not ep.created or pod is None or pod.ifindex != ep.ifindex or ep.state == State.DISCONNECTING:
                 # A crash in the middle of create or delete: undo it completely.
                 self._teardown(ep)
                 report["removed"] += 1
                 continue
             self.endpoints[ep.id] = ep
-            ep.state = State.RESTORING
+            self._reserve_addresses(ep)
+            ep.state, ep.state_reason = State.RESTORING, ""
             report["restored"] += 1
         # Records from an older agent may carry labels the agent now derives itself (see
         # policy.labels): their endpoints share one identity number per label set again.
@@ -171,10 +170,11 @@ class AgentCore:
         for ep in self.endpoints.values():
             self.engine.upsert_endpoint(self._info(ep))
         self._sync_identities()
+        self._write_ipcache(())
+        self._regenerate_and_wait(self.endpoints.keys())
         for ep in self.endpoints.values():
-            ep.set_state(State.REGENERATING)
-            self.dp.attach(ep.ifindex)
-        self.regenerate(self.endpoints.keys())
+            if self.kernel.complete.get(ep.id):
+                self.dp.attach(ep.ifindex)
         self.sync_all(count=False)
         log.info("agent-restored", **report)
         return report
@@ -192,13 +192,15 @@ class AgentCore:
         out before (recorded in ``endpoint_ids.json``), so a new endpoint cannot inherit kernel
         state keyed by an old one's id (conntrack, fragments, policy counters)."""
         used = set(self.endpoints) | {ep.id for ep in self.store.load_all()}
-        last = int(self._read_json("endpoint_ids.json", {}).get("last", 0))
-        n = max([last, *used]) + 1
-        self._write_json("endpoint_ids.json", {"last": n})
+        n = max([self.files.load_last_endpoint_id(), *used]) + 1
+        self.files.save_last_endpoint_id(n)
         return n
 
     def _security_labels(self, ep: Endpoint) -> LabelSet:
         return self.label_filter.filter(ep.identity_labels())
+
+    def security_labels(self, ep: Endpoint) -> LabelSet:
+        return self._security_labels(ep)
 
     def _info(self, ep: Endpoint) -> EndpointInfo:
         return EndpointInfo(
@@ -236,35 +238,42 @@ class AgentCore:
         check_pod_labels(labels or {}, "--labels")
         check_pod_labels(namespace_labels or {}, "--namespace-labels")
         v4, v6 = self._addresses(ipv4, ipv6)
-        if namespace_labels:  # the same change as `namespace labels --set`: members follow
-            self.set_namespace_labels(namespace, namespace_labels, ())
-        ep = Endpoint(
-            id=self._next_endpoint_id(),
-            name=name,
-            namespace=namespace,
-            labels=dict(labels or {}),
-            namespace_labels=dict(self.namespace_labels.get(namespace, {})),
-            service_account=service_account,
-            ipv4=v4,
-            ipv6=v6,
-            named_ports={k: [tuple(p) for p in v] for k, v in (named_ports or {}).items()},  # type: ignore[misc]
-        )
-        ep.netns = pod_netns_name(namespace, name)
-        self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
+        try:
+            if namespace_labels:  # the same change as `namespace labels --set`: members follow
+                self.set_namespace_labels(namespace, namespace_labels, ())
+            ep = Endpoint(
+                id=self._next_endpoint_id(),
+                name=name,
+                namespace=namespace,
+                labels=dict(labels or {}),
+                namespace_labels=dict(self.namespace_labels.get(namespace, {})),
+                service_account=service_account,
+                ipv4=v4,
+                ipv6=v6,
+                named_ports={k: [(int(p[0]), int(p[1])) for p in v] for k, v in (named_ports or {}).items()},
+            )
+            ep.netns = pod_netns_name(namespace, name)
+            self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
+        except BaseException:
+            self._release_addresses(v4, v6)
+            raise
         self.store.save(ep)  # intent first: a crash from here on is undone by restore
         ep.set_state(State.WAITING_FOR_IDENTITY)
-        ep.identity = self.allocator.allocate(self._security_labels(ep))
-        self.store.save(ep)
         try:
+            ep.identity = self.allocator.allocate(self._security_labels(ep))
+            self.store.save(ep)
             pod = self.dp.ensure_pod(ep.netns, v4, v6)
             ep.host_ifname, ep.ifindex = pod.host_ifname, pod.ifindex
-            ep.set_state(State.REGENERATING)
             self.store.save(ep)
             self.endpoints[ep.id] = ep
             affected = self.engine.upsert_endpoint(self._info(ep))
             self._ipcache_endpoint(ep)
-            self.regenerate(affected | {ep.id})
+            self._regenerate_and_wait(affected | {ep.id})
+            if not self.kernel.complete.get(ep.id):
+                raise DatapathError(f"endpoint {ep.id}: its policy was not written: {ep.state_reason}")
             self.dp.attach(ep.ifindex)
+            ep.created = True
+            self.store.save(ep)
         except BaseException:
             self.endpoints.pop(ep.id, None)
             self._teardown(ep)
@@ -275,51 +284,74 @@ class AgentCore:
     def _addresses(
         self, ipv4: str | None, ipv6: str | None
     ) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address | None]:
-        net4 = ipaddress.IPv4Network(self.settings.network.ipv4_cidr)
-        net6 = ipaddress.IPv6Network(self.settings.network.ipv6_cidr) if self.settings.network.ipv6_cidr else None
-        used = {a for ep in self.endpoints.values() for a in ep.addresses()}
-        v4 = _pick(net4, ipv4, used, "--ipv4")
-        v6 = _pick(net6, ipv6, used, "--ipv6") if net6 is not None else None
-        return v4, v6  # type: ignore[return-value]
+        req4 = _parse_address(ipv4, 4, "--ipv4")
+        req6 = _parse_address(ipv6, 6, "--ipv6")
+        if req6 is not None and self.ipam6 is None:
+            raise InputError("--ipv6: the node has no IPv6 pod CIDR")
+        try:
+            v4 = self.ipam4.allocate(req4)
+        except InputError as exc:
+            raise InputError(f"--ipv4: {exc}") from None
+        try:
+            v6 = self.ipam6.allocate(req6) if self.ipam6 is not None else None
+        except InputError as exc:
+            self.ipam4.release(v4)
+            raise InputError(f"--ipv6: {exc}") from None
+        return v4, v6
+
+    def _reserve_addresses(self, ep: Endpoint) -> None:
+        if ep.ipv4 is not None and ep.ipv4 not in self.ipam4.in_use:
+            self.ipam4.allocate(ep.ipv4)
+        if ep.ipv6 is not None and self.ipam6 is not None and ep.ipv6 not in self.ipam6.in_use:
+            self.ipam6.allocate(ep.ipv6)
+
+    def _release_addresses(
+        self, v4: ipaddress.IPv4Address | None, v6: ipaddress.IPv6Address | None
+    ) -> None:
+        if v4 is not None:
+            self.ipam4.release(v4)
+        if v6 is not None and self.ipam6 is not None:
+            self.ipam6.release(v6)
 
     def delete_endpoint(self, ref: str | int) -> Endpoint:
         ep = self.find(ref)
+        self.pipeline.halt(ep)  # no worker touches it from here on
         ep.set_state(State.DISCONNECTING)
         self.store.save(ep)
         self.endpoints.pop(ep.id, None)
         affected = self.engine.remove_endpoint(ep.id)
-        self._teardown(ep)
-        self.regenerate(affected)
+        affected |= self._teardown(ep)
+        self._regenerate_and_wait(affected - {ep.id})
         log.info("endpoint-deleted", endpoint=ep.id, name=ep.name)
         return ep
 
-    def _teardown(self, ep: Endpoint) -> None:
-        """Remove every kernel object and record of ``ep``; safe to repeat."""
+    def _teardown(self, ep: Endpoint) -> set[int]:
+        """Remove every kernel object and record of ``ep``; safe to repeat. Returns the
+        endpoints whose policy changes because ``ep``'s identity is gone."""
         if ep.ifindex:
             self.dp.detach(ep.ifindex)
-            self.dp.endpoints.pop(ep.ifindex, None)
-        for key in [k for k in self.dp.policy if k.ep_id == ep.id]:
-            self.dp.policy.pop(key, None)
-        self.dp.bump_generation()  # after every map write: cached verdicts are checked again
-        self.written.pop(ep.id, None)
-        # Conntrack of the endpoint, and of its addresses in other endpoints' entries:
-        # a pod re-created with the same id or address must not inherit old flows.
-        addrs = ep.addresses()
-        stale = [
-            r for r in self.dp.ct_entries()
-            if r.ep_id == ep.id or r.saddr in addrs or r.daddr in addrs
-        ]
-        if stale:
-            self.dp.ct_delete(stale)
-        self.dp.frag_forget(ep.id, addrs)
+        self.pipeline.remove(ep)  # every enforcer forgets it (the kernel: row and policy)
+        self.kernel.purge_flows(ep.id, ep.addresses())  # conntrack and fragments
         self.dp.remove_pod(ep.netns)
+        affected: set[int] = set()
         if ep.identity and ep.state != State.INIT:
-            self.allocator.release(ep.identity)
+            affected = self._release_identity(ep.identity)
         self.store.delete(ep.id)
+        self._release_addresses(ep.ipv4, ep.ipv6)
         if ep.state != State.DISCONNECTED:
             ep.state = State.DISCONNECTED
         # The address may be named by a policy CIDR: fall back to what the rest wants.
         self._write_ipcache(ipaddress.ip_network(a) for a in ep.addresses())
+        return affected
+
+    def _release_identity(self, ident: int) -> set[int]:
+        """Drop a reference; when none remain, the identity leaves every peer's policy
+        (its number is handed out again, maybe to other labels: a stale key would
+        grant the newcomer what the old holder was allowed). Returns the endpoints
+        whose policy changed."""
+        if self.allocator.release(ident) > 0:
+            return set()
+        return self.engine.remove_identity(ident)
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
         ep = self.find(ref)
@@ -339,7 +371,7 @@ class AgentCore:
             labels.pop(key, None)
         labels.update(set_labels)
         self.namespace_labels[namespace] = labels
-        self._save_namespaces()
+        self.files.save_namespaces(self.namespace_labels)
         members = [ep for ep in self.endpoints.values() if ep.namespace == namespace]
         self._relabel(members, lambda e: setattr(e, "namespace_labels", dict(labels)))
         return labels
@@ -351,18 +383,17 @@ class AgentCore:
             new = self.allocator.allocate(self._security_labels(ep))
             old = ep.identity
             ep.identity = new
-            if ep.state == State.READY:
-                ep.set_state(State.WAITING_FOR_IDENTITY)
             self.store.save(ep)
             affected |= self.engine.upsert_endpoint(self._info(ep))
             self._ipcache_endpoint(ep)
             if old != new:
-                self.allocator.release(old)
-        self.regenerate(affected)
+                affected |= self._release_identity(old)
+        self._regenerate_and_wait(affected)
 
     # -- policy --------------------------------------------------------------------
 
     def import_policies(self, documents: list[Any], sources: list[str] | None = None) -> int:
+        """Import atomically; return the new revision without waiting for it to be realized."""
         errors: list[FieldError] = []
         policies: list[Policy] = []
         for i, doc in enumerate(documents):
@@ -411,103 +442,63 @@ class AgentCore:
     def _gc_cidr_identities(self) -> None:
         wanted = rule_prefixes(self.engine.policies.values())
         gone = [n for n in self.cidr_identities if n not in wanted]
+        affected: set[int] = set()
         for net in gone:
-            ident = self.cidr_identities.pop(net)
-            self.allocator.release(ident)
-            affected = self.engine.remove_identity(ident)
+            affected |= self._release_identity(self.cidr_identities.pop(net))
+        if affected:
             self.regenerate(affected)
         self._write_ipcache(gone)
 
     def _write_ipcache(self, prefixes: Iterable[IPNetwork]) -> None:
         """Make these ipcache entries what the full desired ipcache says (an endpoint's
         own address wins over a policy CIDR that names it exactly)."""
-        prefixes = list(prefixes)
-        if not prefixes:
-            return
         desired = self.desired_ipcache()
-        try:
-            for net in prefixes:
-                if net in desired:
-                    self.dp.ipcache[net] = desired[net]
-                else:
-                    self.dp.ipcache.pop(net, None)
-        finally:
-            self.dp.bump_generation()
+        self.kernel.set_ipcache(desired, prefixes)
+        for listener in self.ipcache_listeners:
+            listener(desired)
+
+    def _ipcache_endpoint(self, ep: Endpoint) -> None:
+        self._write_ipcache(ipaddress.ip_network(a) for a in ep.addresses())
 
     # -- regeneration ----------------------------------------------------------------
 
-    def _ipcache_endpoint(self, ep: Endpoint) -> None:
-        try:
-            for addr in ep.addresses():
-                self.dp.ipcache[ipaddress.ip_network(addr)] = ep.identity
-        finally:
-            self.dp.bump_generation()
+    def regenerate(self, ep_ids: Iterable[int], revision: int | None = None) -> set[int]:
+        """Hand the resolved policy of ``ep_ids`` to the pipeline (at ``revision``).
 
-    def desired_policy(self, ep: Endpoint) -> tuple[dict[PolicyKey, PolicyValue], EndpointRow]:
-        pol = self.engine.policy(ep.id)
-        port = self.settings.policy.proxy_port
-        ingress, imask = policy_entries(ep.id, pol.ingress, False, port)
-        egress, emask = policy_entries(ep.id, pol.egress, True, port)
-        flags = (ENFORCE_INGRESS if pol.ingress.enforced else 0) | (
-            ENFORCE_EGRESS if pol.egress.enforced else 0
-        )
-        row = EndpointRow(ep.id, ep.identity, flags, imask, emask, ep.ipv4, ep.ipv6)
-        return {**ingress, **egress}, row
-
-    def regenerate(self, ep_ids: Iterable[int], revision: int | None = None) -> None:
-        """Write the resolved policy of ``ep_ids``; every endpoint then enforces ``revision``.
-
-        Endpoints not in ``ep_ids`` were not affected by the change, so they
-        already enforce the new revision as they are.
+        Endpoints not in ``ep_ids`` were not affected by the change: their policy
+        already is ``revision``'s, realized as soon as their latest regeneration is.
+        Returns the endpoints handed over.
         """
         revision = revision or self.engine.revision
-        ep_ids = set(ep_ids)
-        for ep in self.endpoints.values():
-            if ep.id not in ep_ids:
-                ep.policy_revision = max(ep.policy_revision, revision)
-        for ep_id in sorted(ep_ids):
+        ids = set(ep_ids)
+        requested = set()
+        for ep_id in sorted(ids):
             ep = self.endpoints.get(ep_id)
             if ep is None or ep_id not in self.engine.resolved:
                 continue
-            if ep.state in (State.READY, State.WAITING_FOR_IDENTITY, State.RESTORING):
-                ep.set_state(State.REGENERATING)
-            try:
-                self._write_endpoint(ep)
-            except Exception:
-                self.stats.regenerations["fail"] += 1
-                raise
-            self.stats.regenerations["success"] += 1
-            ep.policy_revision = revision
-            pol = self.engine.policy(ep_id)
-            ep.enforcing_ingress, ep.enforcing_egress = pol.ingress.enforced, pol.egress.enforced
-            if ep.state == State.REGENERATING:
-                ep.set_state(State.READY)
-            self.store.save(ep)
+            self.pipeline.request(ep, revision, self.engine.policy(ep_id).snapshot())
+            requested.add(ep_id)
+        self.pipeline.advance([ep for ep in self.endpoints.values() if ep.id not in ids], revision)
+        return requested
 
-    def _write_endpoint(self, ep: Endpoint) -> None:
-        desired, row = self.desired_policy(ep)
-        actual = self.written.get(ep.id, {})
-        upserts, deletes = diff(actual, desired)
-        try:
-            self.dp.policy.update(upserts)
-            old_row = self.dp.endpoints.get(ep.ifindex)
-            if old_row is not None and deletes:
-                # Keep probing the old wildcard widths until their entries are gone.
-                widened = EndpointRow(
-                    row.ep_id, row.identity, row.flags,
-                    row.ingress_wild_mask | old_row.ingress_wild_mask,
-                    row.egress_wild_mask | old_row.egress_wild_mask, row.ipv4, row.ipv6,
-                )
-                self.dp.endpoints[ep.ifindex] = widened
-            else:
-                self.dp.endpoints[ep.ifindex] = row
-            for k in deletes:
-                self.dp.policy.pop(k, None)
-            self.dp.endpoints[ep.ifindex] = row
-        finally:
-            # Even after a partial write: verdicts cached in conntrack are checked again.
-            self.dp.bump_generation()
-        self.written[ep.id] = desired
+    def _regenerate_and_wait(self, ep_ids: Iterable[int]) -> None:
+        """Regenerate and wait (bounded) until each is realized or failed visibly."""
+        requested = self.regenerate(ep_ids)
+        if requested:
+            self.pipeline.wait_settled(requested, self.settings.regeneration.completion_timeout_s)
+
+    def wait_for_revision(self, revision: int, timeout: float) -> list[Endpoint]:
+        """Wait until every endpoint realized ``revision`` with every enforcer; return
+        the endpoints that still lag after ``timeout`` seconds."""
+        return self.pipeline.wait_revision(revision, timeout)
+
+    def wait_idle(self, timeout: float = 10.0) -> list[Endpoint]:
+        """Wait until every regeneration requested so far has been realized (tests, tools)."""
+        return self.pipeline.wait_settled(list(self.endpoints), timeout)
+
+    def desired_policy(self, ep: Endpoint) -> Any:
+        """The kernel entries and endpoint row ``ep``'s current policy resolves to."""
+        return self.kernel.desired(ep, self.engine.policy(ep.id))
 
     # -- controllers -------------------------------------------------------------------
 
@@ -519,40 +510,8 @@ class AgentCore:
         )
 
     def sync_all(self, count: bool = True) -> int:
-        """Make every map equal to the desired state; return the number of repairs."""
-        repairs = 0
-        desired_policy: dict[PolicyKey, PolicyValue] = {}
-        desired_rows: dict[int, EndpointRow] = {}
-        for ep in self.endpoints.values():
-            if ep.id not in self.engine.resolved:
-                continue
-            entries, row = self.desired_policy(ep)
-            desired_policy.update(entries)
-            desired_rows[ep.ifindex] = row
-            self.written[ep.id] = entries
-        writing = False
-        try:
-            for name, actual_map, desired in (
-                ("policy", self.dp.policy, desired_policy),
-                ("endpoints", self.dp.endpoints, desired_rows),
-                ("ipcache", self.dp.ipcache, self.desired_ipcache()),
-            ):
-                actual = dict(actual_map.items())
-                upserts, deletes = diff(actual, desired)  # type: ignore[arg-type]
-                writing = writing or bool(upserts or deletes)
-                for k, v in upserts.items():
-                    actual_map[k] = v  # type: ignore[index]
-                for k in deletes:
-                    actual_map.pop(k, None)  # type: ignore[call-overload]
-                n = len(upserts) + len(deletes)
-                if n and count:
-                    self.stats.repairs[name] += n
-                    log.warning("map-drift-repaired", map=name, upserts=len(upserts), deletes=len(deletes))
-                repairs += n
-        finally:
-            if writing:  # a repair can change verdicts: cached ones are checked again
-                self.dp.bump_generation()
-        return repairs + self._sync_attachments(count)
+        """Repair drift in every map and every program attachment; return the number of repairs."""
+        return self.kernel.sync(count) + self._sync_attachments(count)
 
     def _sync_attachments(self, count: bool) -> int:
         """Reattach the programs of every endpoint where they no longer run (a filter
@@ -573,16 +532,7 @@ class AgentCore:
         return repaired
 
     def ct_gc(self, tcp: bool = True) -> int:
-        """Delete expired conntrack entries (with ``tcp=False``, only non-TCP ones).
-
-        The kernel already treats expired entries as absent; this frees their slots.
-        """
-        now = self.dp.now_ns()
-        expired = [
-            row for row in self.dp.ct_entries()
-            if row.expires_ns <= now and (tcp or row.proto != 6)
-        ]
-        return self.dp.ct_delete(expired) if expired else 0
+        return self.kernel.ct_gc(tcp)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -610,37 +560,23 @@ class AgentCore:
             "policies": len(self.engine.policies),
             "revision": self.engine.revision,
             "identities": len(self.allocator.all()),
-            "repairs": dict(self.stats.repairs),
+            "repairs": dict(self.kernel.repairs),
             "attach_repairs": dict(self.stats.attach_repairs),
-            "regenerations": dict(self.stats.regenerations),
+            "regenerations": dict(self.pipeline.stats.outcomes),
+            "not_ready": sorted(ep.id for ep in self.endpoints.values() if ep.state == State.NOT_READY),
         }
 
 
-def _pick(
-    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
-    requested: str | None,
-    used: set[Any],
-    flag: str,
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if requested:
-        try:
-            addr = ipaddress.ip_address(requested)
-        except ValueError:
-            raise InputError(f"{flag}: {requested!r} is not an IP address") from None
-        if addr.version != net.version:
-            raise InputError(f"{flag}: {addr} is not an IPv{net.version} address")
-        if addr not in net:
-            raise InputError(f"{flag}: {addr} is not in the node's pod CIDR {net}")
-        if addr in used:
-            raise InputError(f"{flag}: {addr} is already in use")
-        return addr
-    skip = 1  # .1 / ::1 stay free (gateways by convention)
-    for i, addr in enumerate(net.hosts()):
-        if i < skip:
-            continue
-        if addr not in used:
-            return addr
-    raise InputError(f"no free address left in {net}")
+def _parse_address(value: str | None, version: int, flag: str) -> Any:
+    if not value:
+        return None
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise InputError(f"{flag}: {value!r} is not an IP address") from None
+    if addr.version != version:
+        raise InputError(f"{flag}: {addr} is not an IPv{version} address")
+    return addr
 
 
 def parse_kv(items: Iterable[str], flag: str) -> dict[str, str]:
@@ -655,5 +591,3 @@ def parse_kv(items: Iterable[str], flag: str) -> dict[str, str]:
             out[label.key] = label.value
     return out
 
-
-_ = time  # monotonic clocks are read through the datapath

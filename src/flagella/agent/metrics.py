@@ -6,17 +6,25 @@ counters come from the kernel's per-CPU metrics map, summed over CPUs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
+from flagella.agent.controllers import Controller
 from flagella.datapath.events import reason_text
+from flagella.endpoint import State
+from flagella.endpoint.regeneration import DURATION_BUCKETS
 
 if TYPE_CHECKING:
-    from flagella.agent.server import AgentServer
+    from flagella.agent.core import AgentCore
 
 DIRECTIONS = {1: "INGRESS", 2: "EGRESS"}
 
@@ -25,11 +33,12 @@ def reason_name(code: int) -> str:
 
 
 class AgentCollector(Collector):
-    def __init__(self, server: AgentServer) -> None:
-        self.server = server
+    def __init__(self, core: AgentCore, controllers: Callable[[], Sequence[Controller]]) -> None:
+        self.core = core
+        self.controllers = controllers
 
     def collect(self) -> Iterator[Any]:
-        core = self.server.core
+        core = self.core
         drops = CounterMetricFamily("flagella_drop_count", "Dropped packets", labels=["reason", "direction"])
         drop_bytes = CounterMetricFamily("flagella_drop_bytes", "Dropped bytes", labels=["reason", "direction"])
         fwd = CounterMetricFamily("flagella_forward_count", "Forwarded packets", labels=["direction"])
@@ -48,16 +57,31 @@ class AgentCollector(Collector):
                 drop_bytes.add_metric([reason_name(reason), direction], c.bytes)
         yield from (drops, drop_bytes, fwd, fwd_bytes)
         yield GaugeMetricFamily("flagella_endpoint_count", "Endpoints", value=len(core.endpoints))
-        regen = CounterMetricFamily("flagella_endpoint_regenerations", "Endpoint regenerations", labels=["outcome"])
-        for outcome in ("success", "fail"):
-            regen.add_metric([outcome], core.stats.regenerations.get(outcome, 0))
+        states = GaugeMetricFamily("flagella_endpoint_state", "Endpoints per state", labels=["endpoint_state"])
+        for state in State:
+            states.add_metric([state.value], sum(1 for ep in list(core.endpoints.values()) if ep.state == state))
+        yield states
+        stats = core.pipeline.stats
+        regen = CounterMetricFamily(
+            "flagella_endpoint_regenerations", "Endpoint regenerations, by outcome", labels=["outcome"]
+        )
+        for outcome in ("success", "failure"):
+            regen.add_metric([outcome], stats.outcomes.get(outcome, 0))
         yield regen
+        buckets = [(str(b), n) for b, n in zip(DURATION_BUCKETS, stats.buckets, strict=False)]
+        buckets.append(("+Inf", stats.buckets[-1]))
+        yield HistogramMetricFamily(
+            "flagella_endpoint_regeneration_time_stats_seconds",
+            "Duration of endpoint regenerations, until every enforcer completed",
+            buckets=buckets,
+            sum_value=stats.duration_sum,
+        )
         yield GaugeMetricFamily("flagella_policy_count", "Policies", value=len(core.engine.policies))
         yield GaugeMetricFamily("flagella_policy_max_revision", "Policy revision", value=core.engine.revision)
         yield CounterMetricFamily("flagella_policy_import_errors", "Rejected policy imports", value=core.stats.import_errors)
         yield GaugeMetricFamily("flagella_identity_count", "Identities", value=len(core.allocator.all()))
         repairs = CounterMetricFamily("flagella_map_repairs", "Map entries repaired by the sync controller", labels=["map"])
-        for name, n in core.stats.repairs.items():
+        for name, n in core.kernel.repairs.items():
             repairs.add_metric([name], n)
         yield repairs
         attach = CounterMetricFamily(
@@ -66,15 +90,20 @@ class AgentCollector(Collector):
         for prog, n in core.stats.attach_repairs.items():
             attach.add_metric([prog], n)
         yield attach
-        failing = sum(1 for c in self.server.controllers if c.consecutive_failures)
+        failing = sum(1 for c in self.controllers() if c.consecutive_failures)
         yield GaugeMetricFamily("flagella_controllers_failing", "Controllers failing", value=failing)
 
 
-def start_metrics(server: AgentServer) -> None:
-    addr = server.core.settings.metrics_addr
+def start_metrics(
+    core: AgentCore, controllers: Callable[[], Sequence[Controller]], extra: Sequence[Collector] = ()
+) -> None:
+    """Serve the agent's metrics, and ``extra`` collectors' (the node proxy's)."""
+    addr = core.settings.metrics_addr
     if not addr:
         return
     host, _, port = addr.rpartition(":")
-    collector = AgentCollector(server)
+    collector = AgentCollector(core, controllers)
     REGISTRY.register(collector)
+    for c in extra:
+        REGISTRY.register(c)
     start_http_server(int(port), addr=host or "127.0.0.1")

@@ -43,41 +43,22 @@ from typing import Any
 import structlog
 
 from flagella import rpc
+from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
-from flagella.agent.metrics import start_metrics
+from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
+from flagella.agent.proxy import NodeProxy
 from flagella.agent.settings import connection_cap
-from flagella.datapath.desired import PolicyKey
+from flagella.clock import Clock, MonotonicClock
+from flagella.datapath.entries import PolicyKey
 from flagella.errors import FlagellaError, InputError
 from flagella.policy.api import PROTOCOL_NAMES, Policy
 from flagella.policy.labels import LabelSet
-from flagella.policy.query import TraceQuery, parse_named_ports, parse_query
-from flagella.policy.trace import Tracer
+from flagella.policy.query import parse_named_ports, parse_query
+from flagella.policy.trace import TraceQuery, Tracer
 from flagella.xds.server import XdsServer
 from flagella.xds.status import rows_to_json
 
 log = structlog.get_logger("flagella.agent")
-
-
-@dataclass
-class Controller:
-    name: str
-    interval: float
-    func: Callable[[], Any]
-    runs: int = 0
-    failures: int = 0
-    consecutive_failures: int = 0
-    last_error: str = ""
-    last_run: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "interval_s": self.interval,
-            "runs": self.runs,
-            "failures": self.failures,
-            "consecutive_failures": self.consecutive_failures,
-            "last_error": self.last_error,
-        }
 
 
 @dataclass
@@ -87,11 +68,16 @@ class AgentServer:
     controllers: list[Controller] = field(default_factory=list)
     subscribers: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    clock: Clock = field(default_factory=MonotonicClock)
     connections: int = 0
     xds: XdsServer | None = None  # started and stopped with the agent when set
+    proxy: NodeProxy | None = None  # the node proxy (its xDS server becomes ``xds``)
 
     def __post_init__(self) -> None:
         s = self.core.settings
+        if self.proxy is not None:
+            self.xds = self.proxy.server
+            self.proxy.sinks.append(self._broadcast)
         self.max_connections = connection_cap(s.api, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # One trace at a time: an abandoned trace finishes its current query before the next starts.
         self.trace_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace")
@@ -122,7 +108,6 @@ class AgentServer:
                     _strs(p, "names"), _opt(p, "namespace"), p.get("all") is True
                 )
             },
-            "policy.wait": self.policy_wait,
             "policy.trace": self.policy_trace,
             "identity.list": lambda p: list(self.core.identities().values()),
             "identity.get": self.identity_get,
@@ -181,12 +166,23 @@ class AgentServer:
             raise InputError("documents: expected a list")
         return {"revision": self.core.import_policies(docs, _strs(p, "sources") or None)}
 
-    def policy_wait(self, p: dict[str, Any]) -> dict[str, Any]:
+    async def policy_wait(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Wait (outside the lock) until every endpoint realized ``revision`` with every
+        enforcer, or ``timeout`` seconds passed (default 0: just report)."""
         revision = p.get("revision", self.core.engine.revision)
         if isinstance(revision, bool) or not isinstance(revision, int):
             raise InputError("revision: expected an integer")
-        behind = [ep.id for ep in self.core.endpoints.values() if ep.policy_revision < revision]
-        return {"revision": revision, "waiting": behind}
+        timeout = p.get("timeout", 0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
+            raise InputError("timeout: expected a number of seconds, 0-3600")
+        lagging = await asyncio.wrap_future(
+            self.core.pipeline.wait_revision_future(revision, float(timeout))
+        )
+        return {
+            "revision": revision,
+            "waiting": [ep.id for ep in lagging],
+            "lagging": [ep.to_json() for ep in lagging],
+        }
 
     def policy_trace(self, p: dict[str, Any]) -> list[dict[str, Any]]:
         """Trace against the live policies; a side may name a live endpoint (blocking form)."""
@@ -293,8 +289,6 @@ class AgentServer:
         ]
 
     def bpf_metrics(self) -> list[dict[str, Any]]:
-        from flagella.agent.metrics import DIRECTIONS, reason_name
-
         return [
             {"reason": reason_name(reason), "direction": DIRECTIONS.get(d, "UNKNOWN"), "packets": c.packets, "bytes": c.bytes}
             for (reason, d), c in sorted(self.core.dp.metrics().items())
@@ -352,6 +346,8 @@ class AgentServer:
                 return None
             if method == "policy.trace":
                 return rpc.ok(await self.policy_trace_unlocked(params))
+            if method == "policy.wait":  # waits for the pipeline, never holds the lock
+                return rpc.ok(await self.policy_wait(params))
             handler = self.handlers.get(method)
             if handler is None:
                 raise InputError(f"unknown method {method!r}")
@@ -384,29 +380,17 @@ class AgentServer:
         finally:
             self.subscribers.remove(queue)
 
-    async def run_controller(self, c: Controller) -> None:
-        while True:
-            await asyncio.sleep(c.interval)
-            async with self.lock:
-                try:
-                    await asyncio.get_running_loop().run_in_executor(None, c.func)
-                    c.consecutive_failures = 0
-                except Exception as exc:
-                    c.failures += 1
-                    c.consecutive_failures += 1
-                    c.last_error = str(exc)
-                    log.warning("controller-failed", controller=c.name, error=str(exc))
-                c.runs += 1
-                c.last_run = time.time()
+    def _broadcast(self, ev: dict[str, Any]) -> None:
+        for q in list(self.subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(ev)
 
     async def pump_events(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             events = await loop.run_in_executor(None, self.core.dp.poll_events, 200)
             for ev in events:
-                for q in list(self.subscribers):
-                    with contextlib.suppress(asyncio.QueueFull):
-                        q.put_nowait(ev)
+                self._broadcast(ev)
             if not events:
                 await asyncio.sleep(0.05)
 
@@ -418,27 +402,34 @@ class AgentServer:
         os.chmod(path, 0o660)
         return server
 
-    async def serve(self) -> None:
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until SIGINT/SIGTERM, or until ``stop`` is set (then no signal
+        handlers are installed: an agent embedded in a test's thread)."""
         path = self.core.settings.socket_path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         server = await self.start_api(path)
-        start_metrics(self)
-        if self.xds is not None:
+        start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [])
+        if self.proxy is not None:
+            await self.proxy.start()
+        elif self.xds is not None:
             await self.xds.start()
-        tasks = [asyncio.create_task(self.run_controller(c)) for c in self.controllers]
+        tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
         log.info("agent-ready", socket=path)
         async with server:
             await stop.wait()
         for t in tasks:
             t.cancel()
-        if self.xds is not None:
+        if self.proxy is not None:
+            await self.proxy.stop()
+        elif self.xds is not None:
             await self.xds.stop()
         self.trace_worker.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
@@ -506,9 +497,12 @@ def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nby
     }
 
 
-def run_agent(core: AgentCore) -> None:
+def run_agent(core: AgentCore, proxy: NodeProxy | None = None) -> None:
     core.restore()
-    server = AgentServer(core)
-    asyncio.run(server.serve())
+    server = AgentServer(core, proxy=proxy)
+    try:
+        asyncio.run(server.serve())
+    finally:
+        core.close()
 
 

@@ -9,6 +9,7 @@ mirror these groups, e.g.::
     conntrack: {tcp_established_s: 21600}
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
     kvstore: {backend: etcd, endpoints: ["http://127.0.0.1:2379"], lease_ttl_s: 15}
+    proxy: {enabled: true, ingress_port: 15001, egress_port: 15002, start_at_agent_start: false}
 
 Unknown keys are errors that name the key.
 """
@@ -24,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.identity import Backend
 from flagella.policy.resolver import PolicySettings
+from flagella.proxy.ports import ProxySettings
 
 
 @dataclass(frozen=True)
@@ -133,12 +136,18 @@ class AgentSettings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
     controllers: ControllerSettings = field(default_factory=ControllerSettings)
+    regeneration: RegenerationSettings = field(default_factory=RegenerationSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     kvstore: KvstoreSettings = field(default_factory=KvstoreSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
 
     @property
     def socket_path(self) -> str:
         return self.socket or str(Path(self.state_dir) / "flagella.sock")
+
+    @property
+    def xds_socket_path(self) -> str:
+        return self.proxy.xds_socket or str(Path(self.state_dir) / "xds.sock")
 
     def validate(self) -> AgentSettings:
         try:
@@ -168,6 +177,9 @@ class AgentSettings:
             raise InputError("attach_mode: must be auto, tcx or tc")
         if self.controllers.sync_interval_s <= 0:
             raise InputError("controllers.sync_interval_s: must be positive")
+        for name in ("completion_timeout_s", "backoff_initial_s", "backoff_max_s"):
+            if getattr(self.regeneration, name) <= 0:
+                raise InputError(f"regeneration.{name}: must be positive")
         if not 1024 <= self.api.max_request_bytes <= 1 << 30:
             raise InputError("api.max_request_bytes: must be 1024 to 1073741824")
         for name in ("idle_timeout_s", "trace_timeout_s"):
@@ -190,6 +202,7 @@ class AgentSettings:
             raise InputError("kvstore.timeout_s: must be a positive number of seconds")
         if "/" in kv.node:
             raise InputError("kvstore.node: must not contain '/'")
+        self.proxy.validate()
         return self
 
 

@@ -201,7 +201,7 @@ def _flag_query(
                 "headers": ti.parse_headers(http_header, "--http-header"),
             }
         )
-    kafka = ()
+    kafka: tuple[Any, ...] = ()
     if kafka_api_key is not None or kafka_topic is not None:
         kafka = (
             ti.parse_kafka(

@@ -33,9 +33,9 @@ bpf_app.add_typer(bpf_ipcache_app, name="ipcache", help="IP/CIDR -> identity.")
 bpf_app.add_typer(bpf_metrics_app, name="metrics", help="Datapath drop/forward counters.")
 
 
-def run(method: str, params: dict[str, Any], socket: str | None) -> Any:
+def run(method: str, params: dict[str, Any], socket: str | None, timeout: float = 300.0) -> Any:
     try:
-        return call(socket, method, params)
+        return call(socket, method, params, timeout=timeout)
     except PolicyValidationError:
         raise
     except InputError as exc:
@@ -118,7 +118,7 @@ def _ep_text(eps: list[dict[str, Any]]) -> str:
             ",".join(f"{k}={v}" for k, v in sorted(e["labels"].items())),
             e["ipv6"] or "",
             e["ipv4"] or "",
-            e["state"],
+            e["state"] + (f" ({e['state_reason']})" if e.get("state_reason") else ""),
         ]
         for e in eps
     ]
@@ -206,7 +206,12 @@ def namespace_labels(
 
 def policy_import(
     files: list[Path],
-    wait: Annotated[bool, typer.Option("--wait", help="Return once every endpoint enforces the revision")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Return once every endpoint realized the revision with every enforcer")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds --wait waits before failing", min=0)
+    ] = 60.0,
     socket: SocketOpt = None,
     output: OutputOpt = "text",
 ) -> None:
@@ -226,18 +231,23 @@ def policy_import(
             typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
     if wait:
-        import time
-
-        deadline = time.monotonic() + 60
-        while True:
-            w = run("policy.wait", {"revision": r["revision"]}, socket)
-            if not w["waiting"]:
-                break
-            if time.monotonic() > deadline:
-                typer.echo(f"Error: endpoints {w['waiting']} did not reach revision {r['revision']}", err=True)
-                raise typer.Exit(1)
-            time.sleep(0.1)
+        w = run("policy.wait", {"revision": r["revision"], "timeout": timeout}, socket, timeout=timeout + 30)
+        if w["lagging"]:
+            typer.echo(
+                f"Error: revision {r['revision']} not realized within {timeout:g}s by "
+                + ", ".join(_lagging_text(ep) for ep in w["lagging"]),
+                err=True,
+            )
+            raise typer.Exit(1)
     emit(r, output, lambda x: f"Revision: {x['revision']}")
+
+
+def _lagging_text(ep: dict[str, Any]) -> str:
+    reason = f": {ep['state_reason']}" if ep.get("state_reason") else ""
+    return (
+        f"{ep['namespace']}/{ep['name']} (endpoint {ep['id']}, {ep['state']}{reason}, "
+        f"at revision {ep['policy_revision']})"
+    )
 
 
 def policy_get(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
@@ -325,6 +335,8 @@ def proxy_status(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
 
 
 def format_event(ev: dict[str, Any]) -> str:
+    if ev.get("type") == "l7":
+        return str(ev.get("line", ""))
     if ev.get("type") == "drop":
         return (
             f"xx drop ({ev.get('reason_name', ev.get('reason'))}) to endpoint {ev.get('ep_id')}, "
@@ -338,13 +350,13 @@ def format_event(ev: dict[str, Any]) -> str:
 
 
 def monitor(
-    type_: Annotated[str | None, typer.Option("--type", "-t", help="drop or trace")] = None,
+    type_: Annotated[str | None, typer.Option("--type", "-t", help="drop, trace or l7")] = None,
     socket: SocketOpt = None,
     output: OutputOpt = "text",
 ) -> None:
-    """Print datapath events as they happen (Ctrl-C to stop)."""
-    if type_ not in (None, "drop", "trace"):
-        typer.echo("Error: --type must be drop or trace", err=True)
+    """Print datapath events and the node proxy's L7 records as they happen (Ctrl-C to stop)."""
+    if type_ not in (None, "drop", "trace", "l7"):
+        typer.echo("Error: --type must be drop, trace or l7", err=True)
         raise typer.Exit(2)
     try:
         for ev in stream(socket, "monitor", {"type": type_}):

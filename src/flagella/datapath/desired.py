@@ -23,9 +23,9 @@ here; being exact there needs one value per tier in the kernel map.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TypeVar
 
+from flagella.datapath.entries import PolicyKey, PolicyValue
 from flagella.policy.mapstate import (
     ANY_PROTOCOL,
     PORT_MAX,
@@ -34,31 +34,6 @@ from flagella.policy.mapstate import (
     Verdict,
     port_blocks,
 )
-
-EGRESS = 1
-INGRESS = 0
-
-
-@dataclass(frozen=True, order=True)
-class PolicyKey:
-    """Mirrors ``struct policy_key`` (bpf/flagella.h) without the padding."""
-
-    ep_id: int
-    identity: int
-    egress: int
-    protocol: int
-    wild_bits: int
-    port: int
-
-
-@dataclass(frozen=True)
-class PolicyValue:
-    """Mirrors the configuration half of ``struct policy_entry`` (no counters)."""
-
-    verdict: int
-    proxy_port: int = 0
-    #: The MapState key's precedence: 0 normal tier, > 0 Admin, < 0 Baseline (higher first).
-    precedence: int = 0
 
 
 def _merge(a: PolicyValue, b: PolicyValue) -> PolicyValue:
@@ -74,7 +49,6 @@ def policy_entries(
     """Kernel policy entries of one endpoint and direction, and the wild-bits mask."""
     out: dict[PolicyKey, PolicyValue] = {}
     mask = 0
-    direction = EGRESS if egress else INGRESS
     for key, entry in state:
         value = _value(entry, proxy_port, key.precedence)
         if key.protocol == ANY_PROTOCOL or (key.port == 0 and key.end_port == PORT_MAX):
@@ -82,7 +56,7 @@ def policy_entries(
         else:
             blocks = port_blocks(key.port, key.end_port)
         for base, bits in blocks:
-            k = PolicyKey(ep_id, key.identity, direction, key.protocol, bits, base)
+            k = PolicyKey(ep_id, key.identity, egress, key.protocol, base, bits)
             old = out.get(k)
             out[k] = value if old is None else _merge(old, value)
             mask |= 1 << bits
@@ -91,8 +65,8 @@ def policy_entries(
 
 def _value(entry: Entry, proxy_port: int, precedence: int = 0) -> PolicyValue:
     if entry.verdict == Verdict.REDIRECT:
-        return PolicyValue(int(Verdict.REDIRECT), proxy_port, precedence)
-    return PolicyValue(int(entry.verdict), 0, precedence)
+        return PolicyValue(Verdict.REDIRECT, proxy_port, precedence)
+    return PolicyValue(entry.verdict, 0, precedence)
 
 
 K = TypeVar("K", bound=Hashable)

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from flagella.datapath import maps as m
-from flagella.datapath.desired import PolicyKey, PolicyValue
+from flagella.datapath import redirect
+from flagella.datapath.entries import EndpointRow, PolicyEntry, PolicyKey, PolicyValue
 from flagella.datapath.events import reason_text
 from flagella.datapath.links import LinkSettings, PodNetwork, prepare_host
 from flagella.datapath.loader import DatapathSettings, load_datapath
-from flagella.datapath.port import Counters, CTRow, EndpointRow, IPAddress, IPNetwork, PodInfo
+from flagella.datapath.port import Counters, CTRow, IPAddress, IPNetwork, PodInfo
 from flagella.errors import DatapathError
 from flagella.policy.api import PROTOCOL_NAMES
 
@@ -49,12 +50,15 @@ def ensure_bpffs() -> None:
 
 
 def install_host_mark(table: str = NFT_TABLE) -> None:
-    """Mark packets the host sends into pods, so the datapath can tell host from world."""
+    """Mark packets the host sends into pods, so the datapath can tell host from world.
+
+    The proxy's upstream (mark 0x300, see `flagella.datapath.redirect`) is left alone:
+    it carries its client's address, and the client is its peer, not the host."""
     rules = f"""
 table inet {table} {{
   chain output {{
     type filter hook output priority mangle; policy accept;
-    oifname "fl*" meta mark set meta mark | {HOST_MARK:#x}
+    oifname "fl*" meta mark & {redirect.MARK_MASK:#x} != {redirect.MARK_FROM_PROXY:#x} meta mark set meta mark | {HOST_MARK:#x}
   }}
 }}
 """
@@ -72,44 +76,33 @@ class _PolicyView(MutableMapping[PolicyKey, PolicyValue]):
     def __init__(self, policy: m.PolicyMap) -> None:
         self.map = policy
 
-    @staticmethod
-    def _key(k: PolicyKey) -> m.PolicyKey:
-        return m.PolicyKey(k.ep_id, k.identity, bool(k.egress), k.protocol, k.port, k.wild_bits)
-
-    @staticmethod
-    def _plain(k: m.PolicyKey) -> PolicyKey:
-        return PolicyKey(k.ep_id, k.identity, int(k.egress), k.protocol, k.wild_bits, k.port)
-
     def __getitem__(self, key: PolicyKey) -> PolicyValue:
-        v = self.map.get(self._key(key))
+        v = self.map.get(key)
         if v is None:
             raise KeyError(key)
-        return PolicyValue(int(v.verdict), v.proxy_port, v.precedence)
+        return v.value
 
     def __setitem__(self, key: PolicyKey, value: PolicyValue) -> None:
-        self.map.set(self._key(key), m.Verdict(value.verdict), value.proxy_port, value.precedence)
+        self.map.set(key, value.verdict, value.proxy_port, value.precedence)
 
     def update(self, other: Any = (), /, **kw: Any) -> None:  # batched
         items = other.items() if isinstance(other, Mapping) else other
-        batch = {self._key(k): (m.Verdict(v.verdict), v.proxy_port, v.precedence) for k, v in items}
+        batch = {k: (v.verdict, v.proxy_port, v.precedence) for k, v in items}
         if batch:
             self.map.set_many(batch)
 
     def __delitem__(self, key: PolicyKey) -> None:
-        if not self.map.delete(self._key(key)):
+        if not self.map.delete(key):
             raise KeyError(key)
 
-    def items_with_counters(self) -> dict[PolicyKey, m.PolicyValue]:
-        return {self._plain(k): v for k, v in self.map.items().items()}
+    def items_with_counters(self) -> dict[PolicyKey, PolicyEntry]:
+        return self.map.items()
 
     def items(self) -> list[tuple[PolicyKey, PolicyValue]]:  # type: ignore[override]
-        return [
-            (k, PolicyValue(int(v.verdict), v.proxy_port, v.precedence))
-            for k, v in self.items_with_counters().items()
-        ]
+        return [(k, v.value) for k, v in self.map.items().items()]
 
     def __iter__(self) -> Iterator[PolicyKey]:
-        return iter([self._plain(k) for k in self.map.items()])
+        return iter(list(self.map.items()))
 
     def __len__(self) -> int:
         return len(self.map)
@@ -119,32 +112,21 @@ class _EndpointView(MutableMapping[int, EndpointRow]):
     def __init__(self, endpoints: m.EndpointMap) -> None:
         self.map = endpoints
 
-    @staticmethod
-    def _row(v: m.EndpointInfo) -> EndpointRow:
-        flags = (1 if v.enforce_ingress else 0) | (2 if v.enforce_egress else 0)
-        return EndpointRow(v.ep_id, v.identity, flags, v.ingress_wild_mask, v.egress_wild_mask, v.ipv4, v.ipv6)
-
     def __getitem__(self, ifindex: int) -> EndpointRow:
         v = self.map.get(ifindex)
         if v is None:
             raise KeyError(ifindex)
-        return self._row(v)
+        return v
 
     def __setitem__(self, ifindex: int, row: EndpointRow) -> None:
-        self.map.set(
-            ifindex,
-            m.EndpointInfo(
-                row.ep_id, row.identity, bool(row.flags & 1), bool(row.flags & 2),
-                row.ingress_wild_mask, row.egress_wild_mask, row.ipv4, row.ipv6,
-            ),
-        )
+        self.map.set(ifindex, row)
 
     def __delitem__(self, ifindex: int) -> None:
         if not self.map.delete(ifindex):
             raise KeyError(ifindex)
 
     def items(self) -> list[tuple[int, EndpointRow]]:  # type: ignore[override]
-        return [(k, self._row(v)) for k, v in self.map.items().items()]
+        return list(self.map.items().items())
 
     def __iter__(self) -> Iterator[int]:
         return iter(list(self.map.items()))
@@ -163,7 +145,7 @@ class _IPCacheView(MutableMapping[IPNetwork, int]):
                 return v.identity
         raise KeyError(net)
 
-    def get(self, net: IPNetwork, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, net: IPNetwork, default: Any = None) -> Any:
         try:
             return self[net]
         except KeyError:
@@ -176,7 +158,7 @@ class _IPCacheView(MutableMapping[IPNetwork, int]):
         if not self.map.delete(net):
             raise KeyError(net)
 
-    def pop(self, net: IPNetwork, default: Any = None) -> Any:  # type: ignore[override]
+    def pop(self, net: IPNetwork, default: Any = None) -> Any:
         """Delete without reading first (an LPM map has no exact lookup; a read scans it).
 
         Returns the prefix itself, not its identity, when it was present."""
@@ -204,6 +186,8 @@ class KernelSettings:
     ct_closing_s: int = 10
     trace_events: bool = False
     attach_mode: str = "auto"  # DatapathSettings.attach
+    #: The proxy redirect plumbing to install; None: none, ingress REDIRECTs drop.
+    redirect: redirect.RedirectSettings | None = None
 
 
 class KernelDatapath:
@@ -224,6 +208,7 @@ class KernelDatapath:
         )
         maps = self._dp.maps
         s = self.settings
+        reentry = redirect.install(s.redirect) if s.redirect is not None else None
         maps.config.set(
             m.DatapathConfig(
                 ct_tcp_ns=s.ct_tcp_s * NSEC,
@@ -231,6 +216,8 @@ class KernelDatapath:
                 ct_non_tcp_ns=s.ct_non_tcp_s * NSEC,
                 ct_closing_ns=s.ct_closing_s * NSEC,
                 trace_new_flows=self.settings.trace_events,
+                reentry_ifindex=reentry.ifindex if reentry else 0,
+                reentry_mac=reentry.mac if reentry else bytes(6),
             )
         )
         install_host_mark()
@@ -301,8 +288,7 @@ class KernelDatapath:
         out = {}
         for k, v in self.policy.items_with_counters().items():
             if k.ep_id == ep_id:
-                value = PolicyValue(int(v.verdict), v.proxy_port, v.precedence)
-                out[k] = (value, Counters(v.packets, v.bytes))
+                out[k] = (v.value, Counters(v.packets, v.bytes))
         return out
 
     def ct_entries(self) -> Iterator[CTRow]:
@@ -320,7 +306,7 @@ class KernelDatapath:
         return n
 
     def frag_forget(self, ep_id: int, addrs: Collection[IPAddress]) -> int:
-        return self._dp.maps.frag4.forget(ep_id, addrs) + self._dp.maps.frag6.forget(ep_id, addrs)
+        return int(self._dp.maps.frag4.forget(ep_id, addrs) + self._dp.maps.frag6.forget(ep_id, addrs))
 
     def metrics(self) -> dict[tuple[int, int], Counters]:
         return {

@@ -17,7 +17,7 @@ prog array are pinned under ``pin_dir/programs/<hash>/``. :func:`load_datapath`
 opens those pins when they exist (no bcc import, no compile: milliseconds)
 and compiles only otherwise (about a second).
 
-:meth:`Datapath.attach` runs ``from_pod`` on the ingress and ``to_pod`` on the
+:meth:`LoadedBuild.attach` runs ``from_pod`` on the ingress and ``to_pod`` on the
 egress of a pod's host veth. Where the kernel has tcx (6.6+) each is a BPF
 link (BPF_LINK_CREATE, BPF_TCX_INGRESS/EGRESS) pinned at
 ``pin_dir/links/<ifindex>-<program>``: the pin, not the agent, keeps it
@@ -29,8 +29,8 @@ replaces the old filter atomically; the filter's name carries the build hash.
 ``attach`` is a check-and-repair that returns what it had to (re)attach, which
 is how the agent's sync controller notices a filter deleted with ``tc`` or a
 link removed with ``bpftool`` (`attached` reports what runs: the kernel's
-``BPF_PROG_QUERY`` for tcx, the filter dump for clsact). :meth:`Datapath.detach`
-removes both kinds. :meth:`Datapath.prune_stale_programs`
+``BPF_PROG_QUERY`` for tcx, the filter dump for clsact). :meth:`LoadedBuild.detach`
+removes both kinds. :meth:`LoadedBuild.prune_stale_programs`
 removes the pins of other builds, and must only run once every device runs
 the current one: an old ``from_pod`` still attached tail-calls into its own
 build's prog array, which the kernel empties when its pin goes.
@@ -63,7 +63,7 @@ from flagella.errors import DatapathError, InputError
 
 __all__ = [
     "PROGRAMS",
-    "Datapath",
+    "LoadedBuild",
     "DatapathSettings",
     "MapSizes",
     "TestRunResult",
@@ -191,7 +191,7 @@ class TestRunResult:
         return self.verdict == 0
 
 
-class Datapath:
+class LoadedBuild:
     """A loaded build: its programs (as fds), the pinned state maps, attach/detach."""
 
     def __init__(
@@ -443,7 +443,7 @@ class Datapath:
         self.prog_fds.clear()
         self.maps.close()
 
-    def __enter__(self) -> Datapath:
+    def __enter__(self) -> LoadedBuild:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -577,7 +577,7 @@ def _tail(diag: list[str], lines: int = 30) -> str:
     return "\n".join(text[-lines:])
 
 
-def load_datapath(settings: DatapathSettings | None = None) -> Datapath:
+def load_datapath(settings: DatapathSettings | None = None) -> LoadedBuild:
     """Open the pinned build for ``settings`` or compile, pin and open it.
 
     State maps are never recreated here: existing ones are reused after a layout check.
@@ -609,7 +609,7 @@ def load_datapath(settings: DatapathSettings | None = None) -> Datapath:
         for fd in fds.values():
             os.close(fd)
         raise
-    return Datapath(settings, build, fds, maps, compiled, time.monotonic() - started)
+    return LoadedBuild(settings, build, fds, maps, compiled, time.monotonic() - started)
 
 
 def remove_pins(pin_dir: Path) -> None:

@@ -4,19 +4,19 @@ Theory of operation
 -------------------
 Three layers, each replaceable on its own:
 
-1. **Layouts.** One ctypes ``Structure`` per C struct of ``bpf/flagella.h``,
+1. **Layouts** (`flagella.datapath.layouts`). One ctypes ``Structure`` per C struct of ``bpf/flagella.h``,
    each quoting the declaration it mirrors. ``tests/datapath/test_bpf_layout.py``
    compiles the header with bcc and compares every size and offset, so the
    two cannot drift silently. :data:`MAP_SPECS` names each pinned map with its
    type, key, value, flags and default size; the loader compiles the program
    with those sizes and refuses pinned maps that disagree.
-2. **Backends** (:class:`MapBackend`): bytes in, bytes out, with the kernel's
+2. **Backends** (`flagella.datapath.backends`, :class:`MapBackend`): bytes in, bytes out, with the kernel's
    semantics (update flags, errno on a full hash, LPM longest-prefix lookup,
    LRU eviction, per-CPU values as one slot per CPU).
    :class:`KernelMap` is a pinned map through bpf(2); :class:`DictMap` is
    its in-memory twin for fast tests of code above the datapath. Both pass
    the same tests (``tests/datapath/test_bpf_maps.py``).
-3. **Typed wrappers** (:class:`EndpointMap`, :class:`PolicyMap`,
+3. **Typed wrappers** (this module: :class:`EndpointMap`, :class:`PolicyMap`,
    :class:`IPCache`, :class:`CTMap`, :class:`MetricsMap`, :class:`ConfigMap`,
    :class:`Frag4Map`) take and return frozen dataclasses with Python types
    (ipaddress objects, host-order ports, enums); byte order and padding are
@@ -34,15 +34,51 @@ import ctypes
 import ipaddress
 import secrets
 import sys
-from collections import OrderedDict
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import IntEnum, IntFlag
+from enum import IntFlag
 from pathlib import Path
-from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
-from flagella.datapath import _bpfsys
-from flagella.datapath._bpfsys import BPF_ANY, BPF_EXIST, BPF_NOEXIST, BpfError, MapType
+from flagella.datapath._bpfsys import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MapType
+from flagella.datapath.backends import DictMap, KernelMap, MapBackend, _slot
+from flagella.datapath.entries import (
+    Direction,
+    EndpointRow,
+    PolicyEntry,
+    PolicyKey,
+    PolicyValue,
+    Verdict,
+)
+from flagella.datapath.layouts import (
+    IDENTITY_WORLD,
+    MAP_SPECS,
+    NSEC_PER_SEC,
+    CtEntryStruct,
+    CtKeyStruct,
+    DpConfigStruct,
+    EndpointInfoStruct,
+    Frag4KeyStruct,
+    Frag4PortsStruct,
+    Frag6KeyStruct,
+    IPAddress,
+    Ipcache4KeyStruct,
+    Ipcache6KeyStruct,
+    IPNetwork,
+    MapSpec,
+    MetricsKeyStruct,
+    MetricsValueStruct,
+    PolicyEntryStruct,
+    PolicyKeyStruct,
+    RemoteInfoStruct,
+    _addr16,
+    _be16,
+    _be32,
+    _from_addr16,
+    _from_be16,
+    _from_be32,
+    _pack,
+    _unpack,
+)
 from flagella.errors import DatapathError
 from flagella.policy.mapstate import port_blocks
 
@@ -60,7 +96,7 @@ __all__ = [
     "DatapathMaps",
     "DictMap",
     "Direction",
-    "EndpointInfo",
+    "EndpointRow",
     "EndpointMap",
     "Frag4Map",
     "Frag6Key",
@@ -74,6 +110,7 @@ __all__ = [
     "MetricsMap",
     "PolicyKey",
     "PolicyMap",
+    "PolicyEntry",
     "PolicyValue",
     "RemoteInfo",
     "Verdict",
@@ -82,654 +119,9 @@ __all__ = [
     "wild_mask",
 ]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-BPF_F_NO_PREALLOC = 1
-IDENTITY_WORLD = 2
-NSEC_PER_SEC = 1_000_000_000
-
-
-# --------------------------------------------------------------------------------------------
-# Layouts: each mirrors a struct of bpf/flagella.h and must match it byte for byte.
-# --------------------------------------------------------------------------------------------
-
-
-class EndpointInfoStruct(ctypes.Structure):
-    """struct endpoint_info {
-        __u32 ep_id; __u32 identity; __u32 flags;
-        __u32 ingress_wild_mask; __u32 egress_wild_mask;
-        __be32 ipv4; __u8 ipv6[16];
-    };"""
-
-    C_NAME: ClassVar[str] = "endpoint_info"
-    _fields_ = [
-        ("ep_id", ctypes.c_uint32),
-        ("identity", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("ingress_wild_mask", ctypes.c_uint32),
-        ("egress_wild_mask", ctypes.c_uint32),
-        ("ipv4", ctypes.c_uint32),
-        ("ipv6", ctypes.c_uint8 * 16),
-    ]
-
-
-class PolicyKeyStruct(ctypes.Structure):
-    """struct policy_key {
-        __u32 ep_id; __u32 identity;
-        __u8 egress; __u8 protocol; __u8 wild_bits; __u8 pad;
-        __u16 port; __u16 pad2;
-    };"""
-
-    C_NAME: ClassVar[str] = "policy_key"
-    _fields_ = [
-        ("ep_id", ctypes.c_uint32),
-        ("identity", ctypes.c_uint32),
-        ("egress", ctypes.c_uint8),
-        ("protocol", ctypes.c_uint8),
-        ("wild_bits", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("port", ctypes.c_uint16),
-        ("pad2", ctypes.c_uint16),
-    ]
-
-
-class PolicyEntryStruct(ctypes.Structure):
-    """struct policy_entry {
-        __u8 verdict; __u8 pad; __u16 proxy_port; __s32 precedence;
-        __u64 packets; __u64 bytes;
-    };"""
-
-    C_NAME: ClassVar[str] = "policy_entry"
-    _fields_ = [
-        ("verdict", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("proxy_port", ctypes.c_uint16),
-        ("precedence", ctypes.c_int32),
-        ("packets", ctypes.c_uint64),
-        ("bytes", ctypes.c_uint64),
-    ]
-
-
-class Ipcache4KeyStruct(ctypes.Structure):
-    """struct ipcache4_key { __u32 prefixlen; __be32 addr; };"""
-
-    C_NAME: ClassVar[str] = "ipcache4_key"
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
-
-
-class Ipcache6KeyStruct(ctypes.Structure):
-    """struct ipcache6_key { __u32 prefixlen; __u8 addr[16]; };"""
-
-    C_NAME: ClassVar[str] = "ipcache6_key"
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
-
-
-class RemoteInfoStruct(ctypes.Structure):
-    """struct remote_info { __u32 identity; __u32 flags; };"""
-
-    C_NAME: ClassVar[str] = "remote_info"
-    _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
-
-
-class CtKeyStruct(ctypes.Structure):
-    """struct ct_key {
-        __u32 ep_id; __u8 egress; __u8 proto; __u16 pad;
-        __u8 saddr[16]; __u8 daddr[16];
-        __be16 sport; __be16 dport;
-    };"""
-
-    C_NAME: ClassVar[str] = "ct_key"
-    _fields_ = [
-        ("ep_id", ctypes.c_uint32),
-        ("egress", ctypes.c_uint8),
-        ("proto", ctypes.c_uint8),
-        ("pad", ctypes.c_uint16),
-        ("saddr", ctypes.c_uint8 * 16),
-        ("daddr", ctypes.c_uint8 * 16),
-        ("sport", ctypes.c_uint16),
-        ("dport", ctypes.c_uint16),
-    ]
-
-
-class CtEntryStruct(ctypes.Structure):
-    """struct ct_entry {
-        __u64 expires_ns; __u64 packets; __u64 bytes; __u32 flags; __u32 verdict_gen;
-    };"""
-
-    C_NAME: ClassVar[str] = "ct_entry"
-    _fields_ = [
-        ("expires_ns", ctypes.c_uint64),
-        ("packets", ctypes.c_uint64),
-        ("bytes", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("verdict_gen", ctypes.c_uint32),
-    ]
-
-
-class DpConfigStruct(ctypes.Structure):
-    """struct dp_config {
-        __u64 ct_tcp_ns; __u64 ct_syn_ns; __u64 ct_non_tcp_ns; __u64 ct_closing_ns;
-        __u32 flags; __u32 generation;
-    };"""
-
-    C_NAME: ClassVar[str] = "dp_config"
-    _fields_ = [
-        ("ct_tcp_ns", ctypes.c_uint64),
-        ("ct_syn_ns", ctypes.c_uint64),
-        ("ct_non_tcp_ns", ctypes.c_uint64),
-        ("ct_closing_ns", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("generation", ctypes.c_uint32),
-    ]
-
-
-class Frag4KeyStruct(ctypes.Structure):
-    """struct frag4_key {
-        __u32 ep_id; __u8 egress; __u8 proto; __be16 ip_id; __be32 saddr; __be32 daddr;
-    };"""
-
-    C_NAME: ClassVar[str] = "frag4_key"
-    _fields_ = [
-        ("ep_id", ctypes.c_uint32),
-        ("egress", ctypes.c_uint8),
-        ("proto", ctypes.c_uint8),
-        ("ip_id", ctypes.c_uint16),
-        ("saddr", ctypes.c_uint32),
-        ("daddr", ctypes.c_uint32),
-    ]
-
-
-class Frag6KeyStruct(ctypes.Structure):
-    """struct frag6_key {
-        __u32 ep_id; __u8 egress; __u8 proto; __u16 pad; __be32 frag_id;
-        __u8 saddr[16]; __u8 daddr[16];
-    };"""
-
-    C_NAME: ClassVar[str] = "frag6_key"
-    _fields_ = [
-        ("ep_id", ctypes.c_uint32),
-        ("egress", ctypes.c_uint8),
-        ("proto", ctypes.c_uint8),
-        ("pad", ctypes.c_uint16),
-        ("frag_id", ctypes.c_uint32),
-        ("saddr", ctypes.c_uint8 * 16),
-        ("daddr", ctypes.c_uint8 * 16),
-    ]
-
-
-class Frag4PortsStruct(ctypes.Structure):
-    """struct frag4_ports { __be16 sport; __be16 dport; };"""
-
-    C_NAME: ClassVar[str] = "frag4_ports"
-    _fields_ = [("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16)]
-
-
-class MetricsKeyStruct(ctypes.Structure):
-    """struct metrics_key { __u8 reason; __u8 dir; __u16 pad; };"""
-
-    C_NAME: ClassVar[str] = "metrics_key"
-    _fields_ = [("reason", ctypes.c_uint8), ("dir", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
-
-
-class MetricsValueStruct(ctypes.Structure):
-    """struct metrics_value { __u64 packets; __u64 bytes; };"""
-
-    C_NAME: ClassVar[str] = "metrics_value"
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
-
-
-LAYOUTS: tuple[type[ctypes.Structure], ...] = (
-    EndpointInfoStruct,
-    PolicyKeyStruct,
-    PolicyEntryStruct,
-    Ipcache4KeyStruct,
-    Ipcache6KeyStruct,
-    RemoteInfoStruct,
-    CtKeyStruct,
-    CtEntryStruct,
-    DpConfigStruct,
-    Frag4KeyStruct,
-    Frag6KeyStruct,
-    Frag4PortsStruct,
-    MetricsKeyStruct,
-    MetricsValueStruct,
-)
-"""Every mirrored struct of ``bpf/flagella.h`` except ``struct event`` (in events.py)."""
-
-_S = TypeVar("_S", bound=ctypes.Structure)
-
-
-def _pack(s: ctypes.Structure) -> bytes:
-    return bytes(s)
-
-
-def _unpack(cls: type[_S], raw: bytes) -> _S:
-    return cls.from_buffer_copy(raw[: ctypes.sizeof(cls)])
-
-
-def _be16(port: int) -> int:
-    """A host-order 16-bit value as the native integer whose memory is network order."""
-    return int.from_bytes(port.to_bytes(2, "big"), sys.byteorder)
-
-
-def _from_be16(raw: int) -> int:
-    return int.from_bytes(raw.to_bytes(2, sys.byteorder), "big")
-
-
-def _be32(addr: ipaddress.IPv4Address) -> int:
-    return int.from_bytes(addr.packed, sys.byteorder)
-
-
-def _from_be32(raw: int) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(raw.to_bytes(4, sys.byteorder))
-
-
-def _addr16(addr: IPAddress) -> bytes:
-    """16-byte form: IPv6 as is, IPv4 IPv4-mapped."""
-    if isinstance(addr, ipaddress.IPv4Address):
-        return b"\0" * 10 + b"\xff\xff" + addr.packed
-    return addr.packed
-
-
-def _from_addr16(raw: bytes) -> IPAddress:
-    if raw[:12] == b"\0" * 10 + b"\xff\xff":
-        return ipaddress.IPv4Address(raw[12:16])
-    return ipaddress.IPv6Address(bytes(raw[:16]))
-
-
-# --------------------------------------------------------------------------------------------
-# Map specs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MapSpec:
-    """One pinned map: what ``bpf/flagella.c`` declares for it."""
-
-    name: str
-    type: int
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int = 0
-
-    def with_max_entries(self, n: int) -> MapSpec:
-        return MapSpec(self.name, self.type, self.key_size, self.value_size, n, self.flags)
-
-
-def _spec(
-    name: str,
-    type_: int,
-    key: type[ctypes.c_uint32] | type[ctypes.Structure] | None,
-    value: type[ctypes.Structure] | None,
-    max_entries: int,
-    flags: int = 0,
-) -> MapSpec:
-    return MapSpec(
-        name,
-        type_,
-        0 if key is None else ctypes.sizeof(key),
-        0 if value is None else ctypes.sizeof(value),
-        max_entries,
-        flags,
-    )
-
-
-MAP_SPECS: Mapping[str, MapSpec] = {
-    s.name: s
-    for s in (
-        _spec(
-            "endpoints", MapType.HASH, ctypes.c_uint32, EndpointInfoStruct, 65536, BPF_F_NO_PREALLOC
-        ),
-        _spec(
-            "policy", MapType.HASH, PolicyKeyStruct, PolicyEntryStruct, 262144, BPF_F_NO_PREALLOC
-        ),
-        _spec(
-            "ipcache4",
-            MapType.LPM_TRIE,
-            Ipcache4KeyStruct,
-            RemoteInfoStruct,
-            512000,
-            BPF_F_NO_PREALLOC,
-        ),
-        _spec(
-            "ipcache6",
-            MapType.LPM_TRIE,
-            Ipcache6KeyStruct,
-            RemoteInfoStruct,
-            512000,
-            BPF_F_NO_PREALLOC,
-        ),
-        _spec("ct", MapType.LRU_HASH, CtKeyStruct, CtEntryStruct, 262144, 0),
-        _spec("config", MapType.ARRAY, ctypes.c_uint32, DpConfigStruct, 1),
-        _spec("frag4", MapType.LRU_HASH, Frag4KeyStruct, Frag4PortsStruct, 8192, 0),
-        _spec("frag6", MapType.LRU_HASH, Frag6KeyStruct, Frag4PortsStruct, 8192, 0),
-        _spec("metrics", MapType.PERCPU_HASH, MetricsKeyStruct, MetricsValueStruct, 1024, 0),
-        _spec("forwarded", MapType.PERCPU_ARRAY, ctypes.c_uint32, MetricsValueStruct, 4, 0),
-        _spec("events", MapType.RINGBUF, None, None, 64 * 4096, 0),
-    )
-}
-"""The state maps pinned under the pin directory, with their default sizes."""
-
-_PERCPU_TYPES = {MapType.PERCPU_HASH, MapType.PERCPU_ARRAY}
-_ARRAY_TYPES = {MapType.ARRAY, MapType.PERCPU_ARRAY}
-_BATCH_TYPES = {MapType.HASH, MapType.LRU_HASH, MapType.PERCPU_HASH, MapType.ARRAY}
-
-
-# --------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class MapBackend(Protocol):
-    """One map, bytes in and bytes out, with the kernel's semantics.
-
-    ``value_size`` is the size of one CPU's value; a per-CPU map (``cpus`` > 1) takes and
-    returns ``cpus`` slots of ``value_size`` rounded up to 8 bytes. Errors are
-    :class:`~flagella.datapath._bpfsys.BpfError` with the kernel's errno.
-    """
-
-    @property
-    def key_size(self) -> int: ...
-
-    @property
-    def value_size(self) -> int: ...
-
-    @property
-    def cpus(self) -> int: ...
-
-    def lookup(self, key: bytes) -> bytes | None: ...
-
-    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None: ...
-
-    def delete(self, key: bytes) -> bool: ...
-
-    def keys(self) -> Iterator[bytes]: ...
-
-    def items(self) -> list[tuple[bytes, bytes]]: ...
-
-    def update_many(self, pairs: Iterable[tuple[bytes, bytes]]) -> int: ...
-
-    def delete_many(self, keys: Iterable[bytes]) -> int: ...
-
-    def close(self) -> None: ...
-
-
-def _slot(value_size: int) -> int:
-    return (value_size + 7) & ~7
-
-
-class KernelMap:
-    """A BPF map reached through bpf(2), usually opened from its pin."""
-
-    def __init__(self, fd: int, name: str = "") -> None:
-        self._fd = fd
-        info = _bpfsys.map_info(fd)
-        self.info = info
-        self.name = name or info.name
-        self._cpus = _bpfsys.possible_cpus() if info.type in _PERCPU_TYPES else 1
-        self._batch = info.type in _BATCH_TYPES
-
-    @classmethod
-    def open_pinned(cls, path: str | Path, expect: MapSpec | None = None) -> KernelMap:
-        """Open the map pinned at ``path``; with ``expect``, refuse one of another layout."""
-        fd = _bpfsys.obj_get(str(path))
-        m = cls(fd, Path(path).name)
-        if expect is not None:
-            try:
-                check_compatible(m.info, expect, str(path))
-            except DatapathError:
-                m.close()
-                raise
-        return m
-
-    @classmethod
-    def create(cls, spec: MapSpec) -> KernelMap:
-        """A new unpinned map of ``spec`` (tests, scratch)."""
-        fd = _bpfsys.map_create(
-            spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, spec.name
-        )
-        return cls(fd, spec.name)
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    @property
-    def key_size(self) -> int:
-        return self.info.key_size
-
-    @property
-    def value_size(self) -> int:
-        return self.info.value_size
-
-    @property
-    def cpus(self) -> int:
-        return self._cpus
-
-    def _full_value_size(self) -> int:
-        return self.value_size if self._cpus == 1 else _slot(self.value_size) * self._cpus
-
-    def lookup(self, key: bytes) -> bytes | None:
-        return _bpfsys.map_lookup(self._fd, key, self._full_value_size())
-
-    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-        _bpfsys.map_update(self._fd, key, value, flags)
-
-    def delete(self, key: bytes) -> bool:
-        return _bpfsys.map_delete(self._fd, key)
-
-    def keys(self) -> Iterator[bytes]:
-        key = _bpfsys.map_get_next_key(self._fd, None, self.key_size)
-        while key is not None:
-            yield key
-            key = _bpfsys.map_get_next_key(self._fd, key, self.key_size)
-
-    def items(self) -> list[tuple[bytes, bytes]]:
-        if self._batch:
-            try:
-                return _bpfsys.map_lookup_batch(self._fd, self.key_size, self._full_value_size())
-            except BpfError:
-                self._batch = False  # kernel without batch ops for this type
-        out = []
-        for k in list(self.keys()):
-            v = self.lookup(k)
-            if v is not None:  # deleted meanwhile
-                out.append((k, v))
-        return out
-
-    def update_many(self, pairs: Iterable[tuple[bytes, bytes]]) -> int:
-        pairs = list(pairs)
-        if not pairs:
-            return 0
-        if self._batch:
-            try:
-                return _bpfsys.map_update_batch(
-                    self._fd,
-                    b"".join(k for k, _ in pairs),
-                    b"".join(v for _, v in pairs),
-                    len(pairs),
-                )
-            except BpfError as e:
-                if e.errno not in (22, 95, 524):  # EINVAL, EOPNOTSUPP, ENOTSUPP
-                    raise
-                self._batch = False
-        for k, v in pairs:
-            self.update(k, v)
-        return len(pairs)
-
-    def delete_many(self, keys: Iterable[bytes]) -> int:
-        return sum(1 for k in keys if self.delete(k))
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            _bpfsys.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> KernelMap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def check_compatible(info: _bpfsys.MapInfo, spec: MapSpec, where: str) -> None:
-    """Raise DatapathError if a pinned map does not have the layout ``spec`` describes."""
-    problems = []
-    for what, have, want in (
-        ("type", info.type, spec.type),
-        ("key size", info.key_size, spec.key_size),
-        ("value size", info.value_size, spec.value_size),
-        ("max entries", info.max_entries, spec.max_entries),
-        ("flags", info.map_flags, spec.flags),
-    ):
-        if have != want:
-            problems.append(f"{what} {have} (expected {want})")
-    if problems:
-        raise DatapathError(
-            f"pinned map {where} has another layout: {', '.join(problems)}; "
-            "remove it to let the datapath recreate it (its state is lost)"
-        )
-
-
-class DictMap:
-    """In-memory twin of a BPF map of ``spec``'s type, errno for errno.
-
-    HASH and PERCPU_HASH refuse a new key when full (E2BIG); LRU_HASH evicts the least
-    recently updated entry (the kernel also counts the program's lookups, which user space
-    cannot see); ARRAY has every index from the start and cannot delete (EINVAL);
-    LPM_TRIE looks up the longest stored prefix (keys are ``u32 prefixlen`` + address).
-    """
-
-    def __init__(self, spec: MapSpec, cpus: int = 1) -> None:
-        self.spec = spec
-        self.name = spec.name
-        self._cpus = cpus if spec.type in _PERCPU_TYPES else 1
-        self._data: OrderedDict[bytes, bytes] = OrderedDict()
-        if spec.type in _ARRAY_TYPES:
-            zero = bytes(self._full_value_size())
-            for i in range(spec.max_entries):
-                self._data[i.to_bytes(4, sys.byteorder)] = zero
-
-    @property
-    def key_size(self) -> int:
-        return self.spec.key_size
-
-    @property
-    def value_size(self) -> int:
-        return self.spec.value_size
-
-    @property
-    def cpus(self) -> int:
-        return self._cpus
-
-    def _full_value_size(self) -> int:
-        return self.value_size if self._cpus == 1 else _slot(self.value_size) * self._cpus
-
-    def _check_key(self, key: bytes) -> None:
-        if len(key) != self.key_size:
-            raise BpfError(f"{self.name}: key of {len(key)} bytes", 22)
-
-    def lookup(self, key: bytes) -> bytes | None:
-        self._check_key(key)
-        if self.spec.type == MapType.LPM_TRIE:
-            return self._lpm_lookup(key)
-        return self._data.get(key)  # like bpf(2) lookups, this does not refresh LRU order
-
-    def _lpm_lookup(self, key: bytes) -> bytes | None:
-        plen = int.from_bytes(key[:4], sys.byteorder)
-        addr = int.from_bytes(key[4:], "big")
-        width = (len(key) - 4) * 8
-        for n in range(min(plen, width), -1, -1):
-            masked = addr & ~((1 << (width - n)) - 1) if n else 0
-            k = n.to_bytes(4, sys.byteorder) + masked.to_bytes(width // 8, "big")
-            v = self._data.get(k)
-            if v is not None:
-                return v
-        return None
-
-    def _lpm_normal(self, key: bytes) -> bytes:
-        # The kernel matches only the first prefixlen bits; store the key with the rest zeroed.
-        plen = int.from_bytes(key[:4], sys.byteorder)
-        width = (len(key) - 4) * 8
-        if plen > width:
-            raise BpfError(f"{self.name}: prefixlen {plen}", 22)
-        addr = int.from_bytes(key[4:], "big")
-        masked = addr & ~((1 << (width - plen)) - 1) if plen else 0
-        return key[:4] + masked.to_bytes(width // 8, "big")
-
-    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-        self._check_key(key)
-        if len(value) != self._full_value_size():
-            raise BpfError(f"{self.name}: value of {len(value)} bytes", 22)
-        if self.spec.type == MapType.LPM_TRIE:
-            key = self._lpm_normal(key)
-        exists = key in self._data
-        if self.spec.type in _ARRAY_TYPES:
-            if not exists:
-                raise BpfError(f"{self.name}: index out of range", 7)  # E2BIG
-            if flags == BPF_NOEXIST:
-                raise BpfError(f"{self.name}: update", 17)  # EEXIST
-        elif flags == BPF_NOEXIST and exists:
-            raise BpfError(f"{self.name}: update", 17)
-        elif flags == BPF_EXIST and not exists:
-            raise BpfError(f"{self.name}: update", 2)  # ENOENT
-        if not exists and len(self._data) >= self.spec.max_entries:
-            if self.spec.type == MapType.LRU_HASH:
-                self._data.popitem(last=False)
-            else:
-                raise BpfError(f"{self.name}: map full", 7)  # E2BIG
-        self._data[key] = bytes(value)
-        if self.spec.type == MapType.LRU_HASH:
-            self._data.move_to_end(key)
-
-    def delete(self, key: bytes) -> bool:
-        self._check_key(key)
-        if self.spec.type in _ARRAY_TYPES:
-            raise BpfError(f"{self.name}: delete from array", 22)
-        if self.spec.type == MapType.LPM_TRIE:
-            key = self._lpm_normal(key)
-        return self._data.pop(key, None) is not None
-
-    def keys(self) -> Iterator[bytes]:
-        yield from list(self._data)
-
-    def items(self) -> list[tuple[bytes, bytes]]:
-        return list(self._data.items())
-
-    def update_many(self, pairs: Iterable[tuple[bytes, bytes]]) -> int:
-        n = 0
-        for k, v in pairs:
-            self.update(k, v)
-            n += 1
-        return n
-
-    def delete_many(self, keys: Iterable[bytes]) -> int:
-        return sum(1 for k in keys if self.delete(k))
-
-    def close(self) -> None:
-        pass
-
-
 # --------------------------------------------------------------------------------------------
 # Typed values
 # --------------------------------------------------------------------------------------------
-
-
-class Verdict(IntEnum):
-    ALLOW = 1
-    DENY = 2
-    REDIRECT = 3  # to the L7 proxy at proxy_port
-    PASS = 4  # ClusterNetworkPolicy Pass: the normal tier decides
-
-
-class Direction(IntEnum):
-    """Metrics and events direction, from the pod's point of view."""
-
-    INGRESS = 1  # to the pod
-    EGRESS = 2  # from the pod
 
 
 class CtFlags(IntFlag):
@@ -737,110 +129,6 @@ class CtFlags(IntFlag):
     CLOSING_FWD = 0x2
     CLOSING_REV = 0x4
     DENIED = 0x8  # tombstone of a flow that policy denies (see flagella.h)
-
-
-@dataclass(frozen=True)
-class EndpointInfo:
-    """What the datapath knows of one endpoint, keyed by its host-side ifindex."""
-
-    ep_id: int
-    identity: int
-    enforce_ingress: bool = False
-    enforce_egress: bool = False
-    ingress_wild_mask: int = 0
-    egress_wild_mask: int = 0
-    ipv4: ipaddress.IPv4Address | None = None
-    ipv6: ipaddress.IPv6Address | None = None
-
-    def _struct(self) -> EndpointInfoStruct:
-        s = EndpointInfoStruct(
-            ep_id=self.ep_id,
-            identity=self.identity,
-            flags=(1 if self.enforce_ingress else 0) | (2 if self.enforce_egress else 0),
-            ingress_wild_mask=self.ingress_wild_mask,
-            egress_wild_mask=self.egress_wild_mask,
-            ipv4=_be32(self.ipv4) if self.ipv4 is not None else 0,
-        )
-        if self.ipv6 is not None:
-            s.ipv6[:] = list(self.ipv6.packed)
-        return s
-
-    @classmethod
-    def _from(cls, s: EndpointInfoStruct) -> EndpointInfo:
-        v6 = bytes(s.ipv6)
-        return cls(
-            ep_id=s.ep_id,
-            identity=s.identity,
-            enforce_ingress=bool(s.flags & 1),
-            enforce_egress=bool(s.flags & 2),
-            ingress_wild_mask=s.ingress_wild_mask,
-            egress_wild_mask=s.egress_wild_mask,
-            ipv4=_from_be32(s.ipv4) if s.ipv4 else None,
-            ipv6=ipaddress.IPv6Address(v6) if any(v6) else None,
-        )
-
-
-@dataclass(frozen=True)
-class PolicyKey:
-    """One policy map key. ``identity`` 0 is any peer; ``protocol`` 0 is any protocol
-    (``wild_bits`` must then be 16). ``port`` is host order with its low ``wild_bits`` bits
-    zero; for ICMP/ICMPv6 it is the message type."""
-
-    ep_id: int
-    identity: int
-    egress: bool
-    protocol: int
-    port: int = 0
-    wild_bits: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.wild_bits <= 16:
-            raise ValueError(f"wild_bits {self.wild_bits}: must be 0-16")
-        if not 0 <= self.port <= 0xFFFF or self.port & ((1 << self.wild_bits) - 1):
-            raise ValueError(f"port {self.port}: low {self.wild_bits} bits must be zero")
-        if self.protocol == 0 and (self.wild_bits != 16 or self.port != 0):
-            raise ValueError("protocol 0 (any) needs port 0 and wild_bits 16")
-
-    @classmethod
-    def any_port(cls, ep_id: int, identity: int, egress: bool, protocol: int = 0) -> PolicyKey:
-        return cls(ep_id, identity, egress, protocol, 0, 16)
-
-    def _struct(self) -> PolicyKeyStruct:
-        return PolicyKeyStruct(
-            ep_id=self.ep_id,
-            identity=self.identity,
-            egress=int(self.egress),
-            protocol=self.protocol,
-            wild_bits=self.wild_bits,
-            port=self.port,
-        )
-
-    @classmethod
-    def _from(cls, s: PolicyKeyStruct) -> PolicyKey:
-        return cls(s.ep_id, s.identity, bool(s.egress), s.protocol, s.port, s.wild_bits)
-
-
-@dataclass(frozen=True)
-class PolicyValue:
-    verdict: Verdict
-    proxy_port: int = 0
-    packets: int = 0
-    bytes: int = 0
-    #: 0 normal tier; > 0 admin tier (higher decides first); < 0 baseline tier.
-    precedence: int = 0
-
-    def _struct(self) -> PolicyEntryStruct:
-        return PolicyEntryStruct(
-            verdict=int(self.verdict),
-            proxy_port=self.proxy_port,
-            precedence=self.precedence,
-            packets=self.packets,
-            bytes=self.bytes,
-        )
-
-    @classmethod
-    def _from(cls, s: PolicyEntryStruct) -> PolicyValue:
-        return cls(Verdict(s.verdict), s.proxy_port, s.packets, s.bytes, s.precedence)
 
 
 @dataclass(frozen=True)
@@ -906,13 +194,21 @@ class CtEntry:
 
 @dataclass(frozen=True)
 class DatapathConfig:
-    """The ``config`` map: conntrack lifetimes (Cilium 1.1's) and feature flags."""
+    """The ``config`` map: conntrack lifetimes (Cilium 1.1's), feature flags, and the
+    proxy re-entry device that ingress redirects go through (ifindex 0: none, the proxy
+    is off; an ingress REDIRECT is then only marked and passes, like an egress one)."""
 
     ct_tcp_ns: int = 21600 * NSEC_PER_SEC
     ct_syn_ns: int = 60 * NSEC_PER_SEC
     ct_non_tcp_ns: int = 60 * NSEC_PER_SEC
     ct_closing_ns: int = 10 * NSEC_PER_SEC
     trace_new_flows: bool = False
+    reentry_ifindex: int = 0
+    reentry_mac: bytes = bytes(6)
+
+    def __post_init__(self) -> None:
+        if len(self.reentry_mac) != 6:
+            raise DatapathError(f"config.reentry_mac: {self.reentry_mac.hex()} is not 6 bytes")
 
     def _struct(self) -> DpConfigStruct:
         return DpConfigStruct(
@@ -921,6 +217,8 @@ class DatapathConfig:
             ct_non_tcp_ns=self.ct_non_tcp_ns,
             ct_closing_ns=self.ct_closing_ns,
             flags=1 if self.trace_new_flows else 0,
+            reentry_ifindex=self.reentry_ifindex,
+            reentry_mac=(ctypes.c_uint8 * 6)(*self.reentry_mac),
         )
 
     @classmethod
@@ -932,6 +230,8 @@ class DatapathConfig:
             s.ct_non_tcp_ns or d.ct_non_tcp_ns,
             s.ct_closing_ns or d.ct_closing_ns,
             bool(s.flags & 1),
+            s.reentry_ifindex,
+            bytes(s.reentry_mac),
         )
 
 
@@ -965,6 +265,60 @@ class Frag6Key:
     frag_id: int  # host order
     saddr: ipaddress.IPv6Address
     daddr: ipaddress.IPv6Address
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions between the vocabulary (flagella.datapath.entries) and the layouts
+# --------------------------------------------------------------------------------------------
+
+
+def _endpoint_struct(row: EndpointRow) -> EndpointInfoStruct:
+    s = EndpointInfoStruct(
+        ep_id=row.ep_id,
+        identity=row.identity,
+        flags=(1 if row.enforce_ingress else 0) | (2 if row.enforce_egress else 0),
+        ingress_wild_mask=row.ingress_wild_mask,
+        egress_wild_mask=row.egress_wild_mask,
+        ipv4=_be32(row.ipv4) if row.ipv4 is not None else 0,
+    )
+    if row.ipv6 is not None:
+        s.ipv6[:] = list(row.ipv6.packed)
+    return s
+
+
+def _endpoint_from(s: EndpointInfoStruct) -> EndpointRow:
+    v6 = bytes(s.ipv6)
+    return EndpointRow(
+        ep_id=s.ep_id,
+        identity=s.identity,
+        enforce_ingress=bool(s.flags & 1),
+        enforce_egress=bool(s.flags & 2),
+        ingress_wild_mask=s.ingress_wild_mask,
+        egress_wild_mask=s.egress_wild_mask,
+        ipv4=_from_be32(s.ipv4) if s.ipv4 else None,
+        ipv6=ipaddress.IPv6Address(v6) if any(v6) else None,
+    )
+
+
+def _key_struct(k: PolicyKey) -> PolicyKeyStruct:
+    return PolicyKeyStruct(
+        ep_id=k.ep_id, identity=k.identity, egress=int(k.egress),
+        protocol=k.protocol, wild_bits=k.wild_bits, port=k.port,
+    )
+
+
+def _key_from(s: PolicyKeyStruct) -> PolicyKey:
+    return PolicyKey(s.ep_id, s.identity, bool(s.egress), s.protocol, s.port, s.wild_bits)
+
+
+def _entry_struct(verdict: Verdict, proxy_port: int, precedence: int) -> PolicyEntryStruct:
+    """A fresh entry: counters start at zero."""
+    return PolicyEntryStruct(verdict=int(verdict), proxy_port=proxy_port, precedence=precedence)
+
+
+def _entry_from(s: PolicyEntryStruct) -> PolicyEntry:
+    return PolicyEntry(Verdict(s.verdict), s.proxy_port, s.packets, s.bytes, s.precedence)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -1013,64 +367,63 @@ class _Typed:
 
 
 class EndpointMap(_Typed):
-    """``endpoints``: host-side veth ifindex -> :class:`EndpointInfo`."""
+    """``endpoints``: host-side veth ifindex -> :class:`EndpointRow`."""
 
     @staticmethod
     def _key(ifindex: int) -> bytes:
         return ifindex.to_bytes(4, sys.byteorder)
 
-    def set(self, ifindex: int, info: EndpointInfo) -> None:
-        self.backend.update(self._key(ifindex), _pack(info._struct()))
+    def set(self, ifindex: int, info: EndpointRow) -> None:
+        self.backend.update(self._key(ifindex), _pack(_endpoint_struct(info)))
 
-    def get(self, ifindex: int) -> EndpointInfo | None:
+    def get(self, ifindex: int) -> EndpointRow | None:
         raw = self.backend.lookup(self._key(ifindex))
-        return None if raw is None else EndpointInfo._from(_unpack(EndpointInfoStruct, raw))
+        return None if raw is None else _endpoint_from(_unpack(EndpointInfoStruct, raw))
 
     def delete(self, ifindex: int) -> bool:
         return self.backend.delete(self._key(ifindex))
 
-    def items(self) -> dict[int, EndpointInfo]:
+    def items(self) -> dict[int, EndpointRow]:
         return {
-            int.from_bytes(k, sys.byteorder): EndpointInfo._from(_unpack(EndpointInfoStruct, v))
+            int.from_bytes(k, sys.byteorder): _endpoint_from(_unpack(EndpointInfoStruct, v))
             for k, v in self.backend.items()
         }
 
 
 class PolicyMap(_Typed):
-    """``policy``: :class:`PolicyKey` -> :class:`PolicyValue` (verdict, proxy port, counters)."""
+    """``policy``: :class:`PolicyKey` -> :class:`PolicyEntry` (verdict, proxy port, counters)."""
 
     def set(
         self, key: PolicyKey, verdict: Verdict, proxy_port: int = 0, precedence: int = 0
     ) -> None:
         """Write one entry; its counters start at zero."""
-        value = PolicyValue(verdict, proxy_port, precedence=precedence)
-        self.backend.update(_pack(key._struct()), _pack(value._struct()))
+        self.backend.update(_pack(_key_struct(key)), _pack(_entry_struct(verdict, proxy_port, precedence)))
 
     def set_many(
         self, entries: Mapping[PolicyKey, tuple[Verdict, int] | tuple[Verdict, int, int]]
     ) -> int:
         """Write many entries: (verdict, proxy port[, precedence]) each."""
         return self.backend.update_many(
-            (_pack(k._struct()), _pack(PolicyValue(v[0], v[1], precedence=v[2] if len(v) > 2 else 0)._struct()))  # type: ignore[misc]
+            (_pack(_key_struct(k)), _pack(_entry_struct(v[0], v[1], v[2] if len(v) > 2 else 0)))
             for k, v in entries.items()
         )
 
-    def get(self, key: PolicyKey) -> PolicyValue | None:
-        raw = self.backend.lookup(_pack(key._struct()))
-        return None if raw is None else PolicyValue._from(_unpack(PolicyEntryStruct, raw))
+    def get(self, key: PolicyKey) -> PolicyEntry | None:
+        raw = self.backend.lookup(_pack(_key_struct(key)))
+        return None if raw is None else _entry_from(_unpack(PolicyEntryStruct, raw))
 
     def delete(self, key: PolicyKey) -> bool:
-        return self.backend.delete(_pack(key._struct()))
+        return self.backend.delete(_pack(_key_struct(key)))
 
-    def items(self) -> dict[PolicyKey, PolicyValue]:
+    def items(self) -> dict[PolicyKey, PolicyEntry]:
         return {
-            PolicyKey._from(_unpack(PolicyKeyStruct, k)): PolicyValue._from(
+            _key_from(_unpack(PolicyKeyStruct, k)): _entry_from(
                 _unpack(PolicyEntryStruct, v)
             )
             for k, v in self.backend.items()
         }
 
-    def entries(self, ep_id: int) -> dict[PolicyKey, PolicyValue]:
+    def entries(self, ep_id: int) -> dict[PolicyKey, PolicyEntry]:
         return {k: v for k, v in self.items().items() if k.ep_id == ep_id}
 
     def sync_endpoint(
@@ -1091,11 +444,11 @@ class PolicyMap(_Typed):
             if k not in current or (current[k].verdict, current[k].proxy_port) != vp
         }
         written = self.set_many(changed)
-        stale = [_pack(k._struct()) for k in current if k not in desired]
+        stale = [_pack(_key_struct(k)) for k in current if k not in desired]
         return written, self.backend.delete_many(stale)
 
     def delete_endpoint(self, ep_id: int) -> int:
-        return self.backend.delete_many([_pack(k._struct()) for k in self.entries(ep_id)])
+        return self.backend.delete_many([_pack(_key_struct(k)) for k in self.entries(ep_id)])
 
 
 class IPCache:

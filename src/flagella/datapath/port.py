@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from flagella.datapath.desired import PolicyKey, PolicyValue
+from flagella.datapath.entries import EndpointRow, PolicyKey, PolicyValue
 from flagella.errors import InputError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -47,19 +47,6 @@ class PodInfo:
 
 
 @dataclass(frozen=True)
-class EndpointRow:
-    """Mirrors ``struct endpoint_info`` (bpf/flagella.h)."""
-
-    ep_id: int
-    identity: int
-    flags: int
-    ingress_wild_mask: int
-    egress_wild_mask: int
-    ipv4: ipaddress.IPv4Address | None
-    ipv6: ipaddress.IPv6Address | None
-
-
-@dataclass(frozen=True)
 class CTRow:
     ep_id: int
     egress: bool
@@ -81,12 +68,20 @@ class Counters:
 
 
 class Datapath(Protocol):
-    #: ifindex -> endpoint row
-    endpoints: MutableMapping[int, EndpointRow]
-    #: policy key -> verdict/proxy port (reads drop the counters)
-    policy: MutableMapping[PolicyKey, PolicyValue]
-    #: prefix -> identity
-    ipcache: MutableMapping[IPNetwork, int]
+    @property
+    def endpoints(self) -> MutableMapping[int, EndpointRow]:
+        """ifindex -> endpoint row."""
+        ...
+
+    @property
+    def policy(self) -> MutableMapping[PolicyKey, PolicyValue]:
+        """Policy key -> verdict/proxy port (reads drop the counters)."""
+        ...
+
+    @property
+    def ipcache(self) -> MutableMapping[IPNetwork, int]:
+        """Prefix -> identity."""
+        ...
 
     def start(self) -> None: ...
     def stop(self) -> None: ...

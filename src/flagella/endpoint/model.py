@@ -27,6 +27,11 @@ class Endpoint:
     ifindex: int = 0
     identity: int = 0
     state: State = State.INIT
+    #: Why the endpoint is not ready (``not-ready``), or what it waits for.
+    state_reason: str = ""
+    #: Set once creation finished (program attached): restore keeps only created endpoints.
+    created: bool = False
+    #: The policy revision every enforcer has confirmed for this endpoint.
     policy_revision: int = 0
     enforcing_ingress: bool = False
     enforcing_egress: bool = False
@@ -59,6 +64,8 @@ class Endpoint:
             "ifindex": self.ifindex,
             "identity": self.identity,
             "state": self.state.value,
+            "state_reason": self.state_reason,
+            "created": self.created,
             "policy_revision": self.policy_revision,
             "policy_enforcement": {
                 "ingress": self.enforcing_ingress,
@@ -86,5 +93,7 @@ class Endpoint:
             ifindex=int(obj.get("ifindex", 0)),
             identity=int(obj.get("identity", 0)),
             state=State(obj.get("state", "init")),
+            state_reason=str(obj.get("state_reason", "")),
+            created=bool(obj.get("created", obj.get("state") == State.READY.value)),
             policy_revision=int(obj.get("policy_revision", 0)),
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from flagella.endpoint.model import Endpoint
@@ -27,7 +28,9 @@ class EndpointStore:
 
     def save(self, ep: Endpoint) -> None:
         path = self._path(ep.id)
-        tmp = path.with_suffix(".tmp")
+        # One temporary file per writer: the regeneration workers and the API may
+        # save the same endpoint at once, and the last rename wins whole.
+        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(ep.to_json(), f, sort_keys=True)
             f.flush()

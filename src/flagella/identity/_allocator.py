@@ -13,10 +13,13 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from flagella.errors import FlagellaError
+from flagella.policy.identities import (
+    MIN_ALLOCATED_ID,
+    RESERVED_IDENTITIES,
+    reserved_identity_labels,
+)
 from flagella.policy.labels import Label, LabelSet, parse_label
-from flagella.policy.trace import RESERVED_IDENTITIES, reserved_identity_labels
 
-MIN_ALLOCATED_ID = 256
 MAX_IDENTITY = 0xFFFFFF
 
 

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 
 from flagella.policy.api import LabelSelector, Policy, Rule
 from flagella.policy.labels import LabelSet
+from flagella.policy.mapstate import Direction
 from flagella.policy.resolver import (
-    Direction,
     EndpointInfo,
     EndpointPolicy,
     IdentityUniverse,
@@ -38,7 +38,7 @@ from flagella.policy.resolver import (
     rule_peer_selectors,
 )
 
-PolicyKey = tuple[str, str, str]
+PolicyName = tuple[str, str, str]
 
 
 class PolicyEngine:
@@ -46,7 +46,7 @@ class PolicyEngine:
         self.settings = settings or PolicySettings()
         self.universe = IdentityUniverse()
         self.resolver = Resolver(self.settings, self.universe)
-        self.policies: dict[PolicyKey, Policy] = {}
+        self.policies: dict[PolicyName, Policy] = {}
         self.revision = 1
         self.endpoints: dict[int, EndpointInfo] = {}
         self.resolved: dict[int, EndpointPolicy] = {}
@@ -76,7 +76,7 @@ class PolicyEngine:
             self.policies[p.key] = p
         return self._rules_changed(changed)
 
-    def delete_policies(self, keys: Iterable[PolicyKey]) -> tuple[int, set[int]]:
+    def delete_policies(self, keys: Iterable[PolicyName]) -> tuple[int, set[int]]:
         changed: list[Rule] = []
         for key in keys:
             old = self.policies.pop(key, None)
@@ -128,9 +128,9 @@ class PolicyEngine:
         ep = self.endpoints[ep_id]
         policy = self.resolved[ep_id]
         selected = self._selected[ep_id]
-        directions: tuple[Direction, ...] = ("ingress", "egress")
+        directions: tuple[Direction, ...] = (Direction.INGRESS, Direction.EGRESS)
         for d in directions:
-            state = policy.ingress if d == "ingress" else policy.egress
+            state = policy.ingress if d == Direction.INGRESS else policy.egress
             keys = self.resolver.identity_keys(ep, selected, d, ident, state)
             state.replace_identity(ident, keys)
 

@@ -37,6 +37,17 @@ ANY_PROTOCOL = 0
 PORT_MAX = 65535
 
 
+class Direction(IntEnum):
+    """Which way traffic flows, from the endpoint's point of view. The values are the
+    kernel's encoding (metrics and events, ``bpf/flagella.h``)."""
+
+    INGRESS = 1  # to the endpoint
+    EGRESS = 2  # from the endpoint
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
 class Verdict(IntEnum):
     ALLOW = 1
     DENY = 2
@@ -183,6 +194,13 @@ class MapState:
         if key not in self.entries:
             self._by_identity.setdefault(key.identity, set()).add(key)
         self.entries[key] = entry
+
+    def copy(self) -> MapState:
+        """An independent copy (entries are immutable, the containers are not)."""
+        out = MapState(self.enforced)
+        out.entries = dict(self.entries)
+        out._by_identity = {i: set(keys) for i, keys in self._by_identity.items()}
+        return out
 
     def keys_of(self, identity: int) -> list[Key]:
         return list(self._by_identity.get(identity, ()))

@@ -52,6 +52,7 @@ from flagella.policy.mapstate import (
     ANY_IDENTITY,
     ANY_PROTOCOL,
     PORT_MAX,
+    Direction,
     Entry,
     Key,
     L7Policy,
@@ -62,7 +63,6 @@ from flagella.policy.selectors import SelectorCache, matches
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Direction = Literal["ingress", "egress"]
 NamedPorts = Mapping[str, frozenset[tuple[int, int]]]  # name -> {(port, protocol number)}
 
 HOST_ID = 1
@@ -82,8 +82,6 @@ class PolicySettings:
     #: ``always``: the host reaches every endpoint; ``policy``: the host is a peer like any other.
     allow_localhost: Literal["always", "policy"] = "always"
     legacy_host_allows_world: bool = False
-    #: Fixed proxy port handed out for redirects until a proxy assigns real ones.
-    proxy_port: int = 15001
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,11 @@ class EndpointPolicy:
     selected: frozenset[str] = frozenset()
 
     def direction(self, d: Direction) -> MapState:
-        return self.ingress if d == "ingress" else self.egress
+        return self.ingress if d == Direction.INGRESS else self.egress
+
+    def snapshot(self) -> EndpointPolicy:
+        """A copy later incremental updates do not touch (handed to enforcers)."""
+        return EndpointPolicy(self.ingress.copy(), self.egress.copy(), self.selected)
 
 
 #: Precedence of the first Admin rule: every Admin key is above 0 (higher first).
@@ -362,8 +364,8 @@ class Resolver:
 
     def resolve_selected(self, ep: EndpointInfo, selected: list[Rule]) -> EndpointPolicy:
         return EndpointPolicy(
-            ingress=self._direction(ep, selected, "ingress"),
-            egress=self._direction(ep, selected, "egress"),
+            ingress=self._direction(ep, selected, Direction.INGRESS),
+            egress=self._direction(ep, selected, Direction.EGRESS),
             selected=frozenset(rule_name(r) for r in selected),
         )
 
@@ -378,7 +380,7 @@ class Resolver:
                 continue  # tiered rules never put an endpoint into default deny
             allow, deny, dd = (
                 (r.ingress, r.ingress_deny, r.default_deny_ingress)
-                if d == "ingress"
+                if d == Direction.INGRESS
                 else (r.egress, r.egress_deny, r.default_deny_egress)
             )
             if dd is False:
@@ -394,9 +396,9 @@ class Resolver:
         requires = self._collect(state, ep, rules, d, None)
         if requires:
             self._apply_requires(state, requires)
-        if d == "ingress" and state.enforced and self.settings.allow_localhost == "always":
+        if d == Direction.INGRESS and state.enforced and self.settings.allow_localhost == "always":
             state.add(Key(HOST_ID, ANY_PROTOCOL, 0, PORT_MAX), _LOCALHOST)
-        if d == "ingress" and self.settings.legacy_host_allows_world:
+        if d == Direction.INGRESS and self.settings.legacy_host_allows_world:
             self._host_allows_world(state)
         _wildcard_l7(state)
         return state
@@ -417,10 +419,10 @@ class Resolver:
         known = ident in self.universe.selectors.identities  # as `_apply_requires` scans
         if requires and known and not self._satisfies(ident, requires):
             temp.add(Key(ident, ANY_PROTOCOL, 0, PORT_MAX), _REQUIRES)
-        if d == "ingress" and ident == HOST_ID and temp.enforced and self.settings.allow_localhost == "always":
+        if d == Direction.INGRESS and ident == HOST_ID and temp.enforced and self.settings.allow_localhost == "always":
             temp.add(Key(HOST_ID, ANY_PROTOCOL, 0, PORT_MAX), _LOCALHOST)
         if (
-            d == "ingress"
+            d == Direction.INGRESS
             and self.settings.legacy_host_allows_world
             and WORLD_LABEL in self.universe.labels(ident)
         ):
@@ -441,7 +443,7 @@ class Resolver:
             prec = rule_precedence(r)
             allow, deny, passed = (
                 (r.ingress, r.ingress_deny, r.ingress_pass)
-                if d == "ingress"
+                if d == Direction.INGRESS
                 else (r.egress, r.egress_deny, r.egress_pass)
             )
             for peer in allow or ():
@@ -493,7 +495,7 @@ class Resolver:
                     for proto, first, last in _l4_ranges(pp):
                         for ident in any_ids:
                             state.add(Key(ident, proto, first, last, prec), entry)
-                elif d == "ingress":
+                elif d == Direction.INGRESS:
                     for proto, first, last in _named(pp, ep.named_ports):
                         for ident in any_ids:
                             state.add(Key(ident, proto, first, last, prec), entry)

@@ -19,7 +19,6 @@ judged at L7 when the query carries an HTTP or Kafka request.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,13 @@ from typing import Any
 from flagella.errors import InputError
 from flagella.policy.api import Policy, Protocol
 from flagella.policy.engine import PolicyEngine
+from flagella.policy.identities import (
+    MIN_ALLOCATED_ID,
+    RESERVED_IDENTITIES,
+    cidr_identity_labels,
+    reserved_identity_labels,
+    rule_prefixes,
+)
 from flagella.policy.l7 import HTTPRequest, KafkaRequest, l7_allows
 from flagella.policy.labels import (
     NAMESPACE_LABEL,
@@ -36,39 +42,6 @@ from flagella.policy.labels import (
 )
 from flagella.policy.mapstate import Decision, Verdict
 from flagella.policy.resolver import EndpointInfo, IPAddress, NamedPorts, PolicySettings
-
-#: Reserved identities (DESIGN.md).
-RESERVED_IDENTITIES: Mapping[str, int] = {
-    "host": 1,
-    "world": 2,
-    "unmanaged": 3,
-    "health": 4,
-    "init": 5,
-    "remote-node": 6,
-    "kube-apiserver": 7,
-    "ingress": 8,
-}
-MIN_ALLOCATED_ID = 256
-
-
-def reserved_identity_labels() -> dict[int, LabelSet]:
-    return {i: frozenset({Label("reserved", name)}) for name, i in RESERVED_IDENTITIES.items()}
-
-
-def cidr_identity_labels(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> LabelSet:
-    """``cidr:<prefix>`` for every prefix length up to the network's, plus world."""
-    labels = {Label("reserved", "world")}
-    for plen in range(network.prefixlen + 1):
-        labels.add(Label("cidr", str(network.supernet(new_prefix=plen))))
-    return frozenset(labels)
-
-
-def rule_prefixes(policies: Iterable[Policy]) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """Every CIDR (and except) that rules name: each gets a CIDR identity."""
-    out: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
-    for p in policies:
-        out |= p.cidr_prefixes
-    return out
 
 
 @dataclass(frozen=True)

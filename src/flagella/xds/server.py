@@ -156,8 +156,12 @@ class XdsServer:
         cache: ResourceCache | None = None,
         clock: Clock | None = None,
         metrics: XdsMetrics | None = None,
+        services: Iterable[Callable[[grpc.aio.Server], None]] = (),
     ) -> None:
+        """``services`` add other gRPC services to the same server before it starts
+        (the node proxy's access-log service, on the socket Envoy already uses)."""
         self.settings = settings
+        self._services = list(services)
         self.cache = cache if cache is not None else ResourceCache()
         self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.metrics = metrics if metrics is not None else XdsMetrics()
@@ -177,6 +181,8 @@ class XdsServer:
     async def start(self) -> None:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
         server.add_generic_rpc_handlers(tuple(self._handlers()))
+        for add in self._services:
+            add(server)
         path = self.settings.unix_socket
         path.unlink(missing_ok=True)
         server.add_insecure_port(f"unix:{path}")

@@ -789,7 +789,7 @@ class _PortRef:
 
 
 def _parse_l7(
-    ctx: Ctx, value: object, path: str, ports: list[_PortRef], direction: Direction
+    ctx: Ctx, value: object, path: str, ports: list[_PortRef], direction: SectionFields
 ) -> L7Rules | None:
     fields = read_object(ctx, value, path, _L7_FIELDS)
     if fields is None:
@@ -842,7 +842,7 @@ def _parse_l7(
     return L7Rules(http=http or None, kafka=kafka or None)
 
 
-def _parse_port_rule(ctx: Ctx, value: object, path: str, direction: Direction) -> PortRule:
+def _parse_port_rule(ctx: Ctx, value: object, path: str, direction: SectionFields) -> PortRule:
     spec = _DENY_PORT_RULE_FIELDS if direction.deny else _PORT_RULE_FIELDS
     fields = read_object(ctx, value, path, spec)
     if fields is None:
@@ -961,7 +961,7 @@ _EGRESS_PEERS: Final = (
 
 
 @dataclass(frozen=True)
-class Direction:
+class SectionFields:
     """Field names of one section: ``ingress``, ``egress`` or their Deny forms."""
 
     name: Literal["ingress", "egress"]
@@ -977,7 +977,7 @@ class Direction:
         return f"{self.prefix}{suffix}"
 
 
-def _direction(name: Literal["ingress", "egress"], deny: bool) -> Direction:
+def _direction(name: Literal["ingress", "egress"], deny: bool) -> SectionFields:
     own: tuple[str, ...] = _INGRESS_PEERS if name == "ingress" else _EGRESS_PEERS
     other = _EGRESS_PEERS if name == "ingress" else _INGRESS_PEERS
     if deny:
@@ -988,7 +988,7 @@ def _direction(name: Literal["ingress", "egress"], deny: bool) -> Direction:
         f.lower(): f"{f} is not a field of an {section} rule: ignored" for f in other
     }
     prefix: Literal["from", "to"] = "from" if name == "ingress" else "to"
-    return Direction(name, deny, prefix, Fields((*own, *extra), pruned))
+    return SectionFields(name, deny, prefix, Fields((*own, *extra), pruned))
 
 
 INGRESS: Final = _direction("ingress", False)
@@ -997,7 +997,7 @@ INGRESS_DENY: Final = _direction("ingress", True)
 EGRESS_DENY: Final = _direction("egress", True)
 
 
-def _unresolvable_peer(ctx: Ctx, path: str, direction: Direction, what: str) -> None:
+def _unresolvable_peer(ctx: Ctx, path: str, direction: SectionFields, what: str) -> None:
     if direction.deny:
         ctx.error(path, f"{what} cannot be enforced in a deny rule")
     else:
@@ -1005,7 +1005,7 @@ def _unresolvable_peer(ctx: Ctx, path: str, direction: Direction, what: str) -> 
 
 
 def _parse_peer_rule(
-    ctx: Ctx, value: object, path: str, direction: Direction, scope: Scope
+    ctx: Ctx, value: object, path: str, direction: SectionFields, scope: Scope
 ) -> PeerRule:
     fields = read_object(ctx, value, path, direction.fields)
     if fields is None:
@@ -1086,7 +1086,7 @@ def _parse_peer_rule(
     )
 
 
-def _parse_cidr_set(ctx: Ctx, value: object, path: str, direction: Direction) -> CIDRRule | None:
+def _parse_cidr_set(ctx: Ctx, value: object, path: str, direction: SectionFields) -> CIDRRule | None:
     fields = read_object(ctx, value, path, _CIDR_SET_FIELDS)
     if fields is None:
         return None
@@ -1265,7 +1265,7 @@ def _parse_rule_label(ctx: Ctx, value: object, path: str) -> str | None:
 
 
 def _parse_section(
-    ctx: Ctx, value: object, path: str, direction: Direction, scope: Scope
+    ctx: Ctx, value: object, path: str, direction: SectionFields, scope: Scope
 ) -> tuple[PeerRule, ...]:
     return tuple(
         _parse_peer_rule(ctx, raw, index(path, i), direction, scope)

@@ -1,0 +1,189 @@
+"""The agent's node proxy: xDS server, xDS enforcer, one supervised Envoy, L7 records.
+
+Theory of operation
+-------------------
+`NodeProxy` composes `flagella.xds` and `flagella.proxy` for the agent
+(settings group ``proxy:``). It is built before the agent core, because the
+`XdsEnforcer` is one of the core's pipeline enforcers (the first stage:
+the kernel applies an endpoint's policy only after Envoy ACKed it), and is
+started on the agent's loop with the API:
+
+- the `XdsServer` listens on the xDS socket (mode 0660) and serves, on the
+  same gRPC server, the `AccessLogServicer` that Envoy's chains log to
+  (cluster ``flagella-xds`` of the bootstrap);
+- one Envoy runs under an `EnvoySupervisor` (restart with backoff; a
+  restarted Envoy gets the whole config again over ADS). It starts at agent
+  start with ``start_at_agent_start``, else when the enforcer first sees an
+  HTTP redirect;
+- the core's ipcache listener hands every desired ipcache to the enforcer
+  (ECDS-only updates of the peer sets) and to the access-log identity
+  lookup;
+- each L7 record becomes a monitor event (``type: l7``, with the
+  `format_l7` line) and counts in ``flagella_policy_l7_total{rule}``.
+
+Envoy is left running when the agent stops: it keeps enforcing its last
+config, and its ADS stream reconnects to the next agent, which resyncs it.
+That agent *adopts* the running Envoy (its admin port answers with our node
+id) instead of starting a second one on the same base id and ports, and
+watches it: when it goes away, the supervisor starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from flagella.agent.settings import AgentSettings
+from flagella.proxy.accesslog import AccessLogServicer, L7Record, format_l7
+from flagella.proxy.enforcer import ProxyPorts, XdsEnforcer
+from flagella.proxy.envoy import EnvoyProcess, EnvoySupervisor, bootstrap
+from flagella.proxy.rbac import PeerSet, peer_sets
+from flagella.xds.server import XdsServer, XdsSettings
+from flagella.xds.status import XdsMetrics
+
+__all__ = ["L7_RULES", "NodeProxy"]
+
+log = structlog.get_logger("flagella.agent")
+
+L7_RULES = ("received", "forwarded", "denied", "parse_errors")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class NodeProxy(Collector):
+    def __init__(
+        self,
+        settings: AgentSettings,
+        registry: CollectorRegistry | None = None,
+        node_id: str = "flagella-node",
+    ) -> None:
+        self.settings = settings
+        p = settings.proxy
+        self.node_id = node_id
+        self.socket = Path(settings.xds_socket_path)
+        self.accesslog = AccessLogServicer(self._record, self._identity_of)
+        self.server = XdsServer(
+            XdsSettings(unix_socket=self.socket),
+            metrics=XdsMetrics(registry),
+            services=[lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.accesslog, s)],
+        )
+        self._peers: Mapping[int, PeerSet] = {}
+        self._ipcache: list[tuple[IPNetwork, int]] = []
+        self.enforcer = XdsEnforcer(
+            self.server, None, lambda: self._peers, ProxyPorts(p.ingress_port, p.egress_port),
+            settings.policy.legacy_host_allows_world, p.envoy_wait_s, on_redirects=self._want_envoy,
+        )
+        self.supervisor = EnvoySupervisor(self._envoy)
+        self.l7_counts: Counter[str] = Counter()
+        #: Where L7 records go besides the metric (the agent's monitor subscribers).
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
+        self._envoy_task: asyncio.Task[None] | None = None
+        self.adopted = False
+
+    # -- wiring --------------------------------------------------------------------
+
+    def set_ipcache(self, desired: Mapping[IPNetwork, int]) -> None:
+        """The core's ipcache listener: new peer sets, pushed as ECDS updates."""
+        self._ipcache = sorted(desired.items(), key=lambda kv: -kv[0].prefixlen)
+        self._peers = peer_sets(desired)
+        self.enforcer.refresh_peers()
+
+    def _identity_of(self, addr: IPAddress) -> int:
+        for net, ident in list(self._ipcache):
+            if net.version == addr.version and addr in net:
+                return ident
+        return 2  # world
+
+    def _record(self, rec: L7Record) -> None:
+        self.l7_counts["received"] += 1
+        self.l7_counts["denied" if rec.verdict == "Denied" else "forwarded"] += 1
+        event = rec.to_json()
+        event["line"] = format_l7(rec)
+        for sink in list(self.sinks):
+            sink(event)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("flagella_policy_l7", "L7 requests seen by the node proxy", labels=["rule"])
+        counts = dict(self.l7_counts)
+        counts["parse_errors"] = self.accesslog.errors
+        for rule in L7_RULES:
+            family.add_metric([rule], counts.get(rule, 0))
+        yield family
+
+    # -- Envoy ------------------------------------------------------------------------
+
+    def _envoy(self) -> EnvoyProcess:
+        p = self.settings.proxy
+        workdir = Path(self.settings.state_dir) / "envoy"
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return EnvoyProcess(
+            bootstrap(self.node_id, self.socket, p.admin_port), p.envoy_base_id, workdir=workdir, detached=True
+        )
+
+    def _want_envoy(self) -> None:
+        """On the xDS loop: the first HTTP redirect appeared."""
+        if self._envoy_task is None and self.supervisor.process is None:
+            self._envoy_task = asyncio.get_running_loop().create_task(self._start_envoy())
+
+    def _running_envoy(self) -> bool:
+        """An Envoy of ours (a previous agent's) answers on the admin port."""
+        url = f"http://127.0.0.1:{self.settings.proxy.admin_port}/server_info"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                info = json.loads(r.read())
+        except (OSError, ValueError):
+            return False
+        return bool(info.get("node", {}).get("id") == self.node_id)
+
+    async def _start_envoy(self) -> None:
+        if await asyncio.to_thread(self._running_envoy):
+            self.adopted = True
+            log.info("envoy-adopted", admin_port=self.settings.proxy.admin_port)
+            while await asyncio.to_thread(self._running_envoy):
+                await asyncio.sleep(0.5)
+            self.adopted = False
+            log.warning("envoy-adopted-exited")
+        delay = 0.5
+        while True:
+            try:
+                await self.supervisor.start()
+                log.info("envoy-started", admin_port=self.settings.proxy.admin_port)
+                return
+            except Exception as exc:  # endpoints show "no Envoy connected" meanwhile
+                log.error("envoy-start-failed", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- lifecycle (on the agent's loop) ---------------------------------------------------
+
+    async def start(self) -> None:
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        await self.server.start()
+        self.enforcer.bind(asyncio.get_running_loop())
+        if self.settings.proxy.start_at_agent_start or await asyncio.to_thread(self._running_envoy):
+            self._want_envoy()
+
+    async def stop(self, stop_envoy: bool = False) -> None:
+        """Stop serving xDS; Envoy keeps its last config unless ``stop_envoy``."""
+        if self._envoy_task is not None and not self._envoy_task.done():
+            self._envoy_task.cancel()  # adopting or (re)trying a start
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._envoy_task
+        if stop_envoy:
+            await self.supervisor.stop()
+        else:
+            await self.supervisor.detach()
+        await self.server.stop()

@@ -1,0 +1,245 @@
+"""The Kubernetes watchers wired to the agent through a small interface.
+
+`ClusterSink` is what the agent implements (the lead wires it into agent/core):
+policies in and out (parsed `Policy` documents from `flagella.policy.api`),
+namespace labels, pods of this node, and nodes. `compose` builds one `Watcher`
+per kind and a `Controller` that runs them on threads and translates their
+events (`flagella.k8s.translate`) into sink calls.
+
+After every CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy upsert the
+controller writes this node's entry of the object's ``status.nodes``: ``ok``
+with the revision the sink answered and the annotations mirrored, or ``error``
+with the parser's message (nothing of a rejected policy is applied: the sink is
+not called). Objects that fail translation are logged and skipped; one bad pod
+never stops the watch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import structlog
+from kubernetes import client
+
+from flagella.errors import FlagellaError, InputError
+from flagella.k8s.runtime import detect_runtime
+from flagella.k8s.translate import (
+    K8sSettings,
+    NodeInfo,
+    PodInfo,
+    namespace_labels,
+    node_info,
+    pod_info,
+    policy_status,
+)
+from flagella.k8s.watch import (
+    CCNPS,
+    CNPS,
+    NAMESPACES,
+    NETWORK_POLICIES,
+    NODES,
+    PODS,
+    Obj,
+    Resource,
+    Watcher,
+    WatchError,
+    request,
+)
+from flagella.policy.api import Policy, parse_policy
+
+log = structlog.get_logger("flagella.k8s")
+
+
+class ClusterSink(Protocol):
+    """What the agent does with cluster state. Calls come from watcher threads."""
+
+    def upsert_policy(self, policy: Policy) -> int:
+        """Import (or replace) one policy; answer the policy revision now in force."""
+
+    def delete_policy(self, kind: str, namespace: str, name: str) -> None: ...
+
+    def set_namespace_labels(self, namespace: str, labels: Mapping[str, str]) -> None: ...
+
+    def upsert_pod(self, pod: PodInfo) -> None:
+        """Create or relabel this node's endpoint for the pod (labels already filtered)."""
+
+    def delete_pod(self, namespace: str, name: str) -> None: ...
+
+    def upsert_node(self, node: NodeInfo) -> None: ...
+
+    def delete_node(self, name: str) -> None: ...
+
+
+def _utcnow() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Controller:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        sink: ClusterSink,
+        settings: K8sSettings,
+        *,
+        clock: Callable[[], str] = _utcnow,
+        timeout_s: int = 300,
+    ) -> None:
+        self.api = api
+        self.sink = sink
+        self.settings = settings.validate()
+        self.clock = clock
+        self.skipped: list[str] = []  # messages of objects that failed translation
+        pods_on_node = f"spec.nodeName={settings.node_name}" if settings.node_name else ""
+        table: list[tuple[Resource, Callable[[str, Obj], None], str]] = [
+            (NAMESPACES, self._namespace, ""),
+            (NODES, self._node, ""),
+            (NETWORK_POLICIES, self._policy, ""),
+            (CNPS, self._policy, ""),
+            (CCNPS, self._policy, ""),
+            (PODS, self._pod, pods_on_node),
+        ]
+        self.watchers = [Watcher(api, r, h, field_selector=f, timeout_s=timeout_s) for r, h, f in table]
+        self._threads: list[threading.Thread] = []
+        #: The node's container runtime (`compose` detects it; "none" until then).
+        self.runtime = "none"
+
+    # -- event handlers -------------------------------------------------------------
+
+    def _skip(self, what: str, exc: FlagellaError) -> None:
+        log.warning("k8s-object-skipped", object=what, error=str(exc))
+        self.skipped.append(str(exc))
+
+    def _namespace(self, op: str, obj: Obj) -> None:
+        try:
+            name, labels = namespace_labels(obj)
+        except InputError as exc:
+            return self._skip("namespace", exc)
+        self.sink.set_namespace_labels(name, labels if op == "upsert" else {})
+
+    def _node(self, op: str, obj: Obj) -> None:
+        if op == "delete":
+            self.sink.delete_node(obj["metadata"]["name"])
+            return
+        try:
+            self.sink.upsert_node(node_info(obj, self.settings))
+        except InputError as exc:
+            self._skip("node", exc)
+
+    def _pod(self, op: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        if op == "delete":
+            self.sink.delete_pod(str(meta.get("namespace", "")), str(meta.get("name", "")))
+            return
+        try:
+            pod = pod_info(obj)
+        except InputError as exc:
+            return self._skip("pod", exc)
+        if pod.host_network:
+            return  # host-network pods are the host's identity, not endpoints
+        if self.settings.node_name and pod.node_name != self.settings.node_name:
+            return
+        if pod.dropped:
+            log.info("k8s-pod-reserved-labels-overwritten", pod=f"{pod.namespace}/{pod.name}",
+                     keys=list(pod.dropped))
+        self.sink.upsert_pod(pod)
+
+    def _policy(self, op: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        kind = str(obj.get("kind", ""))
+        ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        if op == "delete":
+            self.sink.delete_policy(kind, ns, name)
+            return
+        document = {k: v for k, v in obj.items() if k != "status"}
+        try:
+            policy = parse_policy(document)
+        except InputError as exc:
+            self._skip(kind, exc)
+            self._write_status(obj, revision=0, error=str(exc))
+            return
+        try:
+            revision = self.sink.upsert_policy(policy)
+        except FlagellaError as exc:  # the agent refused it (e.g. conflicting L7 parsers)
+            self._skip(kind, exc)
+            self._write_status(obj, revision=0, error=str(exc))
+            return
+        self._write_status(obj, revision=revision, enforcing=True)
+
+    def _write_status(self, obj: Obj, *, revision: int, error: str = "", enforcing: bool = False) -> None:
+        kind = obj.get("kind")
+        if kind not in (CNPS.kind, CCNPS.kind) or not self.settings.node_name:
+            return
+        meta = obj["metadata"]
+        res = CNPS if kind == CNPS.kind else CCNPS
+        base = f"/apis/{res.group}/{res.version}"
+        path = (f"{base}/namespaces/{meta['namespace']}/{res.plural}/{meta['name']}/status"
+                if res is CNPS else f"{base}/{res.plural}/{meta['name']}/status")
+        body = policy_status(
+            self.settings.node_name, revision=revision, error=error, enforcing=enforcing,
+            annotations=meta.get("annotations") or {}, now=self.clock(),
+        )
+        try:
+            resp = request(self.api, "PATCH", path, body=body, content_type="application/merge-patch+json",
+                           timeout_s=30)
+            resp.read()
+        except WatchError as exc:
+            log.warning("k8s-status-write-failed", policy=path, error=str(exc))
+            return
+        if not 200 <= resp.status < 300:
+            log.warning("k8s-status-write-failed", policy=path, status=resp.status, reason=resp.reason)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """List every kind once (namespaces and policies before pods), in this thread."""
+        for w in self.watchers:
+            w.list()
+
+    def start(self) -> None:
+        for w in self.watchers:
+            t = threading.Thread(target=w.run, name=f"k8s-{w.resource.plural}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        for w in self.watchers:
+            w.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+def api_client(host: str = "", token: str = "") -> client.ApiClient:
+    """In-cluster configuration when ``host`` is empty, else that URL (tests, kubeconfig-less)."""
+    if not host:
+        from kubernetes import config
+
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return client.ApiClient()
+    cfg = client.Configuration()
+    cfg.host = host
+    if token:
+        cfg.api_key = {"authorization": f"Bearer {token}"}
+    return client.ApiClient(cfg)
+
+
+def compose(
+    sink: ClusterSink,
+    settings: K8sSettings,
+    api: client.ApiClient | None = None,
+    *,
+    runtime_root: str = "/",
+) -> Controller:
+    """The watchers for this node, feeding ``sink``; call ``start()`` to run them.
+
+    ``runtime_root`` is where the host's /run is visible (``/host`` in the DaemonSet);
+    the detected (or forced) container runtime is `Controller.runtime`.
+    """
+    ctl = Controller(api if api is not None else api_client(), sink, settings)
+    ctl.runtime = detect_runtime(runtime_root, settings.container_runtime)
+    return ctl
+
+
+__all__ = ["ClusterSink", "Controller", "api_client", "compose"]

@@ -1,0 +1,273 @@
+"""The xDS enforcer: an endpoint's HTTP rules, published to the node Envoy.
+
+Theory of operation
+-------------------
+`XdsEnforcer` implements the regeneration pipeline's `Enforcer` seam. On
+``apply`` it computes, in the caller's thread and without I/O, the
+endpoint's HTTP port policies for both directions (`direction_http_policy`,
+peers from the agent's desired ipcache via `peer_sets`; the host identity,
+and world with ``legacy_host_allows_world``, gets the L7 wildcard on
+ingress, spec 3.3), then hands a publish coroutine to the xDS server's
+loop. That coroutine records the endpoint and replaces three resource sets
+built from *every* endpoint's redirects:
+
+- CDS: the ``ORIGINAL_DST`` cluster;
+- LDS: the two transparent listeners (one filter chain per endpoint,
+  direction and redirected port; a direction without chains has none);
+- ECDS: one RBAC `TypedExtensionConfig` per endpoint, direction and port.
+
+The completion resolves when every connected Envoy has ACKed the LDS and
+ECDS versions that include this publication (or a later one), and fails on
+a NACK (the reason is Envoy's error detail). An endpoint without HTTP
+redirects completes at once. With redirects and no Envoy connected, the
+completion stays pending (``waiting-for-enforcers``) until one connects and
+ACKs, and fails after ``envoy_wait_s``: the kernel must never redirect into
+nothing. `refresh_peers` (identity or ipcache change) rebuilds only the
+ECDS resources: the listeners do not change.
+
+`on_redirects` is called (on the xDS loop) the first time some endpoint has
+HTTP redirects: the agent starts Envoy then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from flagella.endpoint.model import Endpoint
+from flagella.endpoint.regeneration import Completion
+from flagella.policy.mapstate import MapState
+from flagella.policy.resolver import EndpointPolicy
+from flagella.proxy.l7policy import DirectionHTTPPolicy, direction_http_policy
+from flagella.proxy.listeners import (
+    ACCESS_LOG_CLUSTER,
+    ORIGINAL_DST_CLUSTER,
+    ads_config_source,
+    original_dst_cluster,
+    transparent_listener,
+    typed_extension_config,
+)
+from flagella.proxy.rbac import PeerSet
+from flagella.xds.cache import Message
+from flagella.xds.server import XdsServer
+from flagella.xds.types import CLUSTER, EXTENSION_CONFIG, LISTENER
+
+__all__ = ["INGRESS_LISTENER", "EGRESS_LISTENER", "ProxyPorts", "XdsEnforcer"]
+
+log = structlog.get_logger("flagella.proxy")
+
+INGRESS_LISTENER = "flagella-ingress"
+EGRESS_LISTENER = "flagella-egress"
+HOST_IDENTITY, WORLD_IDENTITY = 1, 2
+
+
+@dataclass(frozen=True)
+class ProxyPorts:
+    ingress: int = 15001
+    egress: int = 15002
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One endpoint's inputs (to recompute RBAC on a peer change) and outputs."""
+
+    endpoint: Endpoint
+    ingress_state: MapState
+    egress_state: MapState
+    ingress: DirectionHTTPPolicy
+    egress: DirectionHTTPPolicy
+
+    @property
+    def redirects(self) -> int:
+        return len(self.ingress.ports) + len(self.egress.ports)
+
+
+class XdsEnforcer:
+    name = "xds"
+
+    def __init__(
+        self,
+        server: XdsServer,
+        loop: asyncio.AbstractEventLoop | None,
+        peers: Callable[[], Mapping[int, PeerSet]],
+        ports: ProxyPorts = ProxyPorts(),
+        legacy_host_allows_world: bool = False,
+        envoy_wait_s: float = 60.0,
+        on_redirects: Callable[[], None] | None = None,
+        access_log: bool = True,
+    ) -> None:
+        self.server = server
+        self.loop = loop
+        # Publications asked for before the xDS server's loop exists (agent restore).
+        self._backlog: list[Coroutine[Any, Any, None]] = []
+        self._backlog_lock = threading.Lock()
+        self.ports = ports
+        self._peers = peers
+        self._wildcards = (HOST_IDENTITY, WORLD_IDENTITY) if legacy_host_allows_world else (HOST_IDENTITY,)
+        self._envoy_wait_s = envoy_wait_s
+        self._on_redirects = on_redirects
+        self._access_log = ACCESS_LOG_CLUSTER if access_log else None
+        self._entries: dict[int, _Entry] = {}  # touched on the loop only
+        self._ever_redirected = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The xDS server runs on ``loop`` now: publish what waited for it."""
+        with self._backlog_lock:
+            self.loop, backlog, self._backlog = loop, self._backlog, []
+        for coro in backlog:
+            asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        with self._backlog_lock:
+            if self.loop is None:
+                self._backlog.append(coro)
+                return
+            loop = self.loop
+        asyncio.run_coroutine_threadsafe(coro, loop)
+
+    # -- the Enforcer seam (any thread) ----------------------------------------------
+
+    def apply(self, endpoint: Endpoint, revision: int, policy: EndpointPolicy) -> Completion:
+        entry = self._entry(endpoint, policy.ingress, policy.egress, self._peers())
+        if not entry.redirects:
+            # Nothing for the kernel to redirect: dropping the chains can come later.
+            self._run(self._publish(endpoint.id, None, None))
+            return Completion.completed()
+        completion = Completion()
+        self._run(self._publish(endpoint.id, entry, completion))
+        return completion
+
+    def remove(self, endpoint: Endpoint) -> None:
+        self._run(self._publish(endpoint.id, None, None))
+
+    def refresh_peers(self) -> None:
+        """Identities or the ipcache changed: recompute every RBAC config (ECDS only)."""
+        peers = self._peers()
+        self._run(self._refresh(peers))
+
+    def redirect_count(self) -> int:
+        return sum(e.redirects for e in list(self._entries.values()))
+
+    # -- pure parts -----------------------------------------------------------------------
+
+    def _entry(
+        self, endpoint: Endpoint, ingress: MapState, egress: MapState, peers: Mapping[int, PeerSet]
+    ) -> _Entry:
+        addrs = sorted(endpoint.addresses(), key=lambda a: (a.version, int(a)))
+        return _Entry(
+            endpoint,
+            ingress,
+            egress,
+            direction_http_policy(endpoint.id, addrs, ingress, False, peers, self._wildcards),
+            direction_http_policy(endpoint.id, addrs, egress, True, peers, ()),
+        )
+
+    def _listeners(self) -> dict[str, Message]:
+        ecds = ads_config_source()
+        entries = list(self._entries.values())
+        ingress = [p.redirect for e in entries for p in e.ingress.ports]
+        egress = [p.redirect for e in entries for p in e.egress.ports]
+        out: dict[str, Message] = {}
+        # Envoy rejects a listener without filter chains: a direction without
+        # redirects has no listener (nothing is redirected to its port).
+        for name, port, redirects in (
+            (INGRESS_LISTENER, self.ports.ingress, ingress),
+            (EGRESS_LISTENER, self.ports.egress, egress),
+        ):
+            if redirects:
+                out[name] = transparent_listener(name, port, redirects, ecds, self._access_log)
+        return out
+
+    def _filters(self) -> dict[str, Message]:
+        out: dict[str, Message] = {}
+        for e in self._entries.values():
+            for p in (*e.ingress.ports, *e.egress.ports):
+                out[p.redirect.filter_name] = typed_extension_config(p.redirect.filter_name, p.rbac)
+        return out
+
+    # -- on the xDS loop ----------------------------------------------------------------
+
+    async def _publish(self, ep_id: int, entry: _Entry | None, completion: Completion | None) -> None:
+        try:
+            if entry is None or not entry.redirects:
+                self._entries.pop(ep_id, None)
+            else:
+                self._entries[ep_id] = entry
+                if not self._ever_redirected:
+                    self._ever_redirected = True
+                    if self._on_redirects is not None:
+                        self._on_redirects()
+            # The filter configs first: a new chain finds its config already there.
+            self._push(EXTENSION_CONFIG, self._filters())
+            self._push(CLUSTER, {ORIGINAL_DST_CLUSTER: original_dst_cluster()})
+            self._push(LISTENER, self._listeners())
+            if completion is None:
+                return
+            error = await self._await_acks()
+        except Exception as exc:  # the completion must learn of every failure
+            log.exception("xds-publish-failed", endpoint=ep_id)
+            error = f"{type(exc).__name__}: {exc}"
+        if completion is not None:
+            if error is None:
+                completion.complete()
+            else:
+                completion.fail(error)
+
+    async def _refresh(self, peers: Mapping[int, PeerSet]) -> None:
+        self._entries = {
+            i: self._entry(e.endpoint, e.ingress_state, e.egress_state, peers) for i, e in self._entries.items()
+        }
+        self._push(EXTENSION_CONFIG, self._filters())
+
+    def _push(self, type_url: str, resources: Mapping[str, Message]) -> None:
+        # The server's own completion (per change) is not ours: `_await_acks` checks
+        # the node's ACKed versions, which also covers an Envoy that connects later.
+        self.server.set_resources(type_url, resources).add_done_callback(_retrieve)
+
+    async def _await_acks(self) -> str | None:
+        """Wait until every connected node ACKed the current listeners and filters;
+        return the reason when one NACKs them or none connects in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._envoy_wait_s
+        while True:
+            state = self.sync_state()
+            if state == "":
+                return None
+            if state.startswith("nack"):
+                return state
+            if loop.time() > deadline:
+                return state
+            await asyncio.sleep(0.02)
+
+    def sync_state(self) -> str:
+        """"" when every connected node ACKed the current LDS and ECDS versions,
+        else why not ("no Envoy connected", "nack: ...", "waiting for ...")."""
+        rows = [r for r in self.server.status() if any(t.type_url == LISTENER for t in r.types)]
+        if not rows:
+            return "no Envoy connected to the xDS server"
+        waiting = []
+        for row in rows:
+            types = {t.type_url: t for t in row.types}
+            for url in (LISTENER, EXTENSION_CONFIG):
+                want = self.server.cache.view(row.node, url).version
+                t = types.get(url)
+                if t is None:
+                    if url == EXTENSION_CONFIG and not self._filters():
+                        continue
+                    waiting.append(f"{row.node} has not subscribed to {url.rsplit('.', 1)[-1]}")
+                    continue
+                if t.phase == "nacked" and t.version_sent == want:
+                    return f"nack from {row.node}: {t.last_error}"
+                if t.version_acked != want:
+                    waiting.append(f"{row.node} has not ACKed {url.rsplit('.', 1)[-1]} {want[:12]}")
+        return "; ".join(waiting)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,162 @@
+"""`KafkaExtProcService` driven directly with ext_proc messages (the Envoy run is in
+test_kafka_envoy.py): identity from the forwarded metadata, per-direction answers,
+and fail-closed on anything it cannot judge."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as pb
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flagella.policy.api import KafkaRule
+from flagella.policy.mapstate import L7Policy
+from flagella.proxy.kafka import KafkaCodec
+from flagella.proxy.kafka_envoy import (
+    RBAC_NAMESPACE,
+    ChainKey,
+    KafkaExtProcService,
+    KafkaRedirect,
+    Peer,
+    identity_rbac,
+    ip_principals,
+    kafka_enforcement_filters,
+    kafka_filter_chain,
+    peer_from_metadata,
+    sidecar_grpc_service,
+    spiffe_principals,
+)
+
+CODEC = KafkaCodec()
+CHAIN = ChainKey(12, False, 9092)
+PRODUCE_ANNOUNCE = L7Policy("kafka", kafka=frozenset({KafkaRule(frozenset({0, 3, 18}), topic="empire-announce")}))
+Response = pb.ProcessingResponse
+
+
+def metadata(policy_id: str | None, chain: ChainKey = CHAIN) -> pb.ProcessingRequest:
+    req = pb.ProcessingRequest()
+    fields = req.metadata.filter_metadata[RBAC_NAMESPACE]
+    fields.update({f"{chain.stat_prefix}shadow_engine_result": "allowed" if policy_id else "denied"})
+    if policy_id is not None:
+        fields.update({f"{chain.stat_prefix}shadow_effective_policy_id": policy_id})
+    return req
+
+
+def read(data: bytes, policy_id: str | None = "identity-1003") -> pb.ProcessingRequest:
+    req = metadata(policy_id)
+    req.read_data.data = data
+    return req
+
+
+def write(data: bytes) -> pb.ProcessingRequest:
+    req = metadata("identity-1003")
+    req.write_data.data = data
+    return req
+
+
+def run(service: KafkaExtProcService, requests: list[pb.ProcessingRequest]) -> list[Response]:
+    async def feed() -> AsyncIterator[pb.ProcessingRequest]:
+        for r in requests:
+            yield r
+
+    async def collect() -> list[Response]:
+        return [r async for r in service.Process(feed(), None)]  # type: ignore[arg-type]
+
+    return asyncio.run(collect())
+
+
+def produce(corr: int, topic: str) -> bytes:
+    return CODEC.encode_request(0, 3, corr, "c", {
+        "TransactionalId": None, "Acks": 1, "TimeoutMs": 1000,
+        "TopicData": [{"Name": topic, "PartitionData": [{"Index": 0, "Records": None}]}]})
+
+
+def test_peer_from_metadata_reads_chain_and_identity() -> None:
+    fields = {k: v.string_value for k, v in metadata("identity-1003").metadata.filter_metadata[RBAC_NAMESPACE].fields.items()}
+    assert peer_from_metadata({RBAC_NAMESPACE: fields}) == Peer(CHAIN, 1003)
+    unmatched = {k: v.string_value for k, v in metadata(None).metadata.filter_metadata[RBAC_NAMESPACE].fields.items()}
+    assert peer_from_metadata({RBAC_NAMESPACE: unmatched}) == Peer(CHAIN, 2)  # world
+
+
+def test_identity_and_chain_reach_the_rules_lookup() -> None:
+    asked: list[tuple[ChainKey, int]] = []
+
+    def rules(chain: ChainKey, identity: int) -> L7Policy:
+        asked.append((chain, identity))
+        return PRODUCE_ANNOUNCE
+
+    service = KafkaExtProcService(rules, codec=CODEC)
+    [allowed] = run(service, [read(produce(7, "empire-announce"))])
+    assert asked == [(CHAIN, 1003)]
+    assert allowed.read_data.data == produce(7, "empire-announce")
+    assert allowed.data_processing_status == Response.MODIFIED
+
+
+def test_denied_request_is_substituted_and_its_answer_replaced() -> None:
+    service = KafkaExtProcService(lambda c, i: PRODUCE_ANNOUNCE, codec=CODEC)
+    denied = produce(8, "deathstar-plans")
+    half = len(denied) // 2
+    held, substituted, answered = run(service, [
+        read(denied[:half]), read(denied[half:]),
+        write(CODEC.encode_response(18, 0, 8, {"ErrorCode": 0, "ApiKeys": []})),
+    ])
+    assert held.read_data.data == b"" and held.connection_status == Response.CONTINUE
+    assert CODEC.decode_request(substituted.read_data.data[4:]).api_key == 18  # ApiVersions v0
+    corr, body = CODEC.decode_response(0, 3, answered.write_data.data[4:])
+    assert corr == 8
+    assert body["Responses"][0]["PartitionResponses"][0]["ErrorCode"] == 29
+
+
+def test_no_rules_or_no_chain_closes() -> None:
+    service = KafkaExtProcService(lambda c, i: None, codec=CODEC)
+    [closed] = run(service, [read(produce(1, "empire-announce"))])
+    assert closed.connection_status == Response.CLOSE
+    other = pb.ProcessingRequest()
+    other.read_data.data = b"x"
+    [closed] = run(KafkaExtProcService(lambda c, i: PRODUCE_ANNOUNCE, codec=CODEC), [other])
+    assert closed.connection_status == Response.CLOSE
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=4, max_size=300))
+def test_garbage_closes_or_waits_never_raises(data: bytes) -> None:
+    service = KafkaExtProcService(lambda c, i: PRODUCE_ANNOUNCE, codec=CODEC)
+    responses = run(service, [read(data), read(data)])
+    assert all(r.connection_status in (Response.CONTINUE, Response.CLOSE) for r in responses)
+    if responses[-1].connection_status == Response.CLOSE:
+        assert service.closes
+
+
+def test_chain_builders() -> None:
+    import ipaddress
+
+    from flagella.proxy.rbac import PeerSet
+
+    principals = ip_principals({1003: PeerSet((ipaddress.ip_network("10.244.0.9/32"),))})
+    rbac = identity_rbac(CHAIN, principals)
+    assert list(rbac.shadow_rules.policies) == ["identity-1003"]
+    assert rbac.shadow_rules_stat_prefix == CHAIN.stat_prefix
+    chain = kafka_filter_chain(KafkaRedirect(CHAIN, (ipaddress.ip_address("10.244.0.5"),)), principals, "flagella-xds")
+    assert [f.name for f in chain.filters] == [
+        "envoy.filters.network.rbac", "envoy.filters.network.ext_proc", "envoy.filters.network.tcp_proxy"]
+    assert chain.filter_chain_match.destination_port.value == 9092
+    assert chain.filter_chain_match.prefix_ranges[0].address_prefix == "10.244.0.5"
+
+
+def test_sidecar_filters_use_spiffe_and_google_grpc() -> None:
+    from envoy.extensions.filters.network.ext_proc.v3 import ext_proc_pb2
+
+    spiffe = spiffe_principals({1003: ["spiffe://cluster.local/ns/default/sa/outpost"]})
+    rbac_filter, ext_proc_filter = kafka_enforcement_filters(CHAIN, spiffe, sidecar_grpc_service("/var/run/flagella/agent.sock"))
+    rbac = identity_rbac(CHAIN, spiffe)
+    unpacked = type(rbac)()
+    assert rbac_filter.typed_config.Unpack(unpacked) and unpacked == rbac
+    [principal] = rbac.shadow_rules.policies["identity-1003"].principals
+    assert principal.authenticated.principal_name.exact == "spiffe://cluster.local/ns/default/sa/outpost"
+    config = ext_proc_pb2.NetworkExternalProcessor()
+    assert ext_proc_filter.typed_config.Unpack(config)
+    assert config.grpc_service.google_grpc.target_uri == "unix:/var/run/flagella/agent.sock"
+    assert list(config.metadata_options.forwarding_namespaces.untyped) == [RBAC_NAMESPACE]
+    assert not config.failure_mode_allow

@@ -599,9 +599,9 @@ class MetricsMap(_Typed):
             raw = self.forwarded.lookup(int(direction).to_bytes(4, sys.byteorder))
             fwd = MetricValue(0, 0) if raw is None else self._sum(self.forwarded, raw)
             if fwd.packets or fwd.bytes:
-                key = MetricKey(0, direction)
-                old = out.get(key, MetricValue(0, 0))
-                out[key] = MetricValue(old.packets + fwd.packets, old.bytes + fwd.bytes)
+                fkey = MetricKey(0, direction)
+                old = out.get(fkey, MetricValue(0, 0))
+                out[fkey] = MetricValue(old.packets + fwd.packets, old.bytes + fwd.bytes)
         return out
 
     def clear(self) -> int:

@@ -117,6 +117,7 @@ struct ipv4_hdr {
 #ifndef METRICS_MAX
 #define METRICS_MAX 1024
 #endif
+#define FORWARDED_MAX 4 /* indexed by DIR_* */
 #ifndef EVENTS_PAGES
 #define EVENTS_PAGES 64
 #endif
@@ -176,6 +177,8 @@ BPF_TABLE_PINNED("lru_hash", struct frag6_key, struct frag4_ports, frag6, FRAG6_
 		 PIN_DIR "/frag6");
 BPF_TABLE_PINNED("percpu_hash", struct metrics_key, struct metrics_value, metrics, METRICS_MAX,
 		 PIN_DIR "/metrics");
+BPF_TABLE_PINNED("percpu_array", __u32, struct metrics_value, forwarded, FORWARDED_MAX,
+		 PIN_DIR "/forwarded");
 
 /* BPF_RINGBUF_OUTPUT cannot be pinned; this is its expansion with a pin path. */
 struct events_table_t {
@@ -285,8 +288,19 @@ static __always_inline int eq16(const __u8 *a, const __u8 *b)
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
+/* Forwarded packets go to `forwarded` (a per-CPU array: the verifier inlines its lookup),
+ * drops to the `metrics` hash under their reason; user space sums both. */
 static __always_inline void count(__u8 reason, __u8 dir, __u32 len)
 {
+	if (reason == 0) {
+		__u32 idx = dir;
+		struct metrics_value *fv = forwarded.lookup(&idx);
+		if (fv) {
+			fv->packets += 1; /* per-CPU: no atomics needed */
+			fv->bytes += len;
+		}
+		return;
+	}
 	struct metrics_key key = { .reason = reason, .dir = dir };
 	struct metrics_value *v = metrics.lookup(&key);
 	if (!v) {
@@ -810,8 +824,12 @@ static __always_inline void ct_touch(struct ct_entry *e, struct flow *f, int rep
 	__u32 flags = tcp_ct_flags(f, e->flags, reply);
 	e->flags = flags;
 	e->expires_ns = now + ct_lifetime(cfg, f->proto, flags);
-	__sync_fetch_and_add(&e->packets, 1);
-	__sync_fetch_and_add(&e->bytes, len);
+	/* Plain adds, not locked ones: the counters are statistics, and a flow's packets meet
+	 * its entry from one CPU at a time but for rare overlaps (the request on one CPU, its
+	 * reply on another), where an increment may be lost: locked adds on every packet cost
+	 * more than these counters are worth. */
+	e->packets += 1;
+	e->bytes += len;
 }
 
 /* A first fragment that passed records its ports for the later ones (frag4, frag6). */

@@ -153,7 +153,9 @@ struct frag6_key {
 	__u8 daddr[16];
 };
 
-/* metrics: PERCPU_HASH metrics_key -> metrics_value */
+/* metrics: PERCPU_HASH metrics_key -> metrics_value, drops (reason > 0); older builds
+ * also counted forwarded packets here (reason 0).
+ * forwarded: PERCPU_ARRAY[4] __u32 DIR_* -> metrics_value, forwarded packets. */
 #define DIR_INGRESS 1  /* to the pod */
 #define DIR_EGRESS 2   /* from the pod */
 

@@ -33,6 +33,7 @@ from flagella.datapath.maps import (
     KernelMap,
     MapBackend,
     MapSpec,
+    MetricKey,
     MetricValue,
     PolicyEntry,
     PolicyEntryStruct,
@@ -275,6 +276,31 @@ def test_metrics_sum_over_cpus(maps: DatapathMaps) -> None:
     assert maps.metrics.get(0, Direction.EGRESS) == MetricValue(backend.cpus, 100 * backend.cpus)
     assert maps.metrics.get(133, Direction.INGRESS).packets == backend.cpus
     assert maps.metrics.get(134, Direction.INGRESS) == MetricValue(0, 0)
+
+
+def test_forwarded_counts_add_to_the_hash_and_clear_to_zero(maps: DatapathMaps) -> None:
+    """The datapath counts forwarded packets in the per-CPU `forwarded` array (by direction);
+    an older build's reason-0 entries in the hash add to them."""
+    fwd, backend = maps.metrics.forwarded, maps.metrics.backend
+
+    def per_cpu(packets: int, nbytes: int) -> bytes:
+        one = packets.to_bytes(8, "little") + nbytes.to_bytes(8, "little")
+        return one * fwd.cpus
+
+    assert maps.metrics.read() == {}  # a zeroed array is no count
+    fwd.update((2).to_bytes(4, sys.byteorder), per_cpu(3, 300))
+    fwd.update((1).to_bytes(4, sys.byteorder), per_cpu(1, 10))
+    backend.update(bytes([0, 2, 0, 0]), per_cpu(1, 100))
+    backend.update(bytes([133, 2, 0, 0]), per_cpu(1, 60))
+    n = fwd.cpus
+    assert maps.metrics.read() == {
+        MetricKey(0, Direction.EGRESS): MetricValue(4 * n, 400 * n),
+        MetricKey(0, Direction.INGRESS): MetricValue(n, 10 * n),
+        MetricKey(133, Direction.EGRESS): MetricValue(n, 60 * n),
+    }
+    maps.metrics.clear()
+    assert maps.metrics.read() == {}
+    assert len(fwd.items()) == 4  # an array keeps its indexes: zeroed, not deleted
 
 
 def test_config_defaults_and_update(maps: DatapathMaps) -> None:

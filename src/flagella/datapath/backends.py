@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from flagella.datapath import _bpfsys
 from flagella.datapath._bpfsys import BPF_ANY, BPF_EXIST, BPF_NOEXIST, BpfError, MapType
-from flagella.datapath.layouts import _BATCH_TYPES, _PERCPU_TYPES, MapSpec
+from flagella.datapath.layouts import _ARRAY_TYPES, _BATCH_TYPES, _PERCPU_TYPES, MapSpec
 from flagella.errors import DatapathError
 
 
@@ -208,8 +208,8 @@ class DictMap:
         self.name = spec.name
         self._cpus = cpus if spec.type in _PERCPU_TYPES else 1
         self._data: OrderedDict[bytes, bytes] = OrderedDict()
-        if spec.type == MapType.ARRAY:
-            zero = bytes(spec.value_size)
+        if spec.type in _ARRAY_TYPES:
+            zero = bytes(self._full_value_size())
             for i in range(spec.max_entries):
                 self._data[i.to_bytes(4, sys.byteorder)] = zero
 
@@ -267,7 +267,7 @@ class DictMap:
         if self.spec.type == MapType.LPM_TRIE:
             key = self._lpm_normal(key)
         exists = key in self._data
-        if self.spec.type == MapType.ARRAY:
+        if self.spec.type in _ARRAY_TYPES:
             if not exists:
                 raise BpfError(f"{self.name}: index out of range", 7)  # E2BIG
             if flags == BPF_NOEXIST:
@@ -287,7 +287,7 @@ class DictMap:
 
     def delete(self, key: bytes) -> bool:
         self._check_key(key)
-        if self.spec.type == MapType.ARRAY:
+        if self.spec.type in _ARRAY_TYPES:
             raise BpfError(f"{self.name}: delete from array", 22)
         if self.spec.type == MapType.LPM_TRIE:
             key = self._lpm_normal(key)

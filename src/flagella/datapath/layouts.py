@@ -346,10 +346,12 @@ MAP_SPECS: Mapping[str, MapSpec] = {
         _spec("frag4", MapType.LRU_HASH, Frag4KeyStruct, Frag4PortsStruct, 8192, 0),
         _spec("frag6", MapType.LRU_HASH, Frag6KeyStruct, Frag4PortsStruct, 8192, 0),
         _spec("metrics", MapType.PERCPU_HASH, MetricsKeyStruct, MetricsValueStruct, 1024, 0),
+        _spec("forwarded", MapType.PERCPU_ARRAY, ctypes.c_uint32, MetricsValueStruct, 4, 0),
         _spec("events", MapType.RINGBUF, None, None, 64 * 4096, 0),
     )
 }
 """The state maps pinned under the pin directory, with their default sizes."""
 
 _PERCPU_TYPES = {MapType.PERCPU_HASH, MapType.PERCPU_ARRAY}
+_ARRAY_TYPES = {MapType.ARRAY, MapType.PERCPU_ARRAY}
 _BATCH_TYPES = {MapType.HASH, MapType.LRU_HASH, MapType.PERCPU_HASH, MapType.ARRAY}

@@ -440,6 +440,9 @@ class Agent:
                 with contextlib.suppress(AssertionError):  # stop() killed it after the timeout
                     self.stop()
         finally:
+            # The agent leaves its node proxy's Envoy running on purpose (it keeps
+            # enforcing across agent restarts); the test is over, so stop it.
+            subprocess.run(["pkill", "-f", f"{self.state_dir}/envoy/"], check=False)
             shutil.rmtree(self.bpf_dir, ignore_errors=True)
             shutil.rmtree(self.state_dir, ignore_errors=True)
             # Its veths, routes and nftables table go with it.
@@ -524,7 +527,7 @@ class Cluster:
         revision = int(r["revision"])
         wait_until(
             lambda: not self.agent.call("policy.wait", {"revision": revision})["waiting"],
-            timeout=10, what=f"endpoints to enforce revision {revision}",
+            timeout=60, what=f"endpoints to enforce revision {revision}",
         )
         return revision
 

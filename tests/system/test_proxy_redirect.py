@@ -1,11 +1,11 @@
 """L7 policy enforced on real requests: the kernel datapath hands flows to a real Envoy.
 
-One agent with the proxy plumbing on (test-unique re-entry device and nftables table, in
-the agent's own node namespace), three pods (server, client, other) and a world
-namespace on TEST-NET-2 joined to the node. A real Envoy runs in the node namespace with
-the static bootstrap of `flagella.proxy.static` built from the policies resolved by the
-engine (the xDS server will replace it). Real curl and a real gRPC client (cleartext
-HTTP/2) send the requests.
+One agent with the proxy on (test-unique re-entry device and nftables table, in the
+agent's own node namespace), three pods (server, client, other) and a world namespace on
+TEST-NET-2 joined to the node. The agent runs the real Envoy itself and configures it over
+xDS (listeners, ECDS RBAC, access log); `policy import --wait` returns once Envoy ACKed and
+the kernel redirects. Real curl and a real gRPC client (cleartext HTTP/2) send the
+requests.
 
 * Ingress rules of the server: the client pod, the host and world are held to them; an
   allowed request reaches the server with the client's real address as peer; a denied
@@ -21,8 +21,6 @@ HTTP/2) send the requests.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
 import subprocess
 import sys
@@ -32,16 +30,8 @@ from typing import Any
 
 import pytest
 
-from flagella.policy.api import load_policies
-from flagella.policy.engine import PolicyEngine
-from flagella.policy.labels import k8s_labels
-from flagella.policy.resolver import EndpointInfo, PolicySettings
-from flagella.policy.trace import reserved_identity_labels
-from flagella.proxy.envoy import EnvoyProcess, free_port
-from flagella.proxy.l7policy import direction_http_policy, port_redirects
+from flagella.proxy.envoy import EnvoyProcess, bootstrap, free_port
 from flagella.proxy.ports import ProxySettings
-from flagella.proxy.rbac import http_rbac, local_ingress_rbac, peer_sets
-from flagella.proxy.static import static_bootstrap
 from tests.system._support import PID, Agent, Cluster, Pod, in_netns, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -129,18 +119,6 @@ with grpc.insecure_channel(target) as ch:
 """
 
 
-def _mapstates() -> tuple[PolicyEngine, dict[str, int]]:
-    engine = PolicyEngine(PolicySettings(allow_localhost="policy"))
-    engine.upsert_policies(load_policies(json.dumps(_policy())))
-    for ident, labels in reserved_identity_labels().items():
-        engine.set_identity(ident, labels)
-    for app, ident in IDS.items():
-        labels = k8s_labels({"app": app}, NS)
-        engine.set_identity(ident, labels)
-        engine.upsert_endpoint(EndpointInfo(ident, ident, labels))
-    return engine, IDS
-
-
 @dataclass
 class L7Node:
     agent: Agent
@@ -152,37 +130,16 @@ class L7Node:
     envoy: EnvoyProcess
 
 
-def proxy_config(engine: PolicyEngine, pods: dict[str, Pod], admin_port: int) -> dict[str, Any]:
-    """The one place where resolved policy becomes the proxy's config (xDS will replace it)."""
-    ipcache: dict[Any, int] = {ipaddress.ip_network(f"{HOST4}/32"): HOST_ID, ipaddress.ip_network(f"{HOST6}/128"): HOST_ID}
-    addrs: dict[str, list[Any]] = {}
-    for app, pod in pods.items():
-        addrs[app] = [ipaddress.ip_address(pod.ipv4), ipaddress.ip_address(pod.ipv6)]
-        for a in addrs[app]:
-            ipcache[ipaddress.ip_network(a)] = IDS[app]
-    peers = peer_sets(ipcache)
-    ingress, egress = [], []
-    local: dict[int, list[Any]] = {}
-    for app, ident in IDS.items():
-        pol = engine.policy(ident)
-        ingress += direction_http_policy(ident, addrs[app], pol.ingress, False, peers).ports
-        egress += direction_http_policy(ident, addrs[app], pol.egress, True, peers).ports
-        for p in direction_http_policy(ident, addrs[app], pol.ingress, False, peers).ports:
-            # the rules form, so that it can be scoped to the destination
-            rules = http_rbac(port_redirects(pol.ingress, p.redirect.port), peers, False, matcher_threshold=1 << 30)
-            local.setdefault(p.redirect.port, []).append(([ipaddress.ip_network(a) for a in addrs[app]], rules))
-    second = {port: local_ingress_rbac(targets) for port, targets in local.items()}
-    return static_bootstrap(f"l7-{PID}", admin_port, PORTS, ingress, egress, second)
-
-
 @pytest.fixture(scope="module")
 def l7(system_host: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L7Node]:
     agent = Agent(tmp_path_factory.mktemp("agent-l7"), "l7")
+    admin_port = free_port()
     with agent.config.open("a") as f:
         f.write(
             "policy: {allow_localhost: policy}\n"
             f"proxy: {{enabled: true, ingress_port: {PORTS.ingress_port}, egress_port: {PORTS.egress_port}, "
-            f"reentry_ifname: {PORTS.reentry_ifname}, reentry_peer: {PORTS.reentry_peer}, nft_table: {PORTS.nft_table}}}\n"
+            f"reentry_ifname: {PORTS.reentry_ifname}, reentry_peer: {PORTS.reentry_peer}, nft_table: {PORTS.nft_table}, "
+            f"envoy_base_id: {PID % 60000 + 3}, admin_port: {admin_port}, start_at_agent_start: true}}\n"
         )
     world = f"sys-{PID}-l7-world"
     cluster: Cluster | None = None
@@ -208,14 +165,10 @@ def l7(system_host: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                                     stdout=subprocess.PIPE, text=True, env=os.environ.copy())
         assert server_proc.stdout is not None and server_proc.stdout.readline().strip() == "ready"
         cluster.import_policy(*_policy())
-        engine, _ = _mapstates()
-        envoy = EnvoyProcess(proxy_config(engine, pods, free_port()), base_id=PID % 60000 + 3)
-        with in_netns(agent.node):
-            envoy.start()
+        # The agent's own Envoy, reached on its admin port for stats (not started here).
+        envoy = EnvoyProcess(bootstrap("admin-only", "/nonexistent.sock", admin_port, ads=False), base_id=0)
         yield L7Node(agent, cluster, pods["server"], pods["client"], pods["other"], world, envoy)
     finally:
-        if envoy is not None:
-            envoy.stop()
         problems = cluster.close() if cluster is not None else []
         sh("ip", "netns", "del", world, check=False)
         agent.close()

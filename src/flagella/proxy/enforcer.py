@@ -32,27 +32,30 @@ HTTP redirects: the agent starts Envoy then.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from flagella.endpoint.model import Endpoint
 from flagella.endpoint.regeneration import Completion
 from flagella.policy.mapstate import MapState
 from flagella.policy.resolver import EndpointPolicy
-from flagella.proxy.l7policy import DirectionHTTPPolicy, direction_http_policy
+from flagella.proxy.l7policy import DirectionHTTPPolicy, direction_http_policy, port_redirects
 from flagella.proxy.listeners import (
     ACCESS_LOG_CLUSTER,
     ORIGINAL_DST_CLUSTER,
     ads_config_source,
+    local_ingress_filter_name,
     original_dst_cluster,
     transparent_listener,
     typed_extension_config,
 )
-from flagella.proxy.rbac import PeerSet
+from flagella.proxy.rbac import PeerSet, http_rbac, local_ingress_rbac
 from flagella.xds.cache import Message
 from flagella.xds.server import XdsServer
 from flagella.xds.types import CLUSTER, EXTENSION_CONFIG, LISTENER
@@ -185,10 +188,34 @@ class XdsEnforcer:
 
     def _filters(self) -> dict[str, Message]:
         out: dict[str, Message] = {}
-        for e in self._entries.values():
+        entries = list(self._entries.values())
+        for e in entries:
             for p in (*e.ingress.ports, *e.egress.ports):
                 out[p.redirect.filter_name] = typed_extension_config(p.redirect.filter_name, p.rbac)
+        local_by_port: dict[int, http_rbac_pb2.RBAC] = {}
+        for e in entries:
+            for p in e.egress.ports:
+                port = p.redirect.port
+                if port not in local_by_port:
+                    local_by_port[port] = self._local_ingress(entries, port)
+                name = local_ingress_filter_name(p.redirect)
+                out[name] = typed_extension_config(name, local_by_port[port])
         return out
+
+    def _local_ingress(self, entries: list[_Entry], port: int) -> http_rbac_pb2.RBAC:
+        """Every local endpoint's ingress HTTP rules on ``port``, scoped to its addresses
+        (the rules form, so that they can be scoped)."""
+        peers = self._peers()
+        targets = []
+        for e in entries:
+            if any(p.redirect.port == port for p in e.ingress.ports):
+                rbac = http_rbac(
+                    port_redirects(e.ingress_state, port), peers, False, self._wildcards,
+                    matcher_threshold=1 << 30,
+                )
+                nets = [ipaddress.ip_network(a) for a in e.endpoint.addresses()]
+                targets.append((nets, rbac))
+        return local_ingress_rbac(targets)
 
     # -- on the xDS loop ----------------------------------------------------------------
 

@@ -90,6 +90,12 @@ def filter_name(endpoint_id: int, egress: bool, port: int) -> str:
     return f"flagella/{endpoint_id}/{'egress' if egress else 'ingress'}/{port}"
 
 
+def local_ingress_filter_name(redirect: HTTPRedirect) -> str:
+    """The ECDS name of an egress chain's second RBAC filter: the ingress HTTP rules of
+    the local endpoints its port reaches (`flagella.proxy.rbac.local_ingress_rbac`)."""
+    return f"{redirect.filter_name}/local-ingress"
+
+
 def deny_all() -> http_rbac_pb2.RBAC:
     """An RBAC config that denies every request (the default before policy arrives)."""
     return http_rbac_pb2.RBAC(rules=rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW))
@@ -216,6 +222,10 @@ def filter_chain(
         ORIGINAL_DST_CLUSTER,
         access_log_to_agent(redirect.filter_name, access_log_cluster) if access_log_cluster else None,
     )
+    if redirect.egress and ecds is not None:
+        # Envoy's upstream is never redirected again (mark 0x300), so the destination's
+        # own ingress HTTP rules, when it is a local endpoint, are applied here.
+        hcm.http_filters.insert(1, rbac_http_filter(local_ingress_filter_name(redirect), ecds))
     return listener_components_pb2.FilterChain(
         name=redirect.filter_name,
         filter_chain_match=match,
@@ -324,6 +334,7 @@ __all__ = [
     "deny_all",
     "filter_chain",
     "filter_name",
+    "local_ingress_filter_name",
     "http_connection_manager",
     "local_reply_config",
     "original_dst_cluster",

@@ -714,6 +714,9 @@ def main() -> int:
     ap.add_argument("--load", choices=("maps", "agent"), default="maps",
                     help="write the 10k other entries into the pinned maps (default), or import them "
                          "as a policy through the agent (minutes: CIDR selectors are matched pairwise)")
+    ap.add_argument("--policy-only", action="store_true",
+                    help="only endpoint create and the 100-endpoint policy change (no traffic, "
+                         "no write): prints their figures")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/datapath.py needs root (namespaces, tc, bpf)", file=sys.stderr)
@@ -736,6 +739,14 @@ def main() -> int:
                 say(json.dumps(bench.setup))
                 if args.cost_only:
                     print(json.dumps(bench.program_cost(), indent=2))
+                    return 0
+                if args.policy_only:
+                    say("endpoint create ...")
+                    ep = bench.endpoint_create()
+                    say("policy change ...")
+                    pol = bench.policy_change()
+                    print(json.dumps({"command": command, "setup": bench.setup,
+                                      "endpoint_create": ep, "policy_change": pol}, indent=2))
                     return 0
                 runs = bench.run_matrix()
                 cost = bench.program_cost()

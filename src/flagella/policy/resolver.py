@@ -142,6 +142,19 @@ def rule_name(rule: Rule) -> str:
     return ",".join(rule.labels) or "<unnamed rule>"
 
 
+def _enclosing_networks(addrs: Iterable[IPAddress]) -> frozenset[IPNetwork]:
+    """The networks that enclose all of the addresses of one family, per family."""
+    nets: set[IPNetwork] = set()
+    for version, bits in ((4, 32), (6, 128)):
+        fam = [ipaddress.ip_network(a) for a in addrs if a.version == version]
+        if fam:
+            for plen in range(bits + 1):
+                sup = {n.supernet(new_prefix=plen) for n in fam}
+                if len(sup) == 1:
+                    nets |= sup
+    return frozenset(nets)
+
+
 class IdentityUniverse:
     """The identities the resolver knows, with what CIDR rules need about them.
 
@@ -154,7 +167,10 @@ class IdentityUniverse:
         self.selectors = SelectorCache()
         self.addresses: dict[int, frozenset[IPAddress]] = {}
         self.named_ports: dict[int, NamedPorts] = {}
-        self._supernets: dict[IPNetwork, set[int]] | None = None
+        #: network -> endpoint identities all of whose addresses of its family lie inside.
+        self._supernets: dict[IPNetwork, set[int]] = {}
+        #: identity -> the networks enclosing its addresses (its keys in ``_supernets``).
+        self._address_nets: dict[int, frozenset[IPNetwork]] = {}
         self._networks: dict[int, frozenset[IPNetwork]] = {}
 
     def changed(self, ident: int | None = None) -> None:
@@ -173,14 +189,7 @@ class IdentityUniverse:
             for lab in self.labels(ident):
                 if lab.source == "cidr":
                     nets.add(ipaddress.ip_network(lab.key, strict=False))
-            addrs = self.addresses.get(ident, frozenset())
-            for version, bits in ((4, 32), (6, 128)):
-                fam = [ipaddress.ip_network(a) for a in addrs if a.version == version]
-                if fam:
-                    for plen in range(bits + 1):
-                        sup = {n.supernet(new_prefix=plen) for n in fam}
-                        if len(sup) == 1:
-                            nets |= sup
+            nets |= self._address_nets.get(ident, frozenset())
             hit = frozenset(nets)
             self._networks[ident] = hit
         return hit
@@ -190,24 +199,23 @@ class IdentityUniverse:
             self.addresses[ident] = addrs
         else:
             self.addresses.pop(ident, None)
-        self._supernets = None
+        # The supernet index changes by this identity's networks only (O(prefix bits)).
+        for net in self._address_nets.pop(ident, frozenset()):
+            holders = self._supernets.get(net)
+            if holders is not None:
+                holders.discard(ident)
+                if not holders:
+                    del self._supernets[net]
+        if addrs:
+            nets = _enclosing_networks(addrs)
+            self._address_nets[ident] = nets
+            for net in nets:
+                self._supernets.setdefault(net, set()).add(ident)
         self._networks.pop(ident, None)
 
     def within(self, network: IPNetwork) -> set[int]:
         """Endpoint identities all of whose addresses of ``network``'s family lie inside it."""
-        if self._supernets is None:
-            index: dict[IPNetwork, set[int]] = {}
-            for ident, addrs in self.addresses.items():
-                for version, bits in ((4, 32), (6, 128)):
-                    fam = [a for a in addrs if a.version == version]
-                    if not fam:
-                        continue
-                    for plen in range(bits + 1):
-                        nets = {ipaddress.ip_network(a).supernet(new_prefix=plen) for a in fam}
-                        if len(nets) == 1:
-                            index.setdefault(nets.pop(), set()).add(ident)
-            self._supernets = index
-        return self._supernets.get(network, set())
+        return set(self._supernets.get(network, ()))
 
     def labels(self, ident: int) -> LabelSet:
         return self.selectors.labels(ident) or frozenset()
@@ -317,9 +325,35 @@ def peer_contains(peer: PeerRule, ident: int, universe: IdentityUniverse) -> boo
     if peer.cidrs:
         if ident == WORLD_ID:
             return any(cidr_contains(c, ident, universe) for c in peer.cidrs)
-        nets = universe.networks(ident)
-        return any(c.cidr in nets and cidr_contains(c, ident, universe) for c in peer.cidrs)
+        index = _cidrs_by_network(peer)
+        return any(
+            cidr_contains(c, ident, universe)
+            for net in universe.networks(ident)
+            for c in index.get(net, ())
+        )
     return False
+
+
+#: id(peer) -> (peer, its CIDR rules by network); the peer is kept so the id stays its own.
+_CIDR_INDEX: dict[int, tuple[PeerRule, dict[IPNetwork, tuple[CIDRRule, ...]]]] = {}
+_CIDR_INDEX_MAX = 4096
+
+
+def _cidrs_by_network(peer: PeerRule) -> dict[IPNetwork, tuple[CIDRRule, ...]]:
+    """A peer's CIDR rules indexed by network, so that a membership test costs
+    O(networks of the identity), not O(CIDRs of the rule): a rule of 5,000 CIDRs
+    is asked about every new identity by every endpoint it selects."""
+    hit = _CIDR_INDEX.get(id(peer))
+    if hit is not None and hit[0] is peer:
+        return hit[1]
+    index: dict[IPNetwork, list[CIDRRule]] = {}
+    for c in peer.cidrs:
+        index.setdefault(c.cidr, []).append(c)
+    frozen = {net: tuple(rules) for net, rules in index.items()}
+    if len(_CIDR_INDEX) >= _CIDR_INDEX_MAX:
+        _CIDR_INDEX.clear()  # rules replaced long ago; the live ones are indexed again
+    _CIDR_INDEX[id(peer)] = (peer, frozen)
+    return frozen
 
 
 def _l4_ranges(pp: PortProtocol) -> list[tuple[int, int, int]]:

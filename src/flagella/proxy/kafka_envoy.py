@@ -31,7 +31,10 @@ does the same for that connection only.
 
 The rules come from a `KafkaRulesLookup` the agent provides, asked once per
 connection with the chain and the peer's identity; None closes the
-connection (fail closed: a chain exists only while its rules do).
+connection (fail closed: a chain exists only while its rules do). After a
+policy or identity change the agent calls `KafkaExtProcService.refresh`: every
+open connection asks the lookup again and holds its next request to the
+answer (no rules any more: every request is denied).
 
 The builders are pure (protobuf messages only); the service does gRPC I/O.
 """
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -77,6 +81,7 @@ RBAC_NAMESPACE = "envoy.filters.network.rbac"
 _POLICY_ID = "shadow_effective_policy_id"
 _PREFIX = re.compile(r"flagella_kafka_(\d+)_(ingress|egress)_(\d+)_")
 _IDENTITY = re.compile(r"identity-(\d+)")
+_DENY_ALL = L7Policy("kafka")
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
     """``envoy.service.network_ext_proc.v3.NetworkExternalProcessor`` for Kafka chains.
 
     Register on any ``grpc.aio`` server with `register`. ``on_record`` gets every
-    judged request (monitor, metrics); ``settings_for`` may give per-chain
+    judged request (monitor, metrics), ``on_peer_record`` the same with the connection's
+    `Peer` (chain and identity); ``settings_for`` may give per-chain
     processor settings per peer (the default: transparent, nothing rewritten for addresses).
     """
 
@@ -160,10 +166,14 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
         codec: KafkaCodec | None = None,
         on_record: Callable[[KafkaAccessRecord], None] | None = None,
         settings_for: Callable[[Peer], KafkaSettings] | None = None,
+        on_peer_record: Callable[[Peer, KafkaAccessRecord], None] | None = None,
     ) -> None:
         self.rules = rules
         self.codec = codec or KafkaCodec()
         self.on_record = on_record
+        self.on_peer_record = on_peer_record
+        #: The open connections and whose they are (`refresh`, `on_peer_record`).
+        self._live: weakref.WeakKeyDictionary[KafkaConnection, Peer] = weakref.WeakKeyDictionary()
         self.settings_for = settings_for or (lambda _peer: KafkaSettings())
         self.topic_ids = TopicIds()
         #: Close reasons, newest last (bounded): why the service closed connections.
@@ -172,15 +182,28 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_NetworkExternalProcessorServicer_to_server(self, server)
 
+    def refresh(self) -> None:
+        """The rules changed: every open connection gets its peer's current rules (on the
+        server's loop, like the lookup). A peer left without rules is denied everything."""
+        for conn, peer in list(self._live.items()):
+            policy = self.rules(peer.chain, peer.identity)
+            conn.update_policy(policy if policy is not None else _DENY_ALL)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._live)
+
     def _connection(self, request: pb.ProcessingRequest) -> KafkaConnection:
         peer = peer_from_metadata(_struct_fields(request.metadata))
         policy = self.rules(peer.chain, peer.identity)
         if policy is None:
             raise KafkaMetadataError(f"no Kafka rules for identity {peer.identity} on {peer.chain.name}")
-        return KafkaConnection(
+        conn = KafkaConnection(
             peer.identity, policy, codec=self.codec, topic_ids=self.topic_ids,
             settings=self.settings_for(peer),
         )
+        self._live[conn] = peer
+        return conn
 
     def _closed(self, reason: str) -> pb.ProcessingResponse:
         self.closes.append(reason)
@@ -215,6 +238,10 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
         if self.on_record is not None:
             for record in out.records:
                 self.on_record(record)
+        if self.on_peer_record is not None and out.records:
+            peer = self._live[conn]
+            for record in out.records:
+                self.on_peer_record(peer, record)
         if out.close is not None:
             return self._closed(out.close), True
         payload = pb.Data(data=out.to_broker if upstream else out.to_client, end_of_stream=data.end_of_stream)

@@ -52,6 +52,7 @@ from flagella.datapath.port import pod_netns_name
 from . import host
 from .e2e_plan import STANDARD_IPS, CasePlan, Peer, PodPlan, ProbePlan, StepPlan
 from .host import FLAGELLA, PYTHON, REPO, pid_alive, remove_bpf_dir, sh
+from .kafka_broker import NetnsBroker
 
 E2E_DIR = REPO / "tests" / "e2e"
 
@@ -59,6 +60,10 @@ E2E_DIR = REPO / "tests" / "e2e"
 TCP_TIMEOUT = 1.0
 UDP_TIMEOUT = 0.5  # x2: one retry
 ICMP_TIMEOUT = 1.0
+#: The client library of the conformance Kafka probes (the guide test runs both).
+KAFKA_CLIENT = "confluent-kafka"
+#: What a client surfaces when the proxy refused a request (TopicAuthorizationException).
+KAFKA_REFUSALS = ("TOPIC_AUTHORIZATION_FAILED",)
 #: An expected-allow probe that timed out is tried once more, alone-ish, with this timeout.
 RECHECK_TIMEOUT = 3.0
 
@@ -274,8 +279,9 @@ def _free_port() -> int:
 class Agent:
     """``flagella agent`` as a subprocess, with its own state dir, socket and bpf dir."""
 
-    def __init__(self, workdir: Path, tag: str, ipv6_cidr: str = "fd00:10:244::/64") -> None:
+    def __init__(self, workdir: Path, tag: str, ipv6_cidr: str = "fd00:10:244::/64", metrics_addr: str = "") -> None:
         self.workdir = workdir
+        self.metrics_addr = metrics_addr
         self.state_dir = workdir / "state"
         self.socket = str(workdir / "state" / "flagella.sock")
         self.bpf_dir = Path(f"/sys/fs/bpf/flagella-e2e-{os.getpid()}{tag}")
@@ -319,7 +325,7 @@ class Agent:
         self.proc = subprocess.Popen(
             [
                 FLAGELLA, "agent", "--config", str(self.config), "--state-dir", str(self.state_dir),
-                "--socket", self.socket, "--metrics-addr", "", "--bpf-dir", str(self.bpf_dir),
+                "--socket", self.socket, "--metrics-addr", self.metrics_addr, "--bpf-dir", str(self.bpf_dir),
             ],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
@@ -424,6 +430,7 @@ class LivePod:
     labels: dict[str, str]
     server: PodServer
     prober: Prober | None = None
+    brokers: list[NetnsBroker] = field(default_factory=list)
 
     @property
     def netns(self) -> str:
@@ -487,7 +494,13 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.agent.call("endpoint.delete", {"name": pp.key})
             raise
-        self.pods[pp.key] = LivePod(pp, ep, dict(ep.get("labels") or pp.labels), server)
+        live = LivePod(pp, ep, dict(ep.get("labels") or pp.labels), server)
+        self.pods[pp.key] = live
+        for port in sorted(pp.kafka_ports):
+            # A Kafka broker where the case probes Kafka (its topics seeded with one record).
+            broker = NetnsBroker(ep["netns"], pp.ipv4, port, pp.kafka_topics, python=PYTHON)
+            live.brokers.append(broker)
+            broker.start()
 
     def _delete(self, key: str) -> None:
         live = self.pods.pop(key)
@@ -495,6 +508,9 @@ class Cluster:
             if helper is not None:
                 with contextlib.suppress(Exception):
                     helper.close()
+        for broker in live.brokers:
+            with contextlib.suppress(Exception):
+                broker.stop()
         self.agent.call("endpoint.delete", {"name": key})
         self.deleted += 1
 
@@ -660,6 +676,9 @@ class Cluster:
             req: dict[str, Any] = {"kind": pp.kind, "addr": pp.dst.address}
             if pp.kind == "tcp":
                 req.update(port=pp.port, timeout=timeout or TCP_TIMEOUT, http=pp.http)
+            elif pp.kind == "kafka":
+                assert pp.kafka is not None
+                req.update(port=pp.port, timeout=timeout or TCP_TIMEOUT, client=KAFKA_CLIENT, **pp.kafka)
             elif pp.kind == "udp":
                 req.update(port=pp.port, timeout=timeout or UDP_TIMEOUT, retries=1)
             else:
@@ -675,6 +694,7 @@ class Cluster:
                 r = fut.result(timeout=60)
                 o.result, o.detail, o.ms = r.get("result", "error"), r.get("detail", ""), r.get("ms", 0.0)
                 o.http_status = r.get("http_status")
+                o.kafka_error = r.get("kafka_error")
             except (FutureTimeout, HelperDied) as exc:
                 o.result, o.detail = "error", f"{exc.__class__.__name__}: {exc}"
 
@@ -743,10 +763,14 @@ class Outcome:
     detail: str = ""
     ms: float = 0.0
     http_status: int | None = None
+    #: kind "kafka": the Kafka error the client surfaced ("" when the operation worked)
+    kafka_error: str | None = None
     rechecked: bool = False
 
     @property
     def got(self) -> str:
+        if self.result == "open" and self.plan.kind == "kafka":
+            return "deny" if self.kafka_error else "allow"
         if self.result == "open":
             # An HTTP request the proxy refused: 403 with Cilium's body.
             return "deny" if self.plan.http and self.http_status == 403 else "allow"
@@ -762,6 +786,9 @@ class Outcome:
         if self.got == "deny" and mode == "drop":
             return self.result == "timeout"
         if self.got == "deny" and mode == "l7-reject":
+            if self.plan.kind == "kafka":
+                # A Kafka answer, not a dropped connection (spec 10(b)).
+                return self.kafka_error in KAFKA_REFUSALS
             return self.http_status == 403
         return True
 

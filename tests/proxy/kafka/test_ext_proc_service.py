@@ -160,3 +160,42 @@ def test_sidecar_filters_use_spiffe_and_google_grpc() -> None:
     assert config.grpc_service.google_grpc.target_uri == "unix:/var/run/flagella/agent.sock"
     assert list(config.metadata_options.forwarding_namespaces.untyped) == [RBAC_NAMESPACE]
     assert not config.failure_mode_allow
+
+
+def test_refresh_feeds_new_rules_to_open_connections_and_records_name_the_peer() -> None:
+    """A policy change reaches a connection that is already open (from its next request);
+    a peer left without rules is denied everything, answered in order, not cut off."""
+    current: dict[str, L7Policy | None] = {"rules": PRODUCE_ANNOUNCE}
+    seen: list[tuple[Peer, str, tuple[str, ...]]] = []
+    service = KafkaExtProcService(
+        lambda c, i: current["rules"], codec=CODEC,
+        on_peer_record=lambda peer, rec: seen.append((peer, rec.verdict, rec.topics)),
+    )
+
+    async def scenario() -> list[Response]:
+        first_done, refreshed = asyncio.Event(), asyncio.Event()
+
+        async def feed() -> AsyncIterator[pb.ProcessingRequest]:
+            yield read(produce(1, "empire-announce"))
+            await first_done.wait()
+            await refreshed.wait()
+            yield read(produce(2, "empire-announce"))
+
+        out: list[Response] = []
+        async for response in service.Process(feed(), None):  # type: ignore[arg-type]
+            out.append(response)
+            if len(out) == 1:
+                assert service.open_connections == 1
+                first_done.set()
+                current["rules"] = None  # the chain's rules for this peer are gone
+                service.refresh()
+                refreshed.set()
+        return out
+
+    allowed, denied = asyncio.run(scenario())
+    assert allowed.read_data.data == produce(1, "empire-announce")
+    # The second produce is substituted (ApiVersions v0, same correlation id) and stays open.
+    assert denied.read_data.data != produce(2, "empire-announce")
+    assert denied.connection_status != Response.CLOSE
+    assert seen == [(Peer(CHAIN, 1003), "forwarded", ("empire-announce",)),
+                    (Peer(CHAIN, 1003), "denied", ("empire-announce",))]

@@ -127,7 +127,10 @@ def test_policy_import_wait_returns_after_envoy_acked(agent: InProcessAgent, ups
         and "/v1/request-landing => 200" in ln for ln in lines
     ), lines
     assert any("verdict Denied PUT" in ln and "/v1/exhaust-port => 403" in ln for ln in lines), lines
-    metric = {s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples}
+    metric = {
+        s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples
+        if s.labels["proxy_type"] == "http"
+    }
     assert metric["received"] >= 3 and metric["denied"] >= 2 and metric["forwarded"] >= 1
     assert metric["received"] == metric["denied"] + metric["forwarded"] and metric["parse_errors"] == 0
 

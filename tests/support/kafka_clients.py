@@ -7,6 +7,8 @@ Consumers use ``assign()`` (no consumer group) and read from the beginning.
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -133,34 +135,18 @@ def raw_fetch(host: str, port: int, topic: str, timeout: float = 10) -> Outcome:
     """An attacker skipping Metadata: a Fetch of ``topic`` pipelined with an ApiVersions on one
     raw connection. ``ok`` when the records came back; else the Fetch's error name, and
     ``"connection closed"`` when the connection did not stay open for the ApiVersions answer."""
-    import socket
-    import struct
-
     from flagella.proxy.kafka import KafkaCodec
 
     codec = KafkaCodec()
     fetch = {"MaxWaitMs": 10, "MinBytes": 1, "MaxBytes": 1 << 20, "Topics": [
         {"Topic": topic, "Partitions": [{"Partition": 0, "FetchOffset": 0, "PartitionMaxBytes": 1 << 20}]}]}
 
-    def frame(sock: socket.socket) -> bytes:
-        def exact(n: int) -> bytes:
-            data = b""
-            while len(data) < n:
-                chunk = sock.recv(n - len(data))
-                if not chunk:
-                    raise ConnectionError("closed")
-                data += chunk
-            return data
-
-        (size,) = struct.unpack(">i", exact(4))
-        return exact(size)
-
     with socket.create_connection((host, port), timeout) as sock:
         sock.sendall(codec.encode_request(1, 4, 41, "attacker", fetch)
                      + codec.encode_request(18, 2, 42, "attacker", {}))
         try:
-            _, answer = codec.decode_response(1, 4, frame(sock))
-            corr, versions = codec.decode_response(18, 2, frame(sock))
+            _, answer = codec.decode_response(1, 4, read_frame(sock))
+            corr, versions = codec.decode_response(18, 2, read_frame(sock))
         except (ConnectionError, OSError):
             return Outcome(False, "connection closed")
     codes = [p["ErrorCode"] for t in answer["Responses"] for p in t["Partitions"]]
@@ -170,3 +156,19 @@ def raw_fetch(host: str, port: int, topic: str, timeout: float = 10) -> Outcome:
     if codes and all(c == 29 for c in codes):
         return Outcome(False, "TOPIC_AUTHORIZATION_FAILED")
     return Outcome(not any(codes), f"error codes {codes}" if any(codes) else "", [bytes(r) for r in records])
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    """One Kafka frame (without its size) from ``sock``; ConnectionError when it closes."""
+
+    def exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    (size,) = struct.unpack(">i", exact(4))
+    return exact(size)

@@ -149,9 +149,7 @@ class NodeProxy(Collector):
         )
         counts = dict(self.l7_counts)
         counts["http", "parse_errors"] = self.accesslog.errors
-        counts["kafka", "parse_errors"] = sum(
-            1 for reason in self.kafka.closes if reason.startswith("unparsable")
-        )
+        counts["kafka", "parse_errors"] = self.kafka.unparsable
         for proxy_type in PROXY_TYPES:
             for rule in L7_RULES:
                 family.add_metric([rule, proxy_type], counts.get((proxy_type, rule), 0))

@@ -176,6 +176,8 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
         self._live: weakref.WeakKeyDictionary[KafkaConnection, Peer] = weakref.WeakKeyDictionary()
         self.settings_for = settings_for or (lambda _peer: KafkaSettings())
         self.topic_ids = TopicIds()
+        #: Connections closed on a frame that could not be parsed (policy_l7_total parse_errors).
+        self.unparsable = 0
         #: Close reasons, newest last (bounded): why the service closed connections.
         self.closes: list[str] = []
 
@@ -206,6 +208,8 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
         return conn
 
     def _closed(self, reason: str) -> pb.ProcessingResponse:
+        if reason.startswith("unparsable"):
+            self.unparsable += 1
         self.closes.append(reason)
         del self.closes[:-100]
         return pb.ProcessingResponse(connection_status=pb.ProcessingResponse.CLOSE)

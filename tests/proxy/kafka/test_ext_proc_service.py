@@ -199,3 +199,12 @@ def test_refresh_feeds_new_rules_to_open_connections_and_records_name_the_peer()
     assert denied.connection_status != Response.CLOSE
     assert seen == [(Peer(CHAIN, 1003), "forwarded", ("empire-announce",)),
                     (Peer(CHAIN, 1003), "denied", ("empire-announce",))]
+
+
+def test_unparsable_frames_are_counted() -> None:
+    service = KafkaExtProcService(lambda c, i: PRODUCE_ANNOUNCE, codec=CODEC)
+    [closed] = run(service, [read(b"\x00\x00\x00\x0c\x00\x00\x00\x00garbagegarb")])
+    assert closed.connection_status == Response.CLOSE
+    assert service.unparsable == 1 and service.closes[0].startswith("unparsable")
+    run(service, [read(produce(3, "empire-announce"))])  # a good frame: not counted
+    assert service.unparsable == 1

@@ -143,3 +143,21 @@ def test_envoy_acks_kafka_chains_and_open_connections_get_new_rules(tmp_path: Pa
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_monitor_line_names_both_identities_api_and_topics() -> None:
+    from flagella.agent.proxy import kafka_event
+    from flagella.proxy.kafka import KafkaAccessRecord
+    from flagella.proxy.kafka_envoy import Peer
+
+    rec = KafkaAccessRecord(OUTPOST, 0, 7, 3, "rdkafka", ("empire-announce",), "denied")
+    ev = kafka_event(Peer(ChainKey(7, False, 9092), OUTPOST), rec, 500)
+    assert (ev["type"], ev["proxy_type"], ev["src_identity"], ev["dst_identity"]) == ("l7", "kafka", OUTPOST, 500)
+    assert ev["line"] == ("<- endpoint 7 ingress Request kafka port 9092, identity 301->500, verdict Denied "
+                          "apiKey 0 (Produce) apiVersion 7 correlationID 3 clientID rdkafka topic empire-announce")
+    # Egress: the endpoint is the client; a Metadata answer's refused topics are shown.
+    meta = KafkaAccessRecord(HQ, 3, 9, 4, None, ("a",), "forwarded", refused_topics=("b",))
+    line = kafka_event(Peer(ChainKey(8, True, 9092), HQ), meta, 600)["line"]
+    assert line.startswith("-> endpoint 8 egress Request kafka port 9092, identity 600->300, verdict Forwarded "
+                           "apiKey 3 (Metadata) apiVersion 9")
+    assert line.endswith("clientID - topic a (refused: b)")

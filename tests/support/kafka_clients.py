@@ -11,6 +11,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 CLIENTS = ("kafka-python", "confluent-kafka")
 
@@ -108,12 +109,26 @@ def consume(client: str, address: str, topic: str, want: int, timeout: float = 1
         if len(values) < want:
             # librdkafka keeps a topic it may not see out of the fetch loop and says why
             # in the topic's metadata.
-            error = consumer.list_topics(topic, timeout=5).topics[topic].error
-            if error is not None:
-                return Outcome(False, error.name(), values)
+            error = _confluent_topic_error(consumer, topic)
+            if error:
+                return Outcome(False, error, values)
     finally:
         consumer.close()
     return Outcome(len(values) >= want, "" if len(values) >= want else "timeout", values)
+
+
+def _confluent_topic_error(consumer: Any, topic: str) -> str:
+    """The topic's Metadata error name as librdkafka holds it ("" if none); a busy client
+    may miss one Metadata round trip, so ask up to three times."""
+    from confluent_kafka import KafkaException
+
+    for _ in range(3):
+        try:
+            error = consumer.list_topics(topic, timeout=5).topics[topic].error
+        except KafkaException:
+            continue
+        return "" if error is None else str(error.name())
+    return ""
 
 
 def list_topics(client: str, address: str) -> set[str]:

@@ -83,7 +83,7 @@ def fetch(broker: str, topic: str) -> int:
             for part in t["Partitions"]:
                 code = part["ErrorCode"]
                 name = " TOPIC_AUTHORIZATION_FAILED" if code == 29 else ""
-                print(f"Fetch (correlation id {corr}) {t['Topic']}-{part['Partition']}: error {code}{name}")
+                print(f"Fetch (correlation id {corr}) {t['Topic']}-{part.get('PartitionIndex', 0)}: error {code}{name}")
         corr, versions = codec.decode_response(18, 2, frame())
         print(f"ApiVersions (correlation id {corr}) answered on the same connection: it stays open")
     return 0

@@ -134,3 +134,36 @@ def test_bad_pod_name_is_refused_with_nothing_left(agent: InProcessAgent) -> Non
     code, err = plugin(agent, "ADD", "c7", ("ns1", "Not_A_DNS_Label"))
     assert code == 1 and err["code"] == 100 and "Not_A_DNS_Label" in err["details"], err
     assert agent.call("endpoint.list") == [] and agent.dp.pods == {} and agent.dp.adopted == {}
+
+
+def test_zipapp_runs_on_a_bare_python(agent: InProcessAgent, tmp_path: Path) -> None:
+    """The artifact the DaemonSet installs into /opt/cni/bin: built by the image's script,
+    run by an isolated interpreter (no PYTHONPATH, no site-packages), ADD and DEL included."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from tests.support.host import REPO
+
+    spec = importlib.util.spec_from_file_location("build_cni_zipapp", REPO / "scripts" / "build_cni_zipapp.py")
+    assert spec is not None and spec.loader is not None
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    plugin_path = builder.build(REPO / "src", tmp_path / "bin" / "flagella-cni")
+
+    def invoke(env: dict[str, str], doc: dict[str, Any]) -> tuple[int, Any]:
+        p = subprocess.run(
+            [sys.executable, "-I", "-S", str(plugin_path)], input=json.dumps(doc).encode(),
+            env=env, capture_output=True, timeout=60, cwd=tmp_path,
+        )
+        return p.returncode, json.loads(p.stdout) if p.stdout.strip() else None
+
+    base = {"cniVersion": "1.0.0", "name": "flagella", "type": "flagella-cni", "socket": agent.settings.socket_path}
+    env = {"CNI_CONTAINERID": "z1", "CNI_NETNS": "/var/run/netns/rt-z1", "CNI_IFNAME": "eth0",
+           "CNI_ARGS": "K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=zip"}
+    assert invoke({"CNI_COMMAND": "VERSION"}, base)[1]["supportedVersions"] == ["1.0.0", "1.1.0"]
+    code, result = invoke({**env, "CNI_COMMAND": "ADD"}, base)
+    assert code == 0 and result["ips"][0]["address"] == endpoint(agent, "ns1/zip")["ipv4"] + "/32"
+    assert invoke({**env, "CNI_COMMAND": "DEL"}, base) == (0, None)
+    code, err = invoke({**env, "CNI_COMMAND": "ADD"}, {**base, "mtu": "big"})
+    assert code == 1 and err["code"] == 7 and "mtu" in err["msg"]

@@ -267,3 +267,24 @@ def test_mtu_from_conf_or_host_route(make_agent: Callable[..., Agent], make_clus
         assert code == 0, result
         assert ip_json("link", "show", "dev", "net0", netns=rt2)[0]["mtu"] == 9000
         assert result["interfaces"][0]["name"] == "net0"
+
+
+def test_attachment_survives_an_agent_restart(make_agent: Callable[..., Agent], make_cluster: Callable[[Agent], Cluster]) -> None:
+    """The restarted agent finds the adopted namespace and its pod end (named net1, found as
+    the host veth's peer): CHECK passes, traffic flows, DEL cleans up."""
+    with cni_setup(make_agent, make_cluster, "cnir") as (agent, cluster, runtime):
+        ns = namespace("cnir")
+        server = cluster.create("server", ns, 10)
+        cluster.servers.tcp_echo(server.netns, server.ipv4, 7001)
+        rt = runtime.netns("r1")
+        code, result = runtime.run("ADD", "cid-r1", rt, (ns, "r1"), ifname="net1")
+        assert code == 0, result
+        before = agent.call("endpoint.get", {"name": f"{ns}/r1"})
+        agent.stop()
+        agent.start()
+        after = agent.call("endpoint.get", {"name": f"{ns}/r1"})
+        assert (after["id"], after["ifindex"], after["ifname"]) == (before["id"], before["ifindex"], "net1")
+        assert runtime.run("CHECK", "cid-r1", rt, (ns, "r1"), ifname="net1", prevResult=result) == (0, None)
+        assert tcp_connect(rt, server.ipv4, 7001, 2.0) == "open"
+        assert runtime.run("DEL", "cid-r1", rt, (ns, "r1"), ifname="net1") == (0, None)
+        assert not [link for link in ip_json("link", "show", netns=rt) if link["ifname"] == "net1"]

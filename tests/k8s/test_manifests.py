@@ -226,6 +226,8 @@ def test_daemonset_runs_the_agent_with_what_it_needs() -> None:
     assert "/opt/flagella/libexec/flagella-cni" in script
     assert script.rstrip().endswith("/host/opt/cni/bin/flagella-cni") and "mv -f" in script
     assert _volumes_by_mount(spec, install)["/host/opt/cni/bin"]["hostPath"]["path"] == "/opt/cni/bin"
+    # The runtime's CNI_NETNS paths are the host's: the agent sees them at the same path.
+    assert mounts["/var/run/netns"]["hostPath"]["path"] == "/var/run/netns"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "scripts/build_cni_zipapp.py /src/src /opt/flagella/libexec/flagella-cni" in dockerfile
 

@@ -95,6 +95,9 @@ def test_del_needs_no_netns_and_version_needs_no_config() -> None:
     code, out = run({"CNI_COMMAND": "VERSION"}, b"")
     assert code == 0
     assert json.loads(out) == {"cniVersion": "1.0.0", "supportedVersions": list(SUPPORTED_VERSIONS)}
+    # libcni's probe sends only the version it speaks.
+    code, out = run({"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "1.1.0"}')
+    assert (code, json.loads(out)["cniVersion"]) == (0, "1.1.0")
 
 
 def test_result_shape() -> None:

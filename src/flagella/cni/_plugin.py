@@ -64,7 +64,7 @@ def _attachment(inv: Invocation) -> dict[str, Any]:
 def _dispatch(inv: Invocation, call: AgentCall) -> dict[str, Any] | None:
     assert inv.command == "VERSION" or inv.conf is not None
     if inv.command == "VERSION":
-        return version_result(inv.conf)
+        return version_result(inv)
     assert inv.conf is not None
     if inv.command == "ADD":
         answer = _ask(call, inv, "cni.add", {**_attachment(inv), "mtu": inv.conf.mtu or 0})

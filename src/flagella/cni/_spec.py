@@ -201,8 +201,8 @@ def parse_invocation(env: Mapping[str, str], stdin: bytes) -> Invocation:
         raise CniError(
             INVALID_ENV, f"CNI_COMMAND: {command!r} is not a command", "CNI_COMMAND: " + ", ".join(COMMANDS)
         )
-    if command == "VERSION":
-        return Invocation(command, parse_config(stdin) if stdin.strip() else None)
+    if command == "VERSION":  # stdin holds at most {"cniVersion": ...}: nothing to check
+        return Invocation(command, None, args={"cniVersion": _requested_version(stdin)})
     conf = parse_config(stdin)
     if command in ("GC", "STATUS"):
         return Invocation(command, conf)
@@ -224,8 +224,18 @@ def parse_invocation(env: Mapping[str, str], stdin: bytes) -> Invocation:
     return Invocation(command, conf, container_id, netns, ifname, args)
 
 
-def version_result(conf: NetConf | None) -> dict[str, Any]:
-    return {"cniVersion": conf.cni_version if conf else SUPPORTED_VERSIONS[0], "supportedVersions": list(SUPPORTED_VERSIONS)}
+def _requested_version(stdin: bytes) -> str:
+    """The ``cniVersion`` a VERSION probe names, when it is one the plugin speaks."""
+    try:
+        doc = json.loads(stdin) if stdin.strip() else {}
+    except (ValueError, RecursionError):
+        doc = {}
+    version = doc.get("cniVersion") if isinstance(doc, dict) else None
+    return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[0]
+
+
+def version_result(inv: Invocation) -> dict[str, Any]:
+    return {"cniVersion": inv.args["cniVersion"], "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
 def error_result(version: str | None, error: CniError) -> dict[str, Any]:

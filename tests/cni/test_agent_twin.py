@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flagella.agent.settings import CniSettings
 from flagella.cni import run
+from flagella.errors import FlagellaError
 from flagella.policy.identities import RESERVED_IDENTITIES
 from tests.agent.inprocess import InProcessAgent
 
@@ -167,3 +170,29 @@ def test_zipapp_runs_on_a_bare_python(agent: InProcessAgent, tmp_path: Path) -> 
     assert invoke({**env, "CNI_COMMAND": "DEL"}, base) == (0, None)
     code, err = invoke({**env, "CNI_COMMAND": "ADD"}, {**base, "mtu": "big"})
     assert code == 1 and err["code"] == 7 and "mtu" in err["msg"]
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12), st.just("/var/run/netns/x"))
+_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.sampled_from(["cni.add", "cni.del", "cni.check", "cni.gc"]),
+    st.dictionaries(
+        st.sampled_from(["container_id", "netns", "ifname", "pod_namespace", "pod_name", "mtu", "valid"]),
+        _values, max_size=6,
+    ),
+)
+def test_cni_api_fuzz(agent: InProcessAgent, method: str, params: dict[str, Any]) -> None:
+    """Arbitrary ``cni.*`` parameters: an answer or a FlagellaError with a message; a
+    refused ADD leaves no endpoint, pod or adopted namespace behind."""
+    before = set(agent.core.endpoints)
+    try:
+        agent.server.handlers[method](params)
+    except FlagellaError as exc:
+        assert str(exc)
+        if method == "cni.add":
+            assert set(agent.core.endpoints) == before
+            assert set(agent.dp.adopted) <= {e.netns for e in agent.core.endpoints.values()}
+    assert set(agent.dp.pods) == {e.netns for e in agent.core.endpoints.values()}

@@ -59,6 +59,7 @@ class Runtime:
         self.agent = agent
         self.made: list[str] = []
         self.added: list[str] = []
+        self.pods: list[str] = []  # the agent's names for the runtime's namespaces
 
     def netns(self, k: int | str) -> str:
         name = runtime_netns(k)
@@ -86,6 +87,8 @@ class Runtime:
     ) -> subprocess.Popen[bytes]:
         if command == "ADD":
             self.added.append(cid)
+            if pod:
+                self.pods.append(pod_netns_name(*pod))
         doc = {"cniVersion": "1.0.0", "name": "flagella", "type": "flagella-cni", "socket": self.agent.socket, **conf}
         p = subprocess.Popen(
             [PYTHON, "-m", "flagella.cni"], env=self.env(command, cid, netns, pod, ifname),
@@ -112,8 +115,10 @@ class Runtime:
         for cid in self.added:
             if self.agent.alive:
                 self.run("DEL", cid)
-        for name in self.made:
-            sh("ip", "netns", "del", name, check=False)
+        names = netns_names()
+        for name in [*self.pods, *self.made]:
+            if name in names:
+                sh("ip", "netns", "del", name, check=False)
 
 
 @contextmanager

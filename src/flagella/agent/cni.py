@@ -194,7 +194,10 @@ class CniAttachments:
             problems.append(f"endpoint {ep.id} is {ep.state.value}: {ep.state_reason}")
         pod = next((pod for pod in self.core.dp.list_pods() if pod.netns == ep.netns), None)
         if pod is None:
-            problems.append(f"the pod's interface or its host veth {ep.host_ifname} is missing")
+            addresses = ", ".join(str(a) for a in sorted(ep.addresses(), key=str))
+            problems.append(
+                f"no pod interface {ep.ifname} with {addresses} behind host veth {ep.host_ifname} (missing)"
+            )
         else:
             if pod.pod_ifname != ep.ifname:
                 problems.append(f"the host veth's peer is {pod.pod_ifname}, not {ep.ifname}")

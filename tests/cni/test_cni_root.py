@@ -215,6 +215,8 @@ def test_add_check_del_and_init_identity(make_agent: Callable[..., Agent], make_
 def test_concurrent_adds(make_agent: Callable[..., Agent], make_cluster: Callable[[Agent], Cluster]) -> None:
     with cni_setup(make_agent, make_cluster, "cnic") as (agent, cluster, runtime):
         ns = namespace("cnic")
+        # Without a policy that selects reserved:init, init pods are denied both ways.
+        agent.call("policy.import", {"documents": [INIT_POLICY]})
         server = cluster.create("server", ns, 10, labels={"app": "server"})
         cluster.servers.tcp_echo(server.netns, server.ipv4, 7001)
         rts = [runtime.netns(f"c{k}") for k in range(8)]
@@ -242,11 +244,11 @@ def test_adoption_refuses_what_is_not_the_pods(make_agent: Callable[..., Agent],
         assert code == 1 and "agent's own network namespace" in err["details"], err
 
         rt = runtime.netns("s1")
-        sh("ip", "link", "add", "eth0", "type", "dummy", netns=rt)
+        sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "other0", netns=rt)
         code, err = runtime.run("ADD", "cid-taken", rt, (ns, "p2"))
         assert code == 1 and "interface eth0 already exists" in err["details"], err
-        (dummy,) = ip_json("-d", "link", "show", "dev", "eth0", netns=rt)
-        assert dummy["linkinfo"]["info_kind"] == "dummy"  # untouched
+        (mine,) = ip_json("link", "show", "dev", "eth0", netns=rt)
+        assert mine["link"] == "other0"  # untouched: still the runtime's own pair
 
         rt2 = runtime.netns("s2")
         assert runtime.run("ADD", "cid-first", rt2, (ns, "p3"))[0] == 0
@@ -264,8 +266,9 @@ def test_mtu_from_conf_or_host_route(make_agent: Callable[..., Agent], make_clus
         assert runtime.run("ADD", "cid-m1", rt, (ns, "m1"), mtu=1400)[0] == 0
         assert ip_json("link", "show", "dev", "eth0", netns=rt)[0]["mtu"] == 1400
         # The node's default route goes out of a 9000-byte device: pods take its MTU.
-        sh("ip", "link", "add", "fldum0", "mtu", "9000", "type", "dummy", netns=agent.node)
-        sh("ip", "link", "set", "fldum0", "up", netns=agent.node)
+        sh("ip", "link", "add", "fldum0", "mtu", "9000", "type", "veth", "peer", "name", "fldum1", "mtu", "9000", netns=agent.node)
+        for dev in ("fldum0", "fldum1"):
+            sh("ip", "link", "set", dev, "up", netns=agent.node)
         sh("ip", "route", "add", "default", "dev", "fldum0", netns=agent.node)
         rt2 = runtime.netns("m2")
         code, result = runtime.run("ADD", "cid-m2", rt2, (ns, "m2"), ifname="net0")
@@ -279,6 +282,7 @@ def test_attachment_survives_an_agent_restart(make_agent: Callable[..., Agent], 
     the host veth's peer): CHECK passes, traffic flows, DEL cleans up."""
     with cni_setup(make_agent, make_cluster, "cnir") as (agent, cluster, runtime):
         ns = namespace("cnir")
+        agent.call("policy.import", {"documents": [INIT_POLICY]})
         server = cluster.create("server", ns, 10)
         cluster.servers.tcp_echo(server.netns, server.ipv4, 7001)
         rt = runtime.netns("r1")

@@ -196,3 +196,9 @@ def test_cni_api_fuzz(agent: InProcessAgent, method: str, params: dict[str, Any]
             assert set(agent.core.endpoints) == before
             assert set(agent.dp.adopted) <= {e.netns for e in agent.core.endpoints.values()}
     assert set(agent.dp.pods) == {e.netns for e in agent.core.endpoints.values()}
+
+
+def test_status(agent: InProcessAgent, tmp_path: Path) -> None:
+    assert plugin(agent, "STATUS", "") == (0, None)
+    code, err = plugin(agent, "STATUS", "", socket=str(tmp_path / "none.sock"))
+    assert code == 1 and err["code"] == 50, err

@@ -242,6 +242,13 @@ def test_adoption_refuses_what_is_not_the_pods(make_agent: Callable[..., Agent],
         ns = namespace("cnis")
         code, err = runtime.run("ADD", "cid-node", agent.node, (ns, "p1"))
         assert code == 1 and "agent's own network namespace" in err["details"], err
+        # A file that is not a network namespace (here: a mount namespace, and a plain file).
+        for fake in ("/proc/self/ns/mnt", str(agent.config)):
+            env = runtime.env("ADD", "cid-fake", None, (ns, "p0"), "eth0") | {"CNI_NETNS": fake}
+            doc = {"cniVersion": "1.0.0", "name": "flagella", "type": "flagella-cni", "socket": agent.socket}
+            out = subprocess.run([PYTHON, "-m", "flagella.cni"], input=json.dumps(doc).encode(), env=env, capture_output=True, timeout=120)
+            err = json.loads(out.stdout)
+            assert out.returncode == 1 and "is not a network namespace" in err["details"], err
 
         rt = runtime.netns("s1")
         sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "other0", netns=rt)

@@ -169,24 +169,33 @@ def create_netns(name: str) -> None:
 _NS_GET_NSTYPE = 0xB703  # ioctl(2) on an nsfs file: its CLONE_NEW* type
 
 
-def netns_identity(path: str | Path) -> tuple[int, int]:
-    """(device, inode) of the network namespace file ``path``; `DatapathError` when it is
-    not one (a plain file, another kind of namespace, missing)."""
+@contextmanager
+def held_netns(path: str | Path) -> Iterator[tuple[str, tuple[int, int]]]:
+    """Open the network namespace file ``path`` once and hold it: yields a path to the held
+    descriptor (``/proc/self/fd/N``) and the namespace's (device, inode). Everything done
+    through that path concerns the namespace that was checked, even if ``path`` is swapped
+    meanwhile. `DatapathError` when ``path`` is not a network namespace."""
     import fcntl
 
     with kernel_errors(f"open network namespace {path}"):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
         try:
-            try:
-                kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
-            except OSError:
-                kind = -1
-            if kind != _CLONE_NEWNET:
-                raise DatapathError(f"{path} is not a network namespace")
-            st = os.fstat(fd)
-            return st.st_dev, st.st_ino
-        finally:
-            os.close(fd)
+            kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+        except OSError:
+            kind = -1
+        if kind != _CLONE_NEWNET:
+            raise DatapathError(f"{path} is not a network namespace")
+        st = os.fstat(fd)
+        yield f"/proc/self/fd/{fd}", (st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)
+
+
+def netns_identity(path: str | Path) -> tuple[int, int]:
+    """(device, inode) of the network namespace file ``path``."""
+    with held_netns(path) as (_held, ident):
+        return ident
 
 
 def named_netns_identities() -> dict[str, tuple[int, int]]:

@@ -480,24 +480,27 @@ class PodNetwork:
         docstring), refusing what would take over something not made for this pod."""
         self.check_free(name)
         check_ifname(pod_ifname)
-        ident = _netlink.netns_identity(path)
-        if ident == _netlink.netns_identity("/proc/self/ns/net"):
-            raise PodNameTaken(f"pod {name}: {path} is the agent's own network namespace")
+        own = _netlink.netns_identity("/proc/self/ns/net")
         real = Path(os.path.realpath(path))
-        for other, other_ident in _netlink.named_netns_identities().items():
-            if other_ident != ident or _netlink.netns_path(other) == real:
-                continue
-            with _netlink.host() as host:
-                link = host.link(host_ifname_for(other))
-            if link is not None and link.alias == other:
-                raise PodNameTaken(f"pod {name}: network namespace {path} already holds pod {other}")
-        with _netlink.netns(name, path) as inside:
-            taken = inside.link(pod_ifname) is not None
-        if taken:
-            raise PodNameTaken(
-                f"pod {name}: interface {pod_ifname} already exists in {path}; refusing to take it over"
-            )
-        _netlink.adopt_netns(name, path)
+        # Checks and the bind mount all go through one held descriptor: swapping the file
+        # at ``path`` after the checks cannot make us adopt an unchecked namespace.
+        with _netlink.held_netns(path) as (held, ident):
+            if ident == own:
+                raise PodNameTaken(f"pod {name}: {path} is the agent's own network namespace")
+            for other, other_ident in _netlink.named_netns_identities().items():
+                if other_ident != ident or _netlink.netns_path(other) == real:
+                    continue
+                with _netlink.host() as host:
+                    link = host.link(host_ifname_for(other))
+                if link is not None and link.alias == other:
+                    raise PodNameTaken(f"pod {name}: network namespace {path} already holds pod {other}")
+            with _netlink.netns(name, held) as inside:
+                taken = inside.link(pod_ifname) is not None
+            if taken:
+                raise PodNameTaken(
+                    f"pod {name}: interface {pod_ifname} already exists in {path}; refusing to take it over"
+                )
+            _netlink.adopt_netns(name, held)
         log.info("pod_netns_adopted", netns=name, path=path, ifname=pod_ifname)
 
     # -- remove, list ------------------------------------------------------------------------

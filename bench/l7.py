@@ -15,8 +15,9 @@ upstream Envoy (a ``direct_response`` 200, so the upstream is never the bottlene
   Flagella's own L7 matcher: the shape of OPA-Envoy and Calico's Dikastes.
 
 Load: ``h2load`` over HTTP/1.1, 16 connections, a fixed duration per round. Rounds
-interleave the three variants (plain, rbac, ext_authz, plain, ...) so machine noise
-falls on all of them; the result is the median per variant and the ratios.
+interleave the variants (plain, rbac, rbac_rules, ext_authz, plain, ...) so machine
+noise falls on all of them; the result is the median per variant, the ratios of the
+medians, and each round's own ratios (its variants ran back to back) with their range.
 
     .venv/bin/python bench/l7.py [--duration 5] [--rounds 3]
 """
@@ -42,6 +43,8 @@ from typing import Any
 from google.protobuf import json_format
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/xds.py would shadow the ``xds`` protobuf package the Envoy protos import.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT / "src"))
 
 from flagella.policy.api import HTTPRule  # noqa: E402
@@ -205,10 +208,17 @@ def main() -> None:
         envoys.append(_envoy([_listener(ports["ext_authz"], [authz_filter])], [upstream, authz_cluster]))
         results: dict[str, list[float]] = {name: [] for name in ports}
         started = time.time()
-        for _ in range(args.rounds):
-            for name, port in ports.items():
+        for i in range(args.rounds):
+            order = list(ports.items())
+            for name, port in order if i % 2 == 0 else reversed(order):  # no variant always first
                 results[name].append(h2load(port, args.duration))
         med = {name: statistics.median(v) for name, v in results.items()}
+        # Each round runs the variants back to back: its own ratios are the paired measure.
+        paired = {
+            "rbac_vs_plain": [r / p for r, p in zip(results["rbac"], results["plain"], strict=True)],
+            "rbac_rules_vs_plain": [r / p for r, p in zip(results["rbac_rules"], results["plain"], strict=True)],
+            "rbac_vs_ext_authz": [r / a for r, a in zip(results["rbac"], results["ext_authz"], strict=True)],
+        }
         report = {
             "duration_s": args.duration, "rounds": args.rounds, "wall_s": round(time.time() - started, 1),
             "rbac_policies": IDENTITIES, "rbac_peer_ips": IDENTITIES * IPS_PER_IDENTITY,
@@ -217,6 +227,8 @@ def main() -> None:
             "ratio_rbac_vs_plain": round(med["rbac"] / med["plain"], 3),
             "ratio_rbac_rules_vs_plain": round(med["rbac_rules"] / med["plain"], 3),
             "ratio_rbac_vs_ext_authz": round(med["rbac"] / med["ext_authz"], 2),
+            "per_round_ratios": {n: [round(x, 3) for x in v] for n, v in paired.items()},
+            "per_round_range": {n: [round(min(v), 3), round(max(v), 3)] for n, v in paired.items()},
         }
         print(json.dumps(report, indent=2))
         print(f"\nplain {med['plain']:.0f} req/s | Flagella RBAC {med['rbac']:.0f} req/s "

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ import pytest
 from envoy.config.core.v3 import address_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 
+from flagella.agent.metrics import AgentCollector
+from flagella.agent.proxy import L7_DROP_REASON
 from flagella.agent.settings import NetworkSettings, ProxySettings
 from flagella.cli._client import stream
 from flagella.datapath.port import MemoryDatapath
@@ -130,6 +133,33 @@ def test_policy_import_wait_returns_after_envoy_acked(agent: InProcessAgent, ups
     metric = {s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples}
     assert metric["received"] >= 3 and metric["denied"] >= 2 and metric["forwarded"] >= 1
     assert metric["received"] == metric["denied"] + metric["forwarded"] and metric["parse_errors"] == 0
+    # L7 drops join the kernel's drop totals: `bpf metrics list` and flagella_drop_count.
+    rows = json.loads(agent.cli("bpf", "metrics", "list", "--output", "json").output)
+    assert [r for r in rows if r["reason"] == L7_DROP_REASON] == [
+        {"reason": L7_DROP_REASON, "direction": "INGRESS", "packets": metric["denied"], "bytes": 0}
+    ], rows
+    collector = AgentCollector(agent.core, lambda: [], agent.proxy.l7_drops)
+    drops = {(s.labels["reason"], s.labels["direction"]): s.value
+             for fam in collector.collect() if fam.name == "flagella_drop_count" for s in fam.samples}
+    assert drops[(L7_DROP_REASON, "INGRESS")] == metric["denied"]
+
+    # Envoy's admin listens on 127.0.0.1 only; its runtime carries the raised RE2 limit.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", agent.settings.proxy.admin_port), timeout=2).close()
+    runtime = json.loads(envoy.admin("runtime"))["entries"]
+    assert runtime["re2.max_program_size.error_level"]["final_value"] == "1000"
+
+    # An upstream that cannot be reached: Envoy logs no verdict of RBAC's, the record's
+    # verdict is Error, and policy_l7_total counts it under parse_errors (spec 8.1).
+    assert agent._loop is not None
+    dead = upstream_cluster(free_port())
+    agent._loop.call_soon_threadsafe(
+        lambda: agent.proxy.server.update(CLUSTER, {"upstream": dead}, node=agent.proxy.node_id)  # type: ignore[union-attr]
+    )
+    wait_for(lambda: curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 503, what="503 from Envoy")
+    wait_for(lambda: agent.proxy is not None and agent.proxy.l7_counts["parse_errors"] >= 1, what="an Error record")
+    metric = {s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples}
+    assert metric["received"] == metric["denied"] + metric["forwarded"] + metric["parse_errors"]
 
     # An identity change reaches Envoy as ECDS only: relabel the tiefighter out of the empire.
     lds = envoy.stats("listener_manager.lds.update_success")

@@ -19,7 +19,12 @@ started on the agent's loop with the API:
   (ECDS-only updates of the peer sets) and to the access-log identity
   lookup;
 - each L7 record becomes a monitor event (``type: l7``, with the
-  `format_l7` line) and counts in ``flagella_policy_l7_total{rule}``.
+  `format_l7` line) and counts in ``flagella_policy_l7_total{rule}``:
+  every request is ``received``, then ``forwarded``, ``denied`` (Envoy's
+  RBAC answered 403) or ``parse_errors`` (a record with verdict Error, and
+  entries that name no chain). A denied request is also an L7 drop of its
+  direction (`l7_drops`): ``bpf metrics list`` and ``flagella_drop_count``
+  show it with reason ``Policy denied (L7)`` next to the kernel's drops.
 
 Envoy is left running when the agent stops: it keeps enforcing its last
 config, and its ADS stream reconnects to the next agent, which resyncs it.
@@ -54,11 +59,12 @@ from flagella.proxy.rbac import PeerSet, peer_sets
 from flagella.xds.server import XdsServer, XdsSettings
 from flagella.xds.status import XdsMetrics
 
-__all__ = ["L7_RULES", "NodeProxy"]
+__all__ = ["L7_DROP_REASON", "L7_RULES", "NodeProxy"]
 
 log = structlog.get_logger("flagella.agent")
 
 L7_RULES = ("received", "forwarded", "denied", "parse_errors")
+L7_DROP_REASON = "Policy denied (L7)"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -88,6 +94,7 @@ class NodeProxy(Collector):
         )
         self.supervisor = EnvoySupervisor(self._envoy)
         self.l7_counts: Counter[str] = Counter()
+        self._l7_denied: Counter[str] = Counter()  # by direction, INGRESS / EGRESS
         #: Where L7 records go besides the metric (the agent's monitor subscribers).
         self.sinks: list[Callable[[dict[str, Any]], None]] = []
         self._envoy_task: asyncio.Task[None] | None = None
@@ -109,7 +116,10 @@ class NodeProxy(Collector):
 
     def _record(self, rec: L7Record) -> None:
         self.l7_counts["received"] += 1
-        self.l7_counts["denied" if rec.verdict == "Denied" else "forwarded"] += 1
+        rule = {"Denied": "denied", "Error": "parse_errors"}.get(rec.verdict, "forwarded")
+        self.l7_counts[rule] += 1
+        if rule == "denied":
+            self._l7_denied["EGRESS" if rec.egress else "INGRESS"] += 1
         event = rec.to_json()
         event["line"] = format_l7(rec)
         for sink in list(self.sinks):
@@ -118,10 +128,14 @@ class NodeProxy(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("flagella_policy_l7", "L7 requests seen by the node proxy", labels=["rule"])
         counts = dict(self.l7_counts)
-        counts["parse_errors"] = self.accesslog.errors
+        counts["parse_errors"] = counts.get("parse_errors", 0) + self.accesslog.errors
         for rule in L7_RULES:
             family.add_metric([rule], counts.get(rule, 0))
         yield family
+
+    def l7_drops(self) -> dict[tuple[str, str], int]:
+        """Denied requests as drop totals: (reason, direction) -> count."""
+        return {(L7_DROP_REASON, d): n for d, n in sorted(self._l7_denied.items())}
 
     # -- Envoy ------------------------------------------------------------------------
 

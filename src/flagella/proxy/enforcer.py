@@ -5,9 +5,8 @@ Theory of operation
 `XdsEnforcer` implements the regeneration pipeline's `Enforcer` seam. On
 ``apply`` it computes, in the caller's thread and without I/O, the
 endpoint's HTTP port policies for both directions (`direction_http_policy`,
-peers from the agent's desired ipcache via `peer_sets`; the host identity,
-and world with ``legacy_host_allows_world``, gets the L7 wildcard on
-ingress, spec 3.3), then hands a publish coroutine to the xDS server's
+peers from the agent's desired ipcache via `peer_sets`), then hands a
+publish coroutine to the xDS server's
 loop. That coroutine records the endpoint and replaces three resource sets
 built from *every* endpoint's redirects:
 
@@ -66,7 +65,6 @@ log = structlog.get_logger("flagella.proxy")
 
 INGRESS_LISTENER = "flagella-ingress"
 EGRESS_LISTENER = "flagella-egress"
-HOST_IDENTITY, WORLD_IDENTITY = 1, 2
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,12 @@ class XdsEnforcer:
         self._backlog_lock = threading.Lock()
         self.ports = ports
         self._peers = peers
-        self._wildcards = (HOST_IDENTITY, WORLD_IDENTITY) if legacy_host_allows_world else (HOST_IDENTITY,)
+        # The host override of spec 3.3 (and world's, with legacy_host_allows_world) is
+        # already in the resolved policy: the resolver gives the host's L3 allow the
+        # wildcard L7 rule only with allow_localhost "always"; adding it here again would
+        # overrule "policy". The argument stays for callers; the policy decides.
+        del legacy_host_allows_world
+        self._wildcards: tuple[int, ...] = ()
         self._envoy_wait_s = envoy_wait_s
         self._on_redirects = on_redirects
         self._access_log = ACCESS_LOG_CLUSTER if access_log else None

@@ -33,6 +33,7 @@ from flagella.agent.metrics import AgentCollector
 from flagella.agent.proxy import L7_DROP_REASON
 from flagella.agent.settings import NetworkSettings, ProxySettings
 from flagella.cli._client import stream
+from flagella.datapath.entries import Verdict
 from flagella.datapath.port import MemoryDatapath
 from flagella.endpoint import State
 from flagella.proxy import listeners as L
@@ -169,6 +170,44 @@ def test_policy_import_wait_returns_after_envoy_acked(agent: InProcessAgent, ups
     assert envoy.stats("listener_manager.lds.update_success") == lds
 
 
+def test_the_kernel_redirects_a_port_only_after_envoy_acked(agent: InProcessAgent) -> None:
+    """Spec 6.5 through the enforcer seam: the xDS stage completes on Envoy's ACK, and the
+    kernel stage writes deathstar's REDIRECT keys only after it. Envoy's start is held back
+    until the policy has been waiting a while."""
+    assert agent.proxy is not None
+    gate = threading.Event()
+    make = agent.proxy.supervisor.make
+
+    def held() -> Any:
+        assert gate.wait(60)
+        return make()
+
+    agent.proxy.supervisor.make = held
+    dp = agent.dp
+    assert isinstance(dp, MemoryDatapath)
+    ds = agent.core.find("deathstar")
+
+    def redirects() -> list[Any]:
+        return [k for k, v in list(dp.policy.items()) if k.ep_id == ds.id and v.verdict == Verdict.REDIRECT]
+
+    r = agent.cli("policy", "import", L3L4L7)
+    assert r.exit_code == 0, r.output
+    revision = int(r.stdout.split()[-1])
+    wait_for(lambda: ds.state == State.WAITING_FOR_ENFORCERS, what="deathstar waiting for Envoy")
+    for _ in range(20):  # a second with the policy handed over and no Envoy: nothing redirected
+        assert redirects() == [] and ds.policy_revision < revision
+        assert agent.proxy.enforcer.sync_state() == "no Envoy connected to the xDS server"
+        time.sleep(0.05)
+    gate.set()
+    wait_for(lambda: ds.state == State.READY and ds.policy_revision >= revision, what="deathstar ready")
+    assert {(k.port, dp.policy[k].proxy_port) for k in redirects()} == {(80, agent.settings.proxy.ingress_port)}
+    # Ready means Envoy ACKed the listener and the RBAC config that the kernel now feeds.
+    rows = json.loads(agent.cli("proxy", "status", "--output", "json").output)
+    types = {t["type_url"].rsplit(".", 1)[-1]: t for row in rows for t in row["types"]}
+    for t in ("Listener", "TypedExtensionConfig"):
+        assert types[t]["version_acked"] == types[t]["version_sent"], types[t]
+
+
 def test_envoy_crash_is_restarted_and_gets_the_whole_config(agent: InProcessAgent, upstream: int) -> None:  # noqa: F811
     assert agent.proxy is not None
     assert agent.cli("policy", "import", "--wait", "--timeout", "60", L3L4L7).exit_code == 0
@@ -196,6 +235,7 @@ def test_agent_restart_keeps_l7_verdicts_and_resyncs(tmp_path: Path, agent: InPr
     port = test_listener(agent, name, upstream)
     assert curl_method(port, "/v1/exhaust-port", tie_ip, "PUT") == (403, L.DENIED_BODY)
     assert curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 200
+    before = ingress_listener_updated(envoy)
     agent.close()  # the agent is gone; Envoy keeps its last config and verdicts
     try:
         assert envoy.running
@@ -209,6 +249,11 @@ def test_agent_restart_keeps_l7_verdicts_and_resyncs(tmp_path: Path, agent: InPr
             assert again.proxy.supervisor.process is None  # no second Envoy
             port = test_listener(again, name, upstream)
             wait_for(lambda: again.proxy is not None and again.proxy.enforcer.sync_state() == "", what="resync")
+            # Restore did not wait for an ACK nobody could send: no failed regeneration,
+            # deathstar ready, and the adopted Envoy never lost the listener.
+            assert again.core.pipeline.stats.outcomes.get("failure", 0) == 0
+            assert again.core.find("deathstar").state == State.READY
+            assert ingress_listener_updated(envoy) == before
             assert active_listeners(envoy.config_dump()) == {"flagella-ingress", "flagella-test"}
             assert curl_method(port, "/v1/exhaust-port", tie_ip, "PUT") == (403, L.DENIED_BODY)
             # A policy change after the restart applies.
@@ -224,6 +269,15 @@ def test_agent_restart_keeps_l7_verdicts_and_resyncs(tmp_path: Path, agent: InPr
             again.close()
     finally:
         envoy.stop()
+
+
+def ingress_listener_updated(envoy: Any) -> str:
+    """When Envoy last (re)built the ingress listener: unchanged = never removed or replaced."""
+    for c in envoy.config_dump()["configs"]:
+        for d in c.get("dynamic_listeners", []):
+            if d["name"] == "flagella-ingress":
+                return str(d["active_state"]["last_updated"])
+    raise AssertionError("no active flagella-ingress listener")
 
 
 def test_listener(agent: InProcessAgent, filter_name: str, upstream_port: int) -> int:

@@ -185,8 +185,11 @@ class NodeProxy(Collector):
 
     async def start(self) -> None:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
+        # Restore's publications reach the cache before the socket listens, so a
+        # reconnecting Envoy is never answered with less than every restored endpoint.
+        restored = self.enforcer.bind(asyncio.get_running_loop())
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in restored))
         await self.server.start()
-        self.enforcer.bind(asyncio.get_running_loop())
         if self.settings.proxy.start_at_agent_start or await asyncio.to_thread(self._running_envoy):
             self._want_envoy()
 

@@ -31,6 +31,7 @@ HTTP redirects: the agent starts Envoy then.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import threading
 from collections.abc import Callable, Coroutine, Mapping
@@ -121,12 +122,13 @@ class XdsEnforcer:
         self._entries: dict[int, _Entry] = {}  # touched on the loop only
         self._ever_redirected = False
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The xDS server runs on ``loop`` now: publish what waited for it."""
+    def bind(self, loop: asyncio.AbstractEventLoop) -> list[concurrent.futures.Future[None]]:
+        """The xDS server runs on ``loop`` now: publish what waited for it. The futures
+        are done once those publications are in the server's cache (they wait for no
+        ACK: restore's applies completed at once)."""
         with self._backlog_lock:
             self.loop, backlog, self._backlog = loop, self._backlog, []
-        for coro in backlog:
-            asyncio.run_coroutine_threadsafe(coro, loop)
+        return [asyncio.run_coroutine_threadsafe(coro, loop) for coro in backlog]
 
     def _run(self, coro: Coroutine[Any, Any, None]) -> None:
         with self._backlog_lock:
@@ -143,6 +145,12 @@ class XdsEnforcer:
         if not entry.redirects:
             # Nothing for the kernel to redirect: dropping the chains can come later.
             self._run(self._publish(endpoint.id, None, None))
+            return Completion.completed()
+        if self.loop is None:
+            # Agent restore, before the xDS server serves: no Envoy can ACK yet. The
+            # kernel holds what Envoy ACKed before the restart (it never redirects
+            # earlier) and Envoy keeps that config; the publication goes out at `bind`.
+            self._run(self._publish(endpoint.id, entry, None))
             return Completion.completed()
         completion = Completion()
         self._run(self._publish(endpoint.id, entry, completion))

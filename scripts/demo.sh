@@ -14,11 +14,13 @@ BPF=/sys/fs/bpf/flagella-demo
 export FLAGELLA_SOCKET=$STATE/flagella.sock
 GUARD=flagella_demo_guard
 ENVOY_BASE_ID=15917
+ENVOY_ADMIN=15917
 agent_pid=""
 monitor_pid=""
 kafka_pid=""
 KAFKA_PODS="kafka-broker empire-hq empire-outpost-8888 empire-outpost-9999 empire-backup"
 KAFKA_CLUSTER_ID=flagella-demo-kafka
+server_pids=()
 
 say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 
@@ -30,14 +32,14 @@ cleanup() {
     done
     for ep in $KAFKA_PODS; do "$F" endpoint delete "default/$ep" >/dev/null 2>&1; done
   fi
-  pkill -f "$PWD/scripts/demo-server.py" 2>/dev/null
+  for pid in "${server_pids[@]}"; do kill "$pid" 2>/dev/null; done
+  [ -n "$monitor_pid" ] && kill $monitor_pid 2>/dev/null  # one or two pids
   if [ -n "$kafka_pid" ]; then kill "$kafka_pid" 2>/dev/null; wait "$kafka_pid" 2>/dev/null; fi
   pkill -f -- "--cluster-id $KAFKA_CLUSTER_ID" 2>/dev/null  # a killed previous run's broker
-  [ -n "$monitor_pid" ] && kill $monitor_pid 2>/dev/null
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null
   # The agent leaves its Envoy running on purpose (it keeps enforcing across agent
-  # restarts); the demo is over, so stop it too.
-  pkill -f -- "--base-id $ENVOY_BASE_ID" 2>/dev/null
+  # restarts); the demo is over, so stop it too, through its own admin port.
+  curl -s -m 2 -X POST "http://127.0.0.1:$ENVOY_ADMIN/quitquitquit" >/dev/null 2>&1
   for ns in default_deathstar-1 default_deathstar-2 default_tiefighter default_xwing; do
     ip netns del "$ns" 2>/dev/null
   done
@@ -72,7 +74,7 @@ cat >"$STATE/settings.yaml" <<YAML
 proxy:
   enabled: true
   envoy_base_id: $ENVOY_BASE_ID
-  admin_port: 15917
+  admin_port: $ENVOY_ADMIN
   reentry_ifname: flagella-rd0
   reentry_peer: flagella-rd1
   nft_table: flagella_demo_proxy
@@ -91,6 +93,7 @@ say "Creating the pods: deathstar (2 replicas), tiefighter, xwing"
 "$F" endpoint list
 for r in 1 2; do
   ip netns exec "default_deathstar-$r" "$PY" "$PWD/scripts/demo-server.py" 80 &
+  server_pids+=($!)
 done
 DEATHSTAR=$("$F" endpoint get deathstar-1 -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["ipv4"])')
 for _ in $(seq 1 50); do
@@ -201,5 +204,8 @@ sleep 1
 grep -v '(ApiVersions)' "$STATE/kafka-l7.log" || true
 echo
 curl -s http://127.0.0.1:9962/metrics | grep '^flagella_policy_l7_total' || true
+
+say "Drops, the proxy's L7 denials included (flagella bpf metrics list)"
+"$F" bpf metrics list
 
 say "Cleaning up"

@@ -23,7 +23,13 @@ started on the agent's loop with the API:
   lookup;
 - each L7 record (an HTTP access-log entry, a judged Kafka request) becomes
   a monitor event (``type: l7``, with the `format_l7` / `format_kafka` line)
-  and counts in ``flagella_policy_l7_total{rule, proxy_type}``.
+  and counts in ``flagella_policy_l7_total{rule, proxy_type}``: every
+  request is ``received``, then ``forwarded``, ``denied`` (Envoy's RBAC
+  answered 403, or the Kafka processor answered an authorization error) or
+  ``parse_errors`` (an HTTP record with verdict Error, entries that name no
+  chain, unparsable Kafka frames). A denied request is also an L7 drop of its
+  direction (`l7_drops`): ``bpf metrics list`` and ``flagella_drop_count``
+  show it with reason ``Policy denied (L7)`` next to the kernel's drops.
 
 Envoy is left running when the agent stops: it keeps enforcing its last
 config, and its ADS stream reconnects to the next agent, which resyncs it.
@@ -61,12 +67,13 @@ from flagella.proxy.rbac import PeerSet, peer_sets
 from flagella.xds.server import XdsServer, XdsSettings
 from flagella.xds.status import XdsMetrics
 
-__all__ = ["L7_RULES", "NodeProxy", "format_kafka", "kafka_event"]
+__all__ = ["L7_DROP_REASON", "L7_RULES", "NodeProxy", "format_kafka", "kafka_event"]
 
 log = structlog.get_logger("flagella.agent")
 
 L7_RULES = ("received", "forwarded", "denied", "parse_errors")
 PROXY_TYPES = ("http", "kafka")
+L7_DROP_REASON = "Policy denied (L7)"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -104,6 +111,7 @@ class NodeProxy(Collector):
         self.supervisor = EnvoySupervisor(self._envoy)
         #: (proxy_type, rule) -> requests.
         self.l7_counts: Counter[tuple[str, str]] = Counter()
+        self._l7_denied: Counter[str] = Counter()  # by direction, INGRESS / EGRESS
         #: Where L7 records go besides the metric (the agent's monitor subscribers).
         self.sinks: list[Callable[[dict[str, Any]], None]] = []
         self._envoy_task: asyncio.Task[None] | None = None
@@ -125,7 +133,10 @@ class NodeProxy(Collector):
 
     def _record(self, rec: L7Record) -> None:
         self.l7_counts["http", "received"] += 1
-        self.l7_counts["http", "denied" if rec.verdict == "Denied" else "forwarded"] += 1
+        rule = {"Denied": "denied", "Error": "parse_errors"}.get(rec.verdict, "forwarded")
+        self.l7_counts["http", rule] += 1
+        if rule == "denied":
+            self._l7_denied["EGRESS" if rec.egress else "INGRESS"] += 1
         event = rec.to_json()
         event["line"] = format_l7(rec)
         self._emit(event)
@@ -136,6 +147,8 @@ class NodeProxy(Collector):
     def _kafka_record(self, peer: Peer, rec: KafkaAccessRecord) -> None:
         self.l7_counts["kafka", "received"] += 1
         self.l7_counts["kafka", rec.verdict] += 1
+        if rec.verdict == "denied":
+            self._l7_denied["EGRESS" if peer.chain.egress else "INGRESS"] += 1
         local = self.enforcer.endpoint_identity(peer.chain.endpoint_id)
         self._emit(kafka_event(peer, rec, 0 if local is None else local))
 
@@ -148,12 +161,16 @@ class NodeProxy(Collector):
             "flagella_policy_l7", "L7 requests seen by the node proxy", labels=["rule", "proxy_type"]
         )
         counts = dict(self.l7_counts)
-        counts["http", "parse_errors"] = self.accesslog.errors
+        counts["http", "parse_errors"] = counts.get(("http", "parse_errors"), 0) + self.accesslog.errors
         counts["kafka", "parse_errors"] = self.kafka.unparsable
         for proxy_type in PROXY_TYPES:
             for rule in L7_RULES:
                 family.add_metric([rule, proxy_type], counts.get((proxy_type, rule), 0))
         yield family
+
+    def l7_drops(self) -> dict[tuple[str, str], int]:
+        """Denied requests as drop totals: (reason, direction) -> count."""
+        return {(L7_DROP_REASON, d): n for d, n in sorted(self._l7_denied.items())}
 
     # -- Envoy ------------------------------------------------------------------------
 
@@ -203,8 +220,11 @@ class NodeProxy(Collector):
 
     async def start(self) -> None:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
+        # Restore's publications reach the cache before the socket listens, so a
+        # reconnecting Envoy is never answered with less than every restored endpoint.
+        restored = self.enforcer.bind(asyncio.get_running_loop())
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in restored))
         await self.server.start()
-        self.enforcer.bind(asyncio.get_running_loop())
         if self.settings.proxy.start_at_agent_start or await asyncio.to_thread(self._running_envoy):
             self._want_envoy()
 

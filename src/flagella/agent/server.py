@@ -292,10 +292,14 @@ class AgentServer:
         ]
 
     def bpf_metrics(self) -> list[dict[str, Any]]:
-        return [
+        rows = [
             {"reason": reason_name(reason), "direction": DIRECTIONS.get(d, "UNKNOWN"), "packets": c.packets, "bytes": c.bytes}
             for (reason, d), c in sorted(self.core.dp.metrics().items())
         ]
+        # The node proxy's denied requests, as Cilium counts L7 drops next to the kernel's.
+        l7 = self.proxy.l7_drops() if self.proxy is not None else {}
+        rows += [{"reason": r, "direction": d, "packets": n, "bytes": 0} for (r, d), n in l7.items()]
+        return rows
 
     # -- serving -------------------------------------------------------------------
 
@@ -416,7 +420,8 @@ class AgentServer:
         conf = write_conflist(self.core.settings)  # the runtime may call the plugin from now on
         if conf is not None:
             log.info("cni-conf-written", path=str(conf))
-        start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [])
+        start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [],
+                      self.proxy.l7_drops if self.proxy else None)
         if self.proxy is not None:
             await self.proxy.start()
         elif self.xds is not None:

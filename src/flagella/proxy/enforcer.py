@@ -5,10 +5,9 @@ Theory of operation
 `XdsEnforcer` implements the regeneration pipeline's `Enforcer` seam. On
 ``apply`` it computes, in the caller's thread and without I/O, the
 endpoint's HTTP port policies for both directions (`direction_http_policy`,
-peers from the agent's desired ipcache via `peer_sets`; the host identity,
-and world with ``legacy_host_allows_world``, gets the L7 wildcard on
-ingress, spec 3.3) and its Kafka port policies (`direction_kafka_policy`,
-the same wildcards), then hands a publish coroutine to the xDS server's
+peers from the agent's desired ipcache via `peer_sets`; the host override of
+spec 3.3 is already in the resolved policy) and its Kafka port policies
+(`direction_kafka_policy`), then hands a publish coroutine to the xDS server's
 loop. That coroutine records the endpoint and replaces three resource sets
 built from *every* endpoint's redirects:
 
@@ -42,6 +41,7 @@ L7 redirects: the agent starts Envoy then.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import threading
 from collections.abc import Callable, Coroutine, Mapping
@@ -84,7 +84,6 @@ log = structlog.get_logger("flagella.proxy")
 
 INGRESS_LISTENER = "flagella-ingress"
 EGRESS_LISTENER = "flagella-egress"
-HOST_IDENTITY, WORLD_IDENTITY = 1, 2
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,12 @@ class XdsEnforcer:
         self._backlog_lock = threading.Lock()
         self.ports = ports
         self._peers = peers
-        self._wildcards = (HOST_IDENTITY, WORLD_IDENTITY) if legacy_host_allows_world else (HOST_IDENTITY,)
+        # The host override of spec 3.3 (and world's, with legacy_host_allows_world) is
+        # already in the resolved policy: the resolver gives the host's L3 allow the
+        # wildcard L7 rule only with allow_localhost "always"; adding it here again would
+        # overrule "policy". The argument stays for callers; the policy decides.
+        del legacy_host_allows_world
+        self._wildcards: tuple[int, ...] = ()
         self._envoy_wait_s = envoy_wait_s
         self._on_redirects = on_redirects
         self._on_kafka_change = on_kafka_change
@@ -143,12 +147,13 @@ class XdsEnforcer:
         self._entries: dict[int, _Entry] = {}  # touched on the loop only
         self._ever_redirected = False
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The xDS server runs on ``loop`` now: publish what waited for it."""
+    def bind(self, loop: asyncio.AbstractEventLoop) -> list[concurrent.futures.Future[None]]:
+        """The xDS server runs on ``loop`` now: publish what waited for it. The futures
+        are done once those publications are in the server's cache (they wait for no
+        ACK: restore's applies completed at once)."""
         with self._backlog_lock:
             self.loop, backlog, self._backlog = loop, self._backlog, []
-        for coro in backlog:
-            asyncio.run_coroutine_threadsafe(coro, loop)
+        return [asyncio.run_coroutine_threadsafe(coro, loop) for coro in backlog]
 
     def _run(self, coro: Coroutine[Any, Any, None]) -> None:
         with self._backlog_lock:
@@ -165,6 +170,12 @@ class XdsEnforcer:
         if not entry.redirects:
             # Nothing for the kernel to redirect: dropping the chains can come later.
             self._run(self._publish(endpoint.id, None, None))
+            return Completion.completed()
+        if self.loop is None:
+            # Agent restore, before the xDS server serves: no Envoy can ACK yet. The
+            # kernel holds what Envoy ACKed before the restart (it never redirects
+            # earlier) and Envoy keeps that config; the publication goes out at `bind`.
+            self._run(self._publish(endpoint.id, entry, None))
             return Completion.completed()
         completion = Completion()
         self._run(self._publish(endpoint.id, entry, completion))

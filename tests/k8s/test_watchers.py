@@ -36,6 +36,7 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.revision = 0
+        self.realized = 1 << 30  # every revision counts as realized unless a test says not
         self.policies: dict[tuple[str, str, str], Policy] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
         self.pods: dict[tuple[str, str], PodInfo] = {}
@@ -47,6 +48,10 @@ class RecordingSink:
         self.policies[policy.key] = policy
         self.calls.append(("upsert_policy", policy.key))
         return self.revision
+
+    def wait_realized(self, revision: int, timeout: float) -> bool:
+        self.calls.append(("wait_realized", revision))
+        return revision <= self.realized
 
     def delete_policy(self, kind: str, namespace: str, name: str) -> None:
         self.revision += 1

@@ -14,6 +14,14 @@ endpoint and label changes wait (bounded) for the regenerations they caused;
 a policy import returns its revision at once, and ``wait_for_revision`` (``policy
 import --wait``) waits until every endpoint realized it with every enforcer.
 
+Pods of a Kubernetes cluster (`flagella.agent.cluster` relays the watchers):
+`pod_labels` records a pod's labels and service account by namespace/name and
+applies them to the endpoint of that pod, at once when it exists, or when it is
+created later (by the CNI plugin or the CLI, with the pod's name): the cluster's
+labels replace any given at creation. `use_node_pod_cidrs` narrows the address
+allocators to this node's PodCIDRs; while a required one (``k8s.require_*``) is
+unknown, endpoint creation is refused with an error naming the flag.
+
 Crash safety: an endpoint record is saved before its kernel objects are
 created and deleted after they are removed; `restore` finishes or undoes
 whatever a crash left: pods whose creation did not finish are removed, map
@@ -55,6 +63,14 @@ from flagella.policy.trace import TraceQuery, Tracer
 
 log = structlog.get_logger("flagella.agent")
 
+
+
+@dataclass(frozen=True)
+class PodMetadata:
+    """What the cluster says about a pod: the labels its endpoint gets."""
+
+    labels: Mapping[str, str]
+    service_account: str | None = None
 
 
 @dataclass
@@ -107,6 +123,10 @@ class AgentCore:
         net = settings.network
         self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
+        #: Pods of this node known from the cluster, by (namespace, name).
+        self.pods: dict[tuple[str, str], PodMetadata] = {}
+        #: Why endpoints cannot be created yet (a required PodCIDR still unknown).
+        self.pod_cidr_missing = _missing_pod_cidrs(settings, v4=False, v6=False)
         self.kernel = DatapathEnforcer(datapath, settings.proxy.ingress_port, settings.proxy.egress_port)
         #: Called with the whole desired ipcache after every ipcache write (the node
         #: proxy's peer sets follow identities and addresses through it).
@@ -232,6 +252,11 @@ class AgentCore:
     ) -> Endpoint:
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
+        if self.pod_cidr_missing:
+            raise InputError(f"endpoint {namespace}/{name}: {self.pod_cidr_missing}")
+        known = self.pods.get((namespace, name))
+        if known is not None:  # the cluster's word on the pod wins
+            labels, service_account = known.labels, known.service_account
         if service_account is not None:
             _check_name("--service-account", service_account)
         for ep in self.endpoints.values():
@@ -366,6 +391,57 @@ class AgentCore:
         self._relabel([ep], lambda e: setattr(e, "labels", labels))
         return ep
 
+    # -- the cluster's pods and nodes ------------------------------------------------
+
+    def pod_labels(
+        self, namespace: str, name: str, labels: Mapping[str, str], service_account: str | None = None
+    ) -> Endpoint | None:
+        """The cluster's labels and service account of pod ``namespace/name``: applied to
+        its endpoint now (answered) when it exists, else when it is created."""
+        check_pod_labels(labels, f"pod {namespace}/{name}: labels")
+        if service_account is not None:
+            _check_name(f"pod {namespace}/{name}: service account", service_account)
+        meta = PodMetadata(dict(labels), service_account)
+        self.pods[(namespace, name)] = meta
+        ep = self.find_pod(namespace, name)
+        if ep is None or (ep.labels == meta.labels and ep.service_account == service_account):
+            return ep
+
+        def change(e: Endpoint) -> None:
+            e.labels, e.service_account = dict(meta.labels), meta.service_account
+
+        self._relabel([ep], change)
+        log.info("pod-labels-applied", endpoint=ep.id, pod=f"{namespace}/{name}", identity=ep.identity)
+        return ep
+
+    def forget_pod(self, namespace: str, name: str) -> Endpoint | None:
+        """The pod left the cluster: forget its labels; answer its endpoint, if any."""
+        self.pods.pop((namespace, name), None)
+        return self.find_pod(namespace, name)
+
+    def find_pod(self, namespace: str, name: str) -> Endpoint | None:
+        for ep in self.endpoints.values():
+            if ep.namespace == namespace and ep.name == name:
+                return ep
+        return None
+
+    def use_node_pod_cidrs(self, ipv4: str, ipv6: str) -> None:
+        """Allocate pod addresses from this node's PodCIDRs (each inside ``network.*``);
+        addresses of existing endpoints stay theirs."""
+        net = self.settings.network
+        v4 = ipaddress.IPv4Network(ipv4) if ipv4 else None
+        v6 = ipaddress.IPv6Network(ipv6) if ipv6 else None
+        if v4 is not None and not v4.subnet_of(ipaddress.IPv4Network(net.ipv4_cidr)):
+            raise InputError(f"node PodCIDR {v4}: outside network.ipv4_cidr {net.ipv4_cidr}")
+        if v6 is not None and (not net.ipv6_cidr or not v6.subnet_of(ipaddress.IPv6Network(net.ipv6_cidr))):
+            raise InputError(f"node PodCIDR {v6}: outside network.ipv6_cidr {net.ipv6_cidr or '(none)'}")
+        if v4 is not None and v4 != self.ipam4.cidr:
+            self.ipam4 = PodAddressAllocator(v4, [a for a in self.ipam4.in_use if a in v4])
+        if v6 is not None and self.ipam6 is not None and v6 != self.ipam6.cidr:
+            self.ipam6 = PodAddressAllocator(v6, [a for a in self.ipam6.in_use if a in v6])
+        self.pod_cidr_missing = _missing_pod_cidrs(self.settings, v4=v4 is not None, v6=v6 is not None)
+        log.info("node-pod-cidrs", ipv4=str(self.ipam4.cidr), ipv6=str(self.ipam6.cidr) if self.ipam6 else None)
+
     def set_namespace_labels(self, namespace: str, set_labels: Mapping[str, str], unset: Iterable[str]) -> dict[str, str]:
         _check_name("namespace", namespace)
         check_pod_labels(set_labels, "--set")
@@ -396,7 +472,8 @@ class AgentCore:
     # -- policy --------------------------------------------------------------------
 
     def import_policies(self, documents: list[Any], sources: list[str] | None = None) -> int:
-        """Import atomically; return the new revision without waiting for it to be realized."""
+        """Parse and import atomically; return the new revision without waiting for it
+        to be realized."""
         errors: list[FieldError] = []
         policies: list[Policy] = []
         for i, doc in enumerate(documents):
@@ -408,6 +485,10 @@ class AgentCore:
         if errors:
             self.stats.import_errors += 1
             raise PolicyValidationError(errors)
+        return self.upsert_policies(policies)
+
+    def upsert_policies(self, policies: list[Policy]) -> int:
+        """Import parsed policies (the CLI's and the cluster's path); the new revision."""
         all_after = {**self.engine.policies, **{p.key: p for p in policies}}
         self._sync_cidr_identities(all_after.values())
         revision, affected = self.engine.upsert_policies(policies)
@@ -426,6 +507,17 @@ class AgentCore:
         if not keys and not everything:
             raise InputError(f"no policy named {', '.join(sorted(names))}")
         revision, affected = self.engine.delete_policies(keys)
+        self._save_policies()
+        self.regenerate(affected, revision)
+        self._gc_cidr_identities()
+        return revision
+
+    def delete_policy(self, kind: str, namespace: str, name: str) -> int:
+        """Delete exactly one policy (no error when absent: the cluster's delete is final)."""
+        key = (kind, namespace, name)
+        if key not in self.engine.policies:
+            return self.engine.revision
+        revision, affected = self.engine.delete_policies([key])
         self._save_policies()
         self.regenerate(affected, revision)
         self._gc_cidr_identities()
@@ -574,6 +666,22 @@ class AgentCore:
             "regenerations": dict(self.pipeline.stats.outcomes),
             "not_ready": sorted(ep.id for ep in self.endpoints.values() if ep.state == State.NOT_READY),
         }
+
+
+def _missing_pod_cidrs(settings: AgentSettings, *, v4: bool, v6: bool) -> str:
+    """Why endpoints must wait: a PodCIDR the ``k8s.require_*`` settings demand is unknown."""
+    k8s = settings.k8s
+    if not k8s.enabled:
+        return ""
+    missing = [
+        flag for flag, wanted, have in (
+            ("--k8s-require-ipv4-pod-cidr", k8s.require_ipv4_pod_cidr, v4),
+            ("--k8s-require-ipv6-pod-cidr", k8s.require_ipv6_pod_cidr, v6),
+        ) if wanted and not have
+    ]
+    if not missing:
+        return ""
+    return f"waiting for node {k8s.node_name}'s PodCIDR ({', '.join(missing)})"
 
 
 def _parse_address(value: str | None, version: int, flag: str) -> Any:

@@ -228,6 +228,14 @@ class Watcher:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when stopped meanwhile."""
+        self._stop.wait(seconds)
+
 
 def request(
     api: client.ApiClient,

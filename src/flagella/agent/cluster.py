@@ -1,0 +1,122 @@
+"""The agent as a `flagella.k8s.ClusterSink`: what the watchers see, applied.
+
+Theory of operation. The watchers (`flagella.k8s.compose`) run on threads of
+their own and call a `ClusterBridge`. Every call that changes the agent runs
+through ``locked``, which the server gives as "run this under the API lock, off
+the event loop": a cluster change is one more request, serialized with the
+CLI's, through the same `AgentCore` operations:
+
+- policies: `AgentCore.upsert_policies` (the CLI's import path after parsing:
+  all or nothing, errors named) and `AgentCore.delete_policy` (that one kind,
+  namespace and name);
+- namespace labels: `AgentCore.set_namespace_labels`, the CLI's ``namespace
+  labels`` (keys the namespace lost are unset);
+- pods of this node: `AgentCore.pod_labels` labels the pod's endpoint, or
+  remembers the labels for the endpoint the CNI plugin creates later. With
+  ``k8s.create_endpoints`` (no CNI plugin: tests, demos) the bridge creates the
+  endpoint itself and deletes it with the pod (the agent stands in for the CNI);
+- this node's object: `AgentCore.use_node_pod_cidrs`.
+
+`wait_realized` does not take the lock: it waits on the regeneration pipeline
+(what ``policy import --wait`` waits for), so CNP status says ``enforcing``
+only once every endpoint realized the policy's revision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
+
+import structlog
+
+from flagella.agent.core import AgentCore
+from flagella.errors import FlagellaError
+from flagella.k8s import K8sSettings, NodeInfo, PodInfo
+from flagella.policy.api import Policy
+
+__all__ = ["ClusterBridge"]
+
+log = structlog.get_logger("flagella.agent")
+
+T = TypeVar("T")
+
+
+class ClusterBridge:
+    """``locked`` runs a function under the agent's API lock and answers its result."""
+
+    def __init__(self, core: AgentCore, settings: K8sSettings, locked: Callable[[Callable[[], Any]], Any]) -> None:
+        self.core = core
+        self.settings = settings
+        self._locked = locked
+        #: Pods whose endpoint could not be created yet (``create_endpoints``): retried
+        #: when this node's object changes (a required PodCIDR arrives).
+        self.pending: dict[tuple[str, str], PodInfo] = {}
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        return cast(T, self._locked(fn))
+
+    # -- policies --------------------------------------------------------------------
+
+    def upsert_policy(self, policy: Policy) -> int:
+        return self._run(lambda: self.core.upsert_policies([policy]))
+
+    def wait_realized(self, revision: int, timeout: float) -> bool:
+        lagging = self.core.wait_for_revision(revision, timeout)
+        if lagging:
+            log.info("k8s-policy-not-yet-enforced", revision=revision, endpoints=[ep.id for ep in lagging])
+        return not lagging
+
+    def delete_policy(self, kind: str, namespace: str, name: str) -> None:
+        self._run(lambda: self.core.delete_policy(kind, namespace, name))
+
+    # -- namespaces ------------------------------------------------------------------
+
+    def set_namespace_labels(self, namespace: str, labels: Mapping[str, str]) -> None:
+        def apply() -> None:
+            gone = set(self.core.namespace_labels.get(namespace, {})) - set(labels)
+            self.core.set_namespace_labels(namespace, labels, gone)
+
+        self._run(apply)
+
+    # -- pods ------------------------------------------------------------------------
+
+    def upsert_pod(self, pod: PodInfo) -> None:
+        self._run(lambda: self._apply_pod(pod))
+
+    def _apply_pod(self, pod: PodInfo) -> None:
+        key = (pod.namespace, pod.name)
+        self.pending.pop(key, None)
+        ep = self.core.pod_labels(pod.namespace, pod.name, pod.labels, pod.service_account)
+        if ep is None and self.settings.create_endpoints:
+            v4 = next((ip for ip in pod.ips if "." in ip), None)
+            v6 = next((ip for ip in pod.ips if ":" in ip), None)
+            try:
+                self.core.create_endpoint(pod.name, pod.namespace, ipv4=v4, ipv6=v6)
+            except FlagellaError:
+                self.pending[key] = pod
+                raise
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        def apply() -> None:
+            self.pending.pop((namespace, name), None)
+            ep = self.core.forget_pod(namespace, name)
+            if ep is not None and self.settings.create_endpoints:  # the agent is the CNI
+                self.core.delete_endpoint(ep.id)
+
+        self._run(apply)
+
+    # -- nodes -----------------------------------------------------------------------
+
+    def upsert_node(self, node: NodeInfo) -> None:
+        if node.name != self.settings.node_name:
+            return
+        self._run(lambda: self.core.use_node_pod_cidrs(node.ipv4_pod_cidr, node.ipv6_pod_cidr))
+        for pod in list(self.pending.values()):
+            try:
+                self._run(lambda pod=pod: self._apply_pod(pod))  # type: ignore[misc]
+            except FlagellaError as exc:
+                log.warning("k8s-pod-endpoint-failed", pod=f"{pod.namespace}/{pod.name}", error=str(exc))
+
+    def delete_node(self, name: str) -> None:
+        if name == self.settings.node_name:
+            log.warning("k8s-own-node-deleted", node=name)

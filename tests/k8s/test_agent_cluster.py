@@ -226,3 +226,54 @@ def test_410_gone_relist_reaches_the_endpoint(start_agent: Callable[..., InProce
         body["items"] = [relabelled]
     wait_endpoint(agent, "web", lambda e: e["labels"].get("v") == "2")
     assert watcher.relists > relists
+
+
+# -- settings and flags -----------------------------------------------------------------------
+
+
+def test_k8s_settings_from_file_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import flagella.agent
+    from flagella.agent.settings import load_settings
+    from flagella.cli import app
+    from flagella.errors import InputError
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("k8s: {kubeconfig: /etc/kc, node_name: node-a, require_ipv6_pod_cidr: true}\n")
+    s = load_settings(cfg, k8s={"node_name": "node-b", "container_runtime": None})
+    assert s.k8s.enabled and s.k8s.node_name == "node-b" and s.k8s.require_ipv6_pod_cidr
+    assert s.k8s.container_runtime == "auto"
+    assert not load_settings(None).k8s.enabled
+    with pytest.raises(InputError, match="k8s.node_name: required"):
+        load_settings(None, k8s={"kubeconfig": "/etc/kc"})
+    with pytest.raises(InputError, match="container-runtime: 'rkt'"):
+        load_settings(None, k8s={"container_runtime": "rkt"})
+    cfg.write_text("k8s: {kubeconfig: /etc/kc, node: x}\n")
+    with pytest.raises(InputError, match="k8s.node: unknown setting"):
+        load_settings(cfg)
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(flagella.agent, "run", lambda config, **kw: seen.update(kw))
+    monkeypatch.setenv("K8S_NODE_NAME", "node-env")
+    out = CliRunner().invoke(app, [
+        "agent", "--k8s-kubeconfig", "/etc/kc", "--k8s-require-ipv4-pod-cidr", "--k8s-require-ipv6-pod-cidr",
+        "--ipv6-cluster-alloc-cidr", "fd00:10:244::/48", "--container-runtime", "crio", "--k8s-create-endpoints",
+    ])
+    assert out.exit_code == 0, out.output
+    assert seen["k8s"] == {
+        "kubeconfig": "/etc/kc", "in_cluster": None, "node_name": "node-env", "require_ipv4_pod_cidr": True,
+        "require_ipv6_pod_cidr": True, "ipv6_cluster_alloc_cidr": "fd00:10:244::/48",
+        "container_runtime": "crio", "create_endpoints": True,
+    }
+
+
+def test_bad_kubeconfig_is_an_input_error(tmp_path: Path) -> None:
+    from flagella.errors import InputError
+    from flagella.k8s import api_client
+
+    with pytest.raises(InputError, match="k8s.kubeconfig: .*missing"):
+        api_client(kubeconfig=str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("apiVersion: v1\nkind: Config\n")
+    with pytest.raises(InputError, match="k8s.kubeconfig"):
+        api_client(kubeconfig=str(tmp_path / "empty"))

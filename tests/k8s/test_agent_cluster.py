@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flagella.agent.settings import NetworkSettings
 from flagella.datapath.entries import PolicyKey
@@ -277,3 +279,45 @@ def test_bad_kubeconfig_is_an_input_error(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("apiVersion: v1\nkind: Config\n")
     with pytest.raises(InputError, match="k8s.kubeconfig"):
         api_client(kubeconfig=str(tmp_path / "empty"))
+
+
+# -- the pod-labels path, in any order -----------------------------------------------------------
+
+_label_sets = st.sampled_from([{"app": "a"}, {"app": "b"}, {"app": "a", "tier": "x"}, {}])
+_ops = st.lists(
+    st.tuples(st.sampled_from(["labels", "create", "delete", "forget"]), st.sampled_from(["p1", "p2"]),
+              _label_sets, st.sampled_from([None, "sa1", "sa2"])),
+    max_size=12,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops)
+def test_pod_labels_in_any_order_with_endpoint_lifecycle(tmp_path_factory: pytest.TempPathFactory, ops: list[Any]) -> None:
+    """Cluster labels, endpoint creates (given other labels), deletes and pod deletions in
+    any order: an endpoint of a pod the cluster knows always carries the cluster's labels and
+    service account, and its identity is the one its labels allocate."""
+    from flagella.agent.core import AgentCore
+    from flagella.agent.settings import AgentSettings
+    from flagella.datapath.port import MemoryDatapath
+
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path_factory.mktemp("podlabels"))), MemoryDatapath())
+    core.restore()
+    try:
+        for op, name, labels, sa in ops:
+            ep = core.find_pod(NS, name)
+            if op == "labels":
+                core.pod_labels(NS, name, labels, sa)
+            elif op == "create" and ep is None:
+                core.create_endpoint(name, NS, labels={"given": "cli"}, service_account="cli")
+            elif op == "delete" and ep is not None:
+                core.delete_endpoint(ep.id)
+            elif op == "forget":
+                core.forget_pod(NS, name)
+            for ep in core.endpoints.values():
+                known = core.pods.get((ep.namespace, ep.name))
+                if known is not None:
+                    assert (ep.labels, ep.service_account) == (dict(known.labels), known.service_account)
+                assert core.allocator.labels(ep.identity) == core.security_labels(ep)
+    finally:
+        core.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from flagella.k8s.controller import Controller
 from flagella.k8s.translate import node_info, pod_info
 from flagella.k8s.watch import PODS, WatchError
 from flagella.policy.api import Policy
+from tests.support.host import wait_until
 
 from .apiserver import FakeApiServer, events, fixture
 
@@ -51,6 +53,8 @@ class RecordingSink:
 
     def wait_realized(self, revision: int, timeout: float) -> bool:
         self.calls.append(("wait_realized", revision))
+        if revision > self.realized:
+            time.sleep(min(timeout, 0.05))
         return revision <= self.realized
 
     def delete_policy(self, kind: str, namespace: str, name: str) -> None:
@@ -149,6 +153,27 @@ def test_cnp_status_is_written_back_per_node(server: FakeApiServer) -> None:
     assert ccnp["status"]["nodes"]["node-a"]["annotations"] == {"policy.example.org/ticket": "SEC-101"}
     # NetworkPolicy has no status to write.
     assert not any("networkpolicies/allow-empire" in p for p in by_path)
+
+
+def test_enforcing_waits_for_the_revision_to_be_realized(server: FakeApiServer) -> None:
+    """Accepted but not yet realized on every endpoint: ``enforcing: false`` at first, then
+    the status is written again with ``enforcing: true`` once the sink says it is."""
+    sink = RecordingSink()
+    sink.realized = 0
+    ctl = _controller(server, sink, status_wait_s=0.2)
+    ctl.sync()
+    try:
+        path = "/apis/cilium.io/v2/namespaces/default/ciliumnetworkpolicies/rule1/status"
+        entries = [b["status"]["nodes"]["node-a"] for p, _, b in server.patches if p == path]
+        assert [(e["ok"], e["enforcing"]) for e in entries] == [(True, False)]
+        revision = entries[0]["localPolicyRevision"]
+        assert ("wait_realized", revision) in sink.calls
+        sink.realized = revision
+        wait_until(lambda: len([p for p, _, _ in server.patches if p == path]) == 2, timeout=10, what="the rewrite")
+        last = [b for p, _, b in server.patches if p == path][-1]["status"]["nodes"]["node-a"]
+        assert last["enforcing"] is True and last["localPolicyRevision"] == revision
+    finally:
+        ctl.stop()
 
 
 def test_policy_the_agent_refuses_gets_an_error_status(server: FakeApiServer) -> None:

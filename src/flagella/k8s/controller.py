@@ -10,7 +10,8 @@ After every CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy upsert the
 controller writes this node's entry of the object's ``status.nodes``: ``ok``
 with the revision the sink answered, ``enforcing`` once the sink says that
 revision is realized on every endpoint (`ClusterSink.wait_realized`, bounded by
-``status_wait_s``) and the annotations mirrored; or ``error`` with the parser's
+``status_wait_s``; written again with ``enforcing`` once it is, if it was not)
+and the annotations mirrored; or ``error`` with the parser's
 or the agent's message (nothing of a rejected policy is applied). Objects that
 fail translation, or that the sink refuses, are logged and skipped; one bad pod
 never stops the watch.
@@ -110,6 +111,9 @@ class Controller:
         ]
         self.watchers = [Watcher(api, r, h, field_selector=f, timeout_s=timeout_s) for r, h, f in table]
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        #: The revision of each CNP/CCNP ("kind/namespace/name") whose status was written last.
+        self._status_revision: dict[str, int] = {}
         #: The node's container runtime (`compose` detects it; "none" until then).
         self.runtime = "none"
 
@@ -166,6 +170,7 @@ class Controller:
         meta = obj.get("metadata") or {}
         kind = str(obj.get("kind", ""))
         ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        self._status_revision.pop(f"{kind}/{ns}/{name}", None)
         if op == "delete":
             try:
                 self.sink.delete_policy(kind, ns, name)
@@ -186,8 +191,23 @@ class Controller:
             self._write_status(obj, revision=0, error=str(exc))
             return
         if obj.get("kind") in (CNPS.kind, CCNPS.kind) and self.settings.node_name:
+            key = f"{kind}/{ns}/{name}"
+            self._status_revision[key] = revision
             enforcing = self.sink.wait_realized(revision, self.settings.status_wait_s)
             self._write_status(obj, revision=revision, enforcing=enforcing)
+            if not enforcing:
+                threading.Thread(
+                    target=self._status_once_realized, args=(obj, key, revision), name="k8s-status", daemon=True
+                ).start()
+
+    def _status_once_realized(self, obj: Obj, key: str, revision: int) -> None:
+        """Rewrite the status with ``enforcing`` once ``revision`` is realized, unless the
+        policy changed (or went) meanwhile: its newer status is the one that counts."""
+        while not self._stopping.is_set() and self._status_revision.get(key) == revision:
+            if self.sink.wait_realized(revision, self.settings.status_wait_s):
+                if self._status_revision.get(key) == revision:
+                    self._write_status(obj, revision=revision, enforcing=True)
+                return
 
     def _write_status(self, obj: Obj, *, revision: int, error: str = "", enforcing: bool = False) -> None:
         kind = obj.get("kind")
@@ -244,6 +264,7 @@ class Controller:
             self._threads.append(t)
 
     def stop(self) -> None:
+        self._stopping.set()
         for w in self.watchers:
             w.stop()
         deadline = time.monotonic() + 5.0  # a thread in a long watch read is a daemon: left behind

@@ -183,14 +183,14 @@ def test_cni_created_endpoint_picks_up_the_pods_labels(start_agent: Callable[...
     on the fly; the pod's deletion leaves the endpoint to its creator."""
     api.apply(k8s.PODS, k8s.pod(NS, "cart", {"app": "cart", "tier": "back"}, NODE, service_account="shop"))
     agent = start_agent()
-    wait_until(lambda: (NS, "cart") in agent.core.pods, timeout=20, what="the pod to be seen")
+    wait_until(lambda: (NS, "cart") in agent.core.cluster_pods, timeout=20, what="the pod to be seen")
     assert pod_endpoint(agent, "cart") is None
     ep = agent.call("endpoint.create", {"name": "cart", "namespace": NS})  # no labels given
     assert ep["labels"] == {"app": "cart", "tier": "back"} and ep["service_account"] == "shop"
     api.apply(k8s.PODS, k8s.pod(NS, "cart", {"app": "cart", "tier": "front"}, NODE, service_account="shop"))
     wait_endpoint(agent, "cart", lambda e: e["labels"].get("tier") == "front")
     api.remove(k8s.PODS, k8s.pod(NS, "cart", {}, NODE))
-    wait_until(lambda: (NS, "cart") not in agent.core.pods, timeout=20, what="the pod to be forgotten")
+    wait_until(lambda: (NS, "cart") not in agent.core.cluster_pods, timeout=20, what="the pod to be forgotten")
     assert pod_endpoint(agent, "cart") is not None
 
 
@@ -315,7 +315,7 @@ def test_pod_labels_in_any_order_with_endpoint_lifecycle(tmp_path_factory: pytes
             elif op == "forget":
                 core.forget_pod(NS, name)
             for ep in core.endpoints.values():
-                known = core.pods.get((ep.namespace, ep.name))
+                known = core.cluster_pods.get((ep.namespace, ep.name))
                 if known is not None:
                     assert (ep.labels, ep.service_account) == (dict(known.labels), known.service_account)
                 assert core.allocator.labels(ep.identity) == core.security_labels(ep)

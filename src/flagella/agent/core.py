@@ -124,7 +124,7 @@ class AgentCore:
         self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
         #: Pods of this node known from the cluster, by (namespace, name).
-        self.pods: dict[tuple[str, str], PodMetadata] = {}
+        self.cluster_pods: dict[tuple[str, str], PodMetadata] = {}
         #: Why endpoints cannot be created yet (a required PodCIDR still unknown).
         self.pod_cidr_missing = _missing_pod_cidrs(settings, v4=False, v6=False)
         self.kernel = DatapathEnforcer(datapath, settings.proxy.ingress_port, settings.proxy.egress_port)
@@ -254,7 +254,7 @@ class AgentCore:
         _check_name("namespace", namespace)
         if self.pod_cidr_missing:
             raise InputError(f"endpoint {namespace}/{name}: {self.pod_cidr_missing}")
-        known = self.pods.get((namespace, name))
+        known = self.cluster_pods.get((namespace, name))
         if known is not None:  # the cluster's word on the pod wins
             labels, service_account = known.labels, known.service_account
         if service_account is not None:
@@ -402,7 +402,7 @@ class AgentCore:
         if service_account is not None:
             _check_name(f"pod {namespace}/{name}: service account", service_account)
         meta = PodMetadata(dict(labels), service_account)
-        self.pods[(namespace, name)] = meta
+        self.cluster_pods[(namespace, name)] = meta
         ep = self.find_pod(namespace, name)
         if ep is None or (ep.labels == meta.labels and ep.service_account == service_account):
             return ep
@@ -416,7 +416,7 @@ class AgentCore:
 
     def forget_pod(self, namespace: str, name: str) -> Endpoint | None:
         """The pod left the cluster: forget its labels; answer its endpoint, if any."""
-        self.pods.pop((namespace, name), None)
+        self.cluster_pods.pop((namespace, name), None)
         return self.find_pod(namespace, name)
 
     def find_pod(self, namespace: str, name: str) -> Endpoint | None:

@@ -42,11 +42,13 @@ def api() -> Iterator[FakeApiServer]:
 def start_agent(tmp_path: Path, api: FakeApiServer) -> Iterator[Callable[..., InProcessAgent]]:
     agents: list[InProcessAgent] = []
 
-    def start(**k8s_settings: Any) -> InProcessAgent:
+    def start(*, restart: InProcessAgent | None = None, **k8s_settings: Any) -> InProcessAgent:
+        """A new agent; with ``restart``, that one's successor (its state dir and pods)."""
         cfg = k8s.kubeconfig(tmp_path / "kubeconfig", api.url)
         settings = K8sSettings(kubeconfig=str(cfg), node_name=NODE, status_wait_s=10, **k8s_settings)
+        state = Path(restart.settings.state_dir) if restart else tmp_path / f"agent{len(agents)}"
         agent = InProcessAgent(
-            tmp_path / f"agent{len(agents)}", k8s=settings,
+            state, dp=restart.dp if restart else None, k8s=settings,
             network=NetworkSettings(ipv4_cidr="10.244.0.0/16", ipv6_cidr="fd00:10:244::/64"),
         )
         agents.append(agent)
@@ -147,6 +149,35 @@ def test_pods_labels_and_cnp_enforced_with_status(start_agent: Callable[..., InP
     # The pod's deletion deletes the endpoint the agent created for it.
     api.remove(k8s.PODS, k8s.pod(NS, "client", {}, NODE))
     wait_until(lambda: pod_endpoint(agent, "client") is None, timeout=20, what="the client endpoint to go")
+
+
+def test_what_the_cluster_deleted_while_the_agent_was_down_goes(
+    start_agent: Callable[..., InProcessAgent], api: FakeApiServer
+) -> None:
+    """A restarted agent's first lists hold neither the CNP nor the pod deleted meanwhile:
+    the agent deletes both; a policy imported with the CLI stays."""
+    api.apply(k8s.PODS, k8s.pod(NS, "web", {"app": "web"}, NODE))
+    api.apply(k8s.PODS, k8s.pod(NS, "old", {"app": "old"}, NODE))
+    api.apply(k8s.CNPS, k8s.cnp(NS, "web-from-client", k8s.ingress_spec({"app": "web"}, {"matchLabels": {"app": "client"}}, 80)))
+    first = start_agent(create_endpoints=True)
+    wait_endpoint(first, "web")
+    wait_endpoint(first, "old")
+    wait_until(lambda: api.status_patches("web-from-client"), timeout=20, what="the CNP")
+    cli_policy = k8s.cnp(NS, "from-the-cli", k8s.ingress_spec({"app": "old"}, {"matchLabels": {"app": "web"}}, 81))
+    first.call("policy.import", {"documents": [cli_policy]})
+    first.close()
+    api.remove(k8s.CNPS, k8s.cnp(NS, "web-from-client", {}))
+    api.remove(k8s.PODS, k8s.pod(NS, "old", {}, NODE))
+    with api._lock:  # the watch events are compacted away: only the lists tell
+        for path in api.script:
+            api.script[path].clear()
+
+    second = start_agent(restart=first, create_endpoints=True)
+    wait_until(lambda: ("CiliumNetworkPolicy", NS, "web-from-client") not in second.core.engine.policies,
+               timeout=20, what="the CNP deleted meanwhile to go")
+    wait_until(lambda: pod_endpoint(second, "old") is None, timeout=20, what="the pod deleted meanwhile to go")
+    assert pod_endpoint(second, "web") is not None
+    assert ("CiliumNetworkPolicy", NS, "from-the-cli") in second.core.engine.policies
 
 
 def test_namespace_labels_flip_a_namespace_selector(start_agent: Callable[..., InProcessAgent], api: FakeApiServer) -> None:

@@ -76,6 +76,9 @@ class RecordingSink:
     def upsert_node(self, node: NodeInfo) -> None:
         self.nodes[node.name] = node
 
+    def resync(self, kind: str, present: set[tuple[str, str]]) -> None:
+        self.calls.append(("resync", (kind, frozenset(present))))
+
     def delete_node(self, name: str) -> None:
         self.nodes.pop(name, None)
 
@@ -252,7 +255,12 @@ def test_410_gone_relists_and_reconciles(server: FakeApiServer) -> None:
     sink.calls.clear()
     w.watch_once()
     assert w.relists == 1 and w.state == "watch" and w.resource_version == "1530"
-    assert sorted(sink.calls) == sorted([
+    resyncs = [c for c in sink.calls if c[0] == "resync"]
+    # (The double ignores the field selector: the other node's pods are listed too.)
+    assert resyncs == [("resync", ("Pod", frozenset({
+        ("default", "deathstar-6fb5694f48-5hmds"), ("default", "tiefighter-5d9f7c8b6-lk2wq"),
+        ("kube-system", "kube-proxy-x7t2m")})))]
+    assert sorted(c for c in sink.calls if c[0] != "resync") == sorted([
         ("delete_pod", ("default", "xwing-74c8f4c9d5-abcde")),
         ("delete_pod", ("default", "xwing-74c8f4c9d5-9qzx8")),
         ("upsert_pod", ("default", "deathstar-6fb5694f48-5hmds")),  # relabelled meanwhile

@@ -179,6 +179,9 @@ def test_namespace_labels_and_410_relist(scenario: Scenario) -> None:
 
     # 410 Gone: the pods watch resumes from a compacted resourceVersion. The relabel that
     # happened meanwhile is only in the list; the relist brings it, and the verdict follows.
+    s.api.apply(k8s.NAMESPACES, k8s.namespace(peer_ns, {"team": "red"}))
+    s.endpoint(ui, lambda e: e["namespace_labels"].get("team") == "red")
+    assert_denied(ui, db.ipv4, 7402, "team=red")
     policy_before = agent.call("policy.get")
     with s.api._lock:
         s.api.script[k8s.PODS] = ["gone"]
@@ -189,5 +192,5 @@ def test_namespace_labels_and_410_relist(scenario: Scenario) -> None:
         body["items"] = [o for o in body["items"] if o["metadata"]["name"] != "db"] + [moved]
     s.endpoint(db, lambda e: e["labels"] == {"app": "db-v2"})
     assert agent.call("policy.get") == policy_before
-    assert_allowed(ui, db.ipv4, 7402, "db-v2 is no longer selected: no policy applies to it")
+    assert_allowed(ui, db.ipv4, 7402, "relisted as app=db-v2: no policy selects it any more")
     assert addr4(30) == db.ipv4 and addr6(30) == db.ipv6

@@ -17,6 +17,13 @@ CLI's, through the same `AgentCore` operations:
   endpoint itself and deletes it with the pod (the agent stands in for the CNI);
 - this node's object: `AgentCore.use_node_pod_cidrs`.
 
+The cluster's policies are remembered by key in the state dir
+(``cluster_policies.json``): after the first list following a restart,
+`resync` deletes those the cluster no longer has (deleted while the agent was
+down), and leaves policies imported with the CLI alone. With
+``create_endpoints`` the cluster owns every endpoint: one whose pod is not in
+the list is deleted.
+
 `wait_realized` does not take the lock: it waits on the regeneration pipeline
 (what ``policy import --wait`` waits for), so CNP status says ``enforcing``
 only once every endpoint realized the policy's revision.
@@ -40,6 +47,9 @@ log = structlog.get_logger("flagella.agent")
 
 T = TypeVar("T")
 
+#: The state file naming the policies taken from the cluster.
+CLUSTER_POLICIES = "cluster_policies.json"
+
 
 class ClusterBridge:
     """``locked`` runs a function under the agent's API lock and answers its result."""
@@ -51,14 +61,28 @@ class ClusterBridge:
         #: Pods whose endpoint could not be created yet (``create_endpoints``): retried
         #: when this node's object changes (a required PodCIDR arrives).
         self.pending: dict[tuple[str, str], PodInfo] = {}
+        #: (kind, namespace, name) of every policy taken from the cluster, persisted.
+        self.policies: set[tuple[str, str, str]] = {
+            (str(k), str(n), str(m)) for k, n, m in core.files.read(CLUSTER_POLICIES, [])
+        }
 
     def _run(self, fn: Callable[[], T]) -> T:
         return cast(T, self._locked(fn))
 
     # -- policies --------------------------------------------------------------------
 
+    def _remember(self, key: tuple[str, str, str], present: bool) -> None:
+        if (key in self.policies) != present:
+            (self.policies.add if present else self.policies.discard)(key)
+            self.core.files.write(CLUSTER_POLICIES, sorted(self.policies))
+
     def upsert_policy(self, policy: Policy) -> int:
-        return self._run(lambda: self.core.upsert_policies([policy]))
+        def apply() -> int:
+            revision = self.core.upsert_policies([policy])
+            self._remember(policy.key, True)
+            return revision
+
+        return self._run(apply)
 
     def wait_realized(self, revision: int, timeout: float) -> bool:
         lagging = self.core.wait_for_revision(revision, timeout)
@@ -67,7 +91,27 @@ class ClusterBridge:
         return not lagging
 
     def delete_policy(self, kind: str, namespace: str, name: str) -> None:
-        self._run(lambda: self.core.delete_policy(kind, namespace, name))
+        def apply() -> None:
+            self.core.delete_policy(kind, namespace, name)
+            self._remember((kind, namespace, name), False)
+
+        self._run(apply)
+
+    def resync(self, kind: str, present: set[tuple[str, str]]) -> None:
+        if kind == "Pod":
+            if self.settings.create_endpoints:
+                self._run(lambda: self._drop_endpoints_without_pod(present))
+            return
+        for key in sorted(k for k in self.policies if k[0] == kind and (k[1], k[2]) not in present):
+            log.info("k8s-policy-gone-meanwhile", kind=kind, namespace=key[1], name=key[2])
+            self.delete_policy(*key)
+
+    def _drop_endpoints_without_pod(self, present: set[tuple[str, str]]) -> None:
+        for ep in list(self.core.endpoints.values()):
+            if (ep.namespace, ep.name) not in present:
+                log.info("k8s-pod-gone-meanwhile", pod=f"{ep.namespace}/{ep.name}", endpoint=ep.id)
+                self.core.forget_pod(ep.namespace, ep.name)
+                self.core.delete_endpoint(ep.id)
 
     # -- namespaces ------------------------------------------------------------------
 

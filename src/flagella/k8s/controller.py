@@ -78,6 +78,11 @@ class ClusterSink(Protocol):
 
     def upsert_node(self, node: NodeInfo) -> None: ...
 
+    def resync(self, kind: str, present: set[tuple[str, str]]) -> None:
+        """After a full list of ``kind`` (policies, pods): the (namespace, name) the cluster
+        holds. What the sink took from the cluster earlier (before a restart) and is not
+        among them was deleted while nobody watched."""
+
     def delete_node(self, name: str) -> None: ...
 
 
@@ -109,7 +114,10 @@ class Controller:
             (CCNPS, self._policy, ""),
             (PODS, self._pod, pods_on_node),
         ]
-        self.watchers = [Watcher(api, r, h, field_selector=f, timeout_s=timeout_s) for r, h, f in table]
+        self.watchers = [
+            Watcher(api, r, h, field_selector=f, timeout_s=timeout_s, on_listed=self._listed(r))
+            for r, h, f in table
+        ]
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         #: The revision of each CNP/CCNP ("kind/namespace/name") whose status was written last.
@@ -118,6 +126,19 @@ class Controller:
         self.runtime = "none"
 
     # -- event handlers -------------------------------------------------------------
+
+    def _listed(self, resource: Resource) -> Callable[[Mapping[str, Obj]], None] | None:
+        if resource not in (NETWORK_POLICIES, CNPS, CCNPS, PODS):
+            return None
+
+        def listed(objects: Mapping[str, Obj]) -> None:
+            present = {(ns, name) for ns, _, name in (k.partition("/") for k in objects)}
+            try:
+                self.sink.resync(resource.kind, present)
+            except FlagellaError as exc:
+                self._skip(f"{resource.kind} resync", exc)
+
+        return listed
 
     def _skip(self, what: str, exc: FlagellaError) -> None:
         log.warning("k8s-object-skipped", object=what, error=str(exc))

@@ -105,6 +105,7 @@ def test_cnp_through_the_api_enforced_on_traffic(scenario: Scenario) -> None:
         "endpoint.get", {"name": ship.key})["identity_labels"]
     s.cluster.servers.tcp_echo(server.netns, server.ipv4, 7400)
     s.cluster.servers.tcp_echo(server.netns, server.ipv6, 7400)
+    s.cluster.servers.tcp_echo(server.netns, server.ipv4, 7401)
     assert_allowed(ship, server.ipv4, 7400, "no policy yet")
 
     spec = k8s.ingress_spec({"org": "empire", "class": "deathstar"}, {"matchLabels": {"org": "empire"}}, 7400)

@@ -11,7 +11,8 @@ the addresses of the pod's status. Objects change on the double while traffic ru
 * a pod's label change flips the verdict, both ways;
 * a bad CNP gets ``error`` in its status and nothing of it applies;
 * deleting the CNP removes it; deleting a pod removes its endpoint and netns;
-* a namespace's label change flips a NetworkPolicy namespaceSelector verdict;
+* a namespace's label change flips a NetworkPolicy namespaceSelector verdict; a pod that
+  forges the namespace labels the agent owns gets none of them, and is denied;
 * 410 Gone on the pods watch: the relist brings a relabel the watch never carried.
 """
 
@@ -29,8 +30,6 @@ from tests.system._support import (
     Agent,
     Cluster,
     Pod,
-    addr4,
-    addr6,
     assert_allowed,
     assert_denied,
     in_netns,
@@ -50,13 +49,15 @@ class Scenario:
     def __init__(self, agent: Agent, api: FakeApiServer, cluster: Cluster) -> None:
         self.agent, self.api, self.cluster = agent, api, cluster
 
-    def pod(self, ns: str, name: str, n: int, labels: dict[str, str], **kw: Any) -> Pod:
-        """Apply the pod on the double; wait until its endpoint is ready with these labels."""
+    def pod(self, ns: str, name: str, n: int, labels: dict[str, str], expect: dict[str, str] | None = None,
+            **kw: Any) -> Pod:
+        """Apply the pod on the double; wait until its endpoint is ready with ``expect`` (these
+        labels unless given)."""
         pod = Pod(name, ns, n)
         self.cluster.netns_seen.add(pod.netns)
         self.cluster.pods[pod.key] = pod
         self.api.apply(k8s.PODS, k8s.pod(ns, name, labels, NODE, ips=(pod.ipv4, pod.ipv6), **kw))
-        pod.ep = self.endpoint(pod, lambda e: e["labels"] == labels)
+        pod.ep = self.endpoint(pod, lambda e: e["labels"] == (labels if expect is None else expect))
         assert pod.ep["ipv4"] == pod.ipv4 and pod.ep["netns"] == pod.netns, pod.ep
         return pod
 
@@ -178,6 +179,16 @@ def test_namespace_labels_and_410_relist(scenario: Scenario) -> None:
         s.endpoint(ui, lambda e, t=team: e["namespace_labels"].get("team") == t)
         check(ui, db.ipv4, 7402, f"after the namespace's label became team={team}")
 
+    # An attacker's pod in the policy's own (unlabelled) namespace claims the blue namespace
+    # through the labels the agent owns: they are dropped, its frames are dropped too.
+    spy = s.pod(ns, "spy", 32, {"app": "spy", "io.cilium.k8s.namespace.labels.team": "blue",
+                                 "io.kubernetes.pod.namespace": peer_ns}, expect={"app": "spy"})
+    spy_labels = agent.call("endpoint.get", {"name": spy.key})["identity_labels"]
+    assert f"k8s:io.kubernetes.pod.namespace={ns}" in spy_labels, spy_labels
+    assert not any("namespace.labels.team" in label for label in spy_labels), spy_labels
+    assert_denied(spy, db.ipv4, 7402, "forged namespace labels")
+    assert_allowed(ui, db.ipv4, 7402, "the real blue namespace")
+
     # 410 Gone: the pods watch resumes from a compacted resourceVersion. The relabel that
     # happened meanwhile is only in the list; the relist brings it, and the verdict follows.
     s.api.apply(k8s.NAMESPACES, k8s.namespace(peer_ns, {"team": "red"}))
@@ -194,4 +205,5 @@ def test_namespace_labels_and_410_relist(scenario: Scenario) -> None:
     s.endpoint(db, lambda e: e["labels"] == {"app": "db-v2"})
     assert agent.call("policy.get") == policy_before
     assert_allowed(ui, db.ipv4, 7402, "relisted as app=db-v2: no policy selects it any more")
-    assert addr4(30) == db.ipv4 and addr6(30) == db.ipv6
+    relabelled = agent.call("endpoint.get", {"name": db.key})
+    assert (relabelled["id"], relabelled["ipv4"]) == (db.ep["id"], db.ipv4), "relabelled in place, not recreated"

@@ -236,6 +236,8 @@ def test_required_pod_cidr_holds_endpoints_until_the_node_has_it(
     assert refused.exit_code != 0
     assert f"waiting for node {NODE}'s PodCIDR (--k8s-require-ipv4-pod-cidr)" in refused.output
     assert agent.call("status")["k8s"]["waiting"]
+    text = agent.cli("status").output
+    assert f"Kubernetes: node {NODE}, runtime none," in text and f"; waiting for node {NODE}'s PodCIDR" in text
     api.apply(k8s.NODES, k8s.node(NODE, "10.244.9.0/24"))
     wait_until(lambda: not agent.core.pod_cidr_missing, timeout=20, what="the node's PodCIDR")
     ep = agent.call("endpoint.create", {"name": "early", "namespace": NS})

@@ -128,10 +128,18 @@ def status(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
                 f"Controller Status: {healthy}/{len(ctl)} healthy",
                 f"Map repairs: {sum(r['repairs'].values())}",
                 f"Attachment repairs: {sum(r.get('attach_repairs', {}).values())}",
+                *_k8s_status_lines(r.get("k8s")),
             ]
         )
 
     emit(result, output, text)
+
+
+def _k8s_status_lines(k8s: dict[str, Any] | None) -> list[str]:
+    if not k8s:
+        return []
+    line = f"Kubernetes: node {k8s['node']}, runtime {k8s['runtime']}, {k8s['skipped']} objects skipped"
+    return [line + (f"; {k8s['waiting']}" if k8s.get("waiting") else "")]
 
 
 # -- endpoints -------------------------------------------------------------------------------

@@ -354,3 +354,23 @@ def test_pod_labels_in_any_order_with_endpoint_lifecycle(tmp_path_factory: pytes
                 assert core.allocator.labels(ep.identity) == core.security_labels(ep)
     finally:
         core.close()
+
+
+def test_agent_with_a_bad_kubeconfig_exits_before_touching_the_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import flagella.datapath.kernel
+    from flagella.cli import app
+
+    def touched(*a: Any, **kw: Any) -> None:
+        raise AssertionError("the kernel datapath was built")
+
+    monkeypatch.setattr(flagella.datapath.kernel, "KernelDatapath", touched)
+    out = CliRunner().invoke(app, [
+        "agent", "--state-dir", str(tmp_path / "state"), "--metrics-addr", "",
+        "--k8s-kubeconfig", str(tmp_path / "nope"), "--k8s-node-name", "n1",
+    ])
+    assert out.exit_code == 2, out.output
+    assert "k8s.kubeconfig:" in out.output and "nope" in out.output

@@ -77,6 +77,7 @@ class AgentServer:
     xds: XdsServer | None = None  # started and stopped with the agent when set
     proxy: NodeProxy | None = None  # the node proxy (its xDS server becomes ``xds``)
     cluster: Any = None  # the Kubernetes watchers (`flagella.k8s.Controller`) when configured
+    k8s_api: Any = None  # their `kubernetes.client.ApiClient` (built from the settings when None)
 
     def __post_init__(self) -> None:
         s = self.core.settings
@@ -158,7 +159,7 @@ class AgentServer:
         def locked(fn: Callable[[], Any]) -> Any:
             return asyncio.run_coroutine_threadsafe(self.run_locked(fn), loop).result()
 
-        self.cluster = compose(ClusterBridge(self.core, k8s, locked), k8s)
+        self.cluster = compose(ClusterBridge(self.core, k8s, locked), k8s, self.k8s_api)
         self.cluster.start()
         log.info("k8s-watchers-started", node=k8s.node_name, runtime=self.cluster.runtime)
 
@@ -541,9 +542,9 @@ def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nby
     }
 
 
-def run_agent(core: AgentCore, proxy: NodeProxy | None = None) -> None:
+def run_agent(core: AgentCore, proxy: NodeProxy | None = None, k8s_api: Any = None) -> None:
     core.restore()
-    server = AgentServer(core, proxy=proxy)
+    server = AgentServer(core, proxy=proxy, k8s_api=k8s_api)
     try:
         asyncio.run(server.serve())
     finally:

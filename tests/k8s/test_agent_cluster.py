@@ -361,6 +361,7 @@ def test_agent_with_a_bad_kubeconfig_exits_before_touching_the_kernel(
 ) -> None:
     from typer.testing import CliRunner
 
+    import flagella.agent._logs
     import flagella.datapath.kernel
     from flagella.cli import app
 
@@ -368,6 +369,8 @@ def test_agent_with_a_bad_kubeconfig_exits_before_touching_the_kernel(
         raise AssertionError("the kernel datapath was built")
 
     monkeypatch.setattr(flagella.datapath.kernel, "KernelDatapath", touched)
+    # Logging stays as it is: configured onto the runner's stdout, it would outlive it.
+    monkeypatch.setattr(flagella.agent._logs, "configure_logging", lambda: None)
     out = CliRunner().invoke(app, [
         "agent", "--state-dir", str(tmp_path / "state"), "--metrics-addr", "",
         "--k8s-kubeconfig", str(tmp_path / "nope"), "--k8s-node-name", "n1",

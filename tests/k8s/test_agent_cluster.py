@@ -214,14 +214,14 @@ def test_cni_created_endpoint_picks_up_the_pods_labels(start_agent: Callable[...
     on the fly; the pod's deletion leaves the endpoint to its creator."""
     api.apply(k8s.PODS, k8s.pod(NS, "cart", {"app": "cart", "tier": "back"}, NODE, service_account="shop"))
     agent = start_agent()
-    wait_until(lambda: (NS, "cart") in agent.core.cluster_pods, timeout=20, what="the pod to be seen")
+    wait_until(lambda: (NS, "cart") in agent.core.known_pods, timeout=20, what="the pod to be seen")
     assert pod_endpoint(agent, "cart") is None
     ep = agent.call("endpoint.create", {"name": "cart", "namespace": NS})  # no labels given
     assert ep["labels"] == {"app": "cart", "tier": "back"} and ep["service_account"] == "shop"
     api.apply(k8s.PODS, k8s.pod(NS, "cart", {"app": "cart", "tier": "front"}, NODE, service_account="shop"))
     wait_endpoint(agent, "cart", lambda e: e["labels"].get("tier") == "front")
     api.remove(k8s.PODS, k8s.pod(NS, "cart", {}, NODE))
-    wait_until(lambda: (NS, "cart") not in agent.core.cluster_pods, timeout=20, what="the pod to be forgotten")
+    wait_until(lambda: (NS, "cart") not in agent.core.known_pods, timeout=20, what="the pod to be forgotten")
     assert pod_endpoint(agent, "cart") is not None
 
 
@@ -259,7 +259,14 @@ def test_410_gone_relist_reaches_the_endpoint(start_agent: Callable[..., InProce
         relabelled = k8s.pod(NS, "web", {"app": "web", "v": "2"}, NODE)
         relabelled["metadata"]["resourceVersion"] = body["metadata"]["resourceVersion"] = "5000"
         body["items"] = [relabelled]
-    wait_endpoint(agent, "web", lambda e: e["labels"].get("v") == "2")
+    try:
+        wait_endpoint(agent, "web", lambda e: e["labels"].get("v") == "2")
+    except AssertionError as exc:
+        pods_requests = [(m, q) for m, p, q in api.requests if p == k8s.PODS][-6:]
+        raise AssertionError(
+            f"{exc}; watcher state={watcher.state} rv={watcher.resource_version} relists={watcher.relists} "
+            f"skipped={agent.server.cluster.skipped} last requests={pods_requests}"
+        ) from None
     assert watcher.relists > relists
 
 
@@ -340,7 +347,7 @@ def test_pod_labels_in_any_order_with_endpoint_lifecycle(tmp_path_factory: pytes
         for op, name, labels, sa in ops:
             ep = core.find_pod(NS, name)
             if op == "labels":
-                core.pod_labels(NS, name, labels, sa)
+                core.set_pod_labels(NS, name, labels, sa)
             elif op == "create" and ep is None:
                 core.create_endpoint(name, NS, labels={"given": "cli"}, service_account="cli")
             elif op == "delete" and ep is not None:
@@ -348,9 +355,9 @@ def test_pod_labels_in_any_order_with_endpoint_lifecycle(tmp_path_factory: pytes
             elif op == "forget":
                 core.forget_pod(NS, name)
             for ep in core.endpoints.values():
-                known = core.cluster_pods.get((ep.namespace, ep.name))
+                known = core.known_pods.get((ep.namespace, ep.name))
                 if known is not None:
-                    assert (ep.labels, ep.service_account) == (dict(known.labels), known.service_account)
+                    assert (ep.labels, ep.service_account) == known and not ep.init_identity
                 assert core.allocator.labels(ep.identity) == core.security_labels(ep)
     finally:
         core.close()

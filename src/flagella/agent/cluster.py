@@ -11,7 +11,7 @@ CLI's, through the same `AgentCore` operations:
   namespace and name);
 - namespace labels: `AgentCore.set_namespace_labels`, the CLI's ``namespace
   labels`` (keys the namespace lost are unset);
-- pods of this node: `AgentCore.pod_labels` labels the pod's endpoint, or
+- pods of this node: `AgentCore.set_pod_labels` labels the pod's endpoint, or
   remembers the labels for the endpoint the CNI plugin creates later. With
   ``k8s.create_endpoints`` (no CNI plugin: tests, demos) the bridge creates the
   endpoint itself and deletes it with the pod (the agent stands in for the CNI);
@@ -130,7 +130,7 @@ class ClusterBridge:
     def _apply_pod(self, pod: PodInfo) -> None:
         key = (pod.namespace, pod.name)
         self.pending.pop(key, None)
-        ep = self.core.pod_labels(pod.namespace, pod.name, pod.labels, pod.service_account)
+        ep = self.core.set_pod_labels(pod.namespace, pod.name, pod.labels, pod.service_account)
         if ep is None and self.settings.create_endpoints:
             v4 = next((ip for ip in pod.ips if "." in ip), None)
             v6 = next((ip for ip in pod.ips if ":" in ip), None)
@@ -143,7 +143,8 @@ class ClusterBridge:
     def delete_pod(self, namespace: str, name: str) -> None:
         def apply() -> None:
             self.pending.pop((namespace, name), None)
-            ep = self.core.forget_pod(namespace, name)
+            self.core.forget_pod(namespace, name)
+            ep = self.core.find_pod(namespace, name)
             if ep is not None and self.settings.create_endpoints:  # the agent is the CNI
                 self.core.delete_endpoint(ep.id)
 

@@ -15,7 +15,7 @@ a policy import returns its revision at once, and ``wait_for_revision`` (``polic
 import --wait``) waits until every endpoint realized it with every enforcer.
 
 Pods of a Kubernetes cluster (`flagella.agent.cluster` relays the watchers):
-`pod_labels` records a pod's labels and service account by namespace/name and
+`set_pod_labels` records a pod's labels and service account by namespace/name and
 applies them to the endpoint of that pod, at once when it exists, or when it is
 created later (by the CNI plugin or the CLI, with the pod's name): the cluster's
 labels replace any given at creation. `use_node_pod_cidrs` narrows the address
@@ -65,14 +65,6 @@ log = structlog.get_logger("flagella.agent")
 
 
 
-@dataclass(frozen=True)
-class PodMetadata:
-    """What the cluster says about a pod: the labels its endpoint gets."""
-
-    labels: Mapping[str, str]
-    service_account: str | None = None
-
-
 @dataclass
 class Stats:
     import_errors: int = 0
@@ -117,14 +109,14 @@ class AgentCore:
         self.engine = PolicyEngine(settings.policy)
         self.endpoints: dict[int, Endpoint] = {}
         self.namespace_labels: dict[str, dict[str, str]] = {}
+        #: Labels and service account of pods the watcher reported (`set_pod_labels`).
+        self.known_pods: dict[tuple[str, str], tuple[dict[str, str], str | None]] = {}
         self.cidr_identities: dict[IPNetwork, int] = {}
         self.stats = Stats()
         self.host_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
         net = settings.network
         self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
-        #: Pods of this node known from the cluster, by (namespace, name).
-        self.cluster_pods: dict[tuple[str, str], PodMetadata] = {}
         #: Why endpoints cannot be created yet (a required PodCIDR still unknown).
         self.pod_cidr_missing = _missing_pod_cidrs(settings, v4=False, v6=False)
         self.kernel = DatapathEnforcer(datapath, settings.proxy.ingress_port, settings.proxy.egress_port)
@@ -249,14 +241,26 @@ class AgentCore:
         ipv6: str | None = None,
         named_ports: Mapping[str, Iterable[tuple[int, int]]] | None = None,
         istio_sidecar: bool = False,
+        container_id: str = "",
+        netns_path: str | None = None,
+        ifname: str = "",
+        mtu: int = 0,
+        init_identity: bool = False,
     ) -> Endpoint:
+        """Create pod ``namespace/name`` and return once its policy is enforced.
+
+        The agent makes the pod's network namespace, unless ``netns_path`` names one a
+        container runtime made (CNI): that one is adopted, with the pod end named
+        ``ifname``. ``init_identity``: the pod's labels are not known yet; it runs as
+        ``reserved:init`` until `set_pod_labels` (or `set_endpoint_labels`) gives them.
+        """
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
         if self.pod_cidr_missing:
             raise InputError(f"endpoint {namespace}/{name}: {self.pod_cidr_missing}")
-        known = self.cluster_pods.get((namespace, name))
+        known = self.known_pods.get((namespace, name))
         if known is not None:  # the cluster's word on the pod wins
-            labels, service_account = known.labels, known.service_account
+            labels, service_account, init_identity = known[0], known[1], False
         if service_account is not None:
             _check_name("--service-account", service_account)
         for ep in self.endpoints.values():
@@ -279,6 +283,10 @@ class AgentCore:
                 ipv6=v6,
                 named_ports={k: [(int(p[0]), int(p[1])) for p in v] for k, v in (named_ports or {}).items()},
                 istio_sidecar=istio_sidecar,
+                container_id=container_id,
+                ifname=ifname,
+                mtu=mtu,
+                init_identity=init_identity,
             )
             ep.netns = pod_netns_name(namespace, name)
             self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
@@ -288,10 +296,12 @@ class AgentCore:
         self.store.save(ep)  # intent first: a crash from here on is undone by restore
         ep.set_state(State.WAITING_FOR_IDENTITY)
         try:
+            if netns_path is not None:
+                self.dp.adopt_netns(ep.netns, netns_path, ifname or "eth0")
             ep.identity = self.allocator.allocate(self._security_labels(ep))
             self.store.save(ep)
-            pod = self.dp.ensure_pod(ep.netns, v4, v6)
-            ep.host_ifname, ep.ifindex = pod.host_ifname, pod.ifindex
+            pod = self.dp.ensure_pod(ep.netns, v4, v6, ifname or "eth0", mtu or None)
+            ep.host_ifname, ep.ifindex, ep.mac = pod.host_ifname, pod.ifindex, pod.pod_mac
             self.store.save(ep)
             self.endpoints[ep.id] = ep
             affected = self.engine.upsert_endpoint(self._info(ep))
@@ -388,36 +398,45 @@ class AgentCore:
         for key in unset:
             labels.pop(key, None)
         labels.update(set_labels)
-        self._relabel([ep], lambda e: setattr(e, "labels", labels))
+
+        def change(e: Endpoint) -> None:
+            e.labels, e.init_identity = labels, False
+
+        self._relabel([ep], change)
         return ep
 
     # -- the cluster's pods and nodes ------------------------------------------------
 
-    def pod_labels(
+    def set_pod_labels(
         self, namespace: str, name: str, labels: Mapping[str, str], service_account: str | None = None
     ) -> Endpoint | None:
-        """The cluster's labels and service account of pod ``namespace/name``: applied to
-        its endpoint now (answered) when it exists, else when it is created."""
-        check_pod_labels(labels, f"pod {namespace}/{name}: labels")
+        """The pod ``namespace/name`` has exactly these labels (and service account): the
+        Kubernetes watcher's entry point. Its endpoint leaves ``reserved:init`` for its real
+        identity and waits (bounded) for the regenerations that causes. Before the pod's
+        endpoint exists (the watcher usually sees a pod before its CNI ADD) the labels are
+        remembered and the ADD uses them; returns the endpoint, or None when there is none yet.
+        """
+        _check_name("namespace", namespace)
+        _check_name("pod name", name)
         if service_account is not None:
-            _check_name(f"pod {namespace}/{name}: service account", service_account)
-        meta = PodMetadata(dict(labels), service_account)
-        self.cluster_pods[(namespace, name)] = meta
+            _check_name("service account", service_account)
+        check_pod_labels(labels, "labels")
+        self.known_pods[(namespace, name)] = (dict(labels), service_account)
         ep = self.find_pod(namespace, name)
-        if ep is None or (ep.labels == meta.labels and ep.service_account == service_account):
-            return ep
+        if ep is None:
+            return None
+        if not ep.init_identity and (ep.labels, ep.service_account) == (dict(labels), service_account):
+            return ep  # a pod update that changed nothing the identity depends on
 
         def change(e: Endpoint) -> None:
-            e.labels, e.service_account = dict(meta.labels), meta.service_account
+            e.labels, e.service_account, e.init_identity = dict(labels), service_account, False
 
         self._relabel([ep], change)
-        log.info("pod-labels-applied", endpoint=ep.id, pod=f"{namespace}/{name}", identity=ep.identity)
         return ep
 
-    def forget_pod(self, namespace: str, name: str) -> Endpoint | None:
-        """The pod left the cluster: forget its labels; answer its endpoint, if any."""
-        self.cluster_pods.pop((namespace, name), None)
-        return self.find_pod(namespace, name)
+    def forget_pod(self, namespace: str, name: str) -> None:
+        """The pod is gone from the cluster: drop the labels `set_pod_labels` remembered."""
+        self.known_pods.pop((namespace, name), None)
 
     def find_pod(self, namespace: str, name: str) -> Endpoint | None:
         for ep in self.endpoints.values():

@@ -384,3 +384,34 @@ def test_agent_with_a_bad_kubeconfig_exits_before_touching_the_kernel(
     ])
     assert out.exit_code == 2, out.output
     assert "k8s.kubeconfig:" in out.output and "nope" in out.output
+
+
+def test_cni_plugin_add_with_the_watchers(start_agent: Callable[..., InProcessAgent], api: FakeApiServer) -> None:
+    """The real `flagella-cni` ADD against the agent watching the double: a pod the cluster
+    already showed starts with its real identity; one whose labels come later starts as
+    ``reserved:init`` and leaves it when the watcher brings them."""
+    import json
+
+    from flagella.cni import run as cni
+    from flagella.policy.identities import RESERVED_IDENTITIES
+
+    api.apply(k8s.PODS, k8s.pod(NS, "early", {"app": "shop"}, NODE, service_account="clerk"))
+    agent = start_agent()
+    wait_until(lambda: (NS, "early") in agent.core.known_pods, timeout=20, what="the pod to be seen")
+
+    def add(cid: str, name: str) -> dict[str, Any]:
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid, "CNI_NETNS": f"/var/run/netns/rt-{cid}",
+               "CNI_IFNAME": "eth0", "CNI_ARGS": f"K8S_POD_NAMESPACE={NS};K8S_POD_NAME={name}"}
+        doc = {"cniVersion": "1.0.0", "name": "flagella", "type": "flagella-cni", "socket": agent.settings.socket_path}
+        code, out = cni(env, json.dumps(doc).encode())
+        assert code == 0, out
+        return dict(agent.call("endpoint.get", {"name": f"{NS}/{name}"}))
+
+    early = add("c-early", "early")
+    assert not early["init_identity"] and early["identity"] != RESERVED_IDENTITIES["init"]
+    assert early["labels"] == {"app": "shop"} and early["service_account"] == "clerk"
+    late = add("c-late", "late")
+    assert late["init_identity"] and late["identity"] == RESERVED_IDENTITIES["init"]
+    api.apply(k8s.PODS, k8s.pod(NS, "late", {"app": "shop"}, NODE, service_account="clerk"))
+    late = dict(wait_endpoint(agent, "late", lambda e: not e["init_identity"]).to_json())
+    assert late["identity"] == early["identity"]  # the same labels: the same identity

@@ -141,7 +141,7 @@ class AgentServer:
             out["k8s"] = {
                 "node": self.core.settings.k8s.node_name,
                 "runtime": self.cluster.runtime,
-                "skipped": len(self.cluster.skipped),
+                "skipped": self.cluster.skipped_total,
                 "waiting": self.core.pod_cidr_missing,
             }
         return out

@@ -19,6 +19,7 @@ never stops the watch.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import threading
 import time
@@ -104,7 +105,10 @@ class Controller:
         self.sink = sink
         self.settings = settings.validate()
         self.clock = clock
-        self.skipped: list[str] = []  # messages of objects that failed translation
+        #: The latest messages of objects skipped (failed translation, or the sink refused
+        #: them), and how many were skipped since the start.
+        self.skipped: collections.deque[str] = collections.deque(maxlen=100)
+        self.skipped_total = 0
         pods_on_node = f"spec.nodeName={settings.node_name}" if settings.node_name else ""
         table: list[tuple[Resource, Callable[[str, Obj], None], str]] = [
             (NAMESPACES, self._namespace, ""),
@@ -143,6 +147,7 @@ class Controller:
     def _skip(self, what: str, exc: FlagellaError) -> None:
         log.warning("k8s-object-skipped", object=what, error=str(exc))
         self.skipped.append(str(exc))
+        self.skipped_total += 1
 
     def _namespace(self, op: str, obj: Obj) -> None:
         try:

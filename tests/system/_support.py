@@ -320,6 +320,8 @@ class Agent:
         self.config = workdir / "settings.yaml"
         self.log_path = workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: More ``flagella agent`` flags (e.g. the ``--k8s-*`` ones), given at every start.
+        self.args: list[str] = []
         workdir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
             f"state_dir: {self.state_dir}\n"
@@ -348,7 +350,7 @@ class Agent:
         with open(self.log_path, "ab") as log:
             # nsenter execs the agent: the child's pid is the agent's.
             self.proc = subprocess.Popen(
-                ["nsenter", f"--net=/var/run/netns/{self.node}", "--", FLAGELLA, "agent", "--config", str(self.config)],
+                ["nsenter", f"--net=/var/run/netns/{self.node}", "--", FLAGELLA, "agent", "--config", str(self.config), *self.args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         deadline = start + timeout

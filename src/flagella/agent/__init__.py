@@ -21,6 +21,11 @@ def run(config: str | Path | None, **overrides: Any) -> None:
 
     settings = load_settings(config, **overrides)
     configure_logging()
+    k8s_api = None
+    if settings.k8s.enabled:  # a bad kubeconfig fails here, before the kernel is touched
+        from flagella.k8s import api_client
+
+        k8s_api = api_client(kubeconfig=settings.k8s.kubeconfig)
     net, ct = settings.network, settings.conntrack
     links = LinkSettings(
         ipaddress.IPv4Network(net.ipv4_cidr),
@@ -48,7 +53,7 @@ def run(config: str | Path | None, **overrides: Any) -> None:
     )
     if proxy is not None:
         core.ipcache_listeners.append(proxy.set_ipcache)
-    run_agent(core, proxy)
+    run_agent(core, proxy, k8s_api)
 
 
 def _redirect_settings(proxy: ProxySettings) -> RedirectSettings | None:

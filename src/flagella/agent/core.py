@@ -14,6 +14,14 @@ endpoint and label changes wait (bounded) for the regenerations they caused;
 a policy import returns its revision at once, and ``wait_for_revision`` (``policy
 import --wait``) waits until every endpoint realized it with every enforcer.
 
+Pods of a Kubernetes cluster (`flagella.agent.cluster` relays the watchers):
+`set_pod_labels` records a pod's labels and service account by namespace/name and
+applies them to the endpoint of that pod, at once when it exists, or when it is
+created later (by the CNI plugin or the CLI, with the pod's name): the cluster's
+labels replace any given at creation. `use_node_pod_cidrs` narrows the address
+allocators to this node's PodCIDRs; while a required one (``k8s.require_*``) is
+unknown, endpoint creation is refused with an error naming the flag.
+
 Crash safety: an endpoint record is saved before its kernel objects are
 created and deleted after they are removed; `restore` finishes or undoes
 whatever a crash left: pods whose creation did not finish are removed, map
@@ -109,6 +117,8 @@ class AgentCore:
         net = settings.network
         self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
+        #: Why endpoints cannot be created yet (a required PodCIDR still unknown).
+        self.pod_cidr_missing = _missing_pod_cidrs(settings, v4=False, v6=False)
         self.kernel = DatapathEnforcer(datapath, settings.proxy.ingress_port, settings.proxy.egress_port)
         #: Called with the whole desired ipcache after every ipcache write (the node
         #: proxy's peer sets follow identities and addresses through it).
@@ -246,6 +256,11 @@ class AgentCore:
         """
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
+        if self.pod_cidr_missing:
+            raise InputError(f"endpoint {namespace}/{name}: {self.pod_cidr_missing}")
+        known = self.known_pods.get((namespace, name))
+        if known is not None:  # the cluster's word on the pod wins
+            labels, service_account, init_identity = known[0], known[1], False
         if service_account is not None:
             _check_name("--service-account", service_account)
         for ep in self.endpoints.values():
@@ -390,6 +405,8 @@ class AgentCore:
         self._relabel([ep], change)
         return ep
 
+    # -- the cluster's pods and nodes ------------------------------------------------
+
     def set_pod_labels(
         self, namespace: str, name: str, labels: Mapping[str, str], service_account: str | None = None
     ) -> Endpoint | None:
@@ -405,11 +422,11 @@ class AgentCore:
             _check_name("service account", service_account)
         check_pod_labels(labels, "labels")
         self.known_pods[(namespace, name)] = (dict(labels), service_account)
-        ep = next(
-            (e for e in self.endpoints.values() if e.namespace == namespace and e.name == name), None
-        )
+        ep = self.find_pod(namespace, name)
         if ep is None:
             return None
+        if not ep.init_identity and (ep.labels, ep.service_account) == (dict(labels), service_account):
+            return ep  # a pod update that changed nothing the identity depends on
 
         def change(e: Endpoint) -> None:
             e.labels, e.service_account, e.init_identity = dict(labels), service_account, False
@@ -420,6 +437,29 @@ class AgentCore:
     def forget_pod(self, namespace: str, name: str) -> None:
         """The pod is gone from the cluster: drop the labels `set_pod_labels` remembered."""
         self.known_pods.pop((namespace, name), None)
+
+    def find_pod(self, namespace: str, name: str) -> Endpoint | None:
+        for ep in self.endpoints.values():
+            if ep.namespace == namespace and ep.name == name:
+                return ep
+        return None
+
+    def use_node_pod_cidrs(self, ipv4: str, ipv6: str) -> None:
+        """Allocate pod addresses from this node's PodCIDRs (each inside ``network.*``);
+        addresses of existing endpoints stay theirs."""
+        net = self.settings.network
+        v4 = ipaddress.IPv4Network(ipv4) if ipv4 else None
+        v6 = ipaddress.IPv6Network(ipv6) if ipv6 else None
+        if v4 is not None and not v4.subnet_of(ipaddress.IPv4Network(net.ipv4_cidr)):
+            raise InputError(f"node PodCIDR {v4}: outside network.ipv4_cidr {net.ipv4_cidr}")
+        if v6 is not None and (not net.ipv6_cidr or not v6.subnet_of(ipaddress.IPv6Network(net.ipv6_cidr))):
+            raise InputError(f"node PodCIDR {v6}: outside network.ipv6_cidr {net.ipv6_cidr or '(none)'}")
+        if v4 is not None and v4 != self.ipam4.cidr:
+            self.ipam4 = PodAddressAllocator(v4, [a for a in self.ipam4.in_use if a in v4])
+        if v6 is not None and self.ipam6 is not None and v6 != self.ipam6.cidr:
+            self.ipam6 = PodAddressAllocator(v6, [a for a in self.ipam6.in_use if a in v6])
+        self.pod_cidr_missing = _missing_pod_cidrs(self.settings, v4=v4 is not None, v6=v6 is not None)
+        log.info("node-pod-cidrs", ipv4=str(self.ipam4.cidr), ipv6=str(self.ipam6.cidr) if self.ipam6 else None)
 
     def set_namespace_labels(self, namespace: str, set_labels: Mapping[str, str], unset: Iterable[str]) -> dict[str, str]:
         _check_name("namespace", namespace)
@@ -451,7 +491,8 @@ class AgentCore:
     # -- policy --------------------------------------------------------------------
 
     def import_policies(self, documents: list[Any], sources: list[str] | None = None) -> int:
-        """Import atomically; return the new revision without waiting for it to be realized."""
+        """Parse and import atomically; return the new revision without waiting for it
+        to be realized."""
         errors: list[FieldError] = []
         policies: list[Policy] = []
         for i, doc in enumerate(documents):
@@ -463,6 +504,10 @@ class AgentCore:
         if errors:
             self.stats.import_errors += 1
             raise PolicyValidationError(errors)
+        return self.upsert_policies(policies)
+
+    def upsert_policies(self, policies: list[Policy]) -> int:
+        """Import parsed policies (the CLI's and the cluster's path); the new revision."""
         all_after = {**self.engine.policies, **{p.key: p for p in policies}}
         self._sync_cidr_identities(all_after.values())
         revision, affected = self.engine.upsert_policies(policies)
@@ -481,6 +526,17 @@ class AgentCore:
         if not keys and not everything:
             raise InputError(f"no policy named {', '.join(sorted(names))}")
         revision, affected = self.engine.delete_policies(keys)
+        self._save_policies()
+        self.regenerate(affected, revision)
+        self._gc_cidr_identities()
+        return revision
+
+    def delete_policy(self, kind: str, namespace: str, name: str) -> int:
+        """Delete exactly one policy (no error when absent: the cluster's delete is final)."""
+        key = (kind, namespace, name)
+        if key not in self.engine.policies:
+            return self.engine.revision
+        revision, affected = self.engine.delete_policies([key])
         self._save_policies()
         self.regenerate(affected, revision)
         self._gc_cidr_identities()
@@ -629,6 +685,22 @@ class AgentCore:
             "regenerations": dict(self.pipeline.stats.outcomes),
             "not_ready": sorted(ep.id for ep in self.endpoints.values() if ep.state == State.NOT_READY),
         }
+
+
+def _missing_pod_cidrs(settings: AgentSettings, *, v4: bool, v6: bool) -> str:
+    """Why endpoints must wait: a PodCIDR the ``k8s.require_*`` settings demand is unknown."""
+    k8s = settings.k8s
+    if not k8s.enabled:
+        return ""
+    missing = [
+        flag for flag, wanted, have in (
+            ("--k8s-require-ipv4-pod-cidr", k8s.require_ipv4_pod_cidr, v4),
+            ("--k8s-require-ipv6-pod-cidr", k8s.require_ipv6_pod_cidr, v6),
+        ) if wanted and not have
+    ]
+    if not missing:
+        return ""
+    return f"waiting for node {k8s.node_name}'s PodCIDR ({', '.join(missing)})"
 
 
 def _parse_address(value: str | None, version: int, flag: str) -> Any:

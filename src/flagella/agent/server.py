@@ -9,6 +9,10 @@ gain from interleaving them), while controllers run on their intervals:
 * ``ct-gc`` deletes expired conntrack entries;
 * ``events`` drains the kernel's event ring into the monitor subscribers.
 
+With ``k8s`` settings the Kubernetes watchers run on threads of their own; each
+change they bring runs as one more request under the lock
+(`flagella.agent.cluster`).
+
 A controller that raises is counted as failing until its next success
 (``controllers_failing`` metric, ``status``).
 
@@ -73,6 +77,8 @@ class AgentServer:
     connections: int = 0
     xds: XdsServer | None = None  # started and stopped with the agent when set
     proxy: NodeProxy | None = None  # the node proxy (its xDS server becomes ``xds``)
+    cluster: Any = None  # the Kubernetes watchers (`flagella.k8s.Controller`) when configured
+    k8s_api: Any = None  # their `kubernetes.client.ApiClient` (built from the settings when None)
 
     def __post_init__(self) -> None:
         s = self.core.settings
@@ -131,7 +137,33 @@ class AgentServer:
         out["controllers"] = [c.to_json() for c in self.controllers]
         out["controllers_failing"] = len(failing)
         out["uptime_s"] = round(time.time() - self.started, 1)
+        if self.cluster is not None:
+            out["k8s"] = {
+                "node": self.core.settings.k8s.node_name,
+                "runtime": self.cluster.runtime,
+                "skipped": self.cluster.skipped_total,
+                "waiting": self.core.pod_cidr_missing,
+            }
         return out
+
+    async def run_locked(self, fn: Callable[[], Any]) -> Any:
+        """``fn`` as one request: under the lock, off the loop."""
+        async with self.lock:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    def start_cluster(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the Kubernetes watchers; their changes run through `run_locked` on ``loop``."""
+        from flagella.agent.cluster import ClusterBridge
+        from flagella.k8s import compose
+
+        k8s = self.core.settings.k8s
+
+        def locked(fn: Callable[[], Any]) -> Any:
+            return asyncio.run_coroutine_threadsafe(self.run_locked(fn), loop).result()
+
+        self.cluster = compose(ClusterBridge(self.core, k8s, locked), k8s, self.k8s_api)
+        self.cluster.start()
+        log.info("k8s-watchers-started", node=k8s.node_name, runtime=self.cluster.runtime)
 
     def endpoint_create(self, p: dict[str, Any]) -> dict[str, Any]:
         named: dict[str, list[tuple[int, int]]] = {}
@@ -428,6 +460,8 @@ class AgentServer:
             await self.xds.start()
         tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
+        if self.core.settings.k8s.enabled:
+            self.start_cluster(asyncio.get_running_loop())
         if stop is None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -436,6 +470,9 @@ class AgentServer:
         log.info("agent-ready", socket=path)
         async with server:
             await stop.wait()
+        if self.cluster is not None:
+            # Watcher threads may wait for the lock: the loop must run while they stop.
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.stop)
         for t in tasks:
             t.cancel()
         if self.proxy is not None:
@@ -515,9 +552,9 @@ def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nby
     }
 
 
-def run_agent(core: AgentCore, proxy: NodeProxy | None = None) -> None:
+def run_agent(core: AgentCore, proxy: NodeProxy | None = None, k8s_api: Any = None) -> None:
     core.restore()
-    server = AgentServer(core, proxy=proxy)
+    server = AgentServer(core, proxy=proxy, k8s_api=k8s_api)
     try:
         asyncio.run(server.serve())
     finally:

@@ -10,6 +10,8 @@ mirror these groups, e.g.::
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
     kvstore: {backend: etcd, endpoints: ["http://127.0.0.1:2379"], lease_ttl_s: 15}
     proxy: {enabled: true, ingress_port: 15001, egress_port: 15002, start_at_agent_start: false}
+    k8s: {kubeconfig: /etc/kubernetes/flagella.kubeconfig, node_name: node-a,
+          require_ipv4_pod_cidr: true, container_runtime: auto}
     cni: {conf_dir: /etc/cni/net.d, mtu: 0}
 
 Unknown keys are errors that name the key.
@@ -30,6 +32,7 @@ import yaml
 from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.identity import Backend
+from flagella.k8s.translate import K8sSettings
 from flagella.policy.resolver import PolicySettings
 from flagella.proxy.ports import ProxySettings
 
@@ -158,6 +161,8 @@ class AgentSettings:
     api: ApiSettings = field(default_factory=ApiSettings)
     kvstore: KvstoreSettings = field(default_factory=KvstoreSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    #: The Kubernetes watchers (`flagella.k8s`); off unless a kubeconfig or in-cluster is set.
+    k8s: K8sSettings = field(default_factory=K8sSettings)
     cni: CniSettings = field(default_factory=CniSettings)
 
     @property
@@ -228,6 +233,7 @@ class AgentSettings:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.cni.network_name):
             raise InputError("cni.network_name: must be letters, digits, '_', '.', '-'")
         self.proxy.validate()
+        self.k8s.validate()
         return self
 
 
@@ -274,7 +280,14 @@ def load_settings(path: str | Path | None, **overrides: Any) -> AgentSettings:
             raise InputError(f"settings file {path}: {exc}") from None
         data = loaded or {}
     settings: AgentSettings = _build(AgentSettings, data, "")
-    clean = {k: v for k, v in overrides.items() if v is not None}
+    clean: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):  # a group: override only the fields given
+            group = {k: v for k, v in value.items() if v is not None}
+            if group:
+                clean[key] = replace(getattr(settings, key), **group)
+        elif value is not None:
+            clean[key] = value
     if clean:
         settings = replace(settings, **clean)
     return settings.validate()

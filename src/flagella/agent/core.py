@@ -44,7 +44,7 @@ from flagella.endpoint.regeneration import Enforcer, Pipeline
 from flagella.errors import DatapathError, FieldError, InputError, PolicyValidationError
 from flagella.identity import Allocator, SQLiteBackend
 from flagella.identity._allocator import Backend
-from flagella.ipcache import desired_ipcache
+from flagella.ipcache import ClusterState, NodeRecord, desired_ipcache
 from flagella.istio import sidecar as istio_sidecar
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
@@ -116,6 +116,12 @@ class AgentCore:
         )
         for ident, labels in reserved_identity_labels().items():
             self.engine.set_identity(ident, labels)
+        kv = settings.kvstore
+        #: Cluster mode (etcd): the other nodes and their endpoints, see `apply_cluster`.
+        self.cluster = ClusterState(kv.node_name, kv.cluster_prefix) if kv.backend == "etcd" else None
+        #: Identities of remote endpoints this node has handed to the policy engine.
+        self.remote_identities: set[int] = set()
+        self._cluster_errors: list[str] = []
 
     def _endpoint_changed(self, ep: Endpoint) -> None:
         if ep.id in self.endpoints:
@@ -352,8 +358,8 @@ class AgentCore:
         (its number is handed out again, maybe to other labels: a stale key would
         grant the newcomer what the old holder was allowed). Returns the endpoints
         whose policy changed."""
-        if self.allocator.release(ident) > 0:
-            return set()
+        if self.allocator.release(ident) > 0 or ident in self.remote_identities:
+            return set()  # still held here, or by another node's endpoints
         return self.engine.remove_identity(ident)
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
@@ -516,7 +522,62 @@ class AgentCore:
             self.cidr_identities,
             self.host_ips,
             ((addr, ep.identity) for ep in self.endpoints.values() for addr in ep.addresses()),
+            self.cluster.remote_ipcache() if self.cluster is not None else None,
         )
+
+    # -- cluster mode ---------------------------------------------------------------------
+
+    def node_record(self) -> NodeRecord:
+        """This node as it announces itself: name, node IPs (the host's), pod CIDRs."""
+        assert self.cluster is not None
+        net = self.settings.network
+        cidrs = [ipaddress.ip_network(c) for c in (net.ipv4_cidr, net.ipv6_cidr) if c]
+        return NodeRecord(self.cluster.local_node, tuple(self.host_ips), tuple(cidrs))
+
+    def cluster_entries(self) -> dict[str, str]:
+        """The keys this node should have in the kvstore (its node record and endpoints)."""
+        assert self.cluster is not None
+        endpoints = ((addr, ep.identity) for ep in self.endpoints.values() for addr in ep.addresses())
+        return self.cluster.own_entries(self.node_record(), endpoints)
+
+    def apply_cluster(self, pairs: list[tuple[str, str]]) -> dict[str, str]:
+        """Take a full read of the cluster prefix: remote endpoints and nodes into the
+        ipcache, their identities into the policy engine. Returns `cluster_entries`."""
+        assert self.cluster is not None
+        change = self.cluster.replace(pairs)
+        if self.cluster.errors != self._cluster_errors:
+            for error in self.cluster.errors:
+                log.warning("kvstore-entry-skipped", error=error)
+            self._cluster_errors = list(self.cluster.errors)
+        if change.nodes_added or change.nodes_removed:
+            log.info("nodes-changed", added=sorted(change.nodes_added), removed=sorted(change.nodes_removed))
+        affected = self._sync_remote_identities()
+        if change.prefixes:
+            self._write_ipcache(change.prefixes)
+        if affected:
+            self.regenerate(affected)
+        return self.cluster_entries()
+
+    def _sync_remote_identities(self) -> set[int]:
+        """Remote endpoints' identities known to the policy engine, exactly; returns the
+        local endpoints whose policy changed."""
+        assert self.cluster is not None
+        wanted = self.cluster.identities()
+        affected: set[int] = set()
+        for ident in sorted(wanted):
+            labels = self.allocator.labels(ident)  # the backend's cache, else etcd by id
+            if labels is None:
+                log.warning("remote-identity-unknown", identity=ident)
+                continue
+            if self.engine.universe.selectors.labels(ident) != labels:
+                affected |= self.engine.set_identity(ident, labels)
+            self.remote_identities.add(ident)
+        local = {ep.identity for ep in self.endpoints.values()} | set(self.cidr_identities.values())
+        for ident in sorted(self.remote_identities - wanted):
+            self.remote_identities.discard(ident)
+            if ident not in local:
+                affected |= self.engine.remove_identity(ident)
+        return affected
 
     def sync_all(self, count: bool = True) -> int:
         """Repair drift in every map and every program attachment; return the number of repairs."""
@@ -573,6 +634,21 @@ class AgentCore:
             "attach_repairs": dict(self.stats.attach_repairs),
             "regenerations": dict(self.pipeline.stats.outcomes),
             "not_ready": sorted(ep.id for ep in self.endpoints.values() if ep.state == State.NOT_READY),
+            **({"cluster": self.cluster_status()} if self.cluster is not None else {}),
+        }
+
+    def cluster_status(self) -> dict[str, Any]:
+        assert self.cluster is not None
+        return {
+            "node": self.cluster.local_node,
+            "nodes": {
+                name: {"ips": [str(a) for a in r.ips], "pod_cidrs": [str(c) for c in r.pod_cidrs]}
+                for name, r in sorted(self.cluster.nodes.items())
+            },
+            "remote_endpoints": {
+                str(addr): ident for eps in self.cluster.endpoints.values() for addr, ident in eps.items()
+            },
+            "errors": list(self.cluster.errors),
         }
 
 

@@ -84,20 +84,30 @@ class KvstoreSettings:
     timeout_s: float = 2.0
     #: Key prefix shared by the cluster's agents.
     prefix: str = "flagella/identities"
-    #: This node's name in reference keys; default: the host name.
+    #: This node's name in reference keys and its node record; default: the host name.
     node: str = ""
+    #: Key prefix of the cluster state: node records and endpoint ipcache entries.
+    cluster_prefix: str = "flagella/cluster"
+    #: Seconds between reads of the cluster state (and publishing this node's part).
+    sync_interval_s: float = 1.0
+    #: Seconds between identity garbage collections (identities of dead agents).
+    gc_interval_s: float = 60.0
+
+    @property
+    def node_name(self) -> str:
+        import socket
+
+        return self.node or socket.gethostname()
 
 
 def build_identity_backend(kv: KvstoreSettings) -> Backend | None:
     """The identity `Backend` the settings select; None for the local (SQLite) default."""
     if kv.backend == "local":
         return None
-    import socket
-
     from flagella.identity import EtcdBackend
 
     return EtcdBackend(
-        kv.endpoints, node=kv.node or socket.gethostname(), prefix=kv.prefix,
+        kv.endpoints, node=kv.node_name, prefix=kv.prefix,
         lease_ttl_s=kv.lease_ttl_s, timeout_s=kv.timeout_s,
     )
 
@@ -202,6 +212,13 @@ class AgentSettings:
             raise InputError("kvstore.timeout_s: must be a positive number of seconds")
         if "/" in kv.node:
             raise InputError("kvstore.node: must not contain '/'")
+        if not kv.cluster_prefix.strip("/"):
+            raise InputError("kvstore.cluster_prefix: must not be empty")
+        if kv.cluster_prefix.rstrip("/") == kv.prefix.rstrip("/"):
+            raise InputError("kvstore.cluster_prefix: must differ from kvstore.prefix")
+        for name in ("sync_interval_s", "gc_interval_s"):
+            if not 0 < getattr(kv, name) < float("inf"):
+                raise InputError(f"kvstore.{name}: must be a positive number of seconds")
         self.proxy.validate()
         return self
 

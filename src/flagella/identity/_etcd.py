@@ -50,7 +50,7 @@ import hashlib
 import logging
 import random
 import threading
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 from flagella.identity._allocator import MAX_IDENTITY, MIN_ALLOCATED_ID, IdentityExhausted
@@ -448,6 +448,24 @@ class EtcdBackend:
             return None
         self._learn(hit[0][1], ident)
         return hit[0][1]
+
+    # -- the node's other kvstore state -------------------------------------------
+
+    def session(self, work: Callable[[EtcdClient, int], Awaitable[_T]]) -> _T:
+        """Run ``work(client, lease)`` with this node's etcd connection and lease.
+
+        For the rest of the node's cluster state (its ipcache entries and node
+        record, `flagella.agent.cluster`): what it puts on ``lease`` vanishes with
+        the node. Raises `KvstoreUnavailable` while offline; an unreachable etcd
+        during ``work`` marks the node offline (the keepalive task reconnects).
+        """
+
+        async def run() -> _T:
+            if not self.online or not self.lease:
+                raise KvstoreUnavailable("etcd unreachable: this node is offline")
+            return await self._etcd(work(self._client, self.lease))
+
+        return self._call(run())
 
     # -- the Backend protocol -----------------------------------------------------
 

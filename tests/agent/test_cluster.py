@@ -47,7 +47,7 @@ class Node:
         )
         self.settings = AgentSettings(
             state_dir=str(tmp / name), metrics_addr="", kvstore=kv,
-            network=NetworkSettings(ipv4_cidr=f"10.244.{n}.0/24", ipv6_cidr=""),
+            network=NetworkSettings(ipv4_cidr=f"10.244.{n}.0/24", ipv6_cidr="", auto_direct_node_routes=True),
         ).validate()
         self.dp = MemoryDatapath()
         self.dp.host = [ipaddress.ip_address(f"10.250.0.{n}")]
@@ -125,6 +125,8 @@ def test_remote_endpoints_and_nodes_reach_the_ipcache_and_policy(nodes: Callable
     assert ingress_peers(b, server.id) == {client.identity}
     status = b.core.status()["cluster"]
     assert status["nodes"] == {"node-a": {"ips": ["10.250.0.1"], "pod_cidrs": ["10.244.1.0/24"]}}
+    assert b.dp.node_routes == {net("10.244.1.0/24"): ipaddress.ip_address("10.250.0.1")}
+    assert a.dp.node_routes == {net("10.244.2.0/24"): ipaddress.ip_address("10.250.0.2")}
 
     # A pod deleted on A leaves B's ipcache and policy.
     a.core.delete_endpoint("client")

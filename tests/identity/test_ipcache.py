@@ -136,3 +136,24 @@ def test_node_record_parser_fuzz(text: str) -> None:
         assert str(exc).startswith("k")
     else:
         assert NodeRecord.from_json(record.to_json(), "k") == record
+
+
+def test_node_routes_point_each_remote_pod_cidr_at_its_node() -> None:
+    net, addr = ipaddress.ip_network, ipaddress.ip_address
+    state = ClusterState("local", PREFIX)
+
+    def node(name: str, ips: list[str], cidrs: list[str]) -> tuple[str, str]:
+        rec = NodeRecord(name, tuple(addr(i) for i in ips), tuple(net(c) for c in cidrs))
+        return f"{PREFIX}/nodes/{name}", rec.to_json()
+
+    state.replace([
+        node("n1", ["10.250.0.1", "fd00:250::1"], ["10.244.1.0/24", "fd00:10:244:1::/64"]),
+        node("n2", ["10.250.0.2"], ["10.244.2.0/24", "fd00:10:244:2::/64"]),  # no IPv6 node IP
+        node("n3", ["10.250.0.3"], ["10.244.0.0/16"]),  # overlaps ours: never routed away
+        node("n0", ["10.250.0.9"], ["10.244.2.0/24"]),  # claims n2's CIDR: n0 sorts first
+    ])
+    assert state.node_routes([net("10.244.3.0/24")]) == {
+        net("10.244.1.0/24"): addr("10.250.0.1"),
+        net("fd00:10:244:1::/64"): addr("fd00:250::1"),
+        net("10.244.2.0/24"): addr("10.250.0.9"),
+    }

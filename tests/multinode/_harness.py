@@ -7,7 +7,8 @@ Topology (every name carries this process's pid, so concurrent runs never meet):
     node netns:   `flagella agent` (tests.system._support.Agent: own state dir, socket,
                   metrics port, bpf pin dir /sys/fs/bpf/flagella-sys-<pid>-mn<x>), its pods
                   (netns sys-<pid>mn_<pod>, veth into the node netns), pod CIDR
-                  10.244.(200+N).0/24, routes to every other node's pod CIDR via its node IP.
+                  10.244.(200+N).0/24; the agent routes every other node's pod CIDR via that
+                  node's IP, from the node records in etcd (``auto_direct_node_routes``).
 
 etcd runs in the fabric namespace, so the agents reach it across the bridge as they would
 reach a real cluster's etcd, and an outage is a ``kill`` of that process. Cross-node
@@ -107,7 +108,8 @@ class MultiNode:
                 f"gc_interval_s: 5, prefix: {self.prefix}/identities, cluster_prefix: {self.prefix}/cluster}}\n"
             )
             agent = Agent(
-                workdir / tag, tag, network=f"{{ipv4_cidr: '10.244.{200 + i}.0/24', ipv6_cidr: ''}}",
+                workdir / tag, tag,
+                network=f"{{ipv4_cidr: '10.244.{200 + i}.0/24', ipv6_cidr: '', auto_direct_node_routes: true}}",
                 extra_config=kvstore,
             )
             self.nodes.append(Node(i, agent))
@@ -129,9 +131,6 @@ class MultiNode:
             sh("ip", "-n", FABRIC, "link", "set", port, "master", "br0", "up")
             sh("ip", "-n", ns, "addr", "add", f"{node.ip}/24", "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            for other in self.nodes:
-                if other is not node:
-                    sh("ip", "-n", ns, "route", "add", other.pod_cidr, "via", other.ip)
         self.etcd.start()
         for node in self.nodes:
             node.agent.start()

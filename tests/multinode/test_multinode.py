@@ -24,6 +24,7 @@ import pytest
 
 from tests.multinode._harness import (
     MultiNode,
+    Node,
     Pod,
     assert_allowed,
     assert_denied,
@@ -31,7 +32,7 @@ from tests.multinode._harness import (
     connect,
     from_endpoints,
 )
-from tests.support.host import netns_names, wait_until
+from tests.support.host import netns_names, sh, wait_until
 from tests.system._support import Servers
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
@@ -45,6 +46,11 @@ SERVER_POLICY = cnp(
         {"fromEntities": ["remote-node"], "toPorts": [{"ports": [{"port": "81", "protocol": "TCP"}]}]},
     ],
 )
+
+
+def node_routes(node: Node) -> str:
+    """The agent's gateway routes in a node namespace (``ip route``, protocol 205)."""
+    return str(sh("ip", "-n", node.netns, "route", "show", "proto", "205").stdout)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +79,9 @@ def test_policy_selects_remote_pods_by_label_in_both_directions(two_nodes: Multi
     assert a.remote_endpoints()[pods["client-b"].ipv4] == pods["client-b"].identity
     assert b.remote_endpoints()[pods["other-a"].ipv4] == pods["other-a"].identity
     assert b.cluster()["nodes"]["mna"] == {"ips": [a.ip], "pod_cidrs": [a.pod_cidr]}
+    # Node discovery routes each node's pod CIDR via the other's node IP.
+    assert f"{b.pod_cidr} via {b.ip}" in node_routes(a)
+    assert f"{a.pod_cidr} via {a.ip}" in node_routes(b)
     # The same labels got the same identity on both nodes (one etcd allocator).
     assert pods["client-a"].identity == pods["client-b"].identity
     for src, dst in (("a", "b"), ("b", "a")):
@@ -153,5 +162,6 @@ def test_a_dead_node_leaves_the_ipcache_when_its_lease_expires(two_nodes: MultiN
     # lease_ttl_s is 5: B's node record and pods vanish from etcd, then from A's ipcache.
     wait_until(lambda: "mnb" not in a.cluster()["nodes"], 30, what="A to drop node B")
     assert pods["client-b"].ipv4 not in a.remote_endpoints()
+    wait_until(lambda: b.pod_cidr not in node_routes(a), 5, what="A to drop its route to B's pods")
     # B's pods are unknown now: world to A, which the policy does not admit.
     assert_denied(pods["client-b"], pods["server-a"], 80)

@@ -122,6 +122,7 @@ class AgentCore:
         #: Identities of remote endpoints this node has handed to the policy engine.
         self.remote_identities: set[int] = set()
         self._cluster_errors: list[str] = []
+        self._node_routes: dict[IPNetwork, Any] | None = None
 
     def _endpoint_changed(self, ep: Endpoint) -> None:
         if ep.id in self.endpoints:
@@ -556,6 +557,13 @@ class AgentCore:
             self._write_ipcache(change.prefixes)
         if affected:
             self.regenerate(affected)
+        if self.settings.network.auto_direct_node_routes:
+            own = [ipaddress.ip_network(c) for c in (self.settings.network.ipv4_cidr, self.settings.network.ipv6_cidr) if c]
+            routes = self.cluster.node_routes(own)
+            if routes != self._node_routes:
+                self._node_routes = None  # a failure below retries on the next run
+                self.dp.set_node_routes(routes)
+                self._node_routes = routes
         return self.cluster_entries()
 
     def _sync_remote_identities(self) -> set[int]:

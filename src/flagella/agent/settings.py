@@ -39,6 +39,10 @@ class NetworkSettings:
     mtu: int = 1500
     #: Bytes of encapsulation overhead; 0 = no tunnel (routes keep the device MTU).
     tunnel_overhead: int = 0
+    #: Cluster mode: route every other node's pod CIDRs via its node IP, as the node
+    #: records in the kvstore announce them (Cilium's ``auto-direct-node-routes``; the
+    #: nodes share a layer-2 network).
+    auto_direct_node_routes: bool = False
 
 
 @dataclass(frozen=True)

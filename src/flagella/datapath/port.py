@@ -96,6 +96,9 @@ class Datapath(Protocol):
     def remove_pod(self, name: str) -> None: ...
     def list_pods(self) -> list[PodInfo]: ...
     def host_addresses(self) -> list[IPAddress]: ...
+    def set_node_routes(self, routes: dict[IPNetwork, IPAddress]) -> None:
+        """Routes to other nodes' pod CIDRs (CIDR -> node IP) become exactly ``routes``."""
+        ...
 
     def attach(self, ifindex: int) -> list[str]:
         """Make both programs run on ``ifindex`` (check and repair); return the programs
@@ -137,6 +140,7 @@ class MemoryDatapath:
         self.generation = 0  # bumps of the verdict cache generation
         self._next_ifindex = 100
         self.host = [ipaddress.ip_address("192.0.2.1")]
+        self.node_routes: dict[IPNetwork, IPAddress] = {}
 
     def start(self) -> None:
         pass
@@ -167,6 +171,9 @@ class MemoryDatapath:
 
     def host_addresses(self) -> list[IPAddress]:
         return list(self.host)
+
+    def set_node_routes(self, routes: dict[IPNetwork, IPAddress]) -> None:
+        self.node_routes = dict(routes)
 
     def attach(self, ifindex: int) -> list[str]:
         if ifindex in self.attached:

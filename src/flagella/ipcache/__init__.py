@@ -208,6 +208,24 @@ class ClusterState:
                 out[ipaddress.ip_network(addr)] = ident
         return out
 
+    def node_routes(self, own_cidrs: Iterable[IPNetwork]) -> dict[IPNetwork, IPAddress]:
+        """Pod CIDR -> node IP of its node, for every other node (direct routing).
+
+        The gateway is the node's first IP of the CIDR's family; a CIDR that overlaps
+        one of ``own_cidrs`` is left out (it would steal local pods' traffic), and of
+        two nodes announcing one CIDR the first in sort order wins.
+        """
+        own = list(own_cidrs)
+        out: dict[IPNetwork, IPAddress] = {}
+        for name in sorted(self.nodes, reverse=True):
+            record = self.nodes[name]
+            for cidr in record.pod_cidrs:
+                gateway = next((ip for ip in record.ips if ip.version == cidr.version), None)
+                if gateway is None or any(c.version == cidr.version and c.overlaps(cidr) for c in own):
+                    continue
+                out[cidr] = gateway
+        return out
+
     def identities(self) -> set[int]:
         """The identities remote endpoints hold."""
         return {ident for eps in self.endpoints.values() for ident in eps.values()}

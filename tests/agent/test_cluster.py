@@ -207,3 +207,21 @@ def test_settings_reject_a_bad_cluster_prefix() -> None:
     with pytest.raises(InputError, match="kvstore.sync_interval_s"):
         replace(AgentSettings(), kvstore=replace(kv, cluster_prefix="c", sync_interval_s=0)).validate()
 
+
+
+def test_a_reused_identity_number_is_relearned(nodes: Callable[[str, int], Node]) -> None:
+    """Identity numbers are reused: B must not keep what a number meant before."""
+    a, b = nodes("node-a", 1), nodes("node-b", 2)
+    server = b.core.create_endpoint("server", labels={"app": "server"})
+    b.core.import_policies([SERVER_POLICY])
+    old = a.core.create_endpoint("other", labels={"app": "other"})
+    for node in (a, b):
+        node.run_sync()
+    assert ingress_peers(b, server.id) == set()
+    a.core.delete_endpoint("other")  # the last holder: the number is free again
+    client = a.core.create_endpoint("client", labels={"app": "client"})
+    assert client.identity == old.identity  # lowest free: the same number, other labels
+    for node in (a, b):
+        node.run_sync()
+    assert b.dp.ipcache[net(f"{client.ipv4}/32")] == client.identity
+    assert ingress_peers(b, server.id) == {client.identity}

@@ -89,7 +89,7 @@ def test_node_ips_are_remote_node_and_endpoints_win_over_them() -> None:
         net("10.244.2.2/32"): 302,
     }
     assert change.nodes_added == {"n1"}
-    assert state.identities() == {300, 301, 302}
+    assert set(state.identities()) == {300, 301, 302}
 
 
 def test_desired_ipcache_precedence_with_remote_entries() -> None:
@@ -119,6 +119,8 @@ def test_desired_ipcache_precedence_with_remote_entries() -> None:
         (f"{PREFIX}/nodes/n1", '{"name": "n1", "ips": ["x"]}', ".ips[0]: 'x' is not an IP"),
         (f"{PREFIX}/nodes/n1", '{"name": "n1", "pod_cidrs": ["10.0.0.1/33"]}', ".pod_cidrs[0]"),
         (f"{PREFIX}/other/n1", "{}", "unknown key"),
+        (f"{PREFIX}/ip/n1/10.0.0.1", '{"identity": 300, "named_ports": {"http": [[0, 6]]}}', ".named_ports.http[0]"),
+        (f"{PREFIX}/ip/n1/10.0.0.1", '{"identity": 300, "labels": 5}', ".labels: must be"),
     ],
 )
 def test_bad_entries_are_skipped_with_an_error_naming_them(key: str, value: str, error: str) -> None:
@@ -157,3 +159,16 @@ def test_node_routes_point_each_remote_pod_cidr_at_its_node() -> None:
         net("fd00:10:244:1::/64"): addr("fd00:250::1"),
         net("10.244.2.0/24"): addr("10.250.0.9"),
     }
+
+
+def test_extras_carry_remote_addresses_and_named_ports_per_identity() -> None:
+    state = ClusterState("local", PREFIX)
+    web = json.dumps({"identity": 300, "labels": "k8s:app=web", "named_ports": {"http": [[8080, 6]]}})
+    state.replace([
+        (f"{PREFIX}/ip/n1/10.244.1.5", web),
+        (f"{PREFIX}/ip/n2/10.244.2.5", json.dumps({"identity": 300, "labels": "k8s:app=web"})),
+        node_pair("n1", ["10.250.0.1"]),
+    ])
+    addr = ipaddress.ip_address
+    assert state.extras() == {300: (frozenset({addr("10.244.1.5"), addr("10.244.2.5")}), {"http": frozenset({(8080, 6)})})}
+    assert state.identities() == {300: "k8s:app=web"}

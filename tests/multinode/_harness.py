@@ -95,7 +95,13 @@ class Node:
 
 
 class MultiNode:
-    def __init__(self, workdir: Path, nodes: int = 2, lease_ttl_s: int = 5, sync_interval_s: float = 0.5) -> None:
+    def __init__(
+        self, workdir: Path, nodes: int = 2, lease_ttl_s: int = 5, sync_interval_s: float = 0.5,
+        shared_pod_cidr: str | None = None, proxy: bool = False,
+    ) -> None:
+        """``shared_pod_cidr``: every node gets this pod CIDR (the caller routes pods by
+        /32, as the conformance runner does); ``proxy``: each agent runs its node proxy
+        (Envoy, with a base id of its own)."""
         self.workdir = workdir
         self.etcd = EtcdServer(netns=FABRIC, host=ETCD_IP)
         self.nodes: list[Node] = []
@@ -107,9 +113,15 @@ class MultiNode:
                 f"lease_ttl_s: {lease_ttl_s}, timeout_s: 1.0, sync_interval_s: {sync_interval_s}, "
                 f"gc_interval_s: 5, prefix: {self.prefix}/identities, cluster_prefix: {self.prefix}/cluster}}\n"
             )
+            cidr = shared_pod_cidr or f"10.244.{200 + i}.0/24"
+            if proxy:  # ports and names are the node namespace's own; the base id is machine-wide
+                kvstore += (
+                    "proxy: {enabled: true, ingress_port: 15301, egress_port: 15302, "
+                    f"envoy_base_id: {30000 + (PID % 10000) * 4 + i}, admin_port: 15300}}\n"
+                )
             agent = Agent(
                 workdir / tag, tag,
-                network=f"{{ipv4_cidr: '10.244.{200 + i}.0/24', ipv6_cidr: '', auto_direct_node_routes: true}}",
+                network=f"{{ipv4_cidr: '{cidr}', ipv6_cidr: '', auto_direct_node_routes: true}}",
                 extra_config=kvstore,
             )
             self.nodes.append(Node(i, agent))

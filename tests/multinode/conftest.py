@@ -36,3 +36,13 @@ def two_nodes(mn_host: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     finally:
         problems = mn.close()
     assert not problems, problems
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The conformance runner's per-case lines for the multi-node cases that ran."""
+    from tests.support import e2e_harness as h
+
+    if h.REPORTS:
+        terminalreporter.section("flagella conformance across two nodes")
+        for line in h.summary_lines(h.REPORTS):
+            terminalreporter.write_line(line)

@@ -43,7 +43,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -719,6 +719,174 @@ class Cluster:
                 except Exception as exc:
                     labels = [f"? {exc}"]
                 out.append(f"    identity {ident}: {','.join(labels)}")
+        return "\n".join(out)
+
+
+# -- the multi-node option ------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeHandle:
+    """One node of a multi-node run: its agent (anything with ``call``), netns and node IP."""
+
+    agent: Any
+    netns: str
+    ip: str
+
+
+def pod_to_pod(probe: ProbePlan) -> bool:
+    """A probe the multi-node option runs: both peers are pods."""
+    return all(x is not None and x.kind == "pod" for x in (probe.src, probe.dst))
+
+
+def place_by_address(ipv4: str, nodes: int) -> int:
+    """A pod's node in a multi-node run: the last byte of its IPv4 address modulo the node
+    count. Stable across cases (a reused pod stays put), and the standard cluster's pods
+    of each namespace (.10, .11, .12) land on different nodes."""
+    return int(ipv4.rsplit(".", 1)[1]) % nodes
+
+
+#: Why host and world probes are not run across nodes.
+MULTINODE_SKIP = "multi-node run: host and world peers are not placed on a node"
+
+
+class MultiNodeCluster(Cluster):
+    """The runner with its pods spread over several nodes (`place_by_address`).
+
+    Each node is an agent in a network namespace of its own, sharing etcd with the
+    others (tests/multinode/_harness.py builds them). Per pod, its node's agent creates,
+    relabels and deletes it, and the other nodes get a /32 route to it via its node IP
+    (every node has the same pod CIDR, the plan's addresses). Namespace labels and
+    policies go to every agent: each node enforces for its own pods. After every change
+    the runner waits until each node's kernel ipcache maps every pod of every node to its
+    identity (remote ones arrive through etcd); that is also the per-step invariant.
+    Probes from or to the host or the world are skipped (IPv4 only, pod-to-pod).
+    """
+
+    converge_timeout_s = 30.0
+
+    def __init__(self, nodes: list[NodeHandle], log_dir: Path, tag: str = "mn") -> None:
+        super().__init__(nodes[0].agent, None, log_dir, 4, tag)
+        self.nodes = nodes
+        self.placement: dict[str, int] = {}
+        self.marker = MARKER_DIR / f"{os.getpid()}-{tag}.json"
+
+    @contextlib.contextmanager
+    def _on(self, node: NodeHandle) -> Any:
+        home, self.agent = self.agent, node.agent
+        try:
+            yield
+        finally:
+            self.agent = home
+
+    def node_of(self, key: str) -> NodeHandle:
+        return self.nodes[self.placement[key]]
+
+    def _routes(self, pp: PodPlan, op: str) -> None:
+        owner = self.node_of(pp.key)
+        for node in self.nodes:
+            if node is not owner:
+                sh("ip", "-n", node.netns, "route", op, f"{pp.ipv4}/32", *(["via", owner.ip] if op != "del" else []),
+                   check=op != "del")
+
+    def _create(self, pp: PodPlan) -> None:
+        self.placement[pp.key] = place_by_address(pp.ipv4, len(self.nodes))
+        with self._on(self.node_of(pp.key)):
+            super()._create(replace(pp, ipv6=None))
+        self.pods[pp.key].plan = pp  # the plan as asked, so prepare() reuses the pod
+        self._routes(pp, "replace")
+
+    def _delete(self, key: str) -> None:
+        pp = self.pods[key].plan
+        with self._on(self.node_of(key)):
+            super()._delete(key)
+        self._routes(pp, "del")
+
+    def set_namespace_labels(self, ns: str, labels: dict[str, str]) -> None:
+        if self.ns_labels.get(ns) == labels and ns in self.ns_labels:
+            return
+        current = self.ns_labels.get(ns, {})
+        for node in self.nodes:
+            got = node.agent.call(
+                "namespace.labels",
+                {"namespace": ns, "set": _kv(labels), "unset": sorted(set(current) - set(labels))},
+            )
+            if got != labels:
+                raise RuntimeError(f"namespace {ns} on {node.netns}: labels are {got}, wanted {labels}")
+        self.ns_labels[ns] = dict(labels)
+
+    def set_pod_labels(self, key: str, labels: dict[str, str]) -> None:
+        with self._on(self.node_of(key)):
+            super().set_pod_labels(key, labels)
+
+    def vanished(self) -> list[str]:
+        gone = []
+        for key, live in sorted(self.pods.items()):
+            node = self.node_of(key)
+            links = {x.get("ifname") for x in json.loads(sh("ip", "-n", node.netns, "-j", "link", "show", check=False).stdout or "[]")}
+            if live.ep.get("host_ifname") not in links or live.netns not in host.netns_names():
+                gone.append(key)
+        return gone
+
+    def prepare(self, plan: CasePlan) -> list[str]:
+        incidents = super().prepare(plan)
+        self.converge()
+        return incidents
+
+    def apply_step(self, step: StepPlan) -> None:
+        for node in self.nodes:
+            with self._on(node):
+                super().apply_step(step)
+        self.converge()
+
+    def finish_case(self, plan: CasePlan) -> None:
+        for node in self.nodes:
+            with self._on(node):
+                super().finish_case(plan)
+        self.converge()  # restored labels reach the other nodes before the runner checks
+
+    def ipcache_errors(self) -> list[str]:
+        """Every node's kernel ipcache maps every live pod (of any node) to its identity."""
+        identities: dict[str, int] = {}
+        for node in self.nodes:
+            for e in node.agent.call("endpoint.list", {}):
+                identities[f"{e['namespace']}/{e['name']}"] = e.get("identity")
+        errors = []
+        for node in self.nodes:
+            rows = {r["prefix"]: r["identity"] for r in node.agent.call("bpf.ipcache", {})}
+            for key in sorted(self.pods):
+                if key not in identities:
+                    errors.append(f"{key}: no agent has such an endpoint")
+                    continue
+                got = rows.get(f"{self.pods[key].plan.ipv4}/32")
+                if got != identities[key]:
+                    errors.append(
+                        f"{node.netns}: ipcache {self.pods[key].plan.ipv4}/32 -> {got}, "
+                        f"but {key} has identity {identities[key]}"
+                    )
+        return errors
+
+    def converge(self) -> None:
+        deadline = time.monotonic() + self.converge_timeout_s
+        while (errors := self.ipcache_errors()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if errors:
+            raise RuntimeError(f"nodes did not converge in {self.converge_timeout_s}s: {'; '.join(errors[:5])}")
+
+    def probe(self, probes: list[ProbePlan], recheck: bool = True) -> list[Outcome]:
+        placed = [
+            replace(p, action="skip", reason=MULTINODE_SKIP) if p.action != "skip" and not pod_to_pod(p) else p
+            for p in probes
+        ]
+        return super().probe(placed, recheck)
+
+    def diagnostics(self, keys: set[str]) -> str:
+        out = []
+        for i, node in enumerate(self.nodes):
+            mine = {k for k in keys if self.placement.get(k) == i}
+            if mine:
+                with self._on(node):
+                    out.append(f"=== node {node.netns}\n" + super().diagnostics(mine))
         return "\n".join(out)
 
 

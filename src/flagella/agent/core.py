@@ -43,7 +43,7 @@ from flagella.endpoint.addressing import PodAddressAllocator
 from flagella.endpoint.regeneration import Enforcer, Pipeline
 from flagella.errors import DatapathError, FieldError, InputError, PolicyValidationError
 from flagella.identity import Allocator, SQLiteBackend
-from flagella.identity._allocator import Backend
+from flagella.identity._allocator import Backend, labels_key
 from flagella.ipcache import ClusterState, NodeRecord, desired_ipcache
 from flagella.istio import sidecar as istio_sidecar
 from flagella.policy.api import Policy, parse_policy
@@ -538,7 +538,11 @@ class AgentCore:
     def cluster_entries(self) -> dict[str, str]:
         """The keys this node should have in the kvstore (its node record and endpoints)."""
         assert self.cluster is not None
-        endpoints = ((addr, ep.identity) for ep in self.endpoints.values() for addr in ep.addresses())
+        endpoints = (
+            (addr, ep.identity, labels_key(self._security_labels(ep)), ep.named_ports)
+            for ep in self.endpoints.values()
+            for addr in ep.addresses()
+        )
         return self.cluster.own_entries(self.node_record(), endpoints)
 
     def apply_cluster(self, pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -552,11 +556,14 @@ class AgentCore:
             self._cluster_errors = list(self.cluster.errors)
         if change.nodes_added or change.nodes_removed:
             log.info("nodes-changed", added=sorted(change.nodes_added), removed=sorted(change.nodes_removed))
+        # Policy before ipcache: a remote pod's address maps to its identity only once
+        # every local endpoint's policy knows that identity (no window of false drops;
+        # a removal fails closed meanwhile). Bounded by the completion timeout.
         affected = self._sync_remote_identities()
+        if affected:
+            self._regenerate_and_wait(affected)
         if change.prefixes:
             self._write_ipcache(change.prefixes)
-        if affected:
-            self.regenerate(affected)
         if self.settings.network.auto_direct_node_routes:
             own = [ipaddress.ip_network(c) for c in (self.settings.network.ipv4_cidr, self.settings.network.ipv6_cidr) if c]
             routes = self.cluster.node_routes(own)
@@ -572,17 +579,25 @@ class AgentCore:
         assert self.cluster is not None
         wanted = self.cluster.identities()
         affected: set[int] = set()
-        for ident in sorted(wanted):
+        for ident, announced in sorted(wanted.items()):
             labels = self.allocator.labels(ident)  # the backend's cache, else etcd by id
-            if labels is None:
-                log.warning("remote-identity-unknown", identity=ident)
+            if labels is None or labels_key(labels) != announced:
+                # Ids are reused: the cache may hold what the id meant before.
+                labels = self.allocator.labels_fresh(ident)
+            if labels is None or labels_key(labels) != announced:
+                log.warning("remote-identity-unknown", identity=ident, announced=announced)
                 continue
             if self.engine.universe.selectors.labels(ident) != labels:
                 affected |= self.engine.set_identity(ident, labels)
             self.remote_identities.add(ident)
+        extras = self.cluster.extras()
+        for ident in sorted(self.remote_identities):
+            addrs, named = extras.get(ident, (frozenset(), {}))
+            affected |= self.engine.set_remote_extras(ident, addrs, named)
         local = {ep.identity for ep in self.endpoints.values()} | set(self.cidr_identities.values())
-        for ident in sorted(self.remote_identities - wanted):
+        for ident in sorted(self.remote_identities - wanted.keys()):
             self.remote_identities.discard(ident)
+            affected |= self.engine.set_remote_extras(ident, frozenset(), {})
             if ident not in local:
                 affected |= self.engine.remove_identity(ident)
         return affected

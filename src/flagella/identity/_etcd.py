@@ -477,6 +477,29 @@ class EtcdBackend:
         hit = self._by_id.get(ident)
         return hit if hit is not None else self._call(self._get(ident))
 
+    def refresh(self, ident: int) -> str | None:
+        """The label key of ``ident`` as etcd has it now (the cache follows); the cached
+        one while offline. An id this node holds cannot have changed."""
+        if ident in self._refs or not self.online:
+            return self._by_id.get(ident)
+
+        async def run() -> str | None:
+            try:
+                hit = kv_pairs(await self._etcd(self._client.range(self._k("id", str(ident)))))
+            except KvstoreUnavailable:
+                return self._by_id.get(ident)
+            old = self._by_id.get(ident)
+            if not hit:
+                if old is not None and ident not in self._refs:
+                    self._forget(old, ident)
+                return None
+            if old is not None and old != hit[0][1]:
+                self._forget(old, ident)
+            self._learn(hit[0][1], ident)
+            return hit[0][1]
+
+        return self._call(run())
+
     def acquire(self, key: str, lowest_free_from: int) -> int:
         return self._call(self._acquire(key, lowest_free_from))
 

@@ -104,7 +104,30 @@ class NodeRecord:
         return cls(name, tuple(out_ips), tuple(out_cidrs))
 
 
-def _identity_value(text: str, where: str) -> int:
+NamedPorts = dict[str, frozenset[tuple[int, int]]]  # name -> {(port, protocol number)}
+
+
+def _named_ports(doc: object, where: str) -> NamedPorts:
+    if not isinstance(doc, dict):
+        raise InputError(f"{where}: must be an object of name -> [[port, protocol], ...]")
+    out: NamedPorts = {}
+    for name, pairs in doc.items():
+        if not isinstance(pairs, list):
+            raise InputError(f"{where}.{name}: must be a list of [port, protocol]")
+        ports = set()
+        for i, pair in enumerate(pairs):
+            ok = isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in pair
+            )
+            if not ok or not 1 <= pair[0] <= 65535 or not 0 <= pair[1] <= 255:
+                raise InputError(f"{where}.{name}[{i}]: must be [port 1-65535, protocol 0-255]")
+            ports.add((pair[0], pair[1]))
+        out[str(name)] = frozenset(ports)
+    return out
+
+
+def _identity_value(text: str, where: str) -> tuple[int, str, NamedPorts]:
+    """(identity, label key, named ports) of an endpoint entry."""
     try:
         doc = json.loads(text)
     except ValueError as exc:
@@ -114,7 +137,10 @@ def _identity_value(text: str, where: str) -> int:
         raise InputError(f"{where}.identity: must be an identity number 1-{MAX_IDENTITY}")
     if ident in _UNCLAIMABLE:
         raise InputError(f"{where}.identity: {ident} is reserved for hosts, nodes or world")
-    return ident
+    labels = doc.get("labels", "")
+    if not isinstance(labels, str):
+        raise InputError(f"{where}.labels: must be the identity's label key (a string)")
+    return ident, labels, _named_ports(doc.get("named_ports", {}), f"{where}.named_ports")
 
 
 @dataclass(frozen=True)
@@ -135,6 +161,10 @@ class ClusterState:
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     #: node -> endpoint address -> identity
     endpoints: dict[str, dict[IPAddress, int]] = field(default_factory=dict)
+    #: identity -> label key, as the entries that name it announce it
+    labels: dict[int, str] = field(default_factory=dict)
+    #: endpoint address -> its named ports
+    named_ports: dict[IPAddress, NamedPorts] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -146,12 +176,18 @@ class ClusterState:
     def ip_key(self, node: str, addr: IPAddress) -> str:
         return f"{self.prefix}/ip/{node}/{addr}"
 
-    def own_entries(self, record: NodeRecord, endpoints: Iterable[tuple[IPAddress, int]]) -> dict[str, str]:
-        """The keys and values this node should have under the prefix."""
+    def own_entries(
+        self, record: NodeRecord, endpoints: Iterable[tuple[IPAddress, int, str, Mapping[str, Iterable[tuple[int, int]]]]]
+    ) -> dict[str, str]:
+        """The keys and values this node should have under the prefix; ``endpoints`` are
+        (address, identity, the identity's label key, the endpoint's named ports)."""
         out = {self.node_key(record.name): record.to_json()}
-        for addr, ident in endpoints:
+        for addr, ident, labels, named in endpoints:
             if ident not in _UNCLAIMABLE:
-                out[self.ip_key(record.name, addr)] = json.dumps({"identity": ident})
+                doc: dict[str, object] = {"identity": ident, "labels": labels}
+                if named:
+                    doc["named_ports"] = {k: sorted([p, proto] for p, proto in v) for k, v in sorted(named.items())}
+                out[self.ip_key(record.name, addr)] = json.dumps(doc, sort_keys=True)
         return out
 
     def replace(self, pairs: Iterable[tuple[str, str]]) -> ClusterChange:
@@ -159,6 +195,8 @@ class ClusterState:
         before_ipc, before_nodes = self.remote_ipcache(), set(self.nodes)
         nodes: dict[str, NodeRecord] = {}
         endpoints: dict[str, dict[IPAddress, int]] = {}
+        labels: dict[int, str] = {}
+        named_ports: dict[IPAddress, NamedPorts] = {}
         errors: list[str] = []
         base = self.prefix + "/"
         for key, value in pairs:
@@ -180,12 +218,17 @@ class ClusterState:
                         addr = ipaddress.ip_address(parts[2])
                     except ValueError:
                         raise InputError(f"{key}: {parts[2]!r} is not an IP address") from None
-                    endpoints.setdefault(parts[1], {})[addr] = _identity_value(value, key)
+                    ident, label_key, named = _identity_value(value, key)
+                    endpoints.setdefault(parts[1], {})[addr] = ident
+                    labels.setdefault(ident, label_key)
+                    if named:
+                        named_ports[addr] = named
                 else:
                     raise InputError(f"{key}: unknown key under {self.prefix}")
             except InputError as exc:
                 errors.append(str(exc))
-        self.nodes, self.endpoints, self.errors = nodes, endpoints, errors
+        self.nodes, self.endpoints, self.labels, self.errors = nodes, endpoints, labels, errors
+        self.named_ports = named_ports
         after = self.remote_ipcache()
         changed = {p for p in before_ipc.keys() | after.keys() if before_ipc.get(p) != after.get(p)}
         return ClusterChange(
@@ -226,9 +269,27 @@ class ClusterState:
                 out[cidr] = gateway
         return out
 
-    def identities(self) -> set[int]:
-        """The identities remote endpoints hold."""
-        return {ident for eps in self.endpoints.values() for ident in eps.values()}
+    def extras(self) -> dict[int, tuple[frozenset[IPAddress], NamedPorts]]:
+        """identity -> (addresses, named ports) of its remote endpoints, for the policy
+        engine (ipBlock peers select pods by address; named ports resolve per peer)."""
+        addrs: dict[int, set[IPAddress]] = {}
+        named: dict[int, dict[str, set[tuple[int, int]]]] = {}
+        for net, ident in self.remote_ipcache().items():
+            if ident == REMOTE_NODE_IDENTITY:
+                continue
+            addr = net.network_address
+            addrs.setdefault(ident, set()).add(addr)
+            for name, ports in self.named_ports.get(addr, {}).items():
+                named.setdefault(ident, {}).setdefault(name, set()).update(ports)
+        return {
+            ident: (frozenset(a), {k: frozenset(v) for k, v in named.get(ident, {}).items()})
+            for ident, a in addrs.items()
+        }
+
+    def identities(self) -> dict[int, str]:
+        """The identities remote endpoints hold, with the label key their entries announce
+        (a hint to tell a stale cache by: the identity store stays the authority)."""
+        return {ident: self.labels.get(ident, "") for eps in self.endpoints.values() for ident in eps.values()}
 
 
 __all__ = [

@@ -1,0 +1,80 @@
+"""The conformance cases across two nodes: each case's pods spread over two agents.
+
+The e2e runner's multi-node option (`tests.support.e2e_harness.MultiNodeCluster`): the
+pods of a case are placed on two nodes (agents in node namespaces sharing a real etcd,
+`tests.multinode._harness`), each agent gets every policy, and each pod-to-pod probe of
+the table is run for real; a pair on different nodes crosses the bridge and is judged by
+the receiving node from the identity its ipcache learned through etcd. Every verdict
+must hold as on one node. Host and world probes are skipped (see `MULTINODE_SKIP`).
+
+Every case with a pod-to-pod probe that is not SCTP runs (a case of only host/world or
+only SCTP probes has nothing to place on two nodes); ``FLAGELLA_MULTINODE_CASES``, a
+regular expression over case ids, narrows that down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tests.multinode._harness import MultiNode
+from tests.support.cases import load_cases
+from tests.support.e2e_harness import (
+    MultiNodeCluster,
+    NodeHandle,
+    pod_to_pod,
+    prepare_host,
+    run_case,
+)
+from tests.support.e2e_plan import external_map, plan_case
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
+
+ALL = load_cases()
+EXTERNALS = external_map(ALL)
+
+
+def _runs_across_nodes(case) -> bool:  # type: ignore[no-untyped-def]
+    plan = plan_case(case, EXTERNALS, family=4)
+    return any(p.action == "check" and pod_to_pod(p) for s in plan.steps for p in s.probes)
+
+
+CASES = [
+    c for c in ALL
+    if re.search(os.environ.get("FLAGELLA_MULTINODE_CASES", "."), c.id) and _runs_across_nodes(c)
+]
+
+
+@pytest.fixture(scope="module")
+def mn_cluster(mn_host: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNodeCluster]:
+    prepare_host()
+    workdir = tmp_path_factory.mktemp("mn-e2e")
+    logs = workdir / "logs"
+    logs.mkdir()
+    mn = MultiNode(workdir, shared_pod_cidr="10.244.0.0/16", proxy=True)
+    cluster: MultiNodeCluster | None = None
+    errors: list[str] = []
+    try:
+        mn.start()
+        cluster = MultiNodeCluster([NodeHandle(n.agent, n.netns, n.ip) for n in mn.nodes], logs)
+        yield cluster
+    finally:
+        if cluster is not None:
+            try:
+                cluster.close()
+            except Exception as exc:
+                errors.append(str(exc))
+            cluster.marker.unlink(missing_ok=True)
+        errors += mn.close()
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_conformance_across_two_nodes(mn_cluster: MultiNodeCluster, case) -> None:  # type: ignore[no-untyped-def]
+    plan = plan_case(case, EXTERNALS, family=4)
+    report = run_case(mn_cluster, plan)
+    assert report.checked > 0, "no probe ran"
+    assert report.ok, report.failure_text()

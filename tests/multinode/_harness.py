@@ -32,7 +32,7 @@ from typing import Any
 from flagella.datapath.port import pod_netns_name
 from tests.support.etcd import EtcdServer
 from tests.support.host import netns_names, sh, wait_until
-from tests.system._support import Agent, remove_pod_by_hand, tcp_connect
+from tests.system._support import Agent, free_port, remove_pod_by_hand, tcp_connect
 
 PID = os.getpid()
 FABRIC = f"sys-{PID}mn-fabric"
@@ -114,15 +114,15 @@ class MultiNode:
                 f"gc_interval_s: 5, prefix: {self.prefix}/identities, cluster_prefix: {self.prefix}/cluster}}\n"
             )
             cidr = shared_pod_cidr or f"10.244.{200 + i}.0/24"
-            if proxy:  # ports and names are the node namespace's own; the base id is machine-wide
-                kvstore += (
-                    "proxy: {enabled: true, ingress_port: 15301, egress_port: 15302, "
-                    f"envoy_base_id: {30000 + (PID % 10000) * 4 + i}, admin_port: 15300}}\n"
-                )
+            # Ports and names are the node namespace's own; the Envoy base id is machine-wide.
+            proxy_settings = (
+                f"{{enabled: {'true' if proxy else 'false'}, ingress_port: 15301, egress_port: 15302, "
+                f"envoy_base_id: {free_port()}, admin_port: 15300}}"
+            )
             agent = Agent(
                 workdir / tag, tag,
                 network=f"{{ipv4_cidr: '{cidr}', ipv6_cidr: '', auto_direct_node_routes: true}}",
-                extra_config=kvstore,
+                extra_config=kvstore, proxy=proxy_settings,
             )
             self.nodes.append(Node(i, agent))
 

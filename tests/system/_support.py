@@ -311,9 +311,10 @@ class Agent:
 
     def __init__(
         self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto",
-        network: str = "{ipv4_cidr: 10.244.0.0/16}", extra_config: str = "",
+        network: str = "{ipv4_cidr: 10.244.0.0/16}", extra_config: str = "", proxy: str = "",
     ) -> None:
-        """``network`` and ``extra_config`` (YAML lines) go into the agent's settings file."""
+        """``network``, ``proxy`` (flow-style YAML mappings) and ``extra_config`` (YAML
+        lines) go into the agent's settings file."""
         self.workdir = workdir
         self.tag = tag
         self.node = f"{NS_PREFIX}{tag}-node"
@@ -333,6 +334,9 @@ class Agent:
             f"controllers: {{sync_interval_s: {sync_interval_s}}}\n"
             f"network: {network}\n"
             f"attach_mode: {attach_mode}\n"
+            # The node proxy is on by default; its Envoy's shared memory is host-wide, so
+            # each test agent gets a base id of its own (the rest lives in the node netns).
+            f"proxy: {proxy or f'{{envoy_base_id: {free_port()}, admin_port: {free_port()}}}'}\n"
             + extra_config
         )
 

@@ -225,3 +225,47 @@ def test_a_reused_identity_number_is_relearned(nodes: Callable[[str, int], Node]
         node.run_sync()
     assert b.dp.ipcache[net(f"{client.ipv4}/32")] == client.identity
     assert ingress_peers(b, server.id) == {client.identity}
+
+
+def test_four_agents_race_for_identities_and_agree_on_the_ipcache(nodes: Callable[[str, int], Node]) -> None:
+    """Four agents create pods at once, with label sets that overlap across nodes: the same
+    labels get the same number everywhere, different ones never share one, and every node
+    maps every other node's pods to those numbers."""
+    import threading
+
+    agents = [nodes(f"node-{i}", i) for i in range(1, 5)]
+    start = threading.Barrier(len(agents))
+    errors: list[BaseException] = []
+
+    def create(node: Node, i: int) -> None:
+        try:
+            start.wait()
+            for j in range(12):
+                # app=shared-N on every node; app=own-<node>-N on this one only
+                labels = {"app": f"shared-{j % 6}"} if j % 2 == 0 else {"app": f"own-{i}-{j}"}
+                node.core.create_endpoint(f"p{j}", labels=labels)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(n, i)) for i, n in enumerate(agents, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    by_labels: dict[str, set[int]] = {}
+    for node in agents:
+        for ep in node.core.endpoints.values():
+            by_labels.setdefault(ep.labels["app"], set()).add(ep.identity)
+    assert all(len(ids) == 1 for ids in by_labels.values()), by_labels
+    numbers = [next(iter(ids)) for ids in by_labels.values()]
+    assert len(numbers) == len(set(numbers)), "two label sets share an identity"
+    for _ in range(2):
+        for node in agents:
+            node.run_sync()
+    for node in agents:
+        for other in agents:
+            if other is node:
+                continue
+            for ep in other.core.endpoints.values():
+                assert node.dp.ipcache[net(f"{ep.ipv4}/32")] == ep.identity

@@ -60,6 +60,13 @@ def desired_ipcache(
 # -- cluster mode: node records and remote endpoints ---------------------------------
 
 
+def _host_network(addr: IPAddress) -> IPNetwork:
+    """``addr``/32 or /128, built from its integer (``ip_network(addr)`` goes through text)."""
+    if addr.version == 4:
+        return ipaddress.IPv4Network((int(addr), 32))
+    return ipaddress.IPv6Network((int(addr), 128))
+
+
 @dataclass(frozen=True)
 class NodeRecord:
     """One node as the kvstore announces it."""
@@ -169,6 +176,7 @@ class ClusterState:
 
     def __post_init__(self) -> None:
         self.prefix = self.prefix.rstrip("/")
+        self._remote: dict[IPNetwork, int] = self._compute_remote_ipcache()
 
     def node_key(self, node: str) -> str:
         return f"{self.prefix}/nodes/{node}"
@@ -192,7 +200,7 @@ class ClusterState:
 
     def replace(self, pairs: Iterable[tuple[str, str]]) -> ClusterChange:
         """Take a full read of the prefix ((key, value) pairs); return what changed."""
-        before_ipc, before_nodes = self.remote_ipcache(), set(self.nodes)
+        before_ipc, before_nodes = self._remote, set(self.nodes)
         nodes: dict[str, NodeRecord] = {}
         endpoints: dict[str, dict[IPAddress, int]] = {}
         labels: dict[int, str] = {}
@@ -229,7 +237,7 @@ class ClusterState:
                 errors.append(str(exc))
         self.nodes, self.endpoints, self.labels, self.errors = nodes, endpoints, labels, errors
         self.named_ports = named_ports
-        after = self.remote_ipcache()
+        after = self._remote = self._compute_remote_ipcache()
         changed = {p for p in before_ipc.keys() | after.keys() if before_ipc.get(p) != after.get(p)}
         return ClusterChange(
             frozenset(changed), frozenset(nodes.keys() - before_nodes), frozenset(before_nodes - nodes.keys())
@@ -238,6 +246,12 @@ class ClusterState:
     def remote_ipcache(self) -> dict[IPNetwork, int]:
         """Other nodes' IPs -> remote-node, their endpoints' addresses -> identity.
 
+        Computed once per `replace`; this is a copy."""
+        return dict(self._remote)
+
+    def _compute_remote_ipcache(self) -> dict[IPNetwork, int]:
+        """See `remote_ipcache`.
+
         Two nodes claiming one address (a pod moved, the old node's lease has not
         expired yet): the first node name in sort order wins, the same on every node.
         An endpoint address beats a node IP.
@@ -245,10 +259,10 @@ class ClusterState:
         out: dict[IPNetwork, int] = {}
         for name in sorted(self.nodes, reverse=True):
             for addr in self.nodes[name].ips:
-                out[ipaddress.ip_network(addr)] = REMOTE_NODE_IDENTITY
+                out[_host_network(addr)] = REMOTE_NODE_IDENTITY
         for node in sorted(self.endpoints, reverse=True):
             for addr, ident in self.endpoints[node].items():
-                out[ipaddress.ip_network(addr)] = ident
+                out[_host_network(addr)] = ident
         return out
 
     def node_routes(self, own_cidrs: Iterable[IPNetwork]) -> dict[IPNetwork, IPAddress]:

@@ -97,11 +97,12 @@ class Node:
 class MultiNode:
     def __init__(
         self, workdir: Path, nodes: int = 2, lease_ttl_s: int = 5, sync_interval_s: float = 0.5,
-        shared_pod_cidr: str | None = None, proxy: bool = False,
+        shared_pod_cidr: str | None = None, proxy: bool = False, pod_netns_prefix: str = "",
     ) -> None:
         """``shared_pod_cidr``: every node gets this pod CIDR (the caller routes pods by
         /32, as the conformance runner does); ``proxy``: each agent runs its node proxy
-        (Envoy, with a base id of its own)."""
+        (Envoy, with a base id of its own); ``pod_netns_prefix``: the agents' (see
+        `flagella.datapath.port.pod_netns_name`), for pods named by someone else."""
         self.workdir = workdir
         self.etcd = EtcdServer(netns=FABRIC, host=ETCD_IP)
         self.nodes: list[Node] = []
@@ -112,6 +113,7 @@ class MultiNode:
                 f"kvstore: {{backend: etcd, endpoints: ['{self.etcd.endpoint}'], node: {tag}, "
                 f"lease_ttl_s: {lease_ttl_s}, timeout_s: 1.0, sync_interval_s: {sync_interval_s}, "
                 f"gc_interval_s: 5, prefix: {self.prefix}/identities, cluster_prefix: {self.prefix}/cluster}}\n"
+                f"pod_netns_prefix: '{pod_netns_prefix}'\n"
             )
             cidr = shared_pod_cidr or f"10.244.{200 + i}.0/24"
             # Ports and names are the node namespace's own; the Envoy base id is machine-wide.

@@ -30,6 +30,7 @@ from tests.support.e2e_harness import (
     run_case,
 )
 from tests.support.e2e_plan import external_map, plan_case
+from tests.support.host import netns_names, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -54,7 +55,9 @@ def mn_cluster(mn_host: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     workdir = tmp_path_factory.mktemp("mn-e2e")
     logs = workdir / "logs"
     logs.mkdir()
-    mn = MultiNode(workdir, shared_pod_cidr="10.244.0.0/16", proxy=True)
+    # The corpus names pods like everyone's e2e runs do: this run's netns get a prefix.
+    prefix = f"sys-{os.getpid()}c-"
+    mn = MultiNode(workdir, shared_pod_cidr="10.244.0.0/16", proxy=True, pod_netns_prefix=prefix)
     cluster: MultiNodeCluster | None = None
     errors: list[str] = []
     try:
@@ -67,8 +70,12 @@ def mn_cluster(mn_host: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 cluster.close()
             except Exception as exc:
                 errors.append(str(exc))
-            cluster.marker.unlink(missing_ok=True)
         errors += mn.close()
+        if cluster is not None:
+            present = netns_names()
+            for name in sorted(n for n in cluster.netns_seen if n.startswith(prefix) and n in present):
+                sh("ip", "netns", "del", name, check=False)
+                errors.append(f"pod netns {name} was left behind (removed now)")
     assert not errors, errors
 
 

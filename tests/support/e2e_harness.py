@@ -746,8 +746,8 @@ def place_by_address(ipv4: str, nodes: int) -> int:
     return int(ipv4.rsplit(".", 1)[1]) % nodes
 
 
-#: Why host and world probes are not run across nodes.
-MULTINODE_SKIP = "multi-node run: host and world peers are not placed on a node"
+#: Why world probes are not run across nodes.
+MULTINODE_SKIP = "multi-node run: the world is not attached to the nodes"
 
 
 class MultiNodeCluster(Cluster):
@@ -760,7 +760,8 @@ class MultiNodeCluster(Cluster):
     policies go to every agent: each node enforces for its own pods. After every change
     the runner waits until each node's kernel ipcache maps every pod of every node to its
     identity (remote ones arrive through etcd); that is also the per-step invariant.
-    Probes from or to the host or the world are skipped (IPv4 only, pod-to-pod).
+    A probe from the host runs in the destination pod's node namespace; world probes are
+    skipped (IPv4 only).
     """
 
     converge_timeout_s = 30.0
@@ -769,7 +770,10 @@ class MultiNodeCluster(Cluster):
         super().__init__(nodes[0].agent, None, log_dir, 4, tag)
         self.nodes = nodes
         self.placement: dict[str, int] = {}
-        self.marker = MARKER_DIR / f"{os.getpid()}-{tag}.json"
+        # Not in MARKER_DIR: the pods' netns carry the agents' pod_netns_prefix, and the
+        # root-namespace sweep must never be handed the corpus' unprefixed names.
+        self.marker = log_dir / f"pods-{tag}.json"
+        self._node_probers: dict[int, Prober] = {}
 
     @contextlib.contextmanager
     def _on(self, node: NodeHandle) -> Any:
@@ -874,11 +878,42 @@ class MultiNodeCluster(Cluster):
             raise RuntimeError(f"nodes did not converge in {self.converge_timeout_s}s: {'; '.join(errors[:5])}")
 
     def probe(self, probes: list[ProbePlan], recheck: bool = True) -> list[Outcome]:
+        """Pod-to-pod probes as on one node; a probe from the host runs on the destination
+        pod's node (its host is that node's namespace); world probes are skipped."""
         placed = [
-            replace(p, action="skip", reason=MULTINODE_SKIP) if p.action != "skip" and not pod_to_pod(p) else p
+            replace(p, action="skip", reason=MULTINODE_SKIP)
+            if p.action != "skip" and not pod_to_pod(p) and not self._host_probe(p)
+            else p
             for p in probes
         ]
-        return super().probe(placed, recheck)
+        merged: list[Outcome | None] = [None] * len(placed)
+        for i, node in enumerate(self.nodes):
+            mine = [
+                p if p.action == "skip" or (pod_to_pod(p) and i == 0) or self._host_probe(p, i) else replace(p, action="skip")
+                for p in placed
+            ]
+            if i and all(p.action == "skip" for p in mine):
+                continue
+            self.host_prober = self._node_probers.get(i) or Prober(node.netns, self.log_dir)
+            self._node_probers[i] = self.host_prober
+            for j, outcome in enumerate(super().probe(mine, recheck)):
+                if merged[j] is None or mine[j].action != "skip":
+                    merged[j] = replace(outcome, plan=placed[j]) if mine[j].action == "skip" else outcome
+        self.host_prober = None
+        return [o for o in merged if o is not None]
+
+    def _host_probe(self, p: ProbePlan, node: int | None = None) -> bool:
+        """A probe from the host to a pod (on ``node``, if given)."""
+        if p.src is None or p.src.kind != "host" or p.dst is None or p.dst.kind != "pod":
+            return False
+        return node is None or self.placement.get(p.dst.key) == node
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for prober in self._node_probers.values():
+                prober.close()
 
     def diagnostics(self, keys: set[str]) -> str:
         out = []

@@ -262,7 +262,7 @@ class AgentCore:
                 named_ports={k: [(int(p[0]), int(p[1])) for p in v] for k, v in (named_ports or {}).items()},
                 istio_sidecar=istio_sidecar,
             )
-            ep.netns = pod_netns_name(namespace, name)
+            ep.netns = pod_netns_name(namespace, name, self.settings.pod_netns_prefix)
             self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
         except BaseException:
             self._release_addresses(v4, v6)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -146,6 +147,9 @@ class AgentSettings:
     metrics_addr: str = "127.0.0.1:9962"
     trace_events: bool = False
     label_prefixes: tuple[str, ...] = ()
+    #: Put before every pod's netns name (``<prefix><namespace>_<name>``): several
+    #: clusters' nodes on one machine (tests, demos) never claim each other's pods.
+    pod_netns_prefix: str = ""
     network: NetworkSettings = field(default_factory=NetworkSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
@@ -187,6 +191,8 @@ class AgentSettings:
         for name in ("tcp_established_s", "tcp_syn_s", "non_tcp_s", "closing_s"):
             if getattr(self.conntrack, name) <= 0:
                 raise InputError(f"conntrack.{name}: must be positive")
+        if not re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,15})?", self.pod_netns_prefix):
+            raise InputError("pod_netns_prefix: at most 16 of [A-Za-z0-9_.-], starting with a letter or digit")
         if self.attach_mode not in ("auto", "tcx", "tc"):
             raise InputError("attach_mode: must be auto, tcx or tc")
         if self.controllers.sync_interval_s <= 0:

@@ -23,18 +23,20 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def pod_netns_name(namespace: str, name: str) -> str:
+def pod_netns_name(namespace: str, name: str, prefix: str = "") -> str:
     """The netns of pod ``namespace/name`` (both DNS labels: no ``_``); distinct pods get
     distinct names.
 
-    ``<namespace>_<name>``, or, when that exceeds 64 characters (a netns name's limit
-    here), both truncated plus ``__`` and a hash of the pair: two underscores, so a long
-    name never equals a short one."""
-    short = f"{namespace}_{name}"
+    ``<prefix><namespace>_<name>``, or, when that exceeds 64 characters (a netns name's
+    limit here), both truncated plus ``__`` and a hash of the pair: two underscores, so a
+    long name never equals a short one. ``prefix`` (the agent's ``pod_netns_prefix``, at
+    most 16 characters) keeps the pods of several clusters on one machine apart."""
+    short = f"{prefix}{namespace}_{name}"
     if len(short) <= 64:
         return short
     digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:16]
-    return f"{namespace[:20]}_{name[:20]}__{digest}"
+    keep = (64 - len(prefix) - 19) // 2
+    return f"{prefix}{namespace[:keep]}_{name[:keep]}__{digest}"
 
 
 @dataclass(frozen=True)

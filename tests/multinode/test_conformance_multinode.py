@@ -5,11 +5,13 @@ pods of a case are placed on two nodes (agents in node namespaces sharing a real
 `tests.multinode._harness`), each agent gets every policy, and each pod-to-pod probe of
 the table is run for real; a pair on different nodes crosses the bridge and is judged by
 the receiving node from the identity its ipcache learned through etcd. Every verdict
-must hold as on one node. Host and world probes are skipped (see `MULTINODE_SKIP`).
+must hold as on one node. The world is a namespace on the nodes' bridge (`BridgedWorld`)
+with the corpus' TEST-NET stand-ins; a probe from the host runs on the destination pod's
+node.
 
-Every case with a pod-to-pod probe that is not SCTP runs (a case of only host/world or
-only SCTP probes has nothing to place on two nodes); ``FLAGELLA_MULTINODE_CASES``, a
-regular expression over case ids, narrows that down.
+Every case with a probe to check runs (not one of only SCTP probes, which this kernel
+cannot carry); ``FLAGELLA_MULTINODE_CASES``, a regular expression over case ids, narrows
+that down.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.multinode._harness import MultiNode
+from tests.multinode._harness import FABRIC, MultiNode
 from tests.support.cases import load_cases
 from tests.support.e2e_harness import (
+    BridgedWorld,
     MultiNodeCluster,
     NodeHandle,
-    pod_to_pod,
     prepare_host,
     run_case,
 )
@@ -34,13 +36,14 @@ from tests.support.host import netns_names, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
+WORLD_IP = "10.250.0.253"  # the world's address on the nodes' bridge
 ALL = load_cases()
 EXTERNALS = external_map(ALL)
 
 
 def _runs_across_nodes(case) -> bool:  # type: ignore[no-untyped-def]
     plan = plan_case(case, EXTERNALS, family=4)
-    return any(p.action == "check" and pod_to_pod(p) for s in plan.steps for p in s.probes)
+    return any(p.action == "check" for s in plan.steps for p in s.probes)
 
 
 CASES = [
@@ -59,10 +62,16 @@ def mn_cluster(mn_host: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     prefix = f"sys-{os.getpid()}c-"
     mn = MultiNode(workdir, shared_pod_cidr="10.244.0.0/16", proxy=True, pod_netns_prefix=prefix)
     cluster: MultiNodeCluster | None = None
+    world: BridgedWorld | None = None
     errors: list[str] = []
     try:
         mn.start()
-        cluster = MultiNodeCluster([NodeHandle(n.agent, n.netns, n.ip) for n in mn.nodes], logs)
+        serve: set[tuple[int, str]] = set()
+        for case in CASES:
+            serve |= plan_case(case, EXTERNALS).world_serve
+        world = BridgedWorld(sorted(EXTERNALS.values()), serve, logs, FABRIC, "br0", WORLD_IP)
+        world.create()
+        cluster = MultiNodeCluster([NodeHandle(n.agent, n.netns, n.ip) for n in mn.nodes], logs, world=world)
         yield cluster
     finally:
         if cluster is not None:
@@ -70,6 +79,8 @@ def mn_cluster(mn_host: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 cluster.close()
             except Exception as exc:
                 errors.append(str(exc))
+        if world is not None:
+            world.destroy()
         errors += mn.close()
         if cluster is not None:
             present = netns_names()

@@ -414,6 +414,42 @@ class World:
         sh("ip", "netns", "del", self.netns, check=False)
 
 
+class BridgedWorld(World):
+    """The world of a multi-node run: a namespace of ours on the nodes' bridge (in
+    ``fabric``), holding the TEST-NET addresses and ``ip`` on the bridge's subnet. The
+    nodes route the TEST-NET addresses to ``ip``; the world routes each pod to its node
+    (`MultiNodeCluster` keeps both). Deleting the namespace removes its veth."""
+
+    def __init__(
+        self, addresses: list[str], serve: set[tuple[int, str]], log_dir: Path, fabric: str, bridge: str, ip: str
+    ) -> None:
+        super().__init__("mnw", addresses, serve, log_dir)
+        self.netns = f"sys-{os.getpid()}mnw-world"
+        self.fabric, self.bridge, self.ip = fabric, bridge, ip
+
+    def create(self) -> None:
+        for a in self.addresses:
+            if not (a.startswith("198.51.100.") or a.startswith("203.0.113.")):
+                raise ValueError(f"world address {a} is not TEST-NET-2/3")
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "-n", self.netns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.fabric, "link", "add", "world0", "type", "veth", "peer", "name", "eth0", "netns", self.netns)
+        sh("ip", "-n", self.fabric, "link", "set", "world0", "master", self.bridge, "up")
+        sh("ip", "-n", self.netns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        for a in self.addresses:
+            sh("ip", "-n", self.netns, "addr", "add", f"{a}/32", "dev", "eth0")
+        sh("ip", "-n", self.netns, "link", "set", "eth0", "up")
+        self.server = PodServer(self.netns, self.serve, self.log_dir, addrs=self.addresses)
+        self.prober = Prober(self.netns, self.log_dir)
+
+    def destroy(self) -> None:
+        for helper in (self.prober, self.server):
+            if helper is not None:
+                with contextlib.suppress(Exception):
+                    helper.close()
+        sh("ip", "netns", "del", self.netns, check=False)
+
+
 # -- pods and cases ------------------------------------------------------------------------------------
 
 
@@ -746,7 +782,7 @@ def place_by_address(ipv4: str, nodes: int) -> int:
     return int(ipv4.rsplit(".", 1)[1]) % nodes
 
 
-#: Why world probes are not run across nodes.
+#: Why a probe is not run across nodes (world probes, when no world is attached).
 MULTINODE_SKIP = "multi-node run: the world is not attached to the nodes"
 
 
@@ -760,15 +796,22 @@ class MultiNodeCluster(Cluster):
     policies go to every agent: each node enforces for its own pods. After every change
     the runner waits until each node's kernel ipcache maps every pod of every node to its
     identity (remote ones arrive through etcd); that is also the per-step invariant.
-    A probe from the host runs in the destination pod's node namespace; world probes are
-    skipped (IPv4 only).
+    A probe from the host runs in the destination pod's node namespace; the world, when
+    given, is a `BridgedWorld` on the nodes' bridge (without it, world probes are skipped).
+    IPv4 only.
     """
 
     converge_timeout_s = 30.0
 
-    def __init__(self, nodes: list[NodeHandle], log_dir: Path, tag: str = "mn") -> None:
-        super().__init__(nodes[0].agent, None, log_dir, 4, tag)
+    def __init__(
+        self, nodes: list[NodeHandle], log_dir: Path, tag: str = "mn", world: BridgedWorld | None = None
+    ) -> None:
+        super().__init__(nodes[0].agent, world, log_dir, 4, tag)
         self.nodes = nodes
+        if world is not None:
+            for node in nodes:
+                for a in world.addresses:
+                    sh("ip", "-n", node.netns, "route", "replace", f"{a}/32", "via", world.ip)
         self.placement: dict[str, int] = {}
         # Not in MARKER_DIR: the pods' netns carry the agents' pod_netns_prefix, and the
         # root-namespace sweep must never be handed the corpus' unprefixed names.
@@ -788,10 +831,12 @@ class MultiNodeCluster(Cluster):
 
     def _routes(self, pp: PodPlan, op: str) -> None:
         owner = self.node_of(pp.key)
-        for node in self.nodes:
-            if node is not owner:
-                sh("ip", "-n", node.netns, "route", op, f"{pp.ipv4}/32", *(["via", owner.ip] if op != "del" else []),
-                   check=op != "del")
+        via = ["via", owner.ip] if op != "del" else []
+        spaces = [n.netns for n in self.nodes if n is not owner]
+        if isinstance(self.world, BridgedWorld):
+            spaces.append(self.world.netns)
+        for netns in spaces:
+            sh("ip", "-n", netns, "route", op, f"{pp.ipv4}/32", *via, check=op != "del")
 
     def _create(self, pp: PodPlan) -> None:
         self.placement[pp.key] = place_by_address(pp.ipv4, len(self.nodes))
@@ -882,14 +927,16 @@ class MultiNodeCluster(Cluster):
         pod's node (its host is that node's namespace); world probes are skipped."""
         placed = [
             replace(p, action="skip", reason=MULTINODE_SKIP)
-            if p.action != "skip" and not pod_to_pod(p) and not self._host_probe(p)
+            if p.action != "skip" and not pod_to_pod(p) and not self._host_probe(p) and not self._world_probe(p)
             else p
             for p in probes
         ]
         merged: list[Outcome | None] = [None] * len(placed)
         for i, node in enumerate(self.nodes):
             mine = [
-                p if p.action == "skip" or (pod_to_pod(p) and i == 0) or self._host_probe(p, i) else replace(p, action="skip")
+                p
+                if p.action == "skip" or ((pod_to_pod(p) or self._world_probe(p)) and i == 0) or self._host_probe(p, i)
+                else replace(p, action="skip")
                 for p in placed
             ]
             if i and all(p.action == "skip" for p in mine):
@@ -901,6 +948,11 @@ class MultiNodeCluster(Cluster):
                     merged[j] = replace(outcome, plan=placed[j]) if mine[j].action == "skip" else outcome
         self.host_prober = None
         return [o for o in merged if o is not None]
+
+    def _world_probe(self, p: ProbePlan) -> bool:
+        """A probe between a pod and the world, when the world is attached."""
+        kinds = {x.kind for x in (p.src, p.dst) if x is not None}
+        return self.world is not None and kinds == {"pod", "world"}
 
     def _host_probe(self, p: ProbePlan, node: int | None = None) -> bool:
         """A probe from the host to a pod (on ``node``, if given)."""

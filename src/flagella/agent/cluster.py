@@ -54,9 +54,6 @@ class ClusterSync:
     def __init__(self, backend: EtcdBackend, prefix: str) -> None:
         self.backend = backend
         self.prefix = prefix.rstrip("/")
-        self.runs = 0
-        self.puts = 0
-        self.deletes = 0
 
     def read(self) -> list[tuple[str, str, int]]:
         """(key, value, lease) of every key under the prefix."""
@@ -86,10 +83,7 @@ class ClusterSync:
                 await client.txn([], ops[i : i + TXN_OPS], [])
             return n_puts, len(ops) - n_puts
 
-        puts, deletes = self.backend.session(work)
-        self.puts += puts
-        self.deletes += deletes
-        return puts, deletes
+        return self.backend.session(work)
 
     def own_keys(self, node: str, rows: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
         mine = (f"{self.prefix}/nodes/{node}", f"{self.prefix}/ip/{node}/")
@@ -104,7 +98,6 @@ class ClusterSync:
         rows = self.read()
         desired = locked(lambda: apply([(k, v) for k, v, _lease in rows]))
         self.publish(desired, self.own_keys(self.backend.node, rows))
-        self.runs += 1
 
 
 def cluster_backend(backend: object) -> EtcdBackend | None:

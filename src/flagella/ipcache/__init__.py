@@ -11,12 +11,15 @@ without an entry. Pure: the agent writes the result to the map.
 
 Cluster mode (`ClusterState`): every node publishes, under a key prefix and on
 its lease, one node record (``nodes/<node>``: name, node IPs, pod CIDRs) and
-one entry per local endpoint address (``ip/<node>/<addr>`` = its identity).
+one entry per local endpoint address (``ip/<node>/<addr>`` = its identity, that
+identity's label key, the endpoint's named ports).
 `ClusterState.replace` takes a full read of that prefix and says what changed;
 its `remote_ipcache` maps the other nodes' endpoint addresses to their
 identities and their node IPs to ``reserved:remote-node`` (6), so a packet
 from another node's pod carries that pod's identity here, and one from
-another node itself is neither host nor world. `own_entries` is what this
+another node itself is neither host nor world; `extras` gives the policy engine the
+remote endpoints' addresses and named ports per identity, `node_routes` the pod CIDR
+routes via node IPs. `own_entries` is what this
 node should have under the prefix. Malformed entries are skipped and named in
 ``ClusterState.errors``; nothing else of the read is lost.
 """

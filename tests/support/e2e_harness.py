@@ -43,7 +43,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +420,42 @@ class World:
         sh("ip", "netns", "del", self.netns, check=False)
 
 
+class BridgedWorld(World):
+    """The world of a multi-node run: a namespace of ours on the nodes' bridge (in
+    ``fabric``), holding the TEST-NET addresses and ``ip`` on the bridge's subnet. The
+    nodes route the TEST-NET addresses to ``ip``; the world routes each pod to its node
+    (`MultiNodeCluster` keeps both). Deleting the namespace removes its veth."""
+
+    def __init__(
+        self, addresses: list[str], serve: set[tuple[int, str]], log_dir: Path, fabric: str, bridge: str, ip: str
+    ) -> None:
+        super().__init__("mnw", addresses, serve, log_dir)
+        self.netns = f"sys-{os.getpid()}mnw-world"
+        self.fabric, self.bridge, self.ip = fabric, bridge, ip
+
+    def create(self) -> None:
+        for a in self.addresses:
+            if not (a.startswith("198.51.100.") or a.startswith("203.0.113.")):
+                raise ValueError(f"world address {a} is not TEST-NET-2/3")
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "-n", self.netns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.fabric, "link", "add", "world0", "type", "veth", "peer", "name", "eth0", "netns", self.netns)
+        sh("ip", "-n", self.fabric, "link", "set", "world0", "master", self.bridge, "up")
+        sh("ip", "-n", self.netns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        for a in self.addresses:
+            sh("ip", "-n", self.netns, "addr", "add", f"{a}/32", "dev", "eth0")
+        sh("ip", "-n", self.netns, "link", "set", "eth0", "up")
+        self.server = PodServer(self.netns, self.serve, self.log_dir, addrs=self.addresses)
+        self.prober = Prober(self.netns, self.log_dir)
+
+    def destroy(self) -> None:
+        for helper in (self.prober, self.server):
+            if helper is not None:
+                with contextlib.suppress(Exception):
+                    helper.close()
+        sh("ip", "netns", "del", self.netns, check=False)
+
+
 # -- pods and cases ------------------------------------------------------------------------------------
 
 
@@ -739,6 +775,225 @@ class Cluster:
                 except Exception as exc:
                     labels = [f"? {exc}"]
                 out.append(f"    identity {ident}: {','.join(labels)}")
+        return "\n".join(out)
+
+
+# -- the multi-node option ------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeHandle:
+    """One node of a multi-node run: its agent (anything with ``call``), netns and node IP."""
+
+    agent: Any
+    netns: str
+    ip: str
+
+
+def pod_to_pod(probe: ProbePlan) -> bool:
+    """A probe the multi-node option runs: both peers are pods."""
+    return all(x is not None and x.kind == "pod" for x in (probe.src, probe.dst))
+
+
+def place_by_address(ipv4: str, nodes: int) -> int:
+    """A pod's node in a multi-node run: the last byte of its IPv4 address modulo the node
+    count. Stable across cases (a reused pod stays put), and the standard cluster's pods
+    of each namespace (.10, .11, .12) land on different nodes."""
+    return int(ipv4.rsplit(".", 1)[1]) % nodes
+
+
+#: Why a probe is not run across nodes (world probes, when no world is attached).
+MULTINODE_SKIP = "multi-node run: the world is not attached to the nodes"
+
+
+class MultiNodeCluster(Cluster):
+    """The runner with its pods spread over several nodes (`place_by_address`).
+
+    Each node is an agent in a network namespace of its own, sharing etcd with the
+    others (tests/multinode/_harness.py builds them). Per pod, its node's agent creates,
+    relabels and deletes it, and the other nodes get a /32 route to it via its node IP
+    (every node has the same pod CIDR, the plan's addresses). Namespace labels and
+    policies go to every agent: each node enforces for its own pods. After every change
+    the runner waits until each node's kernel ipcache maps every pod of every node to its
+    identity (remote ones arrive through etcd); that is also the per-step invariant.
+    A probe from the host runs in the destination pod's node namespace; the world, when
+    given, is a `BridgedWorld` on the nodes' bridge (without it, world probes are skipped).
+    IPv4 only.
+    """
+
+    converge_timeout_s = 30.0
+
+    def __init__(
+        self, nodes: list[NodeHandle], log_dir: Path, tag: str = "mn", world: BridgedWorld | None = None
+    ) -> None:
+        super().__init__(nodes[0].agent, world, log_dir, 4, tag)
+        self.nodes = nodes
+        if world is not None:
+            for node in nodes:
+                for a in world.addresses:
+                    sh("ip", "-n", node.netns, "route", "replace", f"{a}/32", "via", world.ip)
+        self.placement: dict[str, int] = {}
+        # Not in MARKER_DIR: the pods' netns carry the agents' pod_netns_prefix, and the
+        # root-namespace sweep must never be handed the corpus' unprefixed names.
+        self.marker = log_dir / f"pods-{tag}.json"
+        self._node_probers: dict[int, Prober] = {}
+
+    @contextlib.contextmanager
+    def _on(self, node: NodeHandle) -> Any:
+        home, self.agent = self.agent, node.agent
+        try:
+            yield
+        finally:
+            self.agent = home
+
+    def node_of(self, key: str) -> NodeHandle:
+        return self.nodes[self.placement[key]]
+
+    def _routes(self, pp: PodPlan, op: str) -> None:
+        owner = self.node_of(pp.key)
+        via = ["via", owner.ip] if op != "del" else []
+        spaces = [n.netns for n in self.nodes if n is not owner]
+        if isinstance(self.world, BridgedWorld):
+            spaces.append(self.world.netns)
+        for netns in spaces:
+            sh("ip", "-n", netns, "route", op, f"{pp.ipv4}/32", *via, check=op != "del")
+
+    def _create(self, pp: PodPlan) -> None:
+        self.placement[pp.key] = place_by_address(pp.ipv4, len(self.nodes))
+        with self._on(self.node_of(pp.key)):
+            super()._create(replace(pp, ipv6=None))
+        self.pods[pp.key].plan = pp  # the plan as asked, so prepare() reuses the pod
+        self._routes(pp, "replace")
+
+    def _delete(self, key: str) -> None:
+        pp = self.pods[key].plan
+        with self._on(self.node_of(key)):
+            super()._delete(key)
+        self._routes(pp, "del")
+
+    def set_namespace_labels(self, ns: str, labels: dict[str, str]) -> None:
+        if self.ns_labels.get(ns) == labels and ns in self.ns_labels:
+            return
+        current = self.ns_labels.get(ns, {})
+        for node in self.nodes:
+            got = node.agent.call(
+                "namespace.labels",
+                {"namespace": ns, "set": _kv(labels), "unset": sorted(set(current) - set(labels))},
+            )
+            if got != labels:
+                raise RuntimeError(f"namespace {ns} on {node.netns}: labels are {got}, wanted {labels}")
+        self.ns_labels[ns] = dict(labels)
+
+    def set_pod_labels(self, key: str, labels: dict[str, str]) -> None:
+        with self._on(self.node_of(key)):
+            super().set_pod_labels(key, labels)
+
+    def vanished(self) -> list[str]:
+        gone = []
+        for key, live in sorted(self.pods.items()):
+            node = self.node_of(key)
+            links = {x.get("ifname") for x in json.loads(sh("ip", "-n", node.netns, "-j", "link", "show", check=False).stdout or "[]")}
+            if live.ep.get("host_ifname") not in links or live.netns not in host.netns_names():
+                gone.append(key)
+        return gone
+
+    def prepare(self, plan: CasePlan) -> list[str]:
+        incidents = super().prepare(plan)
+        self.converge()
+        return incidents
+
+    def apply_step(self, step: StepPlan) -> None:
+        for node in self.nodes:
+            with self._on(node):
+                super().apply_step(step)
+        self.converge()
+
+    def finish_case(self, plan: CasePlan) -> None:
+        for node in self.nodes:
+            with self._on(node):
+                super().finish_case(plan)
+        self.converge()  # restored labels reach the other nodes before the runner checks
+
+    def ipcache_errors(self) -> list[str]:
+        """Every node's kernel ipcache maps every live pod (of any node) to its identity."""
+        identities: dict[str, int] = {}
+        for node in self.nodes:
+            for e in node.agent.call("endpoint.list", {}):
+                identities[f"{e['namespace']}/{e['name']}"] = e.get("identity")
+        errors = []
+        for node in self.nodes:
+            rows = {r["prefix"]: r["identity"] for r in node.agent.call("bpf.ipcache", {})}
+            for key in sorted(self.pods):
+                if key not in identities:
+                    errors.append(f"{key}: no agent has such an endpoint")
+                    continue
+                got = rows.get(f"{self.pods[key].plan.ipv4}/32")
+                if got != identities[key]:
+                    errors.append(
+                        f"{node.netns}: ipcache {self.pods[key].plan.ipv4}/32 -> {got}, "
+                        f"but {key} has identity {identities[key]}"
+                    )
+        return errors
+
+    def converge(self) -> None:
+        deadline = time.monotonic() + self.converge_timeout_s
+        while (errors := self.ipcache_errors()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if errors:
+            raise RuntimeError(f"nodes did not converge in {self.converge_timeout_s}s: {'; '.join(errors[:5])}")
+
+    def probe(self, probes: list[ProbePlan], recheck: bool = True) -> list[Outcome]:
+        """Pod-to-pod probes as on one node; a probe from the host runs on the destination
+        pod's node (its host is that node's namespace); world probes are skipped."""
+        placed = [
+            replace(p, action="skip", reason=MULTINODE_SKIP)
+            if p.action != "skip" and not pod_to_pod(p) and not self._host_probe(p) and not self._world_probe(p)
+            else p
+            for p in probes
+        ]
+        merged: list[Outcome | None] = [None] * len(placed)
+        for i, node in enumerate(self.nodes):
+            mine = [
+                p
+                if p.action == "skip" or ((pod_to_pod(p) or self._world_probe(p)) and i == 0) or self._host_probe(p, i)
+                else replace(p, action="skip")
+                for p in placed
+            ]
+            if i and all(p.action == "skip" for p in mine):
+                continue
+            self.host_prober = self._node_probers.get(i) or Prober(node.netns, self.log_dir)
+            self._node_probers[i] = self.host_prober
+            for j, outcome in enumerate(super().probe(mine, recheck)):
+                if merged[j] is None or mine[j].action != "skip":
+                    merged[j] = replace(outcome, plan=placed[j]) if mine[j].action == "skip" else outcome
+        self.host_prober = None
+        return [o for o in merged if o is not None]
+
+    def _world_probe(self, p: ProbePlan) -> bool:
+        """A probe between a pod and the world, when the world is attached."""
+        kinds = {x.kind for x in (p.src, p.dst) if x is not None}
+        return self.world is not None and kinds == {"pod", "world"}
+
+    def _host_probe(self, p: ProbePlan, node: int | None = None) -> bool:
+        """A probe from the host to a pod (on ``node``, if given)."""
+        if p.src is None or p.src.kind != "host" or p.dst is None or p.dst.kind != "pod":
+            return False
+        return node is None or self.placement.get(p.dst.key) == node
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for prober in self._node_probers.values():
+                prober.close()
+
+    def diagnostics(self, keys: set[str]) -> str:
+        out = []
+        for i, node in enumerate(self.nodes):
+            mine = {k for k in keys if self.placement.get(k) == i}
+            if mine:
+                with self._on(node):
+                    out.append(f"=== node {node.netns}\n" + super().diagnostics(mine))
         return "\n".join(out)
 
 

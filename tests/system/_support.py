@@ -309,7 +309,12 @@ class Agent:
     either destroy the other's pods; the node namespace also keeps pod traffic off the host.
     """
 
-    def __init__(self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto") -> None:
+    def __init__(
+        self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto",
+        network: str = "{ipv4_cidr: 10.244.0.0/16}", extra_config: str = "", proxy: str = "",
+    ) -> None:
+        """``network``, ``proxy`` (flow-style YAML mappings) and ``extra_config`` (YAML
+        lines) go into the agent's settings file."""
         self.workdir = workdir
         self.tag = tag
         self.node = f"{NS_PREFIX}{tag}-node"
@@ -329,11 +334,12 @@ class Agent:
             f"bpf_dir: {self.bpf_dir}\n"
             f"metrics_addr: 127.0.0.1:{self.metrics_port}\n"
             f"controllers: {{sync_interval_s: {sync_interval_s}}}\n"
-            "network: {ipv4_cidr: 10.244.0.0/16}\n"
+            f"network: {network}\n"
             f"attach_mode: {attach_mode}\n"
             # The node proxy is on by default; its Envoy's shared memory is host-wide, so
             # each test agent gets a base id of its own (the rest lives in the node netns).
-            f"proxy: {{envoy_base_id: {free_port()}, admin_port: {free_port()}}}\n"
+            f"proxy: {proxy or f'{{envoy_base_id: {free_port()}, admin_port: {free_port()}}}'}\n"
+            + extra_config
         )
 
     @property

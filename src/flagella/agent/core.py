@@ -51,8 +51,8 @@ from flagella.endpoint.addressing import PodAddressAllocator
 from flagella.endpoint.regeneration import Enforcer, Pipeline
 from flagella.errors import DatapathError, FieldError, InputError, PolicyValidationError
 from flagella.identity import Allocator, SQLiteBackend
-from flagella.identity._allocator import Backend
-from flagella.ipcache import desired_ipcache
+from flagella.identity._allocator import Backend, labels_key
+from flagella.ipcache import ClusterState, NodeRecord, desired_ipcache
 from flagella.istio import sidecar as istio_sidecar
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
@@ -128,6 +128,13 @@ class AgentCore:
         )
         for ident, labels in reserved_identity_labels().items():
             self.engine.set_identity(ident, labels)
+        kv = settings.kvstore
+        #: Cluster mode (etcd): the other nodes and their endpoints, see `apply_cluster`.
+        self.cluster = ClusterState(kv.node_name, kv.cluster_prefix) if kv.backend == "etcd" else None
+        #: Identities of remote endpoints this node has handed to the policy engine.
+        self.remote_identities: set[int] = set()
+        self._cluster_errors: list[str] = []
+        self._node_routes: dict[IPNetwork, Any] | None = None
 
     def _endpoint_changed(self, ep: Endpoint) -> None:
         if ep.id in self.endpoints:
@@ -288,7 +295,7 @@ class AgentCore:
                 mtu=mtu,
                 init_identity=init_identity,
             )
-            ep.netns = pod_netns_name(namespace, name)
+            ep.netns = pod_netns_name(namespace, name, self.settings.pod_netns_prefix)
             self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
         except BaseException:
             self._release_addresses(v4, v6)
@@ -387,8 +394,8 @@ class AgentCore:
         (its number is handed out again, maybe to other labels: a stale key would
         grant the newcomer what the old holder was allowed). Returns the endpoints
         whose policy changed."""
-        if self.allocator.release(ident) > 0:
-            return set()
+        if self.allocator.release(ident) > 0 or ident in self.remote_identities:
+            return set()  # still held here, or by another node's endpoints
         return self.engine.remove_identity(ident)
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
@@ -627,7 +634,84 @@ class AgentCore:
             self.cidr_identities,
             self.host_ips,
             ((addr, ep.identity) for ep in self.endpoints.values() for addr in ep.addresses()),
+            self.cluster.remote_ipcache() if self.cluster is not None else None,
         )
+
+    # -- cluster mode ---------------------------------------------------------------------
+
+    def node_record(self) -> NodeRecord:
+        """This node as it announces itself: name, node IPs (the host's), pod CIDRs."""
+        assert self.cluster is not None
+        net = self.settings.network
+        cidrs = [ipaddress.ip_network(c) for c in (net.ipv4_cidr, net.ipv6_cidr) if c]
+        return NodeRecord(self.cluster.local_node, tuple(self.host_ips), tuple(cidrs))
+
+    def cluster_entries(self) -> dict[str, str]:
+        """The keys this node should have in the kvstore (its node record and endpoints)."""
+        assert self.cluster is not None
+        endpoints = (
+            (addr, ep.identity, labels_key(self._security_labels(ep)), ep.named_ports)
+            for ep in self.endpoints.values()
+            for addr in ep.addresses()
+        )
+        return self.cluster.own_entries(self.node_record(), endpoints)
+
+    def apply_cluster(self, pairs: list[tuple[str, str]]) -> dict[str, str]:
+        """Take a full read of the cluster prefix: remote endpoints and nodes into the
+        ipcache, their identities into the policy engine. Returns `cluster_entries`."""
+        assert self.cluster is not None
+        change = self.cluster.replace(pairs)
+        if self.cluster.errors != self._cluster_errors:
+            for error in self.cluster.errors:
+                log.warning("kvstore-entry-skipped", error=error)
+            self._cluster_errors = list(self.cluster.errors)
+        if change.nodes_added or change.nodes_removed:
+            log.info("nodes-changed", added=sorted(change.nodes_added), removed=sorted(change.nodes_removed))
+        # Policy before ipcache: a remote pod's address maps to its identity only once
+        # every local endpoint's policy knows that identity (no window of false drops;
+        # a removal fails closed meanwhile). Bounded by the completion timeout.
+        affected = self._sync_remote_identities()
+        if affected:
+            self._regenerate_and_wait(affected)
+        if change.prefixes:
+            self._write_ipcache(change.prefixes)
+        if self.settings.network.auto_direct_node_routes:
+            own = [ipaddress.ip_network(c) for c in (self.settings.network.ipv4_cidr, self.settings.network.ipv6_cidr) if c]
+            routes = self.cluster.node_routes(own)
+            if routes != self._node_routes:
+                self._node_routes = None  # a failure below retries on the next run
+                self.dp.set_node_routes(routes)
+                self._node_routes = routes
+        return self.cluster_entries()
+
+    def _sync_remote_identities(self) -> set[int]:
+        """Remote endpoints' identities known to the policy engine, exactly; returns the
+        local endpoints whose policy changed."""
+        assert self.cluster is not None
+        wanted = self.cluster.identities()
+        affected: set[int] = set()
+        for ident, announced in sorted(wanted.items()):
+            labels = self.allocator.labels(ident)  # the backend's cache, else etcd by id
+            if labels is None or labels_key(labels) != announced:
+                # Ids are reused: the cache may hold what the id meant before.
+                labels = self.allocator.labels_fresh(ident)
+            if labels is None or labels_key(labels) != announced:
+                log.warning("remote-identity-unknown", identity=ident, announced=announced)
+                continue
+            if self.engine.universe.selectors.labels(ident) != labels:
+                affected |= self.engine.set_identity(ident, labels)
+            self.remote_identities.add(ident)
+        extras = self.cluster.extras()
+        for ident in sorted(self.remote_identities):
+            addrs, named = extras.get(ident, (frozenset(), {}))
+            affected |= self.engine.set_remote_extras(ident, addrs, named)
+        local = {ep.identity for ep in self.endpoints.values()} | set(self.cidr_identities.values())
+        for ident in sorted(self.remote_identities - wanted.keys()):
+            self.remote_identities.discard(ident)
+            affected |= self.engine.set_remote_extras(ident, frozenset(), {})
+            if ident not in local:
+                affected |= self.engine.remove_identity(ident)
+        return affected
 
     def sync_all(self, count: bool = True) -> int:
         """Repair drift in every map and every program attachment; return the number of repairs."""
@@ -684,6 +768,21 @@ class AgentCore:
             "attach_repairs": dict(self.stats.attach_repairs),
             "regenerations": dict(self.pipeline.stats.outcomes),
             "not_ready": sorted(ep.id for ep in self.endpoints.values() if ep.state == State.NOT_READY),
+            **({"cluster": self.cluster_status()} if self.cluster is not None else {}),
+        }
+
+    def cluster_status(self) -> dict[str, Any]:
+        assert self.cluster is not None
+        return {
+            "node": self.cluster.local_node,
+            "nodes": {
+                name: {"ips": [str(a) for a in r.ips], "pod_cidrs": [str(c) for c in r.pod_cidrs]}
+                for name, r in sorted(self.cluster.nodes.items())
+            },
+            "remote_endpoints": {
+                str(addr): ident for eps in self.cluster.endpoints.values() for addr, ident in eps.items()
+            },
+            "errors": list(self.cluster.errors),
         }
 
 

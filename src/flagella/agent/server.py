@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -50,6 +50,7 @@ from flagella import rpc
 from flagella.agent.cni import CniAttachments, write_conflist
 from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
+from flagella.agent.kvstore import ClusterSync, cluster_backend, run_locked
 from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
 from flagella.agent.proxy import NodeProxy
 from flagella.agent.settings import connection_cap
@@ -64,6 +65,7 @@ from flagella.xds.server import XdsServer
 from flagella.xds.status import rows_to_json
 
 log = structlog.get_logger("flagella.agent")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -93,6 +95,14 @@ class AgentServer:
             Controller("ct-gc", s.conntrack.gc_interval_s, self.core.ct_gc),
             Controller("ct-gc-non-tcp", s.conntrack.gc_interval_non_tcp_s, lambda: self.core.ct_gc(tcp=False)),
         ]
+        backend = cluster_backend(self.core.allocator.backend)
+        if backend is not None and self.core.cluster is not None:
+            self.cluster_sync = ClusterSync(backend, s.kvstore.cluster_prefix)
+            self.controllers += [
+                Controller("kvstore-sync", s.kvstore.sync_interval_s, self._kvstore_sync, locked=False),
+                # gc txns are guarded by etcd revisions, not by the agent lock
+                Controller("identity-gc", s.kvstore.gc_interval_s, backend.gc, locked=False),
+            ]
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": lambda p: self.status(),
             "endpoint.create": self.endpoint_create,
@@ -458,7 +468,11 @@ class AgentServer:
             await self.proxy.start()
         elif self.xds is not None:
             await self.xds.start()
-        tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
+        self.loop = asyncio.get_running_loop()
+        tasks = [
+            asyncio.create_task(run_controller(c, self.clock, self.lock if c.locked else asyncio.Lock()))
+            for c in self.controllers
+        ]
         tasks.append(asyncio.create_task(self.pump_events()))
         if self.core.settings.k8s.enabled:
             self.start_cluster(asyncio.get_running_loop())
@@ -483,6 +497,15 @@ class AgentServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         log.info("agent-stopped")
+
+
+    def _kvstore_sync(self) -> None:
+        """Runs in an executor thread: etcd I/O outside the lock, state changes inside."""
+
+        def locked(fn: Callable[[], _T]) -> _T:
+            return asyncio.run_coroutine_threadsafe(run_locked(self.lock, fn), self.loop).result()
+
+        self.cluster_sync.run(self.core.apply_cluster, locked)
 
 
 class AgentBusy(FlagellaError):

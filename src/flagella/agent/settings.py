@@ -44,6 +44,10 @@ class NetworkSettings:
     mtu: int = 1500
     #: Bytes of encapsulation overhead; 0 = no tunnel (routes keep the device MTU).
     tunnel_overhead: int = 0
+    #: Cluster mode: route every other node's pod CIDRs via its node IP, as the node
+    #: records in the kvstore announce them (Cilium's ``auto-direct-node-routes``; the
+    #: nodes share a layer-2 network).
+    auto_direct_node_routes: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,20 +93,30 @@ class KvstoreSettings:
     timeout_s: float = 2.0
     #: Key prefix shared by the cluster's agents.
     prefix: str = "flagella/identities"
-    #: This node's name in reference keys; default: the host name.
+    #: This node's name in reference keys and its node record; default: the host name.
     node: str = ""
+    #: Key prefix of the cluster state: node records and endpoint ipcache entries.
+    cluster_prefix: str = "flagella/cluster"
+    #: Seconds between reads of the cluster state (and publishing this node's part).
+    sync_interval_s: float = 1.0
+    #: Seconds between identity garbage collections (identities of dead agents).
+    gc_interval_s: float = 60.0
+
+    @property
+    def node_name(self) -> str:
+        import socket
+
+        return self.node or socket.gethostname()
 
 
 def build_identity_backend(kv: KvstoreSettings) -> Backend | None:
     """The identity `Backend` the settings select; None for the local (SQLite) default."""
     if kv.backend == "local":
         return None
-    import socket
-
     from flagella.identity import EtcdBackend
 
     return EtcdBackend(
-        kv.endpoints, node=kv.node or socket.gethostname(), prefix=kv.prefix,
+        kv.endpoints, node=kv.node_name, prefix=kv.prefix,
         lease_ttl_s=kv.lease_ttl_s, timeout_s=kv.timeout_s,
     )
 
@@ -153,6 +167,9 @@ class AgentSettings:
     metrics_addr: str = "127.0.0.1:9962"
     trace_events: bool = False
     label_prefixes: tuple[str, ...] = ()
+    #: Put before every pod's netns name (``<prefix><namespace>_<name>``): several
+    #: clusters' nodes on one machine (tests, demos) never claim each other's pods.
+    pod_netns_prefix: str = ""
     network: NetworkSettings = field(default_factory=NetworkSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
@@ -197,6 +214,8 @@ class AgentSettings:
         for name in ("tcp_established_s", "tcp_syn_s", "non_tcp_s", "closing_s"):
             if getattr(self.conntrack, name) <= 0:
                 raise InputError(f"conntrack.{name}: must be positive")
+        if not re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,15})?", self.pod_netns_prefix):
+            raise InputError("pod_netns_prefix: at most 16 of [A-Za-z0-9_.-], starting with a letter or digit")
         if self.attach_mode not in ("auto", "tcx", "tc"):
             raise InputError("attach_mode: must be auto, tcx or tc")
         if self.controllers.sync_interval_s <= 0:
@@ -226,6 +245,13 @@ class AgentSettings:
             raise InputError("kvstore.timeout_s: must be a positive number of seconds")
         if "/" in kv.node:
             raise InputError("kvstore.node: must not contain '/'")
+        if not kv.cluster_prefix.strip("/"):
+            raise InputError("kvstore.cluster_prefix: must not be empty")
+        if kv.cluster_prefix.rstrip("/") == kv.prefix.rstrip("/"):
+            raise InputError("kvstore.cluster_prefix: must differ from kvstore.prefix")
+        for name in ("sync_interval_s", "gc_interval_s"):
+            if not 0 < getattr(kv, name) < float("inf"):
+                raise InputError(f"kvstore.{name}: must be a positive number of seconds")
         if self.cni.mtu and not 576 <= self.cni.mtu <= 65520:
             raise InputError("cni.mtu: must be 0 (the host's route MTU) or 576-65520")
         if "/" in self.cni.conf_name or not self.cni.conf_name.endswith(".conflist"):

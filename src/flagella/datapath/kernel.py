@@ -33,7 +33,7 @@ from flagella.datapath import maps as m
 from flagella.datapath import redirect
 from flagella.datapath.entries import EndpointRow, PolicyEntry, PolicyKey, PolicyValue
 from flagella.datapath.events import reason_text
-from flagella.datapath.links import LinkSettings, PodNetwork, prepare_host
+from flagella.datapath.links import LinkSettings, PodNetwork, ensure_node_routes, prepare_host
 from flagella.datapath.loader import DatapathSettings, load_datapath
 from flagella.datapath.port import Counters, CTRow, IPAddress, IPNetwork, PodInfo
 from flagella.errors import DatapathError
@@ -275,6 +275,9 @@ class KernelDatapath:
 
     def host_addresses(self) -> list[IPAddress]:
         return [a for a in self.pods.host_addresses() if not a.is_link_local and not a.is_loopback]
+
+    def set_node_routes(self, routes: dict[IPNetwork, IPAddress]) -> None:
+        ensure_node_routes(routes)
 
     def attach(self, ifindex: int) -> list[str]:
         return list(self._dp.attach(ifindex))

@@ -45,6 +45,7 @@ import structlog
 from flagella import rpc
 from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
+from flagella.agent.istio import IstioSidecars
 from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
 from flagella.agent.proxy import NodeProxy
 from flagella.agent.settings import connection_cap
@@ -72,12 +73,15 @@ class AgentServer:
     connections: int = 0
     xds: XdsServer | None = None  # started and stopped with the agent when set
     proxy: NodeProxy | None = None  # the node proxy (its xDS server becomes ``xds``)
+    istio: IstioSidecars | None = None  # Istio sidecar mode (on the same xDS server)
 
     def __post_init__(self) -> None:
         s = self.core.settings
         if self.proxy is not None:
             self.xds = self.proxy.server
             self.proxy.sinks.append(self._broadcast)
+        elif self.istio is not None:
+            self.xds = self.istio.server
         self.max_connections = connection_cap(s.api, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # One trace at a time: an abandoned trace finishes its current query before the next starts.
         self.trace_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace")
@@ -414,8 +418,10 @@ class AgentServer:
         start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [])
         if self.proxy is not None:
             await self.proxy.start()
-        elif self.xds is not None:
+        elif self.xds is not None and self.istio is None:
             await self.xds.start()
+        if self.istio is not None:
+            await self.istio.start()  # starts the server unless it is the node proxy's
         tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
         if stop is None:
@@ -428,9 +434,11 @@ class AgentServer:
             await stop.wait()
         for t in tasks:
             t.cancel()
+        if self.istio is not None:
+            await self.istio.stop()
         if self.proxy is not None:
             await self.proxy.stop()
-        elif self.xds is not None:
+        elif self.xds is not None and self.istio is None:
             await self.xds.stop()
         self.trace_worker.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
@@ -505,9 +513,11 @@ def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nby
     }
 
 
-def run_agent(core: AgentCore, proxy: NodeProxy | None = None) -> None:
+def run_agent(core: AgentCore, proxy: NodeProxy | None = None, istio: IstioSidecars | None = None) -> None:
     core.restore()
-    server = AgentServer(core, proxy=proxy)
+    if istio is not None:
+        istio.ensure_init_policy(core)
+    server = AgentServer(core, proxy=proxy, istio=istio)
     try:
         asyncio.run(server.serve())
     finally:

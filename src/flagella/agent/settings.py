@@ -10,6 +10,7 @@ mirror these groups, e.g.::
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
     kvstore: {backend: etcd, endpoints: ["http://127.0.0.1:2379"], lease_ttl_s: 15}
     proxy: {enabled: true, ingress_port: 15001, egress_port: 15002, start_at_agent_start: false}
+    istio: {enabled: true, trust_domain: cluster.local, init_policy: {dns_ports: [53], namespaces: [istio-system]}}
 
 Unknown keys are errors that name the key.
 """
@@ -28,6 +29,7 @@ import yaml
 from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.identity import Backend
+from flagella.istio.workload import IstioSettings
 from flagella.policy.resolver import PolicySettings
 from flagella.proxy.ports import ProxySettings
 
@@ -140,6 +142,7 @@ class AgentSettings:
     api: ApiSettings = field(default_factory=ApiSettings)
     kvstore: KvstoreSettings = field(default_factory=KvstoreSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    istio: IstioSettings = field(default_factory=IstioSettings)
 
     @property
     def socket_path(self) -> str:
@@ -222,7 +225,10 @@ def _build(cls: Any, data: Mapping[str, Any], path: str) -> Any:
         elif isinstance(default, tuple):
             if not isinstance(value, list):
                 raise InputError(f"{where}: expected a list")
-            kwargs[f.name] = tuple(str(v) for v in value)
+            item = type(default[0]) if default and isinstance(default[0], int) else str
+            if item is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise InputError(f"{where}: expected a list of numbers")
+            kwargs[f.name] = tuple(item(v) for v in value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise InputError(f"{where}: expected true or false")

@@ -15,12 +15,12 @@ adds the label to the identity, so policies can select injected pods
 
 For such an endpoint the sidecar enforces HTTP after TLS termination, so
 the kernel must not redirect its inbound HTTP to the node proxy (it would
-see only ciphertext): `kernel_policy` turns every ingress REDIRECT whose
-parser is HTTP into ALLOW for the same (peer, protocol, port) key. L3/L4
-stays exactly as resolved: which peers reach which ports is still decided
-in BPF, and UDP, ICMP and IPv6, which the sidecar ignores, are enforced
-there. Kafka and egress redirects are kept (the sidecar only gets inbound
-HTTP policy here). The sidecar's own config is built from the untouched
+see only ciphertext): `kernel_policy` turns every ingress REDIRECT (HTTP
+and Kafka, whose sidecar filters come over ECDS too) into ALLOW for the
+same (peer, protocol, port) key. L3/L4 stays exactly as resolved: which
+peers reach which ports is still decided in BPF, and UDP, ICMP and IPv6,
+which the sidecar ignores, are enforced there. Egress redirects are kept
+(the sidecar only gets inbound policy). The sidecar's own config is built from the untouched
 ingress, which `kernel_policy` carries along: it returns a `SidecarPolicy`,
 an `EndpointPolicy` that every enforcer realizes as usual, with the resolved
 ingress attached as ``sidecar_ingress`` for the one that feeds the sidecar
@@ -77,10 +77,10 @@ class SidecarPolicy(EndpointPolicy):
 
 
 def kernel_policy(policy: EndpointPolicy) -> SidecarPolicy:
-    """``policy`` with the sidecar's inbound HTTP redirects turned into plain allows."""
+    """``policy`` with the sidecar's inbound redirects turned into plain allows."""
     ingress = MapState(policy.ingress.enforced)
     for key, entry in policy.ingress:
-        if entry.verdict == Verdict.REDIRECT and entry.l7 is not None and entry.l7.parser == "http":
+        if entry.verdict == Verdict.REDIRECT:
             entry = Entry(Verdict.ALLOW, None, entry.rules)
         ingress.set(key, entry)
     return SidecarPolicy(ingress, policy.egress.copy(), policy.selected, sidecar_ingress=policy.ingress)

@@ -309,7 +309,11 @@ class Agent:
     either destroy the other's pods; the node namespace also keeps pod traffic off the host.
     """
 
-    def __init__(self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto") -> None:
+    def __init__(
+        self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto",
+        extra_settings: str = "",
+    ) -> None:
+        """``extra_settings``: more YAML lines for the settings file (``istio: {enabled: true}``)."""
         self.workdir = workdir
         self.tag = tag
         self.node = f"{NS_PREFIX}{tag}-node"
@@ -329,6 +333,7 @@ class Agent:
             f"controllers: {{sync_interval_s: {sync_interval_s}}}\n"
             "network: {ipv4_cidr: 10.244.0.0/16}\n"
             f"attach_mode: {attach_mode}\n"
+            + extra_settings
         )
 
     @property
@@ -493,6 +498,7 @@ class Cluster:
     def create(
         self, name: str, ns: str, n: int, labels: dict[str, str] | None = None,
         namespace_labels: dict[str, str] | None = None, istio_sidecar: bool = False,
+        service_account: str | None = None,
     ) -> Pod:
         pod = Pod(name, ns, n)
         self.netns_seen.add(pod.netns)
@@ -508,6 +514,7 @@ class Cluster:
                 "ipv4": pod.ipv4,
                 "ipv6": pod.ipv6,
                 **({"istio_sidecar": True} if istio_sidecar else {}),
+                **({"service_account": service_account} if service_account else {}),
             },
         )
         assert pod.ep["netns"] == pod.netns, pod.ep

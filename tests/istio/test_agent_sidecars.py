@@ -51,7 +51,7 @@ spec:
 
 
 class Agent:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, start: bool = True) -> None:
         self.settings = AgentSettings(state_dir=str(tmp_path), istio=IstioSettings(enabled=True))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -60,7 +60,8 @@ class Agent:
         self.dp = MemoryDatapath()
         self.core = AgentCore(self.settings, self.dp, with_kernel=[self.istio.enforcer])
         self.core.ipcache_listeners.append(lambda d: self.istio.set_ipcache(d, self.core.engine.identities()))
-        self.run(self.istio.start())
+        if start:
+            self.run(self.istio.start())
         self.core.restore()
 
     def run(self, coro: Any) -> Any:
@@ -175,6 +176,29 @@ def test_peer_policy_and_flag_changes_republish(agent: Agent) -> None:
     core.delete_endpoint("leia")
     core.wait_idle()
     assert _http(agent.view(_node(leia))[FILTER_NAME]).rules.policies == {}
+
+
+def test_configs_of_a_restore_are_in_the_cache_before_the_server_serves(tmp_path: Path) -> None:
+    """The agent's restore regenerates before the xDS server runs: those completions do not
+    wait (no sidecar can be connected), and the configs are in the cache when `start`
+    returns, before the server accepts the first stream."""
+    a = Agent(tmp_path, start=False)
+    try:
+        core = a.core
+        core.create_endpoint("luke", labels={"app": "luke"}, service_account="luke")
+        leia = core.create_endpoint("leia", labels={"app": "leia"}, service_account="leia", istio_sidecar=True)
+        assert core.wait_for_revision(core.import_policies([POLICY]), timeout=30) == []
+        assert leia.state == State.READY
+        assert not a.istio.server.cache.view(_node(leia), EXTENSION_CONFIG).resources  # nothing yet
+
+        async def start_and_look() -> str:
+            await a.istio.start()
+            return str(_http(extension_pb2.TypedExtensionConfig.FromString(
+                a.istio.server.cache.view(_node(leia), EXTENSION_CONFIG).resources[FILTER_NAME].value)))
+
+        assert "sa/luke" in a.run(start_and_look())
+    finally:
+        a.close()
 
 
 def test_init_policy_is_imported_once_from_settings(agent: Agent) -> None:

@@ -83,11 +83,13 @@ class IstioSidecars:
         return revision
 
     async def start(self) -> None:
-        """On the agent's loop, after the node proxy (if any) started the server."""
+        """On the agent's loop, before the node proxy (if any) starts the server: the
+        restored endpoints' configs are in the cache before the first sidecar asks."""
+        self.enforcer.bind()
+        await asyncio.sleep(0)  # the backlog's publications run up to their first await
         if self.own_server:
             Path(self.settings.xds_socket_path).parent.mkdir(parents=True, exist_ok=True)
             await self.server.start()
-        self.enforcer.bind(asyncio.get_running_loop())
         self._watch = asyncio.get_running_loop().create_task(self._watch_nodes())
         log.info("istio-sidecars-served", socket=str(self.server.settings.unix_socket))
 

@@ -416,12 +416,12 @@ class AgentServer:
             os.unlink(path)
         server = await self.start_api(path)
         start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [])
+        if self.istio is not None:
+            await self.istio.start()  # before the server serves; starts it unless it is the proxy's
         if self.proxy is not None:
             await self.proxy.start()
         elif self.xds is not None and self.istio is None:
             await self.xds.start()
-        if self.istio is not None:
-            await self.istio.start()  # starts the server unless it is the node proxy's
         tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
         tasks.append(asyncio.create_task(self.pump_events()))
         if stop is None:

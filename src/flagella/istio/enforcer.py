@@ -21,7 +21,10 @@ sidecar's ACK: it resolves when every connected sidecar of the workload
 ACKed the new resources, at once when none is connected (a sidecar that
 connects later gets them on its first request; until then its
 ``default_config`` denies), and fails on a NACK or after the server's
-``ack_timeout``. The pipeline runs this enforcer in the kernel's stage, not
+``ack_timeout``. Publications asked for before `bind` (the agent's restore)
+complete at once and are published when the agent binds the enforcer,
+which it does before the server accepts its first stream: a sidecar that
+reconnects to a restarted agent never sees the deny-all base in between. The pipeline runs this enforcer in the kernel's stage, not
 before it: a sidecar runs inside a pod its owner controls, and a sidecar
 that never ACKs must not hold back the kernel's L3/L4 policy (it only keeps
 the endpoint ``not-ready``, with the reason).
@@ -92,21 +95,25 @@ class SidecarEnforcer:
 
     # -- wiring ---------------------------------------------------------------------------
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The xDS server runs on ``loop`` (started): publish what waited for it."""
+    def bind(self) -> None:
+        """On the xDS server's loop, before the server serves: publish what waited for it
+        (the publications start in tasks that run before the caller's next await)."""
+        loop = asyncio.get_running_loop()
         self.publisher = IstioPublisher(self.server)
         with self._lock:
             self._loop, backlog, self._backlog = loop, self._backlog, []
         for coro in backlog:
-            asyncio.run_coroutine_threadsafe(coro, loop)
+            loop.create_task(coro)
 
-    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _run(self, coro: Coroutine[Any, Any, None]) -> bool:
+        """Run ``coro`` on the loop; False when it waits for `bind` (no server yet)."""
         with self._lock:
             if self._loop is None:
                 self._backlog.append(coro)
-                return
+                return False
             loop = self._loop
         asyncio.run_coroutine_threadsafe(coro, loop)
+        return True
 
     def set_peers(self, addresses: Mapping[int, PeerSet], labels: Mapping[int, LabelSet]) -> None:
         """Identities or addresses changed (any thread): republish every meshed workload."""
@@ -122,7 +129,10 @@ class SidecarEnforcer:
         workload = _Workload(endpoint, policy.sidecar_ingress)
         resources = self.resources(workload, self._peers)  # pure, before the loop: errors fail this apply
         completion = Completion()
-        self._run(self._publish(workload, resources, completion))
+        if not self._run(self._publish(workload, resources, completion)):
+            # No server yet (agent restore): no sidecar can be connected, and the server
+            # will hold the config before it serves the first one.
+            return Completion.completed()
         return completion
 
     def remove(self, endpoint: Endpoint) -> None:

@@ -13,6 +13,7 @@ port 80; ``vader`` reaches the port (a rule of its own) but only for ``GET /vade
 ``yoda`` has no rule and is dropped in BPF. Then, in order:
 
 * fail closed: the agent is down when the sidecar starts: its default config denies;
+* a sidecar in a pod that is not meshed gets deny-all, and the agent logs it;
 * the agent comes back: the sidecar fetches leia's config from it (and the endpoint is
   ready: the sidecar's ACK completed the regeneration);
 * a policy update applies without restarting the sidecar;
@@ -152,6 +153,18 @@ def test_agent_feeds_the_sidecar_over_mtls(
         assert tcp_connect(yoda.netns, leia.ipv4, 80) == "timeout"
 
     checks(luke_health=403)
+
+    # A sidecar in a pod the agent does not know as meshed (vader has no flag): deny-all, logged.
+    stranger = sidecar_config(
+        "vader", ns, vader.ipv4, 80, app_port, certs["vader"], ca, Path(agent.state_dir) / "xds.sock"
+    )
+    with in_netns(vader.netns):
+        sidecars.append(start_sidecar(stranger))
+    wait_until(lambda: agent.log_events("istio.unknown_workload"), timeout=30, what="the unknown sidecar's log line")
+    (event,) = agent.log_events("istio.unknown_workload")
+    assert event["pod"] == "vader" and event["config"] == "deny-all"
+    with in_netns(luke.netns):
+        assert request(vader.ipv4, 80, "/public", luke.ipv4, certs["luke"], ca) == 403
 
     # A policy update applies without restarting the sidecar.
     c.import_policy(_policy(ns, ["/public", "/health"]))

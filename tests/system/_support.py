@@ -312,9 +312,11 @@ class Agent:
     def __init__(
         self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto",
         network: str = "{ipv4_cidr: 10.244.0.0/16}", extra_config: str = "", proxy: str = "",
+        extra_settings: str = "",
     ) -> None:
-        """``network``, ``proxy`` (flow-style YAML mappings) and ``extra_config`` (YAML
-        lines) go into the agent's settings file."""
+        """``network``, ``proxy`` (flow-style YAML mappings), ``extra_config`` and
+        ``extra_settings`` (YAML lines, e.g. ``istio: {enabled: true}``) go into the agent's
+        settings file."""
         self.workdir = workdir
         self.tag = tag
         self.node = f"{NS_PREFIX}{tag}-node"
@@ -339,7 +341,7 @@ class Agent:
             # The node proxy is on by default; its Envoy's shared memory is host-wide, so
             # each test agent gets a base id of its own (the rest lives in the node netns).
             f"proxy: {proxy or f'{{envoy_base_id: {free_port()}, admin_port: {free_port()}}}'}\n"
-            + extra_config
+            + extra_config + extra_settings
         )
 
     @property
@@ -504,6 +506,7 @@ class Cluster:
     def create(
         self, name: str, ns: str, n: int, labels: dict[str, str] | None = None,
         namespace_labels: dict[str, str] | None = None, istio_sidecar: bool = False,
+        service_account: str | None = None,
     ) -> Pod:
         pod = Pod(name, ns, n)
         self.netns_seen.add(pod.netns)
@@ -519,6 +522,7 @@ class Cluster:
                 "ipv4": pod.ipv4,
                 "ipv6": pod.ipv6,
                 **({"istio_sidecar": True} if istio_sidecar else {}),
+                **({"service_account": service_account} if service_account else {}),
             },
         )
         assert pod.ep["netns"] == pod.netns, pod.ep

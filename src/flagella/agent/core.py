@@ -84,9 +84,12 @@ class AgentCore:
         identity_backend: Backend | None = None,
         enforcers: Sequence[Enforcer] = (),
         clock: Clock | None = None,
+        with_kernel: Sequence[Enforcer] = (),
     ) -> None:
         """``enforcers`` (the xDS server's) complete before the kernel datapath applies:
-        a port is redirected only once the proxy ACKed its listener and policy."""
+        a port is redirected only once the proxy ACKed its listener and policy.
+        ``with_kernel`` (Istio sidecars) are applied next to the kernel: they never
+        hold its policy back, their completions still make the endpoint ready."""
         self.settings = settings
         self.dp = datapath
         self.state_dir = Path(settings.state_dir)
@@ -124,7 +127,7 @@ class AgentCore:
         #: proxy's peer sets follow identities and addresses through it).
         self.ipcache_listeners: list[Callable[[Mapping[IPNetwork, int]], None]] = []
         self.pipeline = Pipeline(
-            [self.kernel], settings.regeneration, clock, on_change=self._endpoint_changed, first=enforcers
+            [self.kernel, *with_kernel], settings.regeneration, clock, on_change=self._endpoint_changed, first=enforcers
         )
         for ident, labels in reserved_identity_labels().items():
             self.engine.set_identity(ident, labels)

@@ -50,6 +50,7 @@ from flagella import rpc
 from flagella.agent.cni import CniAttachments, write_conflist
 from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
+from flagella.agent.istio import IstioSidecars
 from flagella.agent.kvstore import ClusterSync, cluster_backend, run_locked
 from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
 from flagella.agent.proxy import NodeProxy
@@ -81,12 +82,15 @@ class AgentServer:
     proxy: NodeProxy | None = None  # the node proxy (its xDS server becomes ``xds``)
     cluster: Any = None  # the Kubernetes watchers (`flagella.k8s.Controller`) when configured
     k8s_api: Any = None  # their `kubernetes.client.ApiClient` (built from the settings when None)
+    istio: IstioSidecars | None = None  # Istio sidecar mode (on the same xDS server)
 
     def __post_init__(self) -> None:
         s = self.core.settings
         if self.proxy is not None:
             self.xds = self.proxy.server
             self.proxy.sinks.append(self._broadcast)
+        elif self.istio is not None:
+            self.xds = self.istio.server
         self.max_connections = connection_cap(s.api, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # One trace at a time: an abandoned trace finishes its current query before the next starts.
         self.trace_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace")
@@ -464,9 +468,11 @@ class AgentServer:
             log.info("cni-conf-written", path=str(conf))
         start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [],
                       self.proxy.l7_drops if self.proxy else None)
+        if self.istio is not None:
+            await self.istio.start()  # before the server serves; starts it unless it is the proxy's
         if self.proxy is not None:
             await self.proxy.start()
-        elif self.xds is not None:
+        elif self.xds is not None and self.istio is None:
             await self.xds.start()
         self.loop = asyncio.get_running_loop()
         tasks = [
@@ -489,9 +495,11 @@ class AgentServer:
             await asyncio.get_running_loop().run_in_executor(None, self.cluster.stop)
         for t in tasks:
             t.cancel()
+        if self.istio is not None:
+            await self.istio.stop()
         if self.proxy is not None:
             await self.proxy.stop()
-        elif self.xds is not None:
+        elif self.xds is not None and self.istio is None:
             await self.xds.stop()
         self.trace_worker.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
@@ -575,9 +583,13 @@ def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nby
     }
 
 
-def run_agent(core: AgentCore, proxy: NodeProxy | None = None, k8s_api: Any = None) -> None:
+def run_agent(
+    core: AgentCore, proxy: NodeProxy | None = None, k8s_api: Any = None, istio: IstioSidecars | None = None
+) -> None:
     core.restore()
-    server = AgentServer(core, proxy=proxy, k8s_api=k8s_api)
+    if istio is not None:
+        istio.ensure_init_policy(core)
+    server = AgentServer(core, proxy=proxy, k8s_api=k8s_api, istio=istio)
     try:
         asyncio.run(server.serve())
     finally:

@@ -12,6 +12,7 @@ mirror these groups, e.g.::
     proxy: {enabled: true, ingress_port: 15001, egress_port: 15002, start_at_agent_start: false}
     k8s: {kubeconfig: /etc/kubernetes/flagella.kubeconfig, node_name: node-a,
           require_ipv4_pod_cidr: true, container_runtime: auto}
+    istio: {enabled: true, trust_domain: cluster.local, init_policy: {dns_ports: [53], namespaces: [istio-system]}}
     cni: {conf_dir: /etc/cni/net.d, mtu: 0}
 
 Unknown keys are errors that name the key.
@@ -32,6 +33,7 @@ import yaml
 from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.identity import Backend
+from flagella.istio.workload import IstioSettings
 from flagella.k8s.translate import K8sSettings
 from flagella.policy.resolver import PolicySettings
 from flagella.proxy.ports import ProxySettings
@@ -180,6 +182,7 @@ class AgentSettings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     #: The Kubernetes watchers (`flagella.k8s`); off unless a kubeconfig or in-cluster is set.
     k8s: K8sSettings = field(default_factory=K8sSettings)
+    istio: IstioSettings = field(default_factory=IstioSettings)
     cni: CniSettings = field(default_factory=CniSettings)
 
     @property
@@ -279,7 +282,10 @@ def _build(cls: Any, data: Mapping[str, Any], path: str) -> Any:
         elif isinstance(default, tuple):
             if not isinstance(value, list):
                 raise InputError(f"{where}: expected a list")
-            kwargs[f.name] = tuple(str(v) for v in value)
+            item = type(default[0]) if default and isinstance(default[0], int) else str
+            if item is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise InputError(f"{where}: expected a list of numbers")
+            kwargs[f.name] = tuple(item(v) for v in value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise InputError(f"{where}: expected true or false")

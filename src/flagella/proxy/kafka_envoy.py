@@ -217,9 +217,10 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
                 self.on_record(record)
         if out.close is not None:
             return self._closed(out.close), True
-        payload = pb.Data(data=out.to_broker if upstream else out.to_client, end_of_stream=data.end_of_stream)
         response = pb.ProcessingResponse(data_processing_status=pb.ProcessingResponse.MODIFIED)
-        (response.read_data if upstream else response.write_data).CopyFrom(payload)
+        payload = response.read_data if upstream else response.write_data
+        payload.data = out.to_broker if upstream else out.to_client  # the one copy, into the answer
+        payload.end_of_stream = data.end_of_stream
         return response, False
 
 

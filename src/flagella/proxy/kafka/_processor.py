@@ -227,7 +227,7 @@ class KafkaConnection:
         """Whether ``buf`` starts with a whole frame, or with a size that closes the connection."""
         if len(buf) < 4:
             return False
-        size = _SIZE.unpack_from(buf, 0)[0]
+        size: int = _SIZE.unpack_from(buf, 0)[0]
         return size < 0 or size > self.settings.max_request_bytes or len(buf) >= 4 + size
 
     def _policy_request(self, request: KafkaRequest) -> PolicyRequest:

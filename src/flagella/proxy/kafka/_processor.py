@@ -366,8 +366,13 @@ class KafkaConnection:
         if self.closed is not None:
             out.close = self.closed
             return out
-        to_client = bytearray()
         buf = self._responses
+        if not buf and self._passthrough >= len(data):
+            # Inside a large answer that passes unchanged (Fetch): hand the read on as is.
+            self._passthrough -= len(data)
+            out.to_client = data if isinstance(data, bytes) else bytes(data)
+            return out
+        to_client = bytearray()
         if self._passthrough and not buf:
             n = min(self._passthrough, len(data))
             to_client += data[:n]

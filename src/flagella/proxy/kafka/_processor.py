@@ -115,8 +115,9 @@ class KafkaAccessRecord:
 
 @dataclass
 class KafkaOutput:
-    to_broker: bytes = b""
-    to_client: bytes = b""
+    #: Bytes for each side: the very input (or a view of it) when it passes unchanged.
+    to_broker: bytes | memoryview = b""
+    to_client: bytes | memoryview = b""
     records: list[KafkaAccessRecord] = field(default_factory=list)
     #: Set when the connection must be closed (both sides), after sending the bytes above.
     close: str | None = None
@@ -172,13 +173,13 @@ class KafkaConnection:
 
     # -- client -> broker ------------------------------------------------------------
 
-    def receive_from_client(self, data: bytes) -> KafkaOutput:
+    def receive_from_client(self, data: bytes | memoryview) -> KafkaOutput:
         out = KafkaOutput()
         if self.closed is not None:
             out.close = self.closed
             return out
-        if not isinstance(data, bytes):
-            data = bytes(data)
+        if not isinstance(data, bytes | memoryview):
+            data = bytes(data)  # a bytearray may change under us; bytes and views of them do not
         buf = self._requests
         if buf:
             # A frame split across reads: gather until one is complete, then decode the
@@ -361,7 +362,7 @@ class KafkaConnection:
 
     # -- broker -> client ------------------------------------------------------------
 
-    def receive_from_broker(self, data: bytes) -> KafkaOutput:
+    def receive_from_broker(self, data: bytes | memoryview) -> KafkaOutput:
         out = KafkaOutput()
         if self.closed is not None:
             out.close = self.closed
@@ -370,7 +371,7 @@ class KafkaConnection:
         if not buf and self._passthrough >= len(data):
             # Inside a large answer that passes unchanged (Fetch): hand the read on as is.
             self._passthrough -= len(data)
-            out.to_client = data if isinstance(data, bytes) else bytes(data)
+            out.to_client = data if isinstance(data, bytes | memoryview) else bytes(data)
             return out
         to_client = bytearray()
         if self._passthrough and not buf:

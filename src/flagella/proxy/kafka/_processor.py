@@ -40,6 +40,12 @@ correlation id, so a denial cannot simply drop a request or inject an answer:
 
 `pending` holds one entry per request awaiting an answer, in order, with what
 to do with that answer (the transition table `_ANSWER`).
+
+Every byte of the connection passes through here, so the common case copies
+nothing: frames are decoded in place (views into the read), a read made only of
+allowed, unchanged frames is handed back as is, and so is a read that lies
+inside an answer passing through. A frame split across reads is gathered, and
+copied once when whole.
 """
 
 from __future__ import annotations

@@ -55,9 +55,9 @@ def test_rules_per_peer_follow_the_kernel_decision() -> None:
     chain = ChainKey(7, False, 9092)
     assert enforcer.kafka_rules(chain, HQ) == PRODUCE
     assert enforcer.kafka_rules(chain, OUTPOST) == CONSUME
-    # The host gets the L7 wildcard on ingress (spec 3.3), as HTTP does.
-    host = enforcer.kafka_rules(chain, HOST)
-    assert host is not None and host.wildcard
+    # The host's override (spec 3.3) comes from the resolved policy (allow_localhost
+    # "always" gives it the wildcard there); the enforcer adds nothing of its own.
+    assert enforcer.kafka_rules(chain, HOST) is None
     # A peer the kernel never redirects, another port, the other direction: no rules.
     assert enforcer.kafka_rules(chain, 999) is None
     assert enforcer.kafka_rules(ChainKey(7, False, 9093), HQ) is None

@@ -291,6 +291,8 @@ def test_k8s_settings_from_file_and_flags(tmp_path: Path, monkeypatch: pytest.Mo
         load_settings(None, k8s={"kubeconfig": "/etc/kc"})
     with pytest.raises(InputError, match="container-runtime: 'rkt'"):
         load_settings(None, k8s={"container_runtime": "rkt"})
+    with pytest.raises(InputError, match="ipv6_cluster_alloc_cidr: needs IPv6 pods"):
+        load_settings(None, network={"ipv6_cidr": ""}, k8s={"ipv6_cluster_alloc_cidr": "fd00:10:244::/64"})
     cfg.write_text("k8s: {kubeconfig: /etc/kc, node: x}\n")
     with pytest.raises(InputError, match="k8s.node: unknown setting"):
         load_settings(cfg)

@@ -172,6 +172,7 @@ def test_configmap_settings_load_in_the_agent(tmp_path: Path) -> None:
     assert s.policy.legacy_host_allows_world is False
     assert s.kvstore.backend == "etcd"
     assert s.network.tunnel_overhead == 50
+    assert s.k8s.ipv6_cluster_alloc_cidr and s.network.ipv6_cidr  # nodes' derived /96s have a home
     assert s.state_dir == "/var/run/flagella"
     assert s.bpf_dir == "/sys/fs/bpf/flagella"
 

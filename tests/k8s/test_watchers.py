@@ -9,6 +9,7 @@ CNP/CCNP status write-back, the PodCIDR options and the reserved-label rule.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -324,6 +325,29 @@ def test_ipv6_cluster_alloc_cidr() -> None:
     with pytest.raises(InputError, match="no IPv4 PodCIDR"):
         node_info({"metadata": {"name": "n"}, "spec": {"podCIDRs": ["fd00::/64"]}},
                   K8sSettings(require_ipv4_pod_cidr=True))
+
+
+def test_ipv6_pod_cidr_derived_from_the_cluster_alloc_cidr() -> None:
+    """Cilium's rule: a node with only an IPv4 PodCIDR gets ``<alloc base>:<IPv4 bytes>::/96``;
+    distinct IPv4 PodCIDRs give disjoint IPv6 ranges, an IPv6 PodCIDR of its own wins."""
+    settings = K8sSettings(ipv6_cluster_alloc_cidr="fd00:10:244::/64")
+
+    def node(*cidrs: str) -> dict[str, Any]:
+        return {"metadata": {"name": "n"}, "spec": {"podCIDRs": list(cidrs)}, "status": {}}
+
+    a = node_info(node("10.244.1.0/24"), settings)
+    b = node_info(node("10.244.2.0/24"), settings)
+    assert a.ipv6_pod_cidr == "fd00:10:244:0:af4:100::/96"
+    assert b.ipv6_pod_cidr == "fd00:10:244:0:af4:200::/96"
+    assert not ipaddress.ip_network(a.ipv6_pod_cidr).overlaps(ipaddress.ip_network(b.ipv6_pod_cidr))
+    assert node_info(node("10.244.1.0/24", "fd00:10:244::7:0:0/96"), settings).ipv6_pod_cidr == "fd00:10:244::7:0:0/96"
+    assert node_info(node("10.244.1.0/24"), K8sSettings()).ipv6_pod_cidr == ""  # no flag: nothing derived
+    # Required means the node object carries it: a derived range does not satisfy the flag.
+    with pytest.raises(InputError, match="no IPv6 PodCIDR"):
+        node_info(node("10.244.1.0/24"), K8sSettings(ipv6_cluster_alloc_cidr="fd00:10:244::/64",
+                                                     require_ipv6_pod_cidr=True))
+    with pytest.raises(InputError, match="longer than /64"):
+        K8sSettings(ipv6_cluster_alloc_cidr="fd00:10:244::/80").validate()
 
 
 def test_pod_with_bad_label_is_refused_naming_it() -> None:

@@ -263,6 +263,9 @@ class AgentSettings:
             raise InputError("cni.network_name: must be letters, digits, '_', '.', '-'")
         self.proxy.validate()
         self.k8s.validate()
+        if self.k8s.ipv6_cluster_alloc_cidr and not self.network.ipv6_cidr:
+            # Node IPv6 ranges derived from it would have no pod range to live in.
+            raise InputError("k8s.ipv6_cluster_alloc_cidr: needs IPv6 pods (network.ipv6_cidr is empty)")
         return self
 
 

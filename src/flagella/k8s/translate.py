@@ -11,7 +11,8 @@ naming the field. Nothing reads the network or the clock, except that
   or ``io.kubernetes.pod.namespace`` gets the agent's derived value, not its own.
 - Nodes become `NodeInfo` with their PodCIDRs, checked against `K8sSettings`
   (``--k8s-require-ipv4-pod-cidr``, ``--k8s-require-ipv6-pod-cidr``,
-  ``--ipv6-cluster-alloc-cidr``).
+  ``--ipv6-cluster-alloc-cidr``, from which a node without an IPv6 PodCIDR gets
+  one derived from its IPv4 PodCIDR, as Cilium 1.1 does).
 - NetworkPolicy, CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy objects
   go through `flagella.policy.api.parse_policy` unchanged.
 - `policy_status` builds the merge patch for ``status.nodes[<node>]`` of a CNP
@@ -50,7 +51,9 @@ class K8sSettings:
     require_ipv4_pod_cidr: bool = False
     #: --k8s-require-ipv6-pod-cidr: refuse a node object without an IPv6 PodCIDR.
     require_ipv6_pod_cidr: bool = False
-    #: --ipv6-cluster-alloc-cidr: every node's IPv6 PodCIDR must lie inside it ("" = any).
+    #: --ipv6-cluster-alloc-cidr (at most a /64): every node's IPv6 PodCIDR must lie
+    #: inside it ("" = any); a node with an IPv4 PodCIDR but no IPv6 one gets the /96
+    #: derived from it as Cilium does (`derived_ipv6_pod_cidr`).
     ipv6_cluster_alloc_cidr: str = ""
     #: --container-runtime: ``auto`` detects from the sockets, else one of `RUNTIMES` or ``none``.
     container_runtime: str = "auto"
@@ -77,9 +80,14 @@ class K8sSettings:
             raise InputError("k8s.status_wait_s: must be a positive number of seconds")
         if self.ipv6_cluster_alloc_cidr:
             try:
-                ipaddress.IPv6Network(self.ipv6_cluster_alloc_cidr)
+                alloc = ipaddress.IPv6Network(self.ipv6_cluster_alloc_cidr)
             except ValueError as exc:
                 raise InputError(f"ipv6-cluster-alloc-cidr: {exc}") from None
+            if alloc.prefixlen > 64:
+                raise InputError(
+                    f"ipv6-cluster-alloc-cidr: {alloc} is longer than /64 (each node takes a /96 "
+                    "holding its IPv4 PodCIDR's address in bits 64-95)"
+                )
         if self.container_runtime not in ("auto", "none", *RUNTIMES):
             raise InputError(
                 f"container-runtime: {self.container_runtime!r} must be auto, none, "
@@ -199,6 +207,8 @@ def node_info(node: Mapping[str, Any], settings: K8sSettings) -> NodeInfo:
         raise InputError(f"{where}: spec.podCIDRs: no IPv4 PodCIDR (--k8s-require-ipv4-pod-cidr)")
     if settings.require_ipv6_pod_cidr and not v6:
         raise InputError(f"{where}: spec.podCIDRs: no IPv6 PodCIDR (--k8s-require-ipv6-pod-cidr)")
+    if settings.ipv6_cluster_alloc_cidr and v4 and not v6:
+        v6 = derived_ipv6_pod_cidr(settings.ipv6_cluster_alloc_cidr, v4)
     if v6 and settings.ipv6_cluster_alloc_cidr:
         alloc = ipaddress.IPv6Network(settings.ipv6_cluster_alloc_cidr)
         if not ipaddress.IPv6Network(v6).subnet_of(alloc):
@@ -211,6 +221,19 @@ def node_info(node: Mapping[str, Any], settings: K8sSettings) -> NodeInfo:
         if isinstance(a, Mapping) and a.get("type") in ("InternalIP", "ExternalIP")
     )
     return NodeInfo(meta["name"], v4, v6, addrs)
+
+
+def derived_ipv6_pod_cidr(cluster_alloc_cidr: str, ipv4_pod_cidr: str) -> str:
+    """A node's IPv6 pod range from ``--ipv6-cluster-alloc-cidr`` and its IPv4 PodCIDR.
+
+    Cilium's rule (``IPv6ClusterAllocCIDRBase`` + the four bytes of the IPv4 range's
+    address, ``/96``): ``fd00:10:244::/64`` and ``10.244.1.0/24`` give
+    ``fd00:10:244:0:af4:100::/96``. Nodes with distinct IPv4 PodCIDRs get disjoint
+    ranges without any coordination."""
+    alloc = ipaddress.IPv6Network(cluster_alloc_cidr)
+    v4 = ipaddress.IPv4Network(ipv4_pod_cidr)
+    base = int(alloc.network_address) + (int(v4.network_address) << 32)
+    return str(ipaddress.IPv6Network((base, 96)))
 
 
 def policy_status(

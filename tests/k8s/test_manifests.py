@@ -171,7 +171,8 @@ def test_configmap_settings_load_in_the_agent(tmp_path: Path) -> None:
     s = load_settings(_configmap_settings(tmp_path))
     assert s.policy.legacy_host_allows_world is False
     assert s.kvstore.backend == "etcd"
-    assert s.network.tunnel_overhead == 50
+    # No tunnel exists (Cilium's tunnel: disabled): pods reach other nodes by direct routes.
+    assert s.network.tunnel_overhead == 0 and s.network.auto_direct_node_routes is True
     assert s.k8s.ipv6_cluster_alloc_cidr and s.network.ipv6_cidr  # nodes' derived /96s have a home
     assert s.state_dir == "/var/run/flagella"
     assert s.bpf_dir == "/sys/fs/bpf/flagella"
@@ -182,6 +183,36 @@ def test_configmap_with_an_unknown_option_is_refused(tmp_path: Path) -> None:
     text = cm["data"]["flagella.yaml"] + "enable_ipv7: true\n"
     with pytest.raises(InputError, match="enable_ipv7"):
         load_settings(_configmap_settings(tmp_path, {"flagella.yaml": text}))
+
+
+def _clean_state_script(spec: dict[str, Any]) -> str:
+    init = {c["name"]: c for c in spec["initContainers"]}["clean-flagella-state"]
+    assert init["command"] == ["/bin/sh", "-ec"]
+    (script,) = init["args"]
+    return str(script)
+
+
+@pytest.mark.parametrize("flag,cleaned", [("true", True), ("false", False), ("", False)])
+def test_clean_state_init_container_removes_state_and_pins(tmp_path: Path, flag: str, cleaned: bool) -> None:
+    """Runs the init container's script (its paths moved under tmp_path): with the ConfigMap
+    key "true" the agent's state dir contents and its BPF pin root go, else nothing."""
+    objs = _objects()
+    spec = objs[("DaemonSet", "flagella")]["spec"]["template"]["spec"]
+    cm = yaml.safe_load(objs[("ConfigMap", "flagella-config")]["data"]["flagella.yaml"])
+    script = _clean_state_script(spec)
+    # The script names exactly the ConfigMap's state dir and pin root.
+    assert f"{cm['state_dir']}/*" in script and cm["bpf_dir"] in script
+    state, pins = tmp_path / "state", tmp_path / "bpf"
+    script = script.replace(cm["state_dir"], str(state)).replace(cm["bpf_dir"], str(pins))
+    for d in (state / "endpoints", pins / "globals"):
+        d.mkdir(parents=True)
+        (d / "x").write_text("x")
+    run = subprocess.run(["/bin/sh", "-ec", script], env={"CLEAN_FLAGELLA_STATE": flag, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert state.is_dir()  # the mount point itself stays
+    assert (not any(state.iterdir()) and not pins.exists()) if cleaned else (state / "endpoints" / "x").exists()
+    assert cleaned or (pins / "globals" / "x").exists()
 
 
 def _volumes_by_mount(spec: dict[str, Any], container: dict[str, Any]) -> dict[str, dict[str, Any]]:

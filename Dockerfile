@@ -8,8 +8,8 @@
 #
 # Kernel headers: bcc compiles the datapath at agent start against the running
 # kernel's headers. They are not baked in (the image cannot know the node's
-# kernel); the DaemonSet mounts the host's /lib/modules, whose `build` link must
-# lead to installed headers (Debian: linux-headers-$(uname -r) on the node).
+# kernel); the DaemonSet mounts the host's /lib/modules and /usr/src, where the
+# `build` link leads to installed headers (Debian: linux-headers-$(uname -r) on the node).
 # Kernels built with CONFIG_IKHEADERS need nothing: bcc reads /sys/kernel/kheaders.
 
 ARG DEBIAN_RELEASE=bookworm

@@ -236,6 +236,9 @@ def test_daemonset_runs_the_agent_with_what_it_needs() -> None:
     bpf_mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/sys/fs/bpf")
     assert bpf_mount["mountPropagation"] == "Bidirectional"
     assert mounts["/sys/fs/cgroup"]["hostPath"]["path"] == "/sys/fs/cgroup"
+    # bcc finds the node's kernel headers: /lib/modules/<release>/build links into /usr/src.
+    assert mounts["/lib/modules"]["hostPath"]["path"] == "/lib/modules"
+    assert mounts["/usr/src"]["hostPath"]["path"] == "/usr/src"
     assert mounts[cm["state_dir"]]["hostPath"]["path"] == settings.state_dir
     assert mounts["/host/opt/cni/bin"]["hostPath"]["path"] == "/opt/cni/bin"
     assert mounts["/host/etc/cni/net.d"]["hostPath"]["path"] == "/etc/cni/net.d"

@@ -16,11 +16,16 @@ Allocates ``--count`` new identities (distinct label sets
 Each new identity is one etcd txn (two master keys and the node's leased
 reference, guarded by compare-on-absence). Then warm lookups: `Allocator.lookup`
 of label sets already known (served from the agent's cache).
+
+The agent's own bulk path is measured too: the CIDR identities of a policy of
+``--cidrs`` /32s through `Allocator.allocate` one by one (what the agent did
+before) and through `Allocator.allocate_many` (what `AgentCore` does now).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import subprocess
@@ -38,6 +43,7 @@ from flagella.identity import (  # noqa: E402
     SQLiteBackend,
     labels_key,
 )
+from flagella.policy.identities import cidr_identity_labels  # noqa: E402
 from flagella.policy.labels import LabelSet, parse_labels  # noqa: E402
 
 
@@ -73,6 +79,7 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--serial-count", type=int, default=1_000)
+    ap.add_argument("--cidrs", type=int, default=2_000)
     ap.add_argument("--worker", nargs=5, metavar=("ENDPOINT", "PREFIX", "NODE", "COUNT", "START"))
     args = ap.parse_args()
     if args.worker:
@@ -115,6 +122,20 @@ def main() -> None:
         assert len(set(ids)) == args.count
         results["etcd_warm_lookups_per_s"] = round(warm_lookups(Allocator(one), sets))
         one.close()
+
+        for mode in ("one_by_one", "allocate_many"):
+            agent = EtcdBackend(
+                [server.endpoint], node=mode, prefix=f"bench-cidr-{mode}", connections=args.connections,
+                timeout_s=10.0,
+            )
+            alloc = Allocator(agent)
+            cidrs = [cidr_identity_labels(ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.1/32"))
+                     for i in range(args.cidrs)]
+            t = time.perf_counter()
+            ids = alloc.allocate_many(cidrs) if mode == "allocate_many" else [alloc.allocate(c) for c in cidrs]
+            results[f"etcd_agent_cidr_identities_{mode}_per_s"] = round(args.cidrs / (time.perf_counter() - t))
+            assert len(set(ids)) == args.cidrs
+            agent.close()
 
         share = args.count // args.agents
         start_at = time.time() + 3.0

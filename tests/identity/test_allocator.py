@@ -101,3 +101,37 @@ def test_reconcile_holders_converges_to_exactly_the_holders(
         assert a.labels(ident) == idents[ident]
     # A second reconcile finds nothing to correct.
     assert a.reconcile_holders(holders) == {"corrected": 0, "freed": 0}  # type: ignore[arg-type]
+
+
+# --- allocate_many: the same as allocating one by one, all or nothing ----------------------
+
+
+def test_allocate_many_equals_one_by_one(make_backend, tmp_path):
+    sets = [parse_labels(t) for t in ("k8s:app=a", "reserved:world", "k8s:app=b", "k8s:app=a", "cidr:10.0.0.0/8")]
+    many = Allocator(make_backend())
+    one = Allocator(SQLiteBackend(tmp_path / "one-by-one.db"))
+    assert many.allocate_many(sets) == [one.allocate(s) for s in sets]
+    assert many.references() == one.references()
+    assert many.allocate_many([]) == []
+
+
+class _FailsOnThe(MemoryBackend):
+    def __init__(self, nth: int) -> None:
+        super().__init__()
+        self.left = nth
+
+    def acquire(self, key: str, lowest_free_from: int) -> int:
+        self.left -= 1
+        if self.left == 0:
+            raise RuntimeError(f"store refused {key}")
+        return super().acquire(key, lowest_free_from)
+
+
+def test_allocate_many_failing_midway_releases_what_it_took():
+    backend = _FailsOnThe(3)
+    alloc = Allocator(backend)
+    held = alloc.allocate(parse_labels("k8s:app=held"))  # the first acquire
+    with pytest.raises(RuntimeError, match="k8s:app=c"):
+        alloc.allocate_many([parse_labels(t) for t in ("k8s:app=held", "k8s:app=c", "k8s:app=d")])
+    assert alloc.references() == {held: 1}  # nothing of the failed call stays
+    assert alloc.lookup(parse_labels("k8s:app=c")) is None

@@ -236,6 +236,31 @@ def test_outage_keeps_cache_fails_new_allocations_and_catches_up(make: Make, etc
     assert backend.references() == {web: 2, new: 1}
 
 
+def test_bulk_allocation_during_an_outage_leaves_nothing_behind(make: Make, etcd: EtcdServer) -> None:
+    """`Allocator.allocate_many` (the agent's CIDR identities) is all or nothing: with etcd
+    gone, the references it took to held identities are given back with the error."""
+    backend = make("node-a", lease_ttl_s=3)
+    alloc = Allocator(backend)
+    web = alloc.allocate(WEB)
+    db = Allocator(make("node-b")).allocate(DB)
+    assert alloc.lookup(DB) == db  # known here, held only by node-b: a reference needs etcd
+    many = [WEB, parse_labels("k8s:app=new1"), DB, parse_labels("reserved:world"), WEB]
+    etcd.pause()
+    try:
+        with pytest.raises(KvstoreUnavailable):
+            alloc.allocate_many(many)  # fails creating new1
+        with pytest.raises(KvstoreUnavailable):
+            alloc.allocate_many([WEB, DB, WEB])  # the two WEB references are taken, DB's fails
+        assert backend.references() == {web: 1}
+    finally:
+        etcd.resume()
+    assert backend.wait_online()
+    ids = alloc.allocate_many(many)
+    assert ids[0] == ids[4] == web and ids[2] == db and ids[3] == 2 and len(set(ids)) == 4
+    assert backend.references() == {web: 3, ids[1]: 1, db: 1}
+    assert set(check_consistent(dump(etcd, make.prefix)).values()) == {web, ids[1], db}  # type: ignore[attr-defined]
+
+
 def test_etcd_restart_and_lost_lease_are_caught_up(make: Make, etcd: EtcdServer) -> None:
     a, b = make("node-a", lease_ttl_s=2), make("node-b")
     web = a.acquire("k8s:app=web", MIN_ALLOCATED_ID)

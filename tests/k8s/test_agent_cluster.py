@@ -230,7 +230,10 @@ def test_required_pod_cidr_holds_endpoints_until_the_node_has_it(
 ) -> None:
     api.apply(k8s.NODES, k8s.node(NODE))  # no PodCIDR yet
     agent = start_agent(require_ipv4_pod_cidr=True)
-    wait_until(lambda: any(NODE in m for m in agent.server.cluster.skipped), timeout=20, what="the node to be refused")
+    # The watchers start after the API serves: `server.cluster` is None until then.
+    wait_until(lambda: agent.server.cluster is not None and any(NODE in m for m in agent.server.cluster.skipped),
+               timeout=20, what="the node to be refused")
+    assert agent.server.cluster is not None
     assert any("no IPv4 PodCIDR (--k8s-require-ipv4-pod-cidr)" in m for m in agent.server.cluster.skipped)
     refused = agent.cli("endpoint", "create", "early", "--namespace", NS)
     assert refused.exit_code != 0

@@ -553,14 +553,12 @@ class AgentCore:
         return revision
 
     def _sync_cidr_identities(self, policies: Iterable[Policy]) -> None:
-        added = []
-        for net in rule_prefixes(policies):
-            if net not in self.cidr_identities:
-                labels = cidr_identity_labels(net)
-                ident = self.allocator.allocate(labels)
-                self.cidr_identities[net] = ident
-                self.engine.set_identity(ident, labels)
-                added.append(net)
+        added = [net for net in rule_prefixes(policies) if net not in self.cidr_identities]
+        labels = [cidr_identity_labels(net) for net in added]
+        # One call for all of them: pipelined and batched on etcd, all or nothing.
+        for net, ls, ident in zip(added, labels, self.allocator.allocate_many(labels), strict=True):
+            self.cidr_identities[net] = ident
+            self.engine.set_identity(ident, ls)
         self._write_ipcache(added)
 
     def _gc_cidr_identities(self) -> None:

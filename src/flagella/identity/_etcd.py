@@ -531,6 +531,8 @@ class EtcdBackend:
         (all or nothing), up to ``connections`` txns in flight; a batch that
         collides with another node is retried without the label sets found to
         exist, and what is left after a few tries goes one txn per key.
+        All or nothing: when any key fails (etcd went away), every reference
+        taken by this call is released again before the error is raised.
         """
 
         async def run() -> list[int]:
@@ -547,7 +549,11 @@ class EtcdBackend:
                             done.update(todo)
                             return
 
-            await asyncio.gather(*(batch(fresh[i : i + BATCH]) for i in range(0, len(fresh), BATCH)))
+            chunks = [fresh[i : i + BATCH] for i in range(0, len(fresh), BATCH)]
+            failed = [r for r in await asyncio.gather(*map(batch, chunks), return_exceptions=True) if r is not None]
+            if failed:
+                await self._undo([self._by_key[k] for k in done])
+                raise failed[0]
 
             async def held(key: str) -> int:
                 return self._by_key[key]
@@ -559,9 +565,20 @@ class EtcdBackend:
                     steps.append(held(key))
                 else:
                     steps.append(self._acquire(key, lowest_free_from))
-            return list(await asyncio.gather(*steps))
+            results = await asyncio.gather(*steps, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                await self._undo([r for r in results if isinstance(r, int)])
+                raise errors[0]
+            return [r for r in results if isinstance(r, int)]
 
         return self._call(run())
+
+    async def _undo(self, idents: list[int]) -> None:
+        """Release references a failed `acquire_many` took (remembered while offline)."""
+        for ident in idents:
+            with contextlib.suppress(KvstoreError):
+                await self._release(ident)
 
     async def _create_batch(self, keys: list[str], lowest: int) -> bool:
         """Create identities for ``keys`` (unknown here) in one txn; False if any collided."""

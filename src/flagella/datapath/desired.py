@@ -30,6 +30,7 @@ from flagella.policy.mapstate import (
     ANY_PROTOCOL,
     PORT_MAX,
     Entry,
+    Key,
     MapState,
     Verdict,
     port_blocks,
@@ -47,9 +48,36 @@ def policy_entries(
     ep_id: int, state: MapState, egress: bool, proxy_port: int
 ) -> tuple[dict[PolicyKey, PolicyValue], int]:
     """Kernel policy entries of one endpoint and direction, and the wild-bits mask."""
-    out: dict[PolicyKey, PolicyValue] = {}
+    out = _entries(ep_id, state, egress, proxy_port)
     mask = 0
-    for key, entry in state:
+    for bits in {k.wild_bits for k in out}:
+        mask |= 1 << bits
+    return out, mask
+
+
+def identity_entries(
+    ep_id: int, state: MapState, identity: int, egress: bool, proxy_port: int
+) -> dict[PolicyKey, PolicyValue]:
+    """The kernel entries of one peer identity: the part of :func:`policy_entries` that
+    the MapState keys of ``identity`` make (entries of two identities never merge)."""
+    entries = state.entries
+    return _entries(ep_id, ((k, entries[k]) for k in state.keys_of(identity)), egress, proxy_port)
+
+
+def wild_mask(widths: Mapping[int, int]) -> int:
+    """The endpoint row's mask of block widths, from a count of entries per width."""
+    mask = 0
+    for bits, n in widths.items():
+        if n > 0:
+            mask |= 1 << bits
+    return mask
+
+
+def _entries(
+    ep_id: int, keys: Iterable[tuple[Key, Entry]], egress: bool, proxy_port: int
+) -> dict[PolicyKey, PolicyValue]:
+    out: dict[PolicyKey, PolicyValue] = {}
+    for key, entry in keys:
         value = _value(entry, proxy_port, key.precedence)
         if key.protocol == ANY_PROTOCOL or (key.port == 0 and key.end_port == PORT_MAX):
             blocks = [(0, 16)]
@@ -59,8 +87,7 @@ def policy_entries(
             k = PolicyKey(ep_id, key.identity, egress, key.protocol, base, bits)
             old = out.get(k)
             out[k] = value if old is None else _merge(old, value)
-            mask |= 1 << bits
-    return out, mask
+    return out
 
 
 def _value(entry: Entry, proxy_port: int, precedence: int = 0) -> PolicyValue:

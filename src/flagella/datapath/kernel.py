@@ -277,6 +277,9 @@ class KernelDatapath:
         with contextlib.suppress(DatapathError):  # the device is already gone
             self._dp.detach(ifindex)
 
+    def delete_policy(self, keys: Collection[PolicyKey]) -> int:
+        return self.policy.map.delete_many(keys)
+
     def bump_generation(self) -> None:
         """Invalidate the verdicts cached in conntrack entries: call after every change of
         the policy, endpoints or ipcache maps (see struct ct_entry in bpf/flagella.h)."""

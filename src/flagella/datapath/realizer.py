@@ -35,19 +35,32 @@ import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import structlog
 
-from flagella.datapath.desired import diff, policy_entries
+from flagella.datapath.desired import diff, identity_entries, policy_entries, wild_mask
 from flagella.datapath.entries import EndpointRow, PolicyKey, PolicyValue
 from flagella.datapath.port import Datapath, IPAddress, IPNetwork
 from flagella.endpoint.model import Endpoint
 from flagella.endpoint.regeneration import Completion
+from flagella.policy.mapstate import MapState, changed_keys
 from flagella.policy.resolver import EndpointPolicy
 
 __all__ = ["DatapathEnforcer"]
 
 log = structlog.get_logger("flagella.datapath")
+
+
+@dataclass
+class _Realized:
+    """What one endpoint's written entries were computed from (touched under its lock)."""
+
+    #: The MapState snapshots of the last apply (never changed afterwards).
+    ingress: MapState
+    egress: MapState
+    #: Written entries per wild-bits width, ingress and egress: the row's masks.
+    widths: tuple[Counter[int], Counter[int]]
 
 
 class DatapathEnforcer:
@@ -65,6 +78,8 @@ class DatapathEnforcer:
         self.ipcache: dict[IPNetwork, int] = {}
         #: ep_id -> whether its last apply wrote everything (a pod is attached only then).
         self.complete: dict[int, bool] = {}
+        #: ep_id -> the policy the written entries were computed from.
+        self._realized: dict[int, _Realized] = {}
         self.repairs: Counter[str] = Counter()
         self._meta = threading.Lock()  # guards the dicts below, never held across writes
         self._locks: dict[int, threading.Lock] = {}
@@ -91,40 +106,88 @@ class DatapathEnforcer:
         return {**ingress, **egress}, row
 
     def apply(self, endpoint: Endpoint, revision: int, policy: EndpointPolicy) -> Completion:
-        desired, row = self.desired(endpoint, policy)
         ifindex = endpoint.ifindex
         with self._lock(endpoint.id):
             self._bump_version(endpoint.id)
-            actual = self.written.get(endpoint.id, {})
-            upserts, deletes = diff(actual, desired)
-            # What we want, even if the write below fails half-way: sync repairs to it.
-            self.written[endpoint.id] = desired
+            base = self._realized.pop(endpoint.id, None)
+            if base is not None and self.complete.get(endpoint.id):
+                written = self.written[endpoint.id]
+                upserts, deletes, widths = self._delta(endpoint.id, base, policy, written)
+            else:  # the first apply, or the last one failed: compute every entry
+                desired, _ = self.desired(endpoint, policy)
+                written = self.written.get(endpoint.id, {})
+                if base is None:
+                    upserts, deletes = diff(written, desired)
+                else:  # the last write stopped half-way: write every entry again
+                    upserts, deletes = dict(desired), [k for k in written if k not in desired]
+                widths = (Counter(k.wild_bits for k in desired if not k.egress),
+                          Counter(k.wild_bits for k in desired if k.egress))
+                written = desired
+            row = EndpointRow(
+                endpoint.id, endpoint.identity, policy.ingress.enforced, policy.egress.enforced,
+                wild_mask(widths[0]), wild_mask(widths[1]), endpoint.ipv4, endpoint.ipv6,
+            )
+            # What we want, even if the write below fails half-way: sync repairs to it,
+            # and the next apply writes every entry again.
+            old = self.rows.get(endpoint.id)
+            self.written[endpoint.id] = written
             self.rows[endpoint.id] = (ifindex, row)
+            self._realized[endpoint.id] = _Realized(policy.ingress, policy.egress, widths)
             self.complete[endpoint.id] = False
             try:
                 if upserts:
                     self.dp.policy.update(upserts)
-                old_row = self.dp.endpoints.get(ifindex)
-                if old_row is not None and deletes:
-                    # Keep probing the old wildcard widths until their entries are gone.
-                    self.dp.endpoints[ifindex] = dataclasses.replace(
-                        row,
-                        ingress_wild_mask=row.ingress_wild_mask | old_row.ingress_wild_mask,
-                        egress_wild_mask=row.egress_wild_mask | old_row.egress_wild_mask,
-                    )
-                for k in deletes:
-                    self.dp.policy.pop(k, None)
+                if deletes:
+                    if old is not None and old[0] == ifindex:
+                        # Keep probing the old wildcard widths until their entries are gone.
+                        self.dp.endpoints[ifindex] = dataclasses.replace(
+                            row,
+                            ingress_wild_mask=row.ingress_wild_mask | old[1].ingress_wild_mask,
+                            egress_wild_mask=row.egress_wild_mask | old[1].egress_wild_mask,
+                        )
+                    self.dp.delete_policy(deletes)
                 self.dp.endpoints[ifindex] = row
             finally:
-                self.dp.bump_generation()
+                self.dp.bump_generation()  # one bump per apply, after a partial write too
             self.complete[endpoint.id] = True
         return Completion.completed()
+
+    def _delta(
+        self, ep_id: int, base: _Realized, policy: EndpointPolicy, written: dict[PolicyKey, PolicyValue]
+    ) -> tuple[dict[PolicyKey, PolicyValue], list[PolicyKey], tuple[Counter[int], Counter[int]]]:
+        """The writes that take the entries of ``base``'s policy to ``policy``'s: only the
+        identities whose MapState keys changed are computed again. Updates ``written``
+        and the width counts in place (the caller owns them)."""
+        upserts: dict[PolicyKey, PolicyValue] = {}
+        deletes: list[PolicyKey] = []
+        sides = (
+            (False, base.ingress, policy.ingress, self.ingress_proxy_port, base.widths[0]),
+            (True, base.egress, policy.egress, self.egress_proxy_port, base.widths[1]),
+        )
+        for egress, before, after, port, widths in sides:
+            journaled = after.changed_since(before)
+            changed = changed_keys(before, after) if journaled is None else journaled
+            for ident in {k.identity for k in changed}:
+                old = identity_entries(ep_id, before, ident, egress, port)
+                new = identity_entries(ep_id, after, ident, egress, port)
+                for k, v in new.items():
+                    if k not in old:
+                        widths[k.wild_bits] += 1
+                    if written.get(k) != v:
+                        upserts[k] = written[k] = v
+                for k in old:
+                    if k not in new:
+                        widths[k.wild_bits] -= 1
+                        if written.pop(k, None) is not None:
+                            deletes.append(k)
+        return upserts, deletes, base.widths
 
     def remove(self, endpoint: Endpoint) -> None:
         with self._lock(endpoint.id):
             self._bump_version(endpoint.id)
             written = self.written.pop(endpoint.id, None)
             self.complete.pop(endpoint.id, None)
+            self._realized.pop(endpoint.id, None)
             _, row = self.rows.pop(endpoint.id, (endpoint.ifindex, None))
             try:
                 if endpoint.ifindex:
@@ -132,8 +195,7 @@ class DatapathEnforcer:
                 keys = list(written) if written is not None else []
                 # Entries written before a crash are known to nobody: look for them.
                 keys += [k for k in self.dp.policy if k.ep_id == endpoint.id]
-                for key in keys:
-                    self.dp.policy.pop(key, None)
+                self.dp.delete_policy(set(keys))
             finally:
                 self.dp.bump_generation()
 
@@ -178,8 +240,8 @@ class DatapathEnforcer:
                     upserts, deletes = diff(by_ep.get(ep_id, {}), self.written.get(ep_id, {}))
                     if upserts:
                         self.dp.policy.update(upserts)
-                    for k in deletes:
-                        self.dp.policy.pop(k, None)
+                    if deletes:
+                        self.dp.delete_policy(deletes)
                     repaired["policy"] += len(upserts) + len(deletes)
                     want = self.rows.get(ep_id)
                     if want is not None and actual_rows.get(want[0]) != want[1]:

@@ -24,7 +24,7 @@ Within one precedence deny beats pass beats redirect beats allow.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
@@ -157,66 +157,148 @@ class Decision:
 
 
 class MapState:
-    """All keys of one endpoint and direction."""
+    """All keys of one endpoint and direction.
+
+    Copies are cheap and changes are journaled, so that an enforcer realizes only
+    what changed (see `flagella.datapath.realizer`):
+
+    * :meth:`copy` is O(1): the copy shares the containers, and whichever of the two
+      is changed first takes its own (copy-on-write; the per-identity key sets are
+      then copied one by one, as they are touched);
+    * every change appends its key to a journal shared by a state and its copies;
+      a copy remembers how far the journal went, so :meth:`changed_since` answers
+      which keys a later copy may hold differently from an earlier one. Only the
+      state copies were taken from writes the journal: a changed copy starts a
+      journal of its own, which no earlier state shares (``changed_since`` then says
+      None: unknown). The journal is restarted when it outgrows the state.
+    """
 
     def __init__(self, enforced: bool, entries: dict[Key, Entry] | None = None) -> None:
         self.enforced = enforced
-        self.entries: dict[Key, Entry] = {}
+        self._entries: dict[Key, Entry] = {}
         self._by_identity: dict[int, set[Key]] = {}
+        #: Containers shared with a copy: take private ones before the next change.
+        self._shared = False
+        #: Identities whose key set is private to this state (while not shared).
+        self._owned: set[int] = set()
+        self._journal: list[Key] = []
+        #: How far this state has seen the journal: None while it is its writer.
+        self._journal_end: int | None = None
         for k, e in (entries or {}).items():
             self.add(k, e)
 
+    @property
+    def entries(self) -> Mapping[Key, Entry]:
+        """Key -> entry (read only: change it with :meth:`add`, :meth:`set`, ...)."""
+        return self._entries
+
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._entries)
 
     def __iter__(self) -> Iterator[tuple[Key, Entry]]:
-        return iter(self.entries.items())
+        return iter(self._entries.items())
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, MapState)
             and self.enforced == other.enforced
-            and self.entries == other.entries
+            and self._entries == other._entries
         )
 
     def __repr__(self) -> str:
-        return f"MapState(enforced={self.enforced}, entries={len(self.entries)})"
+        return f"MapState(enforced={self.enforced}, entries={len(self._entries)})"
+
+    # -- changes (each one journaled) ------------------------------------------------------
+
+    def _changing(self, key: Key) -> set[Key] | None:
+        """Make the containers private, journal ``key``; its identity's key set, if any."""
+        if self._shared:
+            self._entries = self._entries.copy()  # (copy() is a memcpy, dict() is not)
+            self._by_identity = self._by_identity.copy()
+            self._owned = set()
+            self._shared = False
+        if self._journal_end is not None:  # a copy that changes: a journal of its own
+            self._journal, self._journal_end = [], None
+        if len(self._journal) > 2 * len(self._entries) + 1024:
+            self._journal = []  # earlier copies' changed_since is unknown from here on
+        self._journal.append(key)
+        keys = self._by_identity.get(key.identity)
+        if keys is not None and key.identity not in self._owned:
+            keys = self._by_identity[key.identity] = set(keys)
+            self._owned.add(key.identity)
+        return keys
+
+    def _index(self, key: Key, keys: set[Key] | None) -> None:
+        if keys is None:
+            self._by_identity[key.identity] = {key}
+            self._owned.add(key.identity)
+        else:
+            keys.add(key)
 
     def add(self, key: Key, entry: Entry) -> None:
-        old = self.entries.get(key)
+        keys = self._changing(key)
+        old = self._entries.get(key)
         if old is None:
-            self.entries[key] = entry
-            self._by_identity.setdefault(key.identity, set()).add(key)
+            self._entries[key] = entry
+            self._index(key, keys)
         else:
-            self.entries[key] = old.merge(entry)
+            self._entries[key] = old.merge(entry)
 
     def set(self, key: Key, entry: Entry) -> None:
-        if key not in self.entries:
-            self._by_identity.setdefault(key.identity, set()).add(key)
-        self.entries[key] = entry
+        keys = self._changing(key)
+        if key not in self._entries:
+            self._index(key, keys)
+        self._entries[key] = entry
+
+    def replace_identity(self, identity: int, entries: dict[Key, Entry]) -> None:
+        """Swap all keys of one identity for ``entries`` (all of that identity)."""
+        for k in list(self._by_identity.get(identity, ())):
+            self._changing(k)
+            del self._entries[k]
+        self._by_identity.pop(identity, None)
+        self._owned.discard(identity)
+        for k, e in entries.items():
+            self.set(k, e)
+
+    # -- copies and their differences -------------------------------------------------------
 
     def copy(self) -> MapState:
-        """An independent copy (entries are immutable, the containers are not)."""
+        """An independent copy, in O(1) (entries are immutable; containers copy on write)."""
         out = MapState(self.enforced)
-        out.entries = dict(self.entries)
-        out._by_identity = {i: set(keys) for i, keys in self._by_identity.items()}
+        out._entries, out._by_identity = self._entries, self._by_identity
+        out._shared = self._shared = True
+        self._owned = set()
+        out._journal = self._journal
+        out._journal_end = len(self._journal) if self._journal_end is None else self._journal_end
         return out
+
+    def changed_since(self, earlier: MapState) -> frozenset[Key] | None:
+        """The keys whose entries may differ between ``earlier`` and this state, when
+        both are copies of one state and ``earlier`` was taken first; None when the
+        journal cannot tell (then compare the entries: :func:`changed_keys`)."""
+        end = len(self._journal) if self._journal_end is None else self._journal_end
+        start = earlier._journal_end
+        if earlier._journal is not self._journal or start is None or start > end:
+            return None
+        return frozenset(self._journal[start:end])
 
     def keys_of(self, identity: int) -> list[Key]:
         return list(self._by_identity.get(identity, ()))
 
-    def replace_identity(self, identity: int, entries: dict[Key, Entry]) -> None:
-        """Swap all keys of one identity for ``entries`` (all of that identity)."""
-        for k in self._by_identity.pop(identity, ()):
-            del self.entries[k]
-        for k, e in entries.items():
-            self.set(k, e)
-
     def lookup(self, identity: int, protocol: int, port: int) -> Decision:
         matched = tuple(
-            (k, e) for k, e in self.entries.items() if k.matches(identity, protocol, port)
+            (k, e) for k, e in self._entries.items() if k.matches(identity, protocol, port)
         )
         return decide(matched, self.enforced)
+
+
+def changed_keys(a: MapState, b: MapState) -> set[Key]:
+    """The keys whose entries differ between ``a`` and ``b`` (absent in one counts), by
+    comparing them all: what :meth:`MapState.changed_since` answers from its journal."""
+    ea, eb = a.entries, b.entries
+    out = {k for k, e in eb.items() if (o := ea.get(k)) is not e and o != e}
+    out.update(k for k in ea if k not in eb)
+    return out
 
 
 def decide(matched: Iterable[tuple[Key, Entry]], enforced: bool) -> Decision:

@@ -590,7 +590,7 @@ def _wildcard_l7(state: MapState) -> None:
                 continue
             if ak.identity in (ANY_IDENTITY, rk.identity):
                 re_ = Entry(Verdict.REDIRECT, re_.l7.with_wildcard(), re_.rules | ae.rules)
-                state.entries[rk] = re_
+                state.set(rk, re_)
             elif rk.identity == ANY_IDENTITY:
                 assert re_.l7 is not None
                 key = Key(ak.identity, rk.protocol, rk.port, rk.end_port)

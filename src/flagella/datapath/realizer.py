@@ -80,6 +80,8 @@ class DatapathEnforcer:
         self.complete: dict[int, bool] = {}
         #: ep_id -> the policy the written entries were computed from.
         self._realized: dict[int, _Realized] = {}
+        #: ep_id -> entries a failed apply meant to delete (they may still be there).
+        self._unsure: dict[int, set[PolicyKey]] = {}
         self.repairs: Counter[str] = Counter()
         self._meta = threading.Lock()  # guards the dicts below, never held across writes
         self._locks: dict[int, threading.Lock] = {}
@@ -119,7 +121,8 @@ class DatapathEnforcer:
                 if base is None:
                     upserts, deletes = diff(written, desired)
                 else:  # the last write stopped half-way: write every entry again
-                    upserts, deletes = dict(desired), [k for k in written if k not in desired]
+                    maybe = written.keys() | self._unsure.pop(endpoint.id, set())
+                    upserts, deletes = dict(desired), [k for k in maybe if k not in desired]
                 widths = (Counter(k.wild_bits for k in desired if not k.egress),
                           Counter(k.wild_bits for k in desired if k.egress))
                 written = desired
@@ -147,6 +150,10 @@ class DatapathEnforcer:
                         )
                     self.dp.delete_policy(deletes)
                 self.dp.endpoints[ifindex] = row
+            except BaseException:
+                # The deletes may not have happened: the next apply makes sure they do.
+                self._unsure.setdefault(endpoint.id, set()).update(deletes)
+                raise
             finally:
                 self.dp.bump_generation()  # one bump per apply, after a partial write too
             self.complete[endpoint.id] = True
@@ -188,11 +195,12 @@ class DatapathEnforcer:
             written = self.written.pop(endpoint.id, None)
             self.complete.pop(endpoint.id, None)
             self._realized.pop(endpoint.id, None)
+            unsure = self._unsure.pop(endpoint.id, set())
             _, row = self.rows.pop(endpoint.id, (endpoint.ifindex, None))
             try:
                 if endpoint.ifindex:
                     self.dp.endpoints.pop(endpoint.ifindex, None)
-                keys = list(written) if written is not None else []
+                keys = [*(written or ()), *unsure]
                 # Entries written before a crash are known to nobody: look for them.
                 keys += [k for k in self.dp.policy if k.ep_id == endpoint.id]
                 self.dp.delete_policy(set(keys))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import chain
 from typing import Literal
 
 from flagella.errors import ResolutionError
@@ -156,15 +157,24 @@ class Decision:
         return frozenset().union(*(e.rules for e in deciding)) if deciding else frozenset()
 
 
+#: A MapState keeps its entries in this many chunks (by peer identity), copied on write
+#: one by one: a change after a copy costs a chunk, not the whole state.
+_CHUNKS = 64
+#: The chunks nothing was written to yet, shared by every state and never written.
+_NO_ENTRIES: dict[Key, Entry] = {}
+_NO_KEYS: dict[int, set[Key]] = {}
+
+
 class MapState:
     """All keys of one endpoint and direction.
 
     Copies are cheap and changes are journaled, so that an enforcer realizes only
     what changed (see `flagella.datapath.realizer`):
 
-    * :meth:`copy` is O(1): the copy shares the containers, and whichever of the two
-      is changed first takes its own (copy-on-write; the per-identity key sets are
-      then copied one by one, as they are touched);
+    * :meth:`copy` is O(1) in the number of keys: the copy shares the containers,
+      which are split into chunks by peer identity, and whichever of the two is
+      changed takes its own copy of the chunk it changes (copy-on-write; the
+      per-identity key sets are copied one by one, as they are touched);
     * every change appends its key to a journal shared by a state and its copies;
       a copy remembers how far the journal went, so :meth:`changed_since` answers
       which keys a later copy may hold differently from an earlier one. Only the
@@ -175,99 +185,108 @@ class MapState:
 
     def __init__(self, enforced: bool, entries: dict[Key, Entry] | None = None) -> None:
         self.enforced = enforced
-        self._entries: dict[Key, Entry] = {}
-        self._by_identity: dict[int, set[Key]] = {}
-        #: Containers shared with a copy: take private ones before the next change.
-        self._shared = False
-        #: Identities whose key set is private to this state (while not shared).
+        #: Chunk i holds the keys whose identity % _CHUNKS is i, and their key sets.
+        self._chunks: list[dict[Key, Entry]] = [_NO_ENTRIES] * _CHUNKS
+        self._ids: list[dict[int, set[Key]]] = [_NO_KEYS] * _CHUNKS
+        self._len = 0
+        #: Chunks, and identities' key sets, private to this state (not shared by a copy).
+        self._owned_chunks: set[int] = set()
         self._owned: set[int] = set()
         self._journal: list[Key] = []
         #: How far this state has seen the journal: None while it is its writer.
         self._journal_end: int | None = None
+        self._view = _Entries(self)
         for k, e in (entries or {}).items():
             self.add(k, e)
 
     @property
     def entries(self) -> Mapping[Key, Entry]:
         """Key -> entry (read only: change it with :meth:`add`, :meth:`set`, ...)."""
-        return self._entries
+        return self._view
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._len
 
     def __iter__(self) -> Iterator[tuple[Key, Entry]]:
-        return iter(self._entries.items())
+        return chain.from_iterable(c.items() for c in self._chunks if c)
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, MapState)
             and self.enforced == other.enforced
-            and self._entries == other._entries
+            and self._len == other._len
+            and self._chunks == other._chunks
         )
 
     def __repr__(self) -> str:
-        return f"MapState(enforced={self.enforced}, entries={len(self._entries)})"
+        return f"MapState(enforced={self.enforced}, entries={self._len})"
 
     # -- changes (each one journaled) ------------------------------------------------------
 
-    def _changing(self, key: Key) -> set[Key] | None:
-        """Make the containers private, journal ``key``; its identity's key set, if any."""
-        if self._shared:
-            self._entries = self._entries.copy()  # (copy() is a memcpy, dict() is not)
-            self._by_identity = self._by_identity.copy()
-            self._owned = set()
-            self._shared = False
+    def _changing(self, key: Key) -> tuple[dict[Key, Entry], set[Key] | None]:
+        """Journal ``key`` and make its chunk private; the chunk and the key set of the
+        key's identity (None: no keys yet)."""
+        ident = key.identity
+        c = ident % _CHUNKS
+        if c not in self._owned_chunks:
+            self._chunks[c] = self._chunks[c].copy()
+            self._ids[c] = self._ids[c].copy()
+            self._owned_chunks.add(c)
         if self._journal_end is not None:  # a copy that changes: a journal of its own
             self._journal, self._journal_end = [], None
-        if len(self._journal) > 2 * len(self._entries) + 1024:
+        if len(self._journal) > 2 * self._len + 1024:
             self._journal = []  # earlier copies' changed_since is unknown from here on
         self._journal.append(key)
-        keys = self._by_identity.get(key.identity)
-        if keys is not None and key.identity not in self._owned:
-            keys = self._by_identity[key.identity] = set(keys)
-            self._owned.add(key.identity)
-        return keys
+        ids = self._ids[c]
+        keys = ids.get(ident)
+        if keys is not None and ident not in self._owned:
+            keys = ids[ident] = set(keys)
+            self._owned.add(ident)
+        return self._chunks[c], keys
 
     def _index(self, key: Key, keys: set[Key] | None) -> None:
+        self._len += 1
         if keys is None:
-            self._by_identity[key.identity] = {key}
+            self._ids[key.identity % _CHUNKS][key.identity] = {key}
             self._owned.add(key.identity)
         else:
             keys.add(key)
 
     def add(self, key: Key, entry: Entry) -> None:
-        keys = self._changing(key)
-        old = self._entries.get(key)
+        chunk, keys = self._changing(key)
+        old = chunk.get(key)
         if old is None:
-            self._entries[key] = entry
+            chunk[key] = entry
             self._index(key, keys)
         else:
-            self._entries[key] = old.merge(entry)
+            chunk[key] = old.merge(entry)
 
     def set(self, key: Key, entry: Entry) -> None:
-        keys = self._changing(key)
-        if key not in self._entries:
+        chunk, keys = self._changing(key)
+        if key not in chunk:
             self._index(key, keys)
-        self._entries[key] = entry
+        chunk[key] = entry
 
     def replace_identity(self, identity: int, entries: dict[Key, Entry]) -> None:
         """Swap all keys of one identity for ``entries`` (all of that identity)."""
-        for k in list(self._by_identity.get(identity, ())):
-            self._changing(k)
-            del self._entries[k]
-        self._by_identity.pop(identity, None)
-        self._owned.discard(identity)
+        old = self.keys_of(identity)
+        for k in old:
+            chunk, _ = self._changing(k)
+            del chunk[k]
+        if old:  # (the chunk is private now)
+            del self._ids[identity % _CHUNKS][identity]
+            self._owned.discard(identity)
+            self._len -= len(old)
         for k, e in entries.items():
             self.set(k, e)
 
     # -- copies and their differences -------------------------------------------------------
 
     def copy(self) -> MapState:
-        """An independent copy, in O(1) (entries are immutable; containers copy on write)."""
+        """An independent copy (entries are immutable; containers copy on write)."""
         out = MapState(self.enforced)
-        out._entries, out._by_identity = self._entries, self._by_identity
-        out._shared = self._shared = True
-        self._owned = set()
+        out._chunks, out._ids, out._len = self._chunks.copy(), self._ids.copy(), self._len
+        self._owned_chunks, self._owned = set(), set()
         out._journal = self._journal
         out._journal_end = len(self._journal) if self._journal_end is None else self._journal_end
         return out
@@ -283,21 +302,44 @@ class MapState:
         return frozenset(self._journal[start:end])
 
     def keys_of(self, identity: int) -> list[Key]:
-        return list(self._by_identity.get(identity, ()))
+        return list(self._ids[identity % _CHUNKS].get(identity, ()))
 
     def lookup(self, identity: int, protocol: int, port: int) -> Decision:
-        matched = tuple(
-            (k, e) for k, e in self._entries.items() if k.matches(identity, protocol, port)
-        )
+        matched = tuple((k, e) for k, e in self if k.matches(identity, protocol, port))
         return decide(matched, self.enforced)
+
+
+class _Entries(Mapping[Key, Entry]):
+    """A read-only view of a MapState's entries, across its chunks."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: MapState) -> None:
+        self._state = state
+
+    def __getitem__(self, key: Key) -> Entry:
+        return self._state._chunks[key.identity % _CHUNKS][key]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, Key) and key in self._state._chunks[key.identity % _CHUNKS]
+
+    def __iter__(self) -> Iterator[Key]:
+        return chain.from_iterable(self._state._chunks)
+
+    def __len__(self) -> int:
+        return self._state._len
 
 
 def changed_keys(a: MapState, b: MapState) -> set[Key]:
     """The keys whose entries differ between ``a`` and ``b`` (absent in one counts), by
-    comparing them all: what :meth:`MapState.changed_since` answers from its journal."""
-    ea, eb = a.entries, b.entries
-    out = {k for k, e in eb.items() if (o := ea.get(k)) is not e and o != e}
-    out.update(k for k in ea if k not in eb)
+    comparing them (chunks a copy still shares are equal): what
+    :meth:`MapState.changed_since` answers from its journal."""
+    out: set[Key] = set()
+    for ca, cb in zip(a._chunks, b._chunks, strict=True):
+        if ca is cb:
+            continue
+        out.update(k for k, e in cb.items() if (o := ca.get(k)) is not e and o != e)
+        out.update(k for k in ca if k not in cb)
     return out
 
 

@@ -22,6 +22,7 @@ here; being exact there needs one value per tier in the kernel map.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
@@ -96,9 +97,15 @@ def _value(entry: Entry, proxy_port: int, precedence: int = 0) -> PolicyValue:
             # The node proxy has HTTP chains only (Kafka through Envoy's ext_proc is not
             # wired into the agent yet): a flow redirected there would find no chain and be
             # closed. Such ports are allowed at L3/L4, as before the proxy (NOTES.md).
-            return PolicyValue(Verdict.ALLOW, 0, precedence)
-        return PolicyValue(Verdict.REDIRECT, proxy_port, precedence)
-    return PolicyValue(entry.verdict, 0, precedence)
+            return _interned(Verdict.ALLOW, 0, precedence)
+        return _interned(Verdict.REDIRECT, proxy_port, precedence)
+    return _interned(entry.verdict, 0, precedence)
+
+
+@functools.lru_cache(maxsize=4096)
+def _interned(verdict: Verdict, proxy_port: int, precedence: int) -> PolicyValue:
+    """One object per distinct value: half a million entries share a handful of values."""
+    return PolicyValue(verdict, proxy_port, precedence)
 
 
 K = TypeVar("K", bound=Hashable)

@@ -162,7 +162,7 @@ class Decision:
 _CHUNKS = 64
 #: The chunks nothing was written to yet, shared by every state and never written.
 _NO_ENTRIES: dict[Key, Entry] = {}
-_NO_KEYS: dict[int, set[Key]] = {}
+_NO_KEYS: dict[int, Key | set[Key]] = {}
 
 
 class MapState:
@@ -187,7 +187,8 @@ class MapState:
         self.enforced = enforced
         #: Chunk i holds the keys whose identity % _CHUNKS is i, and their key sets.
         self._chunks: list[dict[Key, Entry]] = [_NO_ENTRIES] * _CHUNKS
-        self._ids: list[dict[int, set[Key]]] = [_NO_KEYS] * _CHUNKS
+        #: identity -> its key, or the set of its keys when it has several.
+        self._ids: list[dict[int, Key | set[Key]]] = [_NO_KEYS] * _CHUNKS
         self._len = 0
         #: Chunks, and identities' key sets, private to this state (not shared by a copy).
         self._owned_chunks: set[int] = set()
@@ -223,11 +224,9 @@ class MapState:
 
     # -- changes (each one journaled) ------------------------------------------------------
 
-    def _changing(self, key: Key) -> tuple[dict[Key, Entry], set[Key] | None]:
-        """Journal ``key`` and make its chunk private; the chunk and the key set of the
-        key's identity (None: no keys yet)."""
-        ident = key.identity
-        c = ident % _CHUNKS
+    def _changing(self, key: Key) -> dict[Key, Entry]:
+        """Journal ``key`` and make its chunk private; return the chunk."""
+        c = key.identity % _CHUNKS
         if c not in self._owned_chunks:
             self._chunks[c] = self._chunks[c].copy()
             self._ids[c] = self._ids[c].copy()
@@ -237,42 +236,45 @@ class MapState:
         if len(self._journal) > 2 * self._len + 1024:
             self._journal = []  # earlier copies' changed_since is unknown from here on
         self._journal.append(key)
-        ids = self._ids[c]
-        keys = ids.get(ident)
-        if keys is not None and ident not in self._owned:
-            keys = ids[ident] = set(keys)
-            self._owned.add(ident)
-        return self._chunks[c], keys
+        return self._chunks[c]
 
-    def _index(self, key: Key, keys: set[Key] | None) -> None:
+    def _index(self, key: Key) -> None:
+        """Count a new key and index it by identity (after :meth:`_changing`)."""
         self._len += 1
+        ident = key.identity
+        ids = self._ids[ident % _CHUNKS]
+        keys = ids.get(ident)
         if keys is None:
-            self._ids[key.identity % _CHUNKS][key.identity] = {key}
-            self._owned.add(key.identity)
+            ids[ident] = key  # (most identities have one key: no set for them)
+        elif isinstance(keys, Key):
+            ids[ident] = {keys, key}
+            self._owned.add(ident)
         else:
+            if ident not in self._owned:
+                keys = ids[ident] = set(keys)
+                self._owned.add(ident)
             keys.add(key)
 
     def add(self, key: Key, entry: Entry) -> None:
-        chunk, keys = self._changing(key)
+        chunk = self._changing(key)
         old = chunk.get(key)
         if old is None:
             chunk[key] = entry
-            self._index(key, keys)
+            self._index(key)
         else:
             chunk[key] = old.merge(entry)
 
     def set(self, key: Key, entry: Entry) -> None:
-        chunk, keys = self._changing(key)
+        chunk = self._changing(key)
         if key not in chunk:
-            self._index(key, keys)
+            self._index(key)
         chunk[key] = entry
 
     def replace_identity(self, identity: int, entries: dict[Key, Entry]) -> None:
         """Swap all keys of one identity for ``entries`` (all of that identity)."""
         old = self.keys_of(identity)
         for k in old:
-            chunk, _ = self._changing(k)
-            del chunk[k]
+            del self._changing(k)[k]
         if old:  # (the chunk is private now)
             del self._ids[identity % _CHUNKS][identity]
             self._owned.discard(identity)
@@ -302,7 +304,10 @@ class MapState:
         return frozenset(self._journal[start:end])
 
     def keys_of(self, identity: int) -> list[Key]:
-        return list(self._ids[identity % _CHUNKS].get(identity, ()))
+        keys = self._ids[identity % _CHUNKS].get(identity)
+        if keys is None:
+            return []
+        return [keys] if isinstance(keys, Key) else list(keys)
 
     def lookup(self, identity: int, protocol: int, port: int) -> Decision:
         matched = tuple((k, e) for k, e in self if k.matches(identity, protocol, port))

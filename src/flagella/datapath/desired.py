@@ -6,6 +6,9 @@ endpoint rows), and `diff` says what to write and what to delete. The same
 diff serves the regeneration of one endpoint and the sync controller that
 repairs drift (entries someone added or removed with bpftool).
 
+:func:`identity_entries` computes the entries of one peer identity only: the
+realizer recomputes just the identities whose MapState keys changed.
+
 MapState keys become kernel keys here: a port range is split into
 power-of-two aligned blocks (`port_blocks`), "any protocol" is protocol 0
 with all 16 port bits wildcarded, and two MapState keys that share a block

@@ -12,6 +12,18 @@ Theory of operation
   deleted the row keeps probing the old widths, so no packet sees a half-written
   policy. The kernel write returns before ``apply`` does, so the completion is
   complete when returned (or the call raises: a failed regeneration);
+* **incrementally**: the pipeline hands over MapState copies (O(1), copy on
+  write), and this enforcer keeps the copies it realized last. The MapState
+  journal (:meth:`~flagella.policy.mapstate.MapState.changed_since`) names the
+  keys changed since, or, for states with no common journal (a fresh resolution
+  after a policy change), :func:`~flagella.policy.mapstate.changed_keys` compares
+  them chunk by chunk. Only the peer identities of those keys are computed again
+  (kernel entries of two identities never merge), and the row's wildcard masks
+  come from a count of entries per width. New and changed entries go in one
+  batched update, stale ones in one batched delete, then the row, then one
+  generation bump. The first apply of an endpoint, and the one after a failed
+  write, compute every entry (the retry also deletes what the failed one meant
+  to);
 * **the ipcache**, by :meth:`set_ipcache`: the agent passes the whole desired
   ipcache and the prefixes that may have changed;
 * **the verdict-cache generation**, bumped after every write, inside the same

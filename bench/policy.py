@@ -180,7 +180,8 @@ def side_by_side(baseline_src: str, runs: int, n: int, pods: int) -> dict[str, o
             )
             out[name].append(json.loads(proc.stdout))
     summary: dict[str, object] = {"baseline_src": baseline_src, "runs": runs}
-    for key in ("new_endpoint_resolved_ms", "new_endpoint_realized_ms", "first_realization_s"):
+    for key in ("new_endpoint_resolved_ms", "new_endpoint_realized_ms", "new_endpoint_realized_max_ms",
+                "first_realization_s"):
         med = {name: statistics.median(float(r[f"cidr{n}_{key}"]) for r in rows)  # type: ignore[arg-type]
                for name, rows in out.items()}
         summary[key] = {**med, "each": {name: [r[f"cidr{n}_{key}"] for r in rows] for name, rows in out.items()},

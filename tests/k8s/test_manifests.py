@@ -218,6 +218,18 @@ def test_daemonset_runs_the_agent_with_what_it_needs() -> None:
     assert env["valueFrom"]["configMapKeyRef"] == {"name": "flagella-config", "key": "clean-flagella-state", "optional": True}
     assert objs[("ConfigMap", "flagella-config")]["data"]["clean-flagella-state"] in ("true", "false")
     assert cm["state_dir"] in _volumes_by_mount(spec, init)
+    # CNI: the agent writes its conflist into the host's /etc/cni/net.d, and the plugin
+    # the image builds (scripts/build_cni_zipapp.py) is renamed into the host's /opt/cni/bin.
+    assert mounts[cm["cni"]["conf_dir"]]["hostPath"]["path"] == "/etc/cni/net.d"
+    install = {c["name"]: c for c in spec["initContainers"]}["install-cni-binaries"]
+    script = " ".join(install["args"])
+    assert "/opt/flagella/libexec/flagella-cni" in script
+    assert script.rstrip().endswith("/host/opt/cni/bin/flagella-cni") and "mv -f" in script
+    assert _volumes_by_mount(spec, install)["/host/opt/cni/bin"]["hostPath"]["path"] == "/opt/cni/bin"
+    # The runtime's CNI_NETNS paths are the host's: the agent sees them at the same path.
+    assert mounts["/var/run/netns"]["hostPath"]["path"] == "/var/run/netns"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "scripts/build_cni_zipapp.py /src/src /opt/flagella/libexec/flagella-cni" in dockerfile
 
 
 def test_rbac_grants_exactly_what_the_watchers_use() -> None:

@@ -329,6 +329,9 @@ class Agent:
             f"controllers: {{sync_interval_s: {sync_interval_s}}}\n"
             "network: {ipv4_cidr: 10.244.0.0/16}\n"
             f"attach_mode: {attach_mode}\n"
+            # The node proxy is on by default; its Envoy's shared memory is host-wide, so
+            # each test agent gets a base id of its own (the rest lives in the node netns).
+            f"proxy: {{envoy_base_id: {free_port()}, admin_port: {free_port()}}}\n"
         )
 
     @property

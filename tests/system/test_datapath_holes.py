@@ -420,7 +420,10 @@ def test_ipv6_fragments_follow_the_policy_of_their_first(module_agent: Agent, ma
     after = _drops(agent)
     gained = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert gained.get(("Policy denied (L3)", "INGRESS"), 0) >= 1, gained
-    assert gained.get(("First logical datagram fragment not found", "INGRESS"), 0) >= 1, gained
+    # The denied datagram's later fragments: without the node proxy they reach `to_pod` and
+    # find no first fragment; with it (the default) the proxy's nftables table makes the node
+    # reassemble, and the kernel stops refragmenting at the first fragment `to_pod` drops.
+    # Either way nothing reached the port (asserted above).
     assert gained.get(("First logical datagram fragment not found", "EGRESS"), 0) >= 2, gained
     assert gained.get(("IPv6 fragmentation not supported", "EGRESS"), 0) == 0, gained
 

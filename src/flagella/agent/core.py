@@ -101,6 +101,8 @@ class AgentCore:
         self.engine = PolicyEngine(settings.policy)
         self.endpoints: dict[int, Endpoint] = {}
         self.namespace_labels: dict[str, dict[str, str]] = {}
+        #: Labels and service account of pods the watcher reported (`set_pod_labels`).
+        self.known_pods: dict[tuple[str, str], tuple[dict[str, str], str | None]] = {}
         self.cidr_identities: dict[IPNetwork, int] = {}
         self.stats = Stats()
         self.host_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
@@ -230,7 +232,19 @@ class AgentCore:
         ipv6: str | None = None,
         named_ports: Mapping[str, Iterable[tuple[int, int]]] | None = None,
         istio_sidecar: bool = False,
+        container_id: str = "",
+        netns_path: str | None = None,
+        ifname: str = "",
+        mtu: int = 0,
+        init_identity: bool = False,
     ) -> Endpoint:
+        """Create pod ``namespace/name`` and return once its policy is enforced.
+
+        The agent makes the pod's network namespace, unless ``netns_path`` names one a
+        container runtime made (CNI): that one is adopted, with the pod end named
+        ``ifname``. ``init_identity``: the pod's labels are not known yet; it runs as
+        ``reserved:init`` until `set_pod_labels` (or `set_endpoint_labels`) gives them.
+        """
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
         if service_account is not None:
@@ -255,6 +269,10 @@ class AgentCore:
                 ipv6=v6,
                 named_ports={k: [(int(p[0]), int(p[1])) for p in v] for k, v in (named_ports or {}).items()},
                 istio_sidecar=istio_sidecar,
+                container_id=container_id,
+                ifname=ifname,
+                mtu=mtu,
+                init_identity=init_identity,
             )
             ep.netns = pod_netns_name(namespace, name)
             self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
@@ -264,10 +282,12 @@ class AgentCore:
         self.store.save(ep)  # intent first: a crash from here on is undone by restore
         ep.set_state(State.WAITING_FOR_IDENTITY)
         try:
+            if netns_path is not None:
+                self.dp.adopt_netns(ep.netns, netns_path, ifname or "eth0")
             ep.identity = self.allocator.allocate(self._security_labels(ep))
             self.store.save(ep)
-            pod = self.dp.ensure_pod(ep.netns, v4, v6)
-            ep.host_ifname, ep.ifindex = pod.host_ifname, pod.ifindex
+            pod = self.dp.ensure_pod(ep.netns, v4, v6, ifname or "eth0", mtu or None)
+            ep.host_ifname, ep.ifindex, ep.mac = pod.host_ifname, pod.ifindex, pod.pod_mac
             self.store.save(ep)
             self.endpoints[ep.id] = ep
             affected = self.engine.upsert_endpoint(self._info(ep))
@@ -364,8 +384,43 @@ class AgentCore:
         for key in unset:
             labels.pop(key, None)
         labels.update(set_labels)
-        self._relabel([ep], lambda e: setattr(e, "labels", labels))
+
+        def change(e: Endpoint) -> None:
+            e.labels, e.init_identity = labels, False
+
+        self._relabel([ep], change)
         return ep
+
+    def set_pod_labels(
+        self, namespace: str, name: str, labels: Mapping[str, str], service_account: str | None = None
+    ) -> Endpoint | None:
+        """The pod ``namespace/name`` has exactly these labels (and service account): the
+        Kubernetes watcher's entry point. Its endpoint leaves ``reserved:init`` for its real
+        identity and waits (bounded) for the regenerations that causes. Before the pod's
+        endpoint exists (the watcher usually sees a pod before its CNI ADD) the labels are
+        remembered and the ADD uses them; returns the endpoint, or None when there is none yet.
+        """
+        _check_name("namespace", namespace)
+        _check_name("pod name", name)
+        if service_account is not None:
+            _check_name("service account", service_account)
+        check_pod_labels(labels, "labels")
+        self.known_pods[(namespace, name)] = (dict(labels), service_account)
+        ep = next(
+            (e for e in self.endpoints.values() if e.namespace == namespace and e.name == name), None
+        )
+        if ep is None:
+            return None
+
+        def change(e: Endpoint) -> None:
+            e.labels, e.service_account, e.init_identity = dict(labels), service_account, False
+
+        self._relabel([ep], change)
+        return ep
+
+    def forget_pod(self, namespace: str, name: str) -> None:
+        """The pod is gone from the cluster: drop the labels `set_pod_labels` remembered."""
+        self.known_pods.pop((namespace, name), None)
 
     def set_namespace_labels(self, namespace: str, set_labels: Mapping[str, str], unset: Iterable[str]) -> dict[str, str]:
         _check_name("namespace", namespace)

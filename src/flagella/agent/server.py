@@ -43,6 +43,7 @@ from typing import Any
 import structlog
 
 from flagella import rpc
+from flagella.agent.cni import CniAttachments, write_conflist
 from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
 from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
@@ -119,6 +120,7 @@ class AgentServer:
             ),
             "bpf.metrics": lambda p: self.bpf_metrics(),
             "proxy.status": lambda p: rows_to_json(self.xds.status()) if self.xds else [],
+            **CniAttachments(self.core).handlers(),
         }
 
     # -- handlers -----------------------------------------------------------------
@@ -411,6 +413,9 @@ class AgentServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         server = await self.start_api(path)
+        conf = write_conflist(self.core.settings)  # the runtime may call the plugin from now on
+        if conf is not None:
+            log.info("cni-conf-written", path=str(conf))
         start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [])
         if self.proxy is not None:
             await self.proxy.start()

@@ -10,6 +10,7 @@ mirror these groups, e.g.::
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
     kvstore: {backend: etcd, endpoints: ["http://127.0.0.1:2379"], lease_ttl_s: 15}
     proxy: {enabled: true, ingress_port: 15001, egress_port: 15002, start_at_agent_start: false}
+    cni: {conf_dir: /etc/cni/net.d, mtu: 0}
 
 Unknown keys are errors that name the key.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -102,6 +104,22 @@ def build_identity_backend(kv: KvstoreSettings) -> Backend | None:
     )
 
 
+@dataclass(frozen=True)
+class CniSettings:
+    """The CNI plugin's side of the agent (`flagella.agent.cni`)."""
+
+    #: Where the agent writes its network configuration for the container runtime
+    #: (``/etc/cni/net.d`` on a node); empty: write none.
+    conf_dir: str = ""
+    #: The file's name; ``00-`` sorts it first, so runtimes pick it.
+    conf_name: str = "00-flagella.conflist"
+    #: The network's ``name`` in the configuration.
+    network_name: str = "flagella"
+    #: Pod interface MTU written into the configuration; 0: none, and each ADD takes
+    #: the MTU of the host's default-route device (the node's ``network.mtu`` without one).
+    mtu: int = 0
+
+
 #: File descriptors kept for the agent's own use (maps, pins, netlink, state files).
 RESERVED_FDS = 256
 #: Largest derived connection cap: each connection may buffer a whole request.
@@ -140,6 +158,7 @@ class AgentSettings:
     api: ApiSettings = field(default_factory=ApiSettings)
     kvstore: KvstoreSettings = field(default_factory=KvstoreSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    cni: CniSettings = field(default_factory=CniSettings)
 
     @property
     def socket_path(self) -> str:
@@ -202,6 +221,12 @@ class AgentSettings:
             raise InputError("kvstore.timeout_s: must be a positive number of seconds")
         if "/" in kv.node:
             raise InputError("kvstore.node: must not contain '/'")
+        if self.cni.mtu and not 576 <= self.cni.mtu <= 65520:
+            raise InputError("cni.mtu: must be 0 (the host's route MTU) or 576-65520")
+        if "/" in self.cni.conf_name or not self.cni.conf_name.endswith(".conflist"):
+            raise InputError("cni.conf_name: must be a file name ending in .conflist")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.cni.network_name):
+            raise InputError("cni.network_name: must be letters, digits, '_', '.', '-'")
         self.proxy.validate()
         return self
 

@@ -114,11 +114,12 @@ def _in_thread(fn: Callable[[], _T]) -> _T:
     return result[0]
 
 
-def run_in_netns(name: str, fn: Callable[[], _T]) -> _T:
-    """Run ``fn`` on a helper thread that has joined namespace ``name``."""
+def run_in_netns(name: str, fn: Callable[[], _T], path: str | Path | None = None) -> _T:
+    """Run ``fn`` on a helper thread that has joined namespace ``name`` (or the one
+    at ``path``, any nsfs file: a runtime's ``CNI_NETNS``)."""
 
     def enter_and_run() -> _T:
-        fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path or netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
         try:
             _check(_libc.setns(fd, _CLONE_NEWNET), f"setns {name}")
         finally:
@@ -162,6 +163,71 @@ def create_netns(name: str) -> None:
             _in_thread(unshare_and_bind)
         except BaseException:
             path.unlink(missing_ok=True)
+            raise
+
+
+_NS_GET_NSTYPE = 0xB703  # ioctl(2) on an nsfs file: its CLONE_NEW* type
+
+
+@contextmanager
+def held_netns(path: str | Path) -> Iterator[tuple[str, tuple[int, int]]]:
+    """Open the network namespace file ``path`` once and hold it: yields a path to the held
+    descriptor (``/proc/self/fd/N``) and the namespace's (device, inode). Everything done
+    through that path concerns the namespace that was checked, even if ``path`` is swapped
+    meanwhile. `DatapathError` when ``path`` is not a network namespace."""
+    import fcntl
+
+    with kernel_errors(f"open network namespace {path}"):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+        except OSError:
+            kind = -1
+        if kind != _CLONE_NEWNET:
+            raise DatapathError(f"{path} is not a network namespace")
+        st = os.fstat(fd)
+        yield f"/proc/self/fd/{fd}", (st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)
+
+
+def netns_identity(path: str | Path) -> tuple[int, int]:
+    """(device, inode) of the network namespace file ``path``."""
+    with held_netns(path) as (_held, ident):
+        return ident
+
+
+def named_netns_identities() -> dict[str, tuple[int, int]]:
+    """Every namespace named under /var/run/netns, by name (unreadable entries skipped)."""
+    out: dict[str, tuple[int, int]] = {}
+    if not NETNS_DIR.is_dir():
+        return out
+    for entry in NETNS_DIR.iterdir():
+        if os.path.ismount(entry):
+            try:
+                st = os.stat(entry)
+            except OSError:
+                continue
+            out[entry.name] = (st.st_dev, st.st_ino)
+    return out
+
+
+def adopt_netns(name: str, path: str) -> None:
+    """Name the existing namespace ``path`` (a container runtime's) ``name``: a bind mount
+    at /var/run/netns/NAME. `remove_netns` undoes it; the runtime's own reference keeps
+    the namespace alive until the runtime removes it."""
+    target = netns_path(name)
+
+    with kernel_errors(f"adopt network namespace {path} as {name}"):
+        _share_netns_dir()
+        if target.exists() and not os.path.ismount(target):
+            target.unlink()
+        target.touch(mode=0o444, exist_ok=False)
+        try:
+            _check(_libc.mount(os.fsencode(path), bytes(target), b"none", _MS_BIND, None), f"bind-mount {path}")
+        except BaseException:
+            target.unlink(missing_ok=True)
             raise
 
 
@@ -497,13 +563,14 @@ def host() -> Iterator[Netlink]:
 
 
 @contextmanager
-def netns(name: str) -> Iterator[Netlink]:
-    """A netlink handle on namespace ``name`` (its socket is opened from inside it)."""
+def netns(name: str, path: str | Path | None = None) -> Iterator[Netlink]:
+    """A netlink handle on namespace ``name`` (or the one at ``path``); its socket is
+    opened from inside it."""
 
     def open_socket() -> socket.socket:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)  # 0: NETLINK_ROUTE
 
-    sock = run_in_netns(name, open_socket)
+    sock = run_in_netns(name, open_socket, path)
     try:
         handle = _open(f"netns {name}", fileno=sock.fileno())
     except BaseException:

@@ -250,20 +250,30 @@ class KernelDatapath:
     # -- pods ------------------------------------------------------------------------
 
     def ensure_pod(
-        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None
+        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None,
+        ifname: str = "eth0", mtu: int | None = None,
     ) -> PodInfo:
-        link = self.pods.ensure_pod(name, ipv4, ipv6)
-        return PodInfo(link.netns, link.host_ifname, link.host_ifindex, link.ipv4, link.ipv6)
+        link = self.pods.ensure_pod(name, ipv4, ipv6, ifname, mtu)
+        return PodInfo(
+            link.netns, link.host_ifname, link.host_ifindex, link.ipv4, link.ipv6,
+            link.pod_ifname, link.pod_mac,
+        )
 
     def check_pod_name(self, name: str) -> None:
         self.pods.check_free(name)
+
+    def adopt_netns(self, name: str, path: str, ifname: str) -> None:
+        self.pods.adopt_netns(name, path, ifname)
+
+    def host_route_mtu(self) -> int | None:
+        return self.pods.host_route_mtu()
 
     def remove_pod(self, name: str) -> None:
         self.pods.remove_pod(name)
 
     def list_pods(self) -> list[PodInfo]:
         return [
-            PodInfo(p.netns, p.host_ifname, p.host_ifindex, p.ipv4, p.ipv6)
+            PodInfo(p.netns, p.host_ifname, p.host_ifindex, p.ipv4, p.ipv6, p.pod_ifname, p.pod_mac)
             for p in self.pods.list_pods()
         ]
 

@@ -10,7 +10,16 @@ an existing netns or host veth of the name was not made for this pod (another po
 another agent's, an operator's) and is refused, never taken over. The host end is named
 from the namespace name (`host_ifname_for`: ``fl`` + 8 hex digits of its SHA-256) and
 records that name in its ifalias, which is how `PodNetwork.list_pods` finds pods again
-after an agent restart. The pod end is ``eth0``.
+after an agent restart (the pod end is found as the host end's peer, whatever its name).
+The pod end is ``eth0`` unless the caller names it.
+
+A container runtime creates the namespace itself and hands the agent its path (CNI
+``CNI_NETNS``, ``CNI_IFNAME``). `PodNetwork.adopt_netns` then gives that namespace the
+agent's name with a bind mount, so everything below works on it unchanged, under the same
+rules: the name must be free, the namespace must not already be named for another pod or
+be the agent's own, and the interface name must not exist in it (a pod's interface is
+created, never taken over). Removing the pod unmounts the name only; the namespace lives
+on until the runtime drops its own reference.
 
 Routing follows Cilium's veth mode: the pod owns a /32 (and /128) and routes everything
 to a link-local gateway that nobody owns (169.254.1.1 ``onlink``, fe80::1). Permanent
@@ -40,10 +49,12 @@ Pod addresses are handed out by `flagella.endpoint.addressing.PodAddressAllocato
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
 
 import structlog
 
@@ -69,6 +80,7 @@ __all__ = [
     "PodLink",
     "PodNetwork",
     "PodNameTaken",
+    "check_ifname",
     "host_ifname_for",
     "prepare_host",
 ]
@@ -86,6 +98,8 @@ HOST_IFNAME_PREFIX = "fl"
 ROUTE_PROTOCOL = 205
 
 _NETNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: Interface names the kernel takes (IFNAMSIZ 16 with the NUL; no '/', ':' or spaces).
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 _MIN_MTU_IPV4 = 576
 _MIN_MTU_IPV6 = 1280
 
@@ -140,6 +154,7 @@ class PodLink:
     pod_mac: str
     ipv4: IPv4Address
     ipv6: IPv6Address | None
+    pod_ifname: str = POD_IFNAME
 
 
 def host_ifname_for(netns: str) -> str:
@@ -149,6 +164,14 @@ def host_ifname_for(netns: str) -> str:
 
 class PodNameTaken(InputError):
     """A pod's netns or host veth name is already in use by something else."""
+
+
+def check_ifname(ifname: str) -> None:
+    """Refuse a name the kernel would refuse or misread as a path."""
+    if not _IFNAME.fullmatch(ifname or ""):
+        raise InputError(
+            f"interface name {ifname!r}: must be 1-15 of [A-Za-z0-9_.-], not starting with '.' or '-'"
+        )
 
 
 def _check_netns_name(name: str) -> None:
@@ -202,16 +225,33 @@ class PodNetwork:
 
     # -- ensure ------------------------------------------------------------------------------
 
-    def ensure_pod(self, name: str, ipv4: IPv4Address, ipv6: IPv6Address | None = None) -> PodLink:
-        """Make pod ``name`` exist with these addresses, creating or repairing it in place."""
+    def ensure_pod(
+        self,
+        name: str,
+        ipv4: IPv4Address,
+        ipv6: IPv6Address | None = None,
+        pod_ifname: str = POD_IFNAME,
+        mtu: int | None = None,
+    ) -> PodLink:
+        """Make pod ``name`` exist with these addresses, creating or repairing it in place.
+
+        ``pod_ifname`` names the pod end (CNI_IFNAME); ``mtu`` overrides the settings'
+        device MTU for this pod (the route MTU follows it, minus any tunnel overhead)."""
         self._check_request(name, ipv4, ipv6)
+        check_ifname(pod_ifname)
+        mtu = self.settings.mtu if mtu is None else mtu
+        floor = _MIN_MTU_IPV6 if ipv6 is not None else _MIN_MTU_IPV4
+        if not floor + self.settings.tunnel_mtu_overhead <= mtu <= 65535:
+            raise InputError(f"pod {name}: mtu {mtu} must be {floor + self.settings.tunnel_mtu_overhead}-65535")
         host_ifname = host_ifname_for(name)
         repairs: list[str] = []
         if not _netlink.netns_exists(name):
             _netlink.create_netns(name)
         with _netlink.host() as host, _netlink.netns(name) as pod:
-            host_link, pod_link, created = self._ensure_veth(host, pod, name, host_ifname, repairs)
-            self._ensure_sysctls(name, host_ifname, repairs)
+            host_link, pod_link, created = self._ensure_veth(
+                host, pod, name, host_ifname, pod_ifname, mtu, repairs
+            )
+            self._ensure_sysctls(name, host_ifname, pod_ifname, repairs)
             lo = pod.link("lo")
             if lo is not None and not lo.up:
                 pod.set_link(lo, state="up")
@@ -225,7 +265,7 @@ class PodNetwork:
             self._ensure_neighbours(host, host_link.index, pod_ips, pod_link.mac, repairs)
             self._ensure_routes(
                 pod,
-                self._pod_routes(pod_link.index, ipv6 is not None),
+                self._pod_routes(pod_link.index, ipv6 is not None, mtu),
                 pod.routes(),
                 owned=lambda r: r.protocol == ROUTE_PROTOCOL or r.dst.prefixlen == 0,
                 repairs=repairs,
@@ -238,7 +278,7 @@ class PodNetwork:
                 repairs=repairs,
             )
         result = PodLink(
-            name, host_ifname, host_link.index, host_link.mac, pod_link.mac, ipv4, ipv6
+            name, host_ifname, host_link.index, host_link.mac, pod_link.mac, ipv4, ipv6, pod_ifname
         )
         if created:
             log.info(
@@ -264,7 +304,14 @@ class PodNetwork:
             raise InputError(f"pod {name}: ipv6 {ipv6} is not in {self.settings.ipv6_cidr}")
 
     def _ensure_veth(
-        self, host: Netlink, pod: Netlink, name: str, host_ifname: str, repairs: list[str]
+        self,
+        host: Netlink,
+        pod: Netlink,
+        name: str,
+        host_ifname: str,
+        pod_ifname: str,
+        mtu: int,
+        repairs: list[str],
     ) -> tuple[_netlink.Link, _netlink.Link, bool]:
         """The paired veth ends, up with the right MTU, and whether they were just created."""
         host_link = host.link(host_ifname)
@@ -272,7 +319,7 @@ class PodNetwork:
             raise DatapathError(
                 f"pod {name}: host interface {host_ifname} belongs to netns {host_link.alias}"
             )
-        pod_link = pod.link(POD_IFNAME)
+        pod_link = pod.link(pod_ifname)
         paired = (
             host_link is not None
             and pod_link is not None
@@ -285,17 +332,17 @@ class PodNetwork:
                 host.delete_link(host_link)
                 repairs.append(f"deleted unpaired host link {host_ifname}")
             # Re-read: deleting a veth end takes its peer with it.
-            if pod_link is not None and pod.link(POD_IFNAME) is not None:
+            if pod_link is not None and pod.link(pod_ifname) is not None:
                 pod.delete_link(pod_link)
-                repairs.append(f"deleted unpaired pod link {POD_IFNAME}")
-            host.add_veth(host_ifname, POD_IFNAME, name, self.settings.mtu)
-            host_link, pod_link = host.link(host_ifname), pod.link(POD_IFNAME)
+                repairs.append(f"deleted unpaired pod link {pod_ifname}")
+            host.add_veth(host_ifname, pod_ifname, name, mtu)
+            host_link, pod_link = host.link(host_ifname), pod.link(pod_ifname)
         if host_link is None or pod_link is None:
             raise DatapathError(f"pod {name}: veth {host_ifname} vanished after creation")
 
         host_changes: dict[str, object] = {}
-        if host_link.mtu != self.settings.mtu:
-            host_changes["mtu"] = self.settings.mtu
+        if host_link.mtu != mtu:
+            host_changes["mtu"] = mtu
         if host_link.alias != name:
             host_changes["ifalias"] = name
         if not host_link.up:
@@ -304,16 +351,16 @@ class PodNetwork:
             host.set_link(host_link, **host_changes)
             repairs.append(f"set {sorted(host_changes)} on {host_ifname}")
         pod_changes: dict[str, object] = {}
-        if pod_link.mtu != self.settings.mtu:
-            pod_changes["mtu"] = self.settings.mtu
+        if pod_link.mtu != mtu:
+            pod_changes["mtu"] = mtu
         if not pod_link.up:
             pod_changes["state"] = "up"
         if pod_changes:
             pod.set_link(pod_link, **pod_changes)
-            repairs.append(f"set {sorted(pod_changes)} on pod {POD_IFNAME}")
+            repairs.append(f"set {sorted(pod_changes)} on pod {pod_ifname}")
         return host_link, pod_link, not paired
 
-    def _ensure_sysctls(self, name: str, host_ifname: str, repairs: list[str]) -> None:
+    def _ensure_sysctls(self, name: str, host_ifname: str, pod_ifname: str, repairs: list[str]) -> None:
         host_values = [
             (f"net/ipv4/conf/{host_ifname}/rp_filter", "0"),
             (f"net/ipv4/conf/{host_ifname}/forwarding", "1"),
@@ -323,7 +370,7 @@ class PodNetwork:
                 (f"net/ipv6/conf/{host_ifname}/accept_ra", "0"),
                 (f"net/ipv6/conf/{host_ifname}/forwarding", "1"),
             ]
-            pod_keys = [f"net/ipv6/conf/{dev}/accept_dad" for dev in ("all", "default", POD_IFNAME)]
+            pod_keys = [f"net/ipv6/conf/{dev}/accept_dad" for dev in ("all", "default", pod_ifname)]
 
             def set_pod_sysctls() -> list[str]:
                 return [key for key in pod_keys if _netlink.set_sysctl(key, "0")]
@@ -366,8 +413,9 @@ class PodNetwork:
                 nl.set_permanent_neighbour(index, ip, mac)
                 repairs.append(f"set neighbour {ip} lladdr {mac} in {nl.where}")
 
-    def _pod_routes(self, eth0: int, ipv6: bool) -> list[Route]:
-        mtu = self.settings.route_mtu
+    def _pod_routes(self, eth0: int, ipv6: bool, device_mtu: int) -> list[Route]:
+        overhead = self.settings.tunnel_mtu_overhead
+        mtu = device_mtu - overhead if overhead else None
         routes = [
             Route(
                 IPv4Network("0.0.0.0/0"), eth0, GATEWAY_IPV4, ROUTE_PROTOCOL, onlink=True, mtu=mtu
@@ -427,6 +475,34 @@ class PodNetwork:
                 f"{link.alias!r}) and was not made for this endpoint; refusing to take it over"
             )
 
+    def adopt_netns(self, name: str, path: str, pod_ifname: str = POD_IFNAME) -> None:
+        """Give the runtime's namespace at ``path`` the pod name ``name`` (see the module
+        docstring), refusing what would take over something not made for this pod."""
+        self.check_free(name)
+        check_ifname(pod_ifname)
+        own = _netlink.netns_identity("/proc/self/ns/net")
+        real = Path(os.path.realpath(path))
+        # Checks and the bind mount all go through one held descriptor: swapping the file
+        # at ``path`` after the checks cannot make us adopt an unchecked namespace.
+        with _netlink.held_netns(path) as (held, ident):
+            if ident == own:
+                raise PodNameTaken(f"pod {name}: {path} is the agent's own network namespace")
+            for other, other_ident in _netlink.named_netns_identities().items():
+                if other_ident != ident or _netlink.netns_path(other) == real:
+                    continue
+                with _netlink.host() as host:
+                    link = host.link(host_ifname_for(other))
+                if link is not None and link.alias == other:
+                    raise PodNameTaken(f"pod {name}: network namespace {path} already holds pod {other}")
+            with _netlink.netns(name, held) as inside:
+                taken = inside.link(pod_ifname) is not None
+            if taken:
+                raise PodNameTaken(
+                    f"pod {name}: interface {pod_ifname} already exists in {path}; refusing to take it over"
+                )
+            _netlink.adopt_netns(name, held)
+        log.info("pod_netns_adopted", netns=name, path=path, ifname=pod_ifname)
+
     # -- remove, list ------------------------------------------------------------------------
 
     def remove_pod(self, name: str) -> bool:
@@ -480,7 +556,7 @@ class PodNetwork:
             log.warning("pod_link_incomplete", netns=name, reason="netns missing")
             return None
         with _netlink.netns(name) as pod:
-            eth0 = pod.link(POD_IFNAME)
+            eth0 = next((link for link in pod.links() if link.index == host_link.peer_index), None)
             if eth0 is None or eth0.peer_index != host_link.index:
                 log.warning("pod_link_incomplete", netns=name, reason="eth0 is not the peer")
                 return None
@@ -490,7 +566,25 @@ class PodNetwork:
         if ipv4 is None:
             log.warning("pod_link_incomplete", netns=name, reason="no IPv4 address")
             return None
-        return PodLink(name, host_link.ifname, host_link.index, host_link.mac, eth0.mac, ipv4, ipv6)
+        return PodLink(
+            name, host_link.ifname, host_link.index, host_link.mac, eth0.mac, ipv4, ipv6, eth0.ifname
+        )
+
+    @staticmethod
+    def host_route_mtu() -> int | None:
+        """MTU of the host's IPv4 default route (its own ``mtu`` metric, else its device's),
+        or None without a default route."""
+        with _netlink.host() as host:
+            default = next(
+                (r for r in host.routes() if r.dst.prefixlen == 0 and r.dst.version == 4 and r.oif),
+                None,
+            )
+            if default is None:
+                return None
+            if default.mtu:
+                return default.mtu
+            device = next((link for link in host.links() if link.index == default.oif), None)
+        return device.mtu if device is not None else None
 
     @staticmethod
     def host_addresses() -> list[IPAddress]:

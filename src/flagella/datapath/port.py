@@ -44,6 +44,8 @@ class PodInfo:
     ifindex: int
     ipv4: ipaddress.IPv4Address | None
     ipv6: ipaddress.IPv6Address | None
+    pod_ifname: str = "eth0"
+    pod_mac: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,23 @@ class Datapath(Protocol):
     def stop(self) -> None: ...
 
     def ensure_pod(
-        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None
-    ) -> PodInfo: ...
+        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None,
+        ifname: str = "eth0", mtu: int | None = None,
+    ) -> PodInfo:
+        """Plumb pod ``name`` (its pod end named ``ifname``; ``mtu`` None: the node's)."""
+        ...
     def check_pod_name(self, name: str) -> None:
         """Raise an `InputError` when a netns or host veth of this name already exists."""
+        ...
+
+    def adopt_netns(self, name: str, path: str, ifname: str) -> None:
+        """Name a container runtime's namespace ``path`` ``name`` for `ensure_pod`; raise an
+        `InputError` when ``name`` is taken, ``path`` already holds a pod or is the agent's
+        own namespace, or ``ifname`` exists in it."""
+        ...
+
+    def host_route_mtu(self) -> int | None:
+        """MTU of the host's default route, None without one."""
         ...
 
     def remove_pod(self, name: str) -> None: ...
@@ -133,6 +148,8 @@ class MemoryDatapath:
         self.ipcache: dict[IPNetwork, int] = {}
         self.pods: dict[str, PodInfo] = {}
         self.foreign: set[str] = set()  # netns names made by someone else (tests)
+        self.adopted: dict[str, str] = {}  # netns name -> runtime path, until ensure_pod
+        self.route_mtu: int | None = None  # the host's default route MTU (None: no route)
         self.attached: set[int] = set()
         self.ct: list[CTRow] = []
         #: fragment entries: (endpoint id, source, destination) of first fragments that passed
@@ -150,15 +167,26 @@ class MemoryDatapath:
         pass
 
     def ensure_pod(
-        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None
+        self, name: str, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address | None,
+        ifname: str = "eth0", mtu: int | None = None,
     ) -> PodInfo:
         old = self.pods.get(name)
         ifindex = old.ifindex if old else self._next_ifindex
         if old is None:
             self._next_ifindex += 1
-        pod = PodInfo(name, f"fl{ifindex:08x}", ifindex, ipv4, ipv6)
+        pod = PodInfo(name, f"fl{ifindex:08x}", ifindex, ipv4, ipv6, ifname, f"02:00:00:00:{ifindex >> 8 & 0xff:02x}:{ifindex & 0xff:02x}")
         self.pods[name] = pod
+        self.adopted.pop(name, None)
         return pod
+
+    def adopt_netns(self, name: str, path: str, ifname: str) -> None:
+        self.check_pod_name(name)
+        if path in self.adopted.values():
+            raise InputError(f"pod {name}: network namespace {path} already holds a pod")
+        self.adopted[name] = path
+
+    def host_route_mtu(self) -> int | None:
+        return self.route_mtu
 
     def check_pod_name(self, name: str) -> None:
         if name in self.pods or name in self.foreign:
@@ -166,6 +194,7 @@ class MemoryDatapath:
 
     def remove_pod(self, name: str) -> None:
         self.pods.pop(name, None)
+        self.adopted.pop(name, None)
 
     def list_pods(self) -> list[PodInfo]:
         return list(self.pods.values())

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flagella.endpoint.lifecycle import State, transition
-from flagella.policy.labels import LabelSet, k8s_labels
+from flagella.policy.labels import LabelSet, k8s_labels, reserved
 
 
 @dataclass
@@ -37,12 +37,22 @@ class Endpoint:
     enforcing_egress: bool = False
     #: Its Istio sidecar enforces its inbound HTTP (flagella.istio.sidecar); an identity label.
     istio_sidecar: bool = False
+    #: CNI: the runtime's container id, the pod end's name and MAC, its MTU (0: the node's).
+    container_id: str = ""
+    ifname: str = ""
+    mac: str = ""
+    mtu: int = 0
+    #: The pod's labels have not arrived yet (CNI ADD before the watcher): its identity is
+    #: ``reserved:init`` until they do.
+    init_identity: bool = False
 
     def set_state(self, new: State) -> None:
         self.state = transition(self.state, new)
 
     def identity_labels(self) -> LabelSet:
         """All labels; the security-relevant filter is applied by the agent."""
+        if self.init_identity:
+            return reserved("init")
         return k8s_labels(
             self.labels, self.namespace, self.namespace_labels, self.service_account,
             istio_sidecar=self.istio_sidecar,
@@ -71,6 +81,11 @@ class Endpoint:
             "created": self.created,
             "policy_revision": self.policy_revision,
             "istio_sidecar": self.istio_sidecar,
+            "container_id": self.container_id,
+            "ifname": self.ifname,
+            "mac": self.mac,
+            "mtu": self.mtu,
+            "init_identity": self.init_identity,
             "policy_enforcement": {
                 "ingress": self.enforcing_ingress,
                 "egress": self.enforcing_egress,
@@ -101,4 +116,9 @@ class Endpoint:
             created=bool(obj.get("created", obj.get("state") == State.READY.value)),
             policy_revision=int(obj.get("policy_revision", 0)),
             istio_sidecar=bool(obj.get("istio_sidecar", False)),
+            container_id=str(obj.get("container_id", "")),
+            ifname=str(obj.get("ifname", "")),
+            mac=str(obj.get("mac", "")),
+            mtu=int(obj.get("mtu", 0)),
+            init_identity=bool(obj.get("init_identity", False)),
         )

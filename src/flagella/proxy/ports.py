@@ -30,7 +30,8 @@ class ProxySettings:
 
     #: Install the redirect plumbing (re-entry device, nftables, policy routing) and
     #: tell the datapath about it. Off: REDIRECT verdicts only mark and pass (no L7).
-    enabled: bool = False
+    #: On by default: a policy's HTTP rules are a security promise, as in Cilium.
+    enabled: bool = True
     ingress_port: int = INGRESS_PORT
     egress_port: int = EGRESS_PORT
     reentry_ifname: str = "flreentry0"

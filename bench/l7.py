@@ -15,8 +15,12 @@ upstream Envoy (a ``direct_response`` 200, so the upstream is never the bottlene
   Flagella's own L7 matcher: the shape of OPA-Envoy and Calico's Dikastes.
 
 Load: ``h2load`` over HTTP/1.1, 16 connections, a fixed duration per round. Rounds
-interleave the three variants (plain, rbac, ext_authz, plain, ...) so machine noise
-falls on all of them; the result is the median per variant and the ratios.
+interleave the variants (plain, rbac, rbac_rules, ext_authz, plain, ...) so machine
+noise falls on all of them; the result is the median per variant, the ratios of the
+medians, and each round's own ratios (its variants ran back to back) with their range.
+Each run also records the CPU time per request of the variant's proxy Envoy (plus the
+authz service's, for ext_authz), from /proc: on a shared machine it moves far less than
+the request rate, and it is the cost the filter adds.
 
     .venv/bin/python bench/l7.py [--duration 5] [--rounds 3]
 """
@@ -42,6 +46,8 @@ from typing import Any
 from google.protobuf import json_format
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/xds.py would shadow the ``xds`` protobuf package the Envoy protos import.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT / "src"))
 
 from flagella.policy.api import HTTPRule  # noqa: E402
@@ -148,17 +154,37 @@ def _authz_main(sock: str, ready: Any) -> None:
 # -- load ---------------------------------------------------------------------------------
 
 
-def h2load(port: int, duration: float) -> float:
-    out = subprocess.run(
-        ["h2load", "--h1", "-c", "16", "-t", "1", "-D", str(max(1, round(duration))), "--warm-up-time", "1",
-         f"http://127.0.0.1:{port}{PATH}"],
-        capture_output=True, text=True, timeout=duration + 60,
-    ).stdout
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` (from /proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+WARM_UP_S = 1
+
+
+def h2load(port: int, duration: float, pids: list[int]) -> tuple[float, float]:
+    """(requests per second, CPU microseconds per request of ``pids``): the rate is what
+    the issue targets; the CPU cost of the proxy (and of the authz service) per request
+    is what machine noise disturbs least."""
+    proc = subprocess.Popen(
+        ["h2load", "--h1", "-c", "16", "-t", "1", "-D", str(max(1, round(duration))), "--warm-up-time",
+         str(WARM_UP_S), f"http://127.0.0.1:{port}{PATH}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    time.sleep(WARM_UP_S)
+    cpu0 = cpu_seconds(pids)
+    out, _ = proc.communicate(timeout=duration + 60)
+    cpu = cpu_seconds(pids) - cpu0
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
-    if not m or not codes or int(codes.group(1)) == 0 or int(codes.group(3)) or int(codes.group(4)):
+    if not m or not done or not codes or int(codes.group(1)) == 0 or int(codes.group(3)) or int(codes.group(4)):
         raise SystemExit(f"h2load failed or saw denials on port {port}:\n{out}")
-    return float(m.group(1))
+    return float(m.group(1)), cpu * 1e6 / max(1, int(done.group(1)))
 
 
 def main() -> None:
@@ -199,16 +225,33 @@ def main() -> None:
         envoys.append(_envoy([_listener(up_port, direct=True)], []))
         upstream = _cluster("upstream", {"socket_address": {"address": "127.0.0.1", "port_value": up_port}})
         ports = {name: free_port() for name in ("plain", "rbac", "rbac_rules", "ext_authz")}
-        envoys.append(_envoy([_listener(ports["plain"])], [upstream]))
-        envoys.append(_envoy([_listener(ports["rbac"], [rbac_filter(MATCHER_THRESHOLD)])], [upstream]))
-        envoys.append(_envoy([_listener(ports["rbac_rules"], [rbac_filter(10**9)])], [upstream]))
-        envoys.append(_envoy([_listener(ports["ext_authz"], [authz_filter])], [upstream, authz_cluster]))
+        proxies = {
+            "plain": _envoy([_listener(ports["plain"])], [upstream]),
+            "rbac": _envoy([_listener(ports["rbac"], [rbac_filter(MATCHER_THRESHOLD)])], [upstream]),
+            "rbac_rules": _envoy([_listener(ports["rbac_rules"], [rbac_filter(10**9)])], [upstream]),
+            "ext_authz": _envoy([_listener(ports["ext_authz"], [authz_filter])], [upstream, authz_cluster]),
+        }
+        envoys += proxies.values()
+        assert authz.pid is not None
+        # CPU charged to each variant: its proxy Envoy (and for ext_authz, the authz service).
+        pids = {n: [p.proc.pid] for n, p in proxies.items() if p.proc is not None}
+        pids["ext_authz"].append(authz.pid)
         results: dict[str, list[float]] = {name: [] for name in ports}
+        cpu_us: dict[str, list[float]] = {name: [] for name in ports}
         started = time.time()
-        for _ in range(args.rounds):
-            for name, port in ports.items():
-                results[name].append(h2load(port, args.duration))
+        for i in range(args.rounds):
+            order = list(ports.items())
+            for name, port in order if i % 2 == 0 else reversed(order):  # no variant always first
+                rate, cost = h2load(port, args.duration, pids[name])
+                results[name].append(rate)
+                cpu_us[name].append(cost)
         med = {name: statistics.median(v) for name, v in results.items()}
+        # Each round runs the variants back to back: its own ratios are the paired measure.
+        paired = {
+            "rbac_vs_plain": [r / p for r, p in zip(results["rbac"], results["plain"], strict=True)],
+            "rbac_rules_vs_plain": [r / p for r, p in zip(results["rbac_rules"], results["plain"], strict=True)],
+            "rbac_vs_ext_authz": [r / a for r, a in zip(results["rbac"], results["ext_authz"], strict=True)],
+        }
         report = {
             "duration_s": args.duration, "rounds": args.rounds, "wall_s": round(time.time() - started, 1),
             "rbac_policies": IDENTITIES, "rbac_peer_ips": IDENTITIES * IPS_PER_IDENTITY,
@@ -217,12 +260,19 @@ def main() -> None:
             "ratio_rbac_vs_plain": round(med["rbac"] / med["plain"], 3),
             "ratio_rbac_rules_vs_plain": round(med["rbac_rules"] / med["plain"], 3),
             "ratio_rbac_vs_ext_authz": round(med["rbac"] / med["ext_authz"], 2),
+            "per_round_ratios": {n: [round(x, 3) for x in v] for n, v in paired.items()},
+            "per_round_range": {n: [round(min(v), 3), round(max(v), 3)] for n, v in paired.items()},
+            "cpu_us_per_request": {n: [round(x, 1) for x in v] for n, v in cpu_us.items()},
+            "median_cpu_us_per_request": {n: round(statistics.median(v), 1) for n, v in cpu_us.items()},
         }
         print(json.dumps(report, indent=2))
         print(f"\nplain {med['plain']:.0f} req/s | Flagella RBAC {med['rbac']:.0f} req/s "
               f"({report['ratio_rbac_vs_plain']:.3f} of plain; target >= 0.9; linear rules "
               f"{report['ratio_rbac_rules_vs_plain']:.3f}) | ext_authz {med['ext_authz']:.0f} "
               f"req/s (Flagella {report['ratio_rbac_vs_ext_authz']:.1f}x; target >= 4x)")
+        cpu = report["median_cpu_us_per_request"]
+        print("CPU us/request (proxy Envoy; ext_authz + its service): "
+              + ", ".join(f"{n} {v}" for n, v in cpu.items()))
     finally:
         for e in envoys:
             e.stop()

@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/xds.py would shadow the ``xds`` protobuf package the Envoy protos import.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from tests.system._support import PID, Agent, Cluster, in_netns, netguard_on, sweep_stale  # noqa: E402
+from tests.system._support import PID, Agent, Cluster, in_netns, prepare_host, sweep_stale  # noqa: E402
 
 from flagella.policy.api import load_policies  # noqa: E402
 from flagella.policy.engine import PolicyEngine  # noqa: E402
@@ -121,7 +123,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    netguard_on()
+    prepare_host()  # root, tools, netguard on
     sweep_stale()
     agent = Agent(Path(tempfile.mkdtemp(prefix="flagella-bench-redirect-")), "bench-rd")
     with agent.config.open("a") as f:

@@ -408,3 +408,22 @@ def test_endpoint_delete_forgets_its_fragment_entries(core, dp):
     core.delete_endpoint(ds.id)
     # Its own entries, and another endpoint's that name its address, are gone.
     assert dp.frags == [(tf.id, other, tf.ipv4)]
+
+
+def test_pod_netns_prefix_keeps_names_valid_and_apart(tmp_path):
+    from flagella.datapath.port import pod_netns_name
+
+    long_ns, long_name = "n" * 63, "p" * 63
+    for prefix in ("", "sys-1234567c-", "x" * 16):
+        got = pod_netns_name(long_ns, long_name, prefix)
+        assert got.startswith(prefix) and len(got) <= 64
+        assert pod_netns_name("default", "web", prefix) == f"{prefix}default_web"
+    dp = MemoryDatapath()
+    core = AgentCore(AgentSettings(state_dir=str(tmp_path), pod_netns_prefix="c1-"), dp)
+    core.restore()
+    try:
+        assert core.create_endpoint("web").netns == "c1-default_web"
+    finally:
+        core.close()
+    with pytest.raises(InputError, match="pod_netns_prefix"):
+        AgentSettings(pod_netns_prefix="-bad").validate()

@@ -9,6 +9,8 @@ Prints ``{"ready": true}``, then reads JSON lines on stdin::
      "src": null, "http": {"method": "GET", "path": "/"}}
     {"id": 8, "kind": "udp", "addr": "10.244.2.11", "port": 81, "timeout": 0.5, "retries": 1}
     {"id": 9, "kind": "icmp", "addr": "198.51.100.12", "icmp_type": 8, "timeout": 1.0}
+    {"id": 10, "kind": "kafka", "addr": "10.244.2.10", "port": 9092, "op": "produce",
+     "topic": "empire-announce", "client": "kafka-python", "timeout": 1.0}
 
 and answers each with one JSON line, in completion order::
 
@@ -20,7 +22,12 @@ and answers each with one JSON line, in completion order::
 ``refused`` (a RST or a port unreachable) can only come from a kernel with no
 server on the port, so the runner treats it as its own bug. ``src`` binds the
 source address (the world namespace holds many). Exits on EOF once the probes
-in flight are answered. Standard library only.
+in flight are answered. Standard library only, except the ``kafka`` kind: a real
+client (`tests.support.kafka_clients`, kafka-python or confluent-kafka) produces
+to or consumes (``op``: produce | consume | fetch-raw) the topic, after a TCP
+connect shows the broker is reachable at all (else ``timeout``: an L3/L4 drop).
+It answers ``open`` with ``kafka_error`` (empty when the operation worked, else
+the Kafka error the client surfaced) and ``values`` (records consumed).
 """
 
 from __future__ import annotations
@@ -183,7 +190,30 @@ def probe_icmp(req: dict) -> dict:
         s.close()
 
 
-PROBES = {"tcp": probe_tcp, "udp": probe_udp, "icmp": probe_icmp}
+def probe_kafka(req: dict) -> dict:
+    reach = probe_tcp({"addr": req["addr"], "port": req["port"], "timeout": req.get("timeout", 1.0)})
+    if reach["result"] != "open":
+        return reach
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from tests.support import kafka_clients as kc
+
+    address = f"{req['addr']}:{req['port']}"
+    client, topic, op = req.get("client", "kafka-python"), req["topic"], req["op"]
+    if op == "produce":
+        got = kc.produce(client, address, topic, str(req.get("value", "probe")).encode())
+    elif op == "consume":
+        got = kc.consume(client, address, topic, int(req.get("want", 1)), timeout=float(req.get("op_timeout", 8)))
+    elif op == "fetch-raw":
+        got = kc.raw_fetch(req["addr"], int(req["port"]), topic)
+    else:
+        raise ValueError(f"op {op!r}: not produce, consume or fetch-raw")
+    return {"result": "open", "detail": f"kafka {op} {topic} with {client}: {got.error or 'ok'}",
+            "kafka_error": got.error, "values": [v.decode(errors="replace") for v in got.values]}
+
+
+PROBES = {"tcp": probe_tcp, "udp": probe_udp, "icmp": probe_icmp, "kafka": probe_kafka}
 
 
 def run(req: dict) -> None:

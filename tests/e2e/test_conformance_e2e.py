@@ -3,9 +3,11 @@
 For each case of ../shared/conformance: create (or reuse) the case's pods on
 one agent, and for each step make the agent's policy set equal to
 ``policies_in_effect``, apply the step's label changes, then probe the whole
-table in parallel (TCP connect, UDP echo, ICMP echo) and compare with the
-expected verdicts. SCTP probes are skipped (not built into this kernel); L7
-probes are checked as their transport when that is an L3/L4 question (see
+table in parallel (TCP connect, UDP echo, ICMP echo, HTTP requests, Kafka
+produce/consume with a real client against a Tansu broker in the destination
+pod, all L7 through the agent's node proxy) and compare with the expected
+verdicts. SCTP probes are skipped (not built into this kernel); other L7 probes
+are checked as their transport when that is an L3/L4 question (see
 `tests.support.e2e_plan.plan_probe`); loopback probes are informational.
 
 Addresses are moved onto the test's own (pods: 10.244.0.0/16, outside world:

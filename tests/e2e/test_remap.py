@@ -292,9 +292,18 @@ def test_l7_probes():
     assert _plan(P_(expect="deny", http=http, deny_mode="l7-reject")).action == "check"
     assert _plan(P_(expect="deny", http=http), [L7_POLICY]).action == "check"
     assert _plan(P_(expect="deny", http=http), [L4_POLICY]).action == "check"
-    # Kafka with L7 rules in effect: the node proxy has no Kafka chains yet.
+    # Kafka to a pod: a real client against a broker in that pod (through the node proxy's
+    # Kafka chain when L7 rules are in effect); IPv4 only.
     kafka = {"apiKey": "produce", "topic": "t"}
-    assert _plan(P_(expect="deny", port=9092, kafka=kafka), [L7_POLICY]).action == "skip"
+    pp = _plan(P_(expect="deny", port=9092, kafka=kafka), [L7_POLICY])
+    assert (pp.action, pp.kind, pp.kafka) == ("check", "kafka", {"op": "produce", "topic": "t"})
+    consume = _plan(P_(port=9092, kafka={"role": "consume", "topic": "t"}))
+    assert (consume.kind, consume.kafka) == ("kafka", {"op": "consume", "topic": "t"})
+    assert _plan(P_(expect="deny", port=9092, kafka=kafka), [L7_POLICY], family=6).action == "skip"
+    case = mini_case({"d/a": "10.0.0.1", "d/b": "10.0.0.2"}, None, [P_(port=9092, kafka=kafka)], [])
+    broker = plan_case(case, {}, 4).pods["d/b"]
+    assert (broker.kafka_ports, broker.kafka_topics) == ({9092}, {"t"})
+    assert (9092, "TCP") not in broker.serve  # the broker, not the plain server, listens there
     assert _plan(P_(expect="deny", port=53, proto="UDP", dns={"query": "x"}), [L4_POLICY]).kind == "udp"
     assert has_l7_rules(L7_POLICY) and not has_l7_rules(L4_POLICY)
     assert not has_l7_rules({"spec": {"rules": {"http": [{}]}}})  # "rules" outside toPorts

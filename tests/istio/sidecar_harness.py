@@ -20,6 +20,7 @@ import http.client
 import ipaddress
 import itertools
 import os
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -72,6 +73,46 @@ def _flagella_filter(xds_socket: Path) -> dict[str, Any]:
     assert service["google_grpc"]["target_uri"] == MANIFEST_SOCKET
     service["google_grpc"]["target_uri"] = f"unix://{xds_socket}"
     return value
+
+
+KAFKA_ENVOYFILTER = ENVOYFILTER.with_name("envoyfilter-kafka.yaml")
+ISTIO_TCP_ALPNS = ["istio-peer-exchange", "istio"]
+
+
+def _kafka_filters(xds_socket: Path, port: int) -> list[dict[str, Any]]:
+    """The network filters manifests/istio/envoyfilter-kafka.yaml inserts, for ``port``, with the test's socket."""
+    text = KAFKA_ENVOYFILTER.read_text().replace("9092", str(port))
+    (doc,) = [d for d in yaml.safe_load_all(text) if d]
+    out = []
+    for patch in doc["spec"]["configPatches"]:
+        value: dict[str, Any] = patch["patch"]["value"]
+        (service,) = value["config_discovery"]["config_source"]["api_config_source"]["grpc_services"]
+        assert service["google_grpc"]["target_uri"] == MANIFEST_SOCKET
+        service["google_grpc"]["target_uri"] = f"unix://{xds_socket}"
+        out.append(value)
+    return out
+
+
+def kafka_sidecar_config(
+    pod: str, namespace: str, pod_ip: str, port: int, app_port: int, cert: tuple[Path, Path], ca: Path,
+    xds_socket: Path,
+) -> dict[str, Any]:
+    """A sidecar whose inbound TCP chain on ``port`` (mTLS, ALPN ``istio``) runs the Kafka
+    EnvoyFilter's filters before Istio's ``tcp_proxy`` to the app."""
+    config = sidecar_config(pod, namespace, pod_ip, port, app_port, cert, ca, xds_socket)
+    (listener,) = config["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    chain["filter_chain_match"]["application_protocols"] = ISTIO_TCP_ALPNS
+    tls = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    tls["alpn_protocols"] = ["istio"]
+    cluster_name = f"inbound|{port}||"
+    tcp_proxy = {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                         "stat_prefix": cluster_name, "cluster": cluster_name},
+    }
+    chain["filters"] = [*_kafka_filters(xds_socket, port), tcp_proxy]
+    return config
 
 
 def sidecar_config(
@@ -152,6 +193,19 @@ def start_sidecar(config: dict[str, Any]) -> EnvoyProcess:
     envoy = EnvoyProcess(config, base_id=next(_base_ids))
     envoy.start()
     return envoy
+
+
+def tls_connection(
+    pod_ip: str, port: int, source: str, cert: tuple[Path, Path], ca: Path, alpn: str = "istio",
+) -> ssl.SSLSocket:
+    """An mTLS connection as a peer sidecar opens it for TCP (ALPN ``istio``)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(ca)
+    ctx.load_cert_chain(cert[0], cert[1])
+    ctx.set_alpn_protocols([alpn])
+    raw = socket.create_connection((pod_ip, port), timeout=5, source_address=(source, 0))
+    return ctx.wrap_socket(raw)
 
 
 def request(

@@ -151,3 +151,26 @@ def test_pod_annotations_mount_the_socket_dir() -> None:
 @pytest.mark.parametrize("name", ["init-policy.yaml", "leia-policy.yaml"])
 def test_policies_load(name: str) -> None:
     assert load_policies((MANIFESTS / name).read_text())
+
+
+def test_kafka_envoyfilter_matches_the_crd_and_envoy() -> None:
+    from envoy.config.listener.v3 import listener_components_pb2
+
+    from flagella.istio.workload import kafka_resource_names
+
+    (doc,) = _docs("envoyfilter-kafka.yaml")
+    assert validate_resource(doc, "envoyfilter-crd.yaml") == []
+    patches = doc["spec"]["configPatches"]
+    names = []
+    for patch in patches:
+        assert patch["match"]["context"] == "SIDECAR_INBOUND"
+        assert patch["match"]["listener"]["filterChain"]["filter"]["name"] == "envoy.filters.network.tcp_proxy"
+        assert (patch["applyTo"], patch["patch"]["operation"]) == ("NETWORK_FILTER", "INSERT_BEFORE")
+        filt = json_format.ParseDict(patch["patch"]["value"], listener_components_pb2.Filter())
+        (service,) = filt.config_discovery.config_source.api_config_source.grpc_services
+        assert service.google_grpc.target_uri == "unix:///var/run/flagella/xds.sock"
+        names.append(filt.name)
+    # In this order before tcp_proxy: RBAC (who the peer is), then ext_proc.
+    assert tuple(names) == kafka_resource_names(patches[0]["match"]["listener"]["portNumber"])
+    rbac = json_format.ParseDict(patches[0]["patch"]["value"], listener_components_pb2.Filter())
+    assert rbac.config_discovery.default_config.type_url.endswith("network.rbac.v3.RBAC")  # fail closed

@@ -8,6 +8,11 @@ events, or ``"gone"`` (an HTTP 200 stream with one ERROR 410 event, as the real
 server answers a compacted resourceVersion); when the script is empty a watch
 answers an empty stream. `lists` may be replaced between steps (a relist sees
 the new body).
+
+For a live cluster (an agent watching it), `apply` and `remove` change one
+object: the list a relist gets and the watch event of the next watch request
+both follow, with one resourceVersion counter across kinds, as etcd's.
+``FakeApiServer(fixtures=False)`` starts with every list empty.
 """
 
 from __future__ import annotations
@@ -40,8 +45,12 @@ def events(name: str) -> list[dict[str, Any]]:
 
 
 class FakeApiServer:
-    def __init__(self) -> None:
-        self.lists: dict[str, Any] = {p: fixture(f"{n}.json") for p, n in PATHS.items()}
+    def __init__(self, fixtures: bool = True) -> None:
+        self.lists: dict[str, Any] = {
+            p: fixture(f"{n}.json") if fixtures else {"kind": "List", "metadata": {"resourceVersion": "1"}, "items": []}
+            for p, n in PATHS.items()
+        }
+        self.resource_version = 1000
         self.script: dict[str, list[Any]] = {p: [] for p in PATHS}
         self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
         self.patches: list[tuple[str, str, Any]] = []  # (path, content type, body)
@@ -102,6 +111,41 @@ class FakeApiServer:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def apply(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace ``obj`` (by namespace/name) as the server would; answer it."""
+        return self._change(path, obj, remove=False)
+
+    def remove(self, path: str, obj: dict[str, Any]) -> None:
+        self._change(path, obj, remove=True)
+
+    def gone(self, path: str) -> None:
+        """The next watch of ``path`` answers 410 Gone (its resourceVersion was compacted)."""
+        with self._lock:
+            self.script[path].append("gone")
+
+    def _change(self, path: str, obj: dict[str, Any], *, remove: bool) -> dict[str, Any]:
+        with self._lock:
+            self.resource_version += 1
+            rv = str(self.resource_version)
+            obj = json.loads(json.dumps(obj))
+            obj["metadata"]["resourceVersion"] = rv
+            key = (obj["metadata"].get("namespace"), obj["metadata"]["name"])
+            body = self.lists[path]
+            items = [o for o in body["items"] if (o["metadata"].get("namespace"), o["metadata"]["name"]) != key]
+            existed = len(items) != len(body["items"])
+            if not remove:
+                items.append(obj)
+            body["items"] = items
+            body["metadata"]["resourceVersion"] = rv
+            kind = "DELETED" if remove else "MODIFIED" if existed else "ADDED"
+            self.script[path].append([{"type": kind, "object": obj}])
+            return obj
+
+    def status_patches(self, name: str) -> list[dict[str, Any]]:
+        """The bodies of the PATCHes of object ``name``'s status, in order."""
+        with self._lock:
+            return [b for p, _, b in self.patches if p.endswith(f"/{name}/status")]
 
     def watches(self, path: str) -> list[dict[str, list[str]]]:
         return [q for m, p, q in self.requests if p == path and q.get("watch") == ["true"]]

@@ -211,7 +211,13 @@ def test_daemonset_runs_the_agent_with_what_it_needs() -> None:
     xds_socket = Path(cm["proxy"]["xds_socket"])
     assert mounts[str(xds_socket.parent)]["hostPath"]["path"] == str(xds_socket.parent)
     config_dir = next(p for p, v in mounts.items() if v.get("configMap", {}).get("name") == "flagella-config")
-    assert agent["command"][-1] == f"{config_dir}/flagella.yaml"
+    command = agent["command"]
+    assert command[command.index("--config") + 1] == f"{config_dir}/flagella.yaml"
+    # The agent watches its cluster as this node, and finds the runtime's socket on the host.
+    assert "--k8s-in-cluster" in command
+    node_env = {e["name"]: e for e in agent["env"]}["K8S_NODE_NAME"]
+    assert node_env["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert mounts[f"{cm['k8s']['runtime_root']}/run"]["hostPath"]["path"] == "/run"
     # The clean-state init container reads the ConfigMap key and sees the same state dir.
     init = {c["name"]: c for c in spec["initContainers"]}["clean-flagella-state"]
     (env,) = init["env"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from flagella.k8s.controller import Controller
 from flagella.k8s.translate import node_info, pod_info
 from flagella.k8s.watch import PODS, WatchError
 from flagella.policy.api import Policy
+from tests.support.host import wait_until
 
 from .apiserver import FakeApiServer, events, fixture
 
@@ -36,6 +38,7 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.revision = 0
+        self.realized = 1 << 30  # every revision counts as realized unless a test says not
         self.policies: dict[tuple[str, str, str], Policy] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
         self.pods: dict[tuple[str, str], PodInfo] = {}
@@ -47,6 +50,12 @@ class RecordingSink:
         self.policies[policy.key] = policy
         self.calls.append(("upsert_policy", policy.key))
         return self.revision
+
+    def wait_realized(self, revision: int, timeout: float) -> bool:
+        self.calls.append(("wait_realized", revision))
+        if revision > self.realized:
+            time.sleep(min(timeout, 0.05))
+        return revision <= self.realized
 
     def delete_policy(self, kind: str, namespace: str, name: str) -> None:
         self.revision += 1
@@ -66,6 +75,9 @@ class RecordingSink:
 
     def upsert_node(self, node: NodeInfo) -> None:
         self.nodes[node.name] = node
+
+    def resync(self, kind: str, present: set[tuple[str, str]]) -> None:
+        self.calls.append(("resync", (kind, frozenset(present))))
 
     def delete_node(self, name: str) -> None:
         self.nodes.pop(name, None)
@@ -146,6 +158,27 @@ def test_cnp_status_is_written_back_per_node(server: FakeApiServer) -> None:
     assert not any("networkpolicies/allow-empire" in p for p in by_path)
 
 
+def test_enforcing_waits_for_the_revision_to_be_realized(server: FakeApiServer) -> None:
+    """Accepted but not yet realized on every endpoint: ``enforcing: false`` at first, then
+    the status is written again with ``enforcing: true`` once the sink says it is."""
+    sink = RecordingSink()
+    sink.realized = 0
+    ctl = _controller(server, sink, status_wait_s=0.2)
+    ctl.sync()
+    try:
+        path = "/apis/cilium.io/v2/namespaces/default/ciliumnetworkpolicies/rule1/status"
+        entries = [b["status"]["nodes"]["node-a"] for p, _, b in server.patches if p == path]
+        assert [(e["ok"], e["enforcing"]) for e in entries] == [(True, False)]
+        revision = entries[0]["localPolicyRevision"]
+        assert ("wait_realized", revision) in sink.calls
+        sink.realized = revision
+        wait_until(lambda: len([p for p, _, _ in server.patches if p == path]) == 2, timeout=10, what="the rewrite")
+        last = [b for p, _, b in server.patches if p == path][-1]["status"]["nodes"]["node-a"]
+        assert last["enforcing"] is True and last["localPolicyRevision"] == revision
+    finally:
+        ctl.stop()
+
+
 def test_policy_the_agent_refuses_gets_an_error_status(server: FakeApiServer) -> None:
     class Refusing(RecordingSink):
         def upsert_policy(self, policy: Policy) -> int:
@@ -222,7 +255,12 @@ def test_410_gone_relists_and_reconciles(server: FakeApiServer) -> None:
     sink.calls.clear()
     w.watch_once()
     assert w.relists == 1 and w.state == "watch" and w.resource_version == "1530"
-    assert sorted(sink.calls) == sorted([
+    resyncs = [c for c in sink.calls if c[0] == "resync"]
+    # (The double ignores the field selector: the other node's pods are listed too.)
+    assert resyncs == [("resync", ("Pod", frozenset({
+        ("default", "deathstar-6fb5694f48-5hmds"), ("default", "tiefighter-5d9f7c8b6-lk2wq"),
+        ("kube-system", "kube-proxy-x7t2m")})))]
+    assert sorted(c for c in sink.calls if c[0] != "resync") == sorted([
         ("delete_pod", ("default", "xwing-74c8f4c9d5-abcde")),
         ("delete_pod", ("default", "xwing-74c8f4c9d5-9qzx8")),
         ("upsert_pod", ("default", "deathstar-6fb5694f48-5hmds")),  # relabelled meanwhile

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,12 +29,15 @@ import pytest
 from envoy.config.core.v3 import address_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 
+from flagella.agent.metrics import AgentCollector
+from flagella.agent.proxy import L7_DROP_REASON
 from flagella.agent.settings import NetworkSettings, ProxySettings
 from flagella.cli._client import stream
+from flagella.datapath.entries import Verdict
 from flagella.datapath.port import MemoryDatapath
 from flagella.endpoint import State
 from flagella.proxy import listeners as L
-from flagella.proxy.envoy import free_port
+from flagella.proxy.envoy import RE2_MAX_PROGRAM_SIZE, free_port
 from flagella.xds.types import CLUSTER, EXTENSION_CONFIG, LISTENER
 from tests.agent.inprocess import InProcessAgent
 from tests.proxy.test_enforcer_envoy import active_listeners
@@ -127,9 +131,41 @@ def test_policy_import_wait_returns_after_envoy_acked(agent: InProcessAgent, ups
         and "/v1/request-landing => 200" in ln for ln in lines
     ), lines
     assert any("verdict Denied PUT" in ln and "/v1/exhaust-port => 403" in ln for ln in lines), lines
-    metric = {s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples}
+    metric = {
+        s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples
+        if s.labels["proxy_type"] == "http"
+    }
     assert metric["received"] >= 3 and metric["denied"] >= 2 and metric["forwarded"] >= 1
     assert metric["received"] == metric["denied"] + metric["forwarded"] and metric["parse_errors"] == 0
+    # L7 drops join the kernel's drop totals: `bpf metrics list` and flagella_drop_count.
+    rows = json.loads(agent.cli("bpf", "metrics", "list", "--output", "json").output)
+    assert [r for r in rows if r["reason"] == L7_DROP_REASON] == [
+        {"reason": L7_DROP_REASON, "direction": "INGRESS", "packets": metric["denied"], "bytes": 0}
+    ], rows
+    collector = AgentCollector(agent.core, lambda: [], agent.proxy.l7_drops)
+    drops = {(s.labels["reason"], s.labels["direction"]): s.value
+             for fam in collector.collect() if fam.name == "flagella_drop_count" for s in fam.samples}
+    assert drops[(L7_DROP_REASON, "INGRESS")] == metric["denied"]
+
+    # Envoy's admin listens on 127.0.0.1 only; its runtime carries the raised RE2 limit.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", agent.settings.proxy.admin_port), timeout=2).close()
+    runtime = json.loads(envoy.admin("runtime"))["entries"]
+    # Istio's 32768, above the policy parser's bound (1000): Envoy accepts every regex it accepts.
+    assert runtime["re2.max_program_size.error_level"]["final_value"] == str(RE2_MAX_PROGRAM_SIZE)
+    assert RE2_MAX_PROGRAM_SIZE >= 1000
+
+    # An upstream that cannot be reached: Envoy logs no verdict of RBAC's, the record's
+    # verdict is Error, and policy_l7_total counts it under parse_errors (spec 8.1).
+    assert agent._loop is not None
+    dead = upstream_cluster(free_port())
+    agent._loop.call_soon_threadsafe(
+        lambda: agent.proxy.server.update(CLUSTER, {"upstream": dead}, node=agent.proxy.node_id)  # type: ignore[union-attr]
+    )
+    wait_for(lambda: curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 503, what="503 from Envoy")
+    wait_for(lambda: agent.proxy is not None and agent.proxy.l7_counts["parse_errors"] >= 1, what="an Error record")
+    metric = {s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples}
+    assert metric["received"] == metric["denied"] + metric["forwarded"] + metric["parse_errors"]
 
     # An identity change reaches Envoy as ECDS only: relabel the tiefighter out of the empire.
     lds = envoy.stats("listener_manager.lds.update_success")
@@ -137,6 +173,45 @@ def test_policy_import_wait_returns_after_envoy_acked(agent: InProcessAgent, ups
     wait_for(lambda: curl_method(port, "/v1/request-landing", str(tie.ipv4), "POST")[0] == 403,
              what="the relabelled tiefighter denied")
     assert envoy.stats("listener_manager.lds.update_success") == lds
+
+
+def test_the_kernel_redirects_a_port_only_after_envoy_acked(agent: InProcessAgent) -> None:
+    """Spec 6.5 through the enforcer seam: the xDS stage completes on Envoy's ACK, and the
+    kernel stage writes deathstar's REDIRECT keys only after it. Envoy's start is held back
+    until the policy has been waiting a while."""
+    assert agent.proxy is not None
+    gate = threading.Event()
+    make = agent.proxy.supervisor.make
+
+    def held() -> Any:
+        assert gate.wait(60)
+        return make()
+
+    agent.proxy.supervisor.make = held
+    dp = agent.dp
+    assert isinstance(dp, MemoryDatapath)
+    ds = agent.core.find("deathstar")
+
+    def redirects() -> list[Any]:
+        return [k for k, v in list(dp.policy.items()) if k.ep_id == ds.id and v.verdict == Verdict.REDIRECT]
+
+    r = agent.cli("policy", "import", L3L4L7)
+    assert r.exit_code == 0, r.output
+    revision = int(r.stdout.split()[-1])
+    wait_for(lambda: ds.state == State.WAITING_FOR_ENFORCERS, what="deathstar waiting for Envoy")
+    for _ in range(20):  # a second with the policy handed over and no Envoy: nothing redirected
+        assert redirects() == [] and ds.policy_revision < revision
+        assert agent.proxy.enforcer.sync_state() == "no Envoy connected to the xDS server"
+        time.sleep(0.05)
+    gate.set()
+    wait_for(lambda: ds.state == State.READY and ds.policy_revision >= revision, what="deathstar ready")
+    assert {(k.port, dp.policy[k].proxy_port) for k in redirects()} == {(80, agent.settings.proxy.ingress_port)}
+    # Ready means Envoy ACKed the listener and the RBAC config that the kernel now feeds.
+    # (The API's answer: the CLI's captured stdout may interleave the agent thread's logs.)
+    rows = agent.call("proxy.status")
+    types = {t["type_url"].rsplit(".", 1)[-1]: t for row in rows for t in row["types"]}
+    for t in ("Listener", "TypedExtensionConfig"):
+        assert types[t]["version_acked"] == types[t]["version_sent"], types[t]
 
 
 def test_envoy_crash_is_restarted_and_gets_the_whole_config(agent: InProcessAgent, upstream: int) -> None:  # noqa: F811
@@ -166,6 +241,7 @@ def test_agent_restart_keeps_l7_verdicts_and_resyncs(tmp_path: Path, agent: InPr
     port = test_listener(agent, name, upstream)
     assert curl_method(port, "/v1/exhaust-port", tie_ip, "PUT") == (403, L.DENIED_BODY)
     assert curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 200
+    before = ingress_listener_updated(envoy)
     agent.close()  # the agent is gone; Envoy keeps its last config and verdicts
     try:
         assert envoy.running
@@ -179,6 +255,11 @@ def test_agent_restart_keeps_l7_verdicts_and_resyncs(tmp_path: Path, agent: InPr
             assert again.proxy.supervisor.process is None  # no second Envoy
             port = test_listener(again, name, upstream)
             wait_for(lambda: again.proxy is not None and again.proxy.enforcer.sync_state() == "", what="resync")
+            # Restore did not wait for an ACK nobody could send: no failed regeneration,
+            # deathstar ready, and the adopted Envoy never lost the listener.
+            assert again.core.pipeline.stats.outcomes.get("failure", 0) == 0
+            assert again.core.find("deathstar").state == State.READY
+            assert ingress_listener_updated(envoy) == before
             assert active_listeners(envoy.config_dump()) == {"flagella-ingress", "flagella-test"}
             assert curl_method(port, "/v1/exhaust-port", tie_ip, "PUT") == (403, L.DENIED_BODY)
             # A policy change after the restart applies.
@@ -194,6 +275,15 @@ def test_agent_restart_keeps_l7_verdicts_and_resyncs(tmp_path: Path, agent: InPr
             again.close()
     finally:
         envoy.stop()
+
+
+def ingress_listener_updated(envoy: Any) -> str:
+    """When Envoy last (re)built the ingress listener: unchanged = never removed or replaced."""
+    for c in envoy.config_dump()["configs"]:
+        for d in c.get("dynamic_listeners", []):
+            if d["name"] == "flagella-ingress":
+                return str(d["active_state"]["last_updated"])
+    raise AssertionError("no active flagella-ingress listener")
 
 
 def test_listener(agent: InProcessAgent, filter_name: str, upstream_port: int) -> int:

@@ -8,17 +8,21 @@ peers); every (peer, request) pair must get the trace's L7 verdict.
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
+from flagella.endpoint.model import Endpoint
 from flagella.policy.api import Protocol, load_policies
 from flagella.policy.engine import PolicyEngine
 from flagella.policy.l7 import HTTPRequest
 from flagella.policy.labels import Label, k8s_labels
 from flagella.policy.resolver import EndpointInfo, PolicySettings
 from flagella.policy.trace import Side, TraceQuery, Tracer
+from flagella.proxy.enforcer import XdsEnforcer
 from flagella.proxy.l7policy import direction_http_policy, http_redirect_ports, port_redirects
 from flagella.proxy.rbac import peer_sets
+from flagella.xds.server import XdsServer, XdsSettings
 from tests.proxy.test_rbac_envoy import _curl, _envoy, upstream  # noqa: F401 (fixture)
 
 POLICY = """
@@ -119,3 +123,56 @@ def test_no_l7_rules_no_chains(egress: bool) -> None:
     engine.upsert_endpoint(EndpointInfo(1, 256, labels))
     state = engine.policy(1).egress if egress else engine.policy(1).ingress
     assert direction_http_policy(1, [], state, egress, {}).ports == ()
+
+
+HOST_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: host-l7, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEntities: [host]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET, path: /healthz}]}
+"""
+HOST_IP = "127.0.0.6"
+
+
+@pytest.mark.parametrize("allow_localhost", ["always", "policy"])
+def test_host_override_follows_allow_localhost(upstream: int, allow_localhost: str, tmp_path: Path) -> None:  # noqa: F811
+    """Spec 3.3: with allow_localhost "always" the host gets the wildcard L7 rule on
+    redirected ports (kubelet probes are never 403'd); with "policy" the host is held to
+    its HTTP rules like any peer. Envoy, fed what the node proxy feeds it, agrees with
+    trace either way."""
+    settings = PolicySettings(allow_localhost=allow_localhost)  # type: ignore[arg-type]
+    engine = PolicyEngine(settings)
+    engine.upsert_policies(load_policies(HOST_POLICY))
+    host_labels = frozenset({Label("reserved", "host")})
+    engine.set_identity(1, host_labels)
+    server = k8s_labels({"app": "server"}, "default")
+    engine.set_identity(256, server)
+    engine.upsert_endpoint(EndpointInfo(1, 256, server, addresses=frozenset({ipaddress.ip_address(SERVER_IP)})))
+    ipcache = {ipaddress.ip_network(f"{HOST_IP}/32"): 1}
+    # The RBAC exactly as the agent's XdsEnforcer builds it from the resolved policy.
+    enforcer = XdsEnforcer(XdsServer(XdsSettings(unix_socket=tmp_path / "unused.sock")), None,
+                           lambda: peer_sets(ipcache))
+    ep = Endpoint(id=1, name="server", namespace="default", labels={}, ipv4=ipaddress.IPv4Address(SERVER_IP))
+    policy = engine.policy(1)
+    (port80,) = enforcer._entry(ep, policy.ingress, policy.egress, peer_sets(ipcache)).ingress.ports
+    host = Side(host_labels, ipaddress.ip_address(HOST_IP))
+    tracer = Tracer(load_policies(HOST_POLICY), settings)
+    envoy, port = _envoy(port80.rbac, upstream)
+    try:
+        got = {}
+        for req in (HTTPRequest("GET", "/healthz"), HTTPRequest("DELETE", "/private")):
+            verdict = tracer.trace(
+                TraceQuery(host, Side(server, ipaddress.ip_address(SERVER_IP)), (80, Protocol.TCP), req)
+            )
+            code, _ = _curl(port, req.path, HOST_IP, method=req.method)
+            assert (code == 200) == verdict.allowed, (req, code, verdict.to_json())
+            got[req.path] = code
+        assert got == {"/healthz": 200, "/private": 200 if allow_localhost == "always" else 403}
+    finally:
+        envoy.stop()

@@ -43,7 +43,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from flagella.datapath.port import pod_netns_name
 from . import host
 from .e2e_plan import STANDARD_IPS, CasePlan, Peer, PodPlan, ProbePlan, StepPlan
 from .host import FLAGELLA, PYTHON, REPO, pid_alive, remove_bpf_dir, sh
+from .kafka_broker import NetnsBroker
 
 E2E_DIR = REPO / "tests" / "e2e"
 
@@ -59,6 +60,10 @@ E2E_DIR = REPO / "tests" / "e2e"
 TCP_TIMEOUT = 1.0
 UDP_TIMEOUT = 0.5  # x2: one retry
 ICMP_TIMEOUT = 1.0
+#: The client library of the conformance Kafka probes (the guide test runs both).
+KAFKA_CLIENT = "confluent-kafka"
+#: What a client surfaces when the proxy refused a request (TopicAuthorizationException).
+KAFKA_REFUSALS = ("TOPIC_AUTHORIZATION_FAILED",)
 #: An expected-allow probe that timed out is tried once more, alone-ish, with this timeout.
 RECHECK_TIMEOUT = 3.0
 
@@ -274,8 +279,9 @@ def _free_port() -> int:
 class Agent:
     """``flagella agent`` as a subprocess, with its own state dir, socket and bpf dir."""
 
-    def __init__(self, workdir: Path, tag: str, ipv6_cidr: str = "fd00:10:244::/64") -> None:
+    def __init__(self, workdir: Path, tag: str, ipv6_cidr: str = "fd00:10:244::/64", metrics_addr: str = "") -> None:
         self.workdir = workdir
+        self.metrics_addr = metrics_addr
         self.state_dir = workdir / "state"
         self.socket = str(workdir / "state" / "flagella.sock")
         self.bpf_dir = Path(f"/sys/fs/bpf/flagella-e2e-{os.getpid()}{tag}")
@@ -319,7 +325,7 @@ class Agent:
         self.proc = subprocess.Popen(
             [
                 FLAGELLA, "agent", "--config", str(self.config), "--state-dir", str(self.state_dir),
-                "--socket", self.socket, "--metrics-addr", "", "--bpf-dir", str(self.bpf_dir),
+                "--socket", self.socket, "--metrics-addr", self.metrics_addr, "--bpf-dir", str(self.bpf_dir),
             ],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
@@ -414,6 +420,42 @@ class World:
         sh("ip", "netns", "del", self.netns, check=False)
 
 
+class BridgedWorld(World):
+    """The world of a multi-node run: a namespace of ours on the nodes' bridge (in
+    ``fabric``), holding the TEST-NET addresses and ``ip`` on the bridge's subnet. The
+    nodes route the TEST-NET addresses to ``ip``; the world routes each pod to its node
+    (`MultiNodeCluster` keeps both). Deleting the namespace removes its veth."""
+
+    def __init__(
+        self, addresses: list[str], serve: set[tuple[int, str]], log_dir: Path, fabric: str, bridge: str, ip: str
+    ) -> None:
+        super().__init__("mnw", addresses, serve, log_dir)
+        self.netns = f"sys-{os.getpid()}mnw-world"
+        self.fabric, self.bridge, self.ip = fabric, bridge, ip
+
+    def create(self) -> None:
+        for a in self.addresses:
+            if not (a.startswith("198.51.100.") or a.startswith("203.0.113.")):
+                raise ValueError(f"world address {a} is not TEST-NET-2/3")
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "-n", self.netns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.fabric, "link", "add", "world0", "type", "veth", "peer", "name", "eth0", "netns", self.netns)
+        sh("ip", "-n", self.fabric, "link", "set", "world0", "master", self.bridge, "up")
+        sh("ip", "-n", self.netns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        for a in self.addresses:
+            sh("ip", "-n", self.netns, "addr", "add", f"{a}/32", "dev", "eth0")
+        sh("ip", "-n", self.netns, "link", "set", "eth0", "up")
+        self.server = PodServer(self.netns, self.serve, self.log_dir, addrs=self.addresses)
+        self.prober = Prober(self.netns, self.log_dir)
+
+    def destroy(self) -> None:
+        for helper in (self.prober, self.server):
+            if helper is not None:
+                with contextlib.suppress(Exception):
+                    helper.close()
+        sh("ip", "netns", "del", self.netns, check=False)
+
+
 # -- pods and cases ------------------------------------------------------------------------------------
 
 
@@ -424,6 +466,7 @@ class LivePod:
     labels: dict[str, str]
     server: PodServer
     prober: Prober | None = None
+    brokers: list[NetnsBroker] = field(default_factory=list)
 
     @property
     def netns(self) -> str:
@@ -487,7 +530,13 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.agent.call("endpoint.delete", {"name": pp.key})
             raise
-        self.pods[pp.key] = LivePod(pp, ep, dict(ep.get("labels") or pp.labels), server)
+        live = LivePod(pp, ep, dict(ep.get("labels") or pp.labels), server)
+        self.pods[pp.key] = live
+        for port in sorted(pp.kafka_ports):
+            # A Kafka broker where the case probes Kafka (its topics seeded with one record).
+            broker = NetnsBroker(ep["netns"], pp.ipv4, port, pp.kafka_topics, python=PYTHON)
+            live.brokers.append(broker)
+            broker.start()
 
     def _delete(self, key: str) -> None:
         live = self.pods.pop(key)
@@ -495,6 +544,9 @@ class Cluster:
             if helper is not None:
                 with contextlib.suppress(Exception):
                     helper.close()
+        for broker in live.brokers:
+            with contextlib.suppress(Exception):
+                broker.stop()
         self.agent.call("endpoint.delete", {"name": key})
         self.deleted += 1
 
@@ -660,6 +712,9 @@ class Cluster:
             req: dict[str, Any] = {"kind": pp.kind, "addr": pp.dst.address}
             if pp.kind == "tcp":
                 req.update(port=pp.port, timeout=timeout or TCP_TIMEOUT, http=pp.http)
+            elif pp.kind == "kafka":
+                assert pp.kafka is not None
+                req.update(port=pp.port, timeout=timeout or TCP_TIMEOUT, client=KAFKA_CLIENT, **pp.kafka)
             elif pp.kind == "udp":
                 req.update(port=pp.port, timeout=timeout or UDP_TIMEOUT, retries=1)
             else:
@@ -675,6 +730,7 @@ class Cluster:
                 r = fut.result(timeout=60)
                 o.result, o.detail, o.ms = r.get("result", "error"), r.get("detail", ""), r.get("ms", 0.0)
                 o.http_status = r.get("http_status")
+                o.kafka_error = r.get("kafka_error")
             except (FutureTimeout, HelperDied) as exc:
                 o.result, o.detail = "error", f"{exc.__class__.__name__}: {exc}"
 
@@ -722,6 +778,225 @@ class Cluster:
         return "\n".join(out)
 
 
+# -- the multi-node option ------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeHandle:
+    """One node of a multi-node run: its agent (anything with ``call``), netns and node IP."""
+
+    agent: Any
+    netns: str
+    ip: str
+
+
+def pod_to_pod(probe: ProbePlan) -> bool:
+    """A probe the multi-node option runs: both peers are pods."""
+    return all(x is not None and x.kind == "pod" for x in (probe.src, probe.dst))
+
+
+def place_by_address(ipv4: str, nodes: int) -> int:
+    """A pod's node in a multi-node run: the last byte of its IPv4 address modulo the node
+    count. Stable across cases (a reused pod stays put), and the standard cluster's pods
+    of each namespace (.10, .11, .12) land on different nodes."""
+    return int(ipv4.rsplit(".", 1)[1]) % nodes
+
+
+#: Why a probe is not run across nodes (world probes, when no world is attached).
+MULTINODE_SKIP = "multi-node run: the world is not attached to the nodes"
+
+
+class MultiNodeCluster(Cluster):
+    """The runner with its pods spread over several nodes (`place_by_address`).
+
+    Each node is an agent in a network namespace of its own, sharing etcd with the
+    others (tests/multinode/_harness.py builds them). Per pod, its node's agent creates,
+    relabels and deletes it, and the other nodes get a /32 route to it via its node IP
+    (every node has the same pod CIDR, the plan's addresses). Namespace labels and
+    policies go to every agent: each node enforces for its own pods. After every change
+    the runner waits until each node's kernel ipcache maps every pod of every node to its
+    identity (remote ones arrive through etcd); that is also the per-step invariant.
+    A probe from the host runs in the destination pod's node namespace; the world, when
+    given, is a `BridgedWorld` on the nodes' bridge (without it, world probes are skipped).
+    IPv4 only.
+    """
+
+    converge_timeout_s = 30.0
+
+    def __init__(
+        self, nodes: list[NodeHandle], log_dir: Path, tag: str = "mn", world: BridgedWorld | None = None
+    ) -> None:
+        super().__init__(nodes[0].agent, world, log_dir, 4, tag)
+        self.nodes = nodes
+        if world is not None:
+            for node in nodes:
+                for a in world.addresses:
+                    sh("ip", "-n", node.netns, "route", "replace", f"{a}/32", "via", world.ip)
+        self.placement: dict[str, int] = {}
+        # Not in MARKER_DIR: the pods' netns carry the agents' pod_netns_prefix, and the
+        # root-namespace sweep must never be handed the corpus' unprefixed names.
+        self.marker = log_dir / f"pods-{tag}.json"
+        self._node_probers: dict[int, Prober] = {}
+
+    @contextlib.contextmanager
+    def _on(self, node: NodeHandle) -> Any:
+        home, self.agent = self.agent, node.agent
+        try:
+            yield
+        finally:
+            self.agent = home
+
+    def node_of(self, key: str) -> NodeHandle:
+        return self.nodes[self.placement[key]]
+
+    def _routes(self, pp: PodPlan, op: str) -> None:
+        owner = self.node_of(pp.key)
+        via = ["via", owner.ip] if op != "del" else []
+        spaces = [n.netns for n in self.nodes if n is not owner]
+        if isinstance(self.world, BridgedWorld):
+            spaces.append(self.world.netns)
+        for netns in spaces:
+            sh("ip", "-n", netns, "route", op, f"{pp.ipv4}/32", *via, check=op != "del")
+
+    def _create(self, pp: PodPlan) -> None:
+        self.placement[pp.key] = place_by_address(pp.ipv4, len(self.nodes))
+        with self._on(self.node_of(pp.key)):
+            super()._create(replace(pp, ipv6=None))
+        self.pods[pp.key].plan = pp  # the plan as asked, so prepare() reuses the pod
+        self._routes(pp, "replace")
+
+    def _delete(self, key: str) -> None:
+        pp = self.pods[key].plan
+        with self._on(self.node_of(key)):
+            super()._delete(key)
+        self._routes(pp, "del")
+
+    def set_namespace_labels(self, ns: str, labels: dict[str, str]) -> None:
+        if self.ns_labels.get(ns) == labels and ns in self.ns_labels:
+            return
+        current = self.ns_labels.get(ns, {})
+        for node in self.nodes:
+            got = node.agent.call(
+                "namespace.labels",
+                {"namespace": ns, "set": _kv(labels), "unset": sorted(set(current) - set(labels))},
+            )
+            if got != labels:
+                raise RuntimeError(f"namespace {ns} on {node.netns}: labels are {got}, wanted {labels}")
+        self.ns_labels[ns] = dict(labels)
+
+    def set_pod_labels(self, key: str, labels: dict[str, str]) -> None:
+        with self._on(self.node_of(key)):
+            super().set_pod_labels(key, labels)
+
+    def vanished(self) -> list[str]:
+        gone = []
+        for key, live in sorted(self.pods.items()):
+            node = self.node_of(key)
+            links = {x.get("ifname") for x in json.loads(sh("ip", "-n", node.netns, "-j", "link", "show", check=False).stdout or "[]")}
+            if live.ep.get("host_ifname") not in links or live.netns not in host.netns_names():
+                gone.append(key)
+        return gone
+
+    def prepare(self, plan: CasePlan) -> list[str]:
+        incidents = super().prepare(plan)
+        self.converge()
+        return incidents
+
+    def apply_step(self, step: StepPlan) -> None:
+        for node in self.nodes:
+            with self._on(node):
+                super().apply_step(step)
+        self.converge()
+
+    def finish_case(self, plan: CasePlan) -> None:
+        for node in self.nodes:
+            with self._on(node):
+                super().finish_case(plan)
+        self.converge()  # restored labels reach the other nodes before the runner checks
+
+    def ipcache_errors(self) -> list[str]:
+        """Every node's kernel ipcache maps every live pod (of any node) to its identity."""
+        identities: dict[str, int] = {}
+        for node in self.nodes:
+            for e in node.agent.call("endpoint.list", {}):
+                identities[f"{e['namespace']}/{e['name']}"] = e.get("identity")
+        errors = []
+        for node in self.nodes:
+            rows = {r["prefix"]: r["identity"] for r in node.agent.call("bpf.ipcache", {})}
+            for key in sorted(self.pods):
+                if key not in identities:
+                    errors.append(f"{key}: no agent has such an endpoint")
+                    continue
+                got = rows.get(f"{self.pods[key].plan.ipv4}/32")
+                if got != identities[key]:
+                    errors.append(
+                        f"{node.netns}: ipcache {self.pods[key].plan.ipv4}/32 -> {got}, "
+                        f"but {key} has identity {identities[key]}"
+                    )
+        return errors
+
+    def converge(self) -> None:
+        deadline = time.monotonic() + self.converge_timeout_s
+        while (errors := self.ipcache_errors()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if errors:
+            raise RuntimeError(f"nodes did not converge in {self.converge_timeout_s}s: {'; '.join(errors[:5])}")
+
+    def probe(self, probes: list[ProbePlan], recheck: bool = True) -> list[Outcome]:
+        """Pod-to-pod probes as on one node; a probe from the host runs on the destination
+        pod's node (its host is that node's namespace); world probes are skipped."""
+        placed = [
+            replace(p, action="skip", reason=MULTINODE_SKIP)
+            if p.action != "skip" and not pod_to_pod(p) and not self._host_probe(p) and not self._world_probe(p)
+            else p
+            for p in probes
+        ]
+        merged: list[Outcome | None] = [None] * len(placed)
+        for i, node in enumerate(self.nodes):
+            mine = [
+                p
+                if p.action == "skip" or ((pod_to_pod(p) or self._world_probe(p)) and i == 0) or self._host_probe(p, i)
+                else replace(p, action="skip")
+                for p in placed
+            ]
+            if i and all(p.action == "skip" for p in mine):
+                continue
+            self.host_prober = self._node_probers.get(i) or Prober(node.netns, self.log_dir)
+            self._node_probers[i] = self.host_prober
+            for j, outcome in enumerate(super().probe(mine, recheck)):
+                if merged[j] is None or mine[j].action != "skip":
+                    merged[j] = replace(outcome, plan=placed[j]) if mine[j].action == "skip" else outcome
+        self.host_prober = None
+        return [o for o in merged if o is not None]
+
+    def _world_probe(self, p: ProbePlan) -> bool:
+        """A probe between a pod and the world, when the world is attached."""
+        kinds = {x.kind for x in (p.src, p.dst) if x is not None}
+        return self.world is not None and kinds == {"pod", "world"}
+
+    def _host_probe(self, p: ProbePlan, node: int | None = None) -> bool:
+        """A probe from the host to a pod (on ``node``, if given)."""
+        if p.src is None or p.src.kind != "host" or p.dst is None or p.dst.kind != "pod":
+            return False
+        return node is None or self.placement.get(p.dst.key) == node
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for prober in self._node_probers.values():
+                prober.close()
+
+    def diagnostics(self, keys: set[str]) -> str:
+        out = []
+        for i, node in enumerate(self.nodes):
+            mine = {k for k in keys if self.placement.get(k) == i}
+            if mine:
+                with self._on(node):
+                    out.append(f"=== node {node.netns}\n" + super().diagnostics(mine))
+        return "\n".join(out)
+
+
 def format_policy_rows(rows: list[dict[str, Any]]) -> str:
     header = ["DIRECTION", "IDENTITY", "PROTO", "PORTS", "VERDICT", "PROXY", "PACKETS", "BYTES"]
     cells = [header] + [
@@ -743,10 +1018,14 @@ class Outcome:
     detail: str = ""
     ms: float = 0.0
     http_status: int | None = None
+    #: kind "kafka": the Kafka error the client surfaced ("" when the operation worked)
+    kafka_error: str | None = None
     rechecked: bool = False
 
     @property
     def got(self) -> str:
+        if self.result == "open" and self.plan.kind == "kafka":
+            return "deny" if self.kafka_error else "allow"
         if self.result == "open":
             # An HTTP request the proxy refused: 403 with Cilium's body.
             return "deny" if self.plan.http and self.http_status == 403 else "allow"
@@ -762,6 +1041,9 @@ class Outcome:
         if self.got == "deny" and mode == "drop":
             return self.result == "timeout"
         if self.got == "deny" and mode == "l7-reject":
+            if self.plan.kind == "kafka":
+                # A Kafka answer, not a dropped connection (spec 10(b)).
+                return self.kafka_error in KAFKA_REFUSALS
             return self.http_status == 403
         return True
 

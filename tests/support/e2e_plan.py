@@ -331,10 +331,15 @@ class PodPlan:
     serve: frozenset[tuple[int, str]]
     #: "name=port/PROTO" for endpoint.create.
     named_ports: tuple[str, ...]
+    #: TCP ports where the pod runs a Kafka broker (Tansu) instead of the plain server,
+    #: and the topics it holds (each seeded with one record).
+    kafka_ports: frozenset[int] = frozenset()
+    kafka_topics: frozenset[str] = frozenset()
 
     def spec(self) -> tuple[Any, ...]:
-        """What cannot change on a live endpoint (labels can)."""
-        return (self.namespace, self.name, self.ipv4, self.ipv6, self.service_account, self.named_ports)
+        """What cannot change on a live endpoint (labels can), nor on its servers."""
+        return (self.namespace, self.name, self.ipv4, self.ipv6, self.service_account, self.named_ports,
+                self.kafka_ports, self.kafka_topics)
 
 
 @dataclass(frozen=True)
@@ -351,10 +356,12 @@ class ProbePlan:
     reason: str = ""
     src: Peer | None = None
     dst: Peer | None = None
-    kind: str = ""  # "tcp" | "udp" | "icmp"
+    kind: str = ""  # "tcp" | "udp" | "icmp" | "kafka"
     port: int = 0
     icmp_type: int = 0
     http: dict[str, Any] | None = None
+    #: kind "kafka": {"op": "produce" | "consume", "topic": ...}
+    kafka: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -419,14 +426,21 @@ def plan_probe(
     action, reason = "check", ""
     raw = probe.raw or {}
     l7 = next((f for f in L7_FIELDS if raw.get(f)), None)
+    kafka: dict[str, Any] | None = None
     if l7 is not None:
         deny_mode = raw.get("deny_mode")
         if l7 == "http":
             # Through the agent's node proxy: an allowed request is answered by the pod,
             # a refused one gets 403 from Envoy, a dropped flow no answer.
             reason = f"http {probe.expect} through the node proxy"
+        elif l7 == "kafka" and kafka_broker_probe(case, probe, family):
+            # A real client against the Tansu broker in the destination pod, through the
+            # node proxy's Kafka chain when L7 rules are in effect.
+            kind, kafka = "kafka", kafka_operation(raw["kafka"])
+            reason = f"kafka {kafka['op']} {probe.expect} with a real client"
         elif any(has_l7_rules(p) for p in step_policies):
-            return ProbePlan(probe, "skip", f"{l7} with L7 rules in effect: the node proxy enforces HTTP only (Kafka through Envoy is not wired into the agent)")
+            why = "Kafka probes run over IPv4 only" if l7 == "kafka" else "no DNS proxy"
+            return ProbePlan(probe, "skip", f"{l7} with L7 rules in effect: {why}")
         elif probe.expect == "allow":
             reason = f"{l7} allow checked as its {proto} transport (no L7 rule in effect)"
         elif deny_mode == "drop":
@@ -447,7 +461,23 @@ def plan_probe(
         int(probe.port or 0),
         icmp_type,
         dict(raw["http"]) if raw.get("http") else None,
+        kafka,
     )
+
+
+def kafka_broker_probe(case: Case, probe: Probe, family: int) -> bool:
+    """A Kafka probe the runner makes with a real client: to a pod (which then runs a
+    broker on the port), over IPv4 (the broker advertises one address)."""
+    return bool(probe.kafka) and family == 4 and probe.dst in case.pods and probe.protocol.upper() == "TCP"
+
+
+def kafka_operation(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The client operation a probe's ``kafka: {role|apiKey, topic}`` names: a produce, or
+    a consume (assign and fetch from the start) for consume/fetch."""
+    what = str(spec.get("role") or spec.get("apiKey") or "").lower()
+    if what not in ("produce", "consume", "fetch"):
+        raise ValueError(f"kafka probe {dict(spec)}: no client operation for {what!r}")
+    return {"op": "produce" if what == "produce" else "consume", "topic": str(spec["topic"])}
 
 
 def _peer(
@@ -489,12 +519,17 @@ def plan_case(case: Case, externals: Mapping[str, str], family: int = 4) -> Case
     if family == 6 and any(has_cidrs(doc) for s in case.steps for doc in s.policies):
         raise RemapError("CIDR rules are not remapped to IPv6")
     probed: dict[str, set[tuple[int, str]]] = {}
+    brokers: dict[str, set[int]] = {}
+    topics: dict[str, set[str]] = {}
     world_serve: set[tuple[int, str]] = set()
     for step in case.steps:
         for p in step.probes:
             proto = p.protocol.upper()
             if p.port is None or proto not in ("TCP", "UDP"):
                 continue
+            if p.kafka and kafka_broker_probe(case, p, family):
+                brokers.setdefault(p.dst, set()).add(int(p.port))
+                topics.setdefault(p.dst, set()).add(str(p.kafka["topic"]))
             if p.dst in case.pods:
                 probed.setdefault(p.dst, set()).add((int(p.port), proto))
             else:
@@ -503,6 +538,7 @@ def plan_case(case: Case, externals: Mapping[str, str], family: int = 4) -> Case
     for key, pod in case.pods.items():
         serve = {(ps.port, ps.protocol.upper()) for ps in pod.ports if ps.protocol.upper() in ("TCP", "UDP")}
         serve |= probed.get(key, set())
+        serve -= {(port, "TCP") for port in brokers.get(key, ())}
         named = tuple(sorted(f"{ps.name}={ps.port}/{ps.protocol.upper()}" for ps in pod.ports if ps.name))
         pods[key] = PodPlan(
             key=key,
@@ -514,6 +550,8 @@ def plan_case(case: Case, externals: Mapping[str, str], family: int = 4) -> Case
             ipv6=ipv6_for(v4[key]) if family == 6 else None,
             serve=frozenset(serve),
             named_ports=named,
+            kafka_ports=frozenset(brokers.get(key, ())),
+            kafka_topics=frozenset(topics.get(key, ())),
         )
     steps: list[StepPlan] = []
     namespaces = sorted({p.namespace for p in case.pods.values()} | set(case.namespaces))

@@ -69,3 +69,66 @@ def broker_with_topics(topics: Iterable[str], partitions: int = 1) -> Iterator[t
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class NetnsBroker:
+    """Tansu inside a pod's network namespace, listening on ``port`` of every address and
+    advertising ``address`` (the pod's), with ``topics`` created and each seeded with one
+    record (``seed``), so that an allowed consume has something to read.
+
+    Topics are created and seeded from inside the namespace (loopback and the pod's own
+    address never cross the pod's veth), so no policy is involved in the setup.
+    """
+
+    def __init__(self, netns: str, address: str, port: int, topics: Iterable[str],
+                 seed: bytes = b"seed", python: str = "python3") -> None:
+        self.netns, self.address, self.port = netns, address, port
+        self.topics = sorted(set(topics))
+        self.seed, self.python = seed, python
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _exec(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+    def start(self, timeout: float = 30) -> None:
+        tansu = tansu_binary()
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        self.proc = subprocess.Popen(
+            self._exec(str(tansu), "broker", "--listener-url", f"tcp://0.0.0.0:{self.port}",
+                       "--advertised-listener-url", f"tcp://{host}:{self.port}",
+                       "--storage-engine", "memory://tansu/", "--cluster-id", f"flagella-{self.netns}"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            local = f"tcp://127.0.0.1:{self.port}"
+            for topic in self.topics:
+                while True:
+                    p = subprocess.run(self._exec(str(tansu), "topic", "create", topic, "--partitions", "1",
+                                                  "--broker", local), capture_output=True, timeout=30)
+                    if p.returncode == 0:
+                        break
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"tansu in {self.netns}: cannot create {topic}: "
+                                           f"{p.stderr.decode(errors='replace')[-500:]}")
+                    time.sleep(0.2)
+            repo = Path(__file__).resolve().parents[2]
+            script = ("import sys; from tests.support.kafka_clients import produce; "
+                      "o = [produce('kafka-python', sys.argv[1], t, sys.argv[2].encode()) for t in sys.argv[3:]]; "
+                      "sys.exit(0 if all(x.ok for x in o) else repr(o))")
+            subprocess.run(self._exec(self.python, "-c", script, f"{host}:{self.port}", self.seed.decode(),
+                                      *self.topics), check=True, capture_output=True, timeout=60, cwd=repo)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None

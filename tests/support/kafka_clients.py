@@ -7,8 +7,11 @@ Consumers use ``assign()`` (no consumer group) and read from the beginning.
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 CLIENTS = ("kafka-python", "confluent-kafka")
 
@@ -106,12 +109,26 @@ def consume(client: str, address: str, topic: str, want: int, timeout: float = 1
         if len(values) < want:
             # librdkafka keeps a topic it may not see out of the fetch loop and says why
             # in the topic's metadata.
-            error = consumer.list_topics(topic, timeout=5).topics[topic].error
-            if error is not None:
-                return Outcome(False, error.name(), values)
+            error = _confluent_topic_error(consumer, topic)
+            if error:
+                return Outcome(False, error, values)
     finally:
         consumer.close()
     return Outcome(len(values) >= want, "" if len(values) >= want else "timeout", values)
+
+
+def _confluent_topic_error(consumer: Any, topic: str) -> str:
+    """The topic's Metadata error name as librdkafka holds it ("" if none); a busy client
+    may miss one Metadata round trip, so ask up to three times."""
+    from confluent_kafka import KafkaException
+
+    for _ in range(3):
+        try:
+            error = consumer.list_topics(topic, timeout=5).topics[topic].error
+        except KafkaException:
+            continue
+        return "" if error is None else str(error.name())
+    return ""
 
 
 def list_topics(client: str, address: str) -> set[str]:
@@ -127,3 +144,46 @@ def list_topics(client: str, address: str) -> set[str]:
     from confluent_kafka.admin import AdminClient
 
     return set(AdminClient({"bootstrap.servers": address}).list_topics(timeout=10).topics)
+
+
+def raw_fetch(host: str, port: int, topic: str, timeout: float = 10) -> Outcome:
+    """An attacker skipping Metadata: a Fetch of ``topic`` pipelined with an ApiVersions on one
+    raw connection. ``ok`` when the records came back; else the Fetch's error name, and
+    ``"connection closed"`` when the connection did not stay open for the ApiVersions answer."""
+    from flagella.proxy.kafka import KafkaCodec
+
+    codec = KafkaCodec()
+    fetch = {"MaxWaitMs": 10, "MinBytes": 1, "MaxBytes": 1 << 20, "Topics": [
+        {"Topic": topic, "Partitions": [{"Partition": 0, "FetchOffset": 0, "PartitionMaxBytes": 1 << 20}]}]}
+
+    with socket.create_connection((host, port), timeout) as sock:
+        sock.sendall(codec.encode_request(1, 4, 41, "attacker", fetch)
+                     + codec.encode_request(18, 2, 42, "attacker", {}))
+        try:
+            _, answer = codec.decode_response(1, 4, read_frame(sock))
+            corr, versions = codec.decode_response(18, 2, read_frame(sock))
+        except (ConnectionError, OSError):
+            return Outcome(False, "connection closed")
+    codes = [p["ErrorCode"] for t in answer["Responses"] for p in t["Partitions"]]
+    records = [p["Records"] for t in answer["Responses"] for p in t["Partitions"] if p["Records"]]
+    if corr != 42 or versions["ErrorCode"] != 0:
+        return Outcome(False, f"ApiVersions answer {corr}/{versions['ErrorCode']}")
+    if codes and all(c == 29 for c in codes):
+        return Outcome(False, "TOPIC_AUTHORIZATION_FAILED")
+    return Outcome(not any(codes), f"error codes {codes}" if any(codes) else "", [bytes(r) for r in records])
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    """One Kafka frame (without its size) from ``sock``; ConnectionError when it closes."""
+
+    def exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    (size,) = struct.unpack(">i", exact(4))
+    return exact(size)

@@ -309,7 +309,14 @@ class Agent:
     either destroy the other's pods; the node namespace also keeps pod traffic off the host.
     """
 
-    def __init__(self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto") -> None:
+    def __init__(
+        self, workdir: Path, tag: str, sync_interval_s: float = 1.0, attach_mode: str = "auto",
+        network: str = "{ipv4_cidr: 10.244.0.0/16}", extra_config: str = "", proxy: str = "",
+        extra_settings: str = "",
+    ) -> None:
+        """``network``, ``proxy`` (flow-style YAML mappings), ``extra_config`` and
+        ``extra_settings`` (YAML lines, e.g. ``istio: {enabled: true}``) go into the agent's
+        settings file."""
         self.workdir = workdir
         self.tag = tag
         self.node = f"{NS_PREFIX}{tag}-node"
@@ -320,6 +327,8 @@ class Agent:
         self.config = workdir / "settings.yaml"
         self.log_path = workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: More ``flagella agent`` flags (e.g. the ``--k8s-*`` ones), given at every start.
+        self.args: list[str] = []
         workdir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
             f"state_dir: {self.state_dir}\n"
@@ -327,11 +336,12 @@ class Agent:
             f"bpf_dir: {self.bpf_dir}\n"
             f"metrics_addr: 127.0.0.1:{self.metrics_port}\n"
             f"controllers: {{sync_interval_s: {sync_interval_s}}}\n"
-            "network: {ipv4_cidr: 10.244.0.0/16}\n"
+            f"network: {network}\n"
             f"attach_mode: {attach_mode}\n"
             # The node proxy is on by default; its Envoy's shared memory is host-wide, so
             # each test agent gets a base id of its own (the rest lives in the node netns).
-            f"proxy: {{envoy_base_id: {free_port()}, admin_port: {free_port()}}}\n"
+            f"proxy: {proxy or f'{{envoy_base_id: {free_port()}, admin_port: {free_port()}}}'}\n"
+            + extra_config + extra_settings
         )
 
     @property
@@ -348,7 +358,7 @@ class Agent:
         with open(self.log_path, "ab") as log:
             # nsenter execs the agent: the child's pid is the agent's.
             self.proc = subprocess.Popen(
-                ["nsenter", f"--net=/var/run/netns/{self.node}", "--", FLAGELLA, "agent", "--config", str(self.config)],
+                ["nsenter", f"--net=/var/run/netns/{self.node}", "--", FLAGELLA, "agent", "--config", str(self.config), *self.args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         deadline = start + timeout
@@ -496,6 +506,7 @@ class Cluster:
     def create(
         self, name: str, ns: str, n: int, labels: dict[str, str] | None = None,
         namespace_labels: dict[str, str] | None = None, istio_sidecar: bool = False,
+        service_account: str | None = None,
     ) -> Pod:
         pod = Pod(name, ns, n)
         self.netns_seen.add(pod.netns)
@@ -511,6 +522,7 @@ class Cluster:
                 "ipv4": pod.ipv4,
                 "ipv6": pod.ipv6,
                 **({"istio_sidecar": True} if istio_sidecar else {}),
+                **({"service_account": service_account} if service_account else {}),
             },
         )
         assert pod.ep["netns"] == pod.netns, pod.ep

@@ -11,6 +11,11 @@ requests after mTLS), while a peer the policy does not name is dropped in BPF.
 
 from __future__ import annotations
 
+import os
+import select
+import socket
+import struct
+import time
 from collections.abc import Callable
 
 import pytest
@@ -23,7 +28,9 @@ from tests.system._support import (
     assert_allowed,
     assert_denied,
     drain,
+    in_netns,
     namespace,
+    tcp_connect,
     udp_exchange,
 )
 
@@ -49,6 +56,41 @@ def _policy(ns: str) -> dict:
             }],
         },
     }
+
+
+def _checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+
+
+def icmp_echo(netns: str, dst: str, timeout: float = DENY_TIMEOUT) -> bool:
+    """One ICMP (or ICMPv6) echo request from a pod; whether the reply came back."""
+    v6 = ":" in dst
+    with in_netns(netns):
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                          socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF
+    request_type, reply_type = (128, 129) if v6 else (8, 0)
+    body = b"flagella-istio"
+    header = struct.pack("!BBHHH", request_type, 0, 0, ident, 1)
+    if not v6:  # the kernel fills in ICMPv6 checksums itself
+        header = struct.pack("!BBHHH", request_type, 0, _checksum(header + body), ident, 1)
+    try:
+        s.sendto(header + body, (dst, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([s], [], [], left)[0]:
+                return False
+            packet = s.recv(2048)
+            icmp = packet if v6 else packet[(packet[0] & 0x0F) * 4:]
+            kind, _, _, got_id, _ = struct.unpack("!BBHHH", icmp[:8])
+            if kind == reply_type and got_id == ident:
+                return True
+        return False
+    finally:
+        s.close()
 
 
 def test_meshed_pod_udp_and_ipv6_bypass_dropped_in_bpf(module_agent: Agent, make_cluster: Callable[[Agent], Cluster]) -> None:
@@ -91,3 +133,43 @@ def test_meshed_pod_udp_and_ipv6_bypass_dropped_in_bpf(module_agent: Agent, make
         for port in (53, 80):
             assert udp_exchange(leia.netns, luke.ip(family), port, 64, timeout=DENY_TIMEOUT) is None
     assert all(drain(q) == [] for q in sinks.values()), "a UDP datagram got through"
+    # ICMP, which Istio ignores too: echo requests into and out of the meshed pod are dropped;
+    # between pods that no policy selects they pass (the probe works).
+    for family in (4, 6):
+        assert icmp_echo(luke.netns, vader.ip(family), timeout=3.0), f"control: luke -> vader ICMP IPv{family}"
+        assert not icmp_echo(luke.netns, leia.ip(family)), f"luke -> meshed leia ICMP IPv{family}"
+        assert not icmp_echo(leia.netns, luke.ip(family)), f"meshed leia -> luke ICMP IPv{family}"
+
+
+def test_only_injected_pods_reach_the_control_plane(
+    module_agent: Agent, make_cluster: Callable[[Agent], Cluster]
+) -> None:
+    """Issue 9 (5): a policy on istiod that names the agent-owned sidecar label admits
+    injected pods only; a pod cannot claim the label through its own labels."""
+    agent = module_agent
+    c = make_cluster(agent)
+    control, apps = namespace("isc"), namespace("isa")
+    istiod = c.create("istiod", control, 64, {"app": "istiod"})
+    meshed = c.create("meshed", apps, 65, {"app": "web"}, istio_sidecar=True)
+    plain = c.create("plain", apps, 66, {"app": "web"})
+    for family in (4, 6):
+        c.servers.tcp_echo(istiod.netns, istiod.ip(family), 15012)
+    c.import_policy({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "sys-istiod-injected-only", "namespace": control},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "istiod"}},
+            "ingress": [{
+                "fromEndpoints": [{"matchLabels": {
+                    "io.cilium.k8s.policy.istiosidecarproxy": "true",
+                    "io.kubernetes.pod.namespace": apps,
+                }}],
+                "toPorts": [{"ports": [{"port": "15012", "protocol": "TCP"}]}],
+            }],
+        },
+    })
+    for family in (4, 6):
+        assert tcp_connect(meshed.netns, istiod.ip(family), 15012, timeout=3.0) == "open", f"IPv{family}"
+        assert tcp_connect(plain.netns, istiod.ip(family), 15012) == "timeout", f"IPv{family}"
+    with pytest.raises(Exception, match="istiosidecarproxy"):
+        c.create("sneaky", apps, 67, {"app": "web", "io.cilium.k8s.policy.istiosidecarproxy": "true"})

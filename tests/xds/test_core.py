@@ -17,7 +17,7 @@ from .helpers import cluster, rbac_filter
 
 NAMES = st.sampled_from(["a", "b", "c", "d"])
 OPS = st.lists(
-    st.tuples(st.sampled_from(["upsert", "remove", "set"]), st.one_of(st.none(), st.sampled_from(["n1", "n2"])),
+    st.tuples(st.sampled_from(["upsert", "remove", "set", "base"]), st.one_of(st.none(), st.sampled_from(["n1", "n2"])),
               st.dictionaries(NAMES, st.integers(1, 3), max_size=3)),
     max_size=12,
 )
@@ -28,8 +28,12 @@ OPS = st.lists(
 def test_incremental_updates_equal_a_fresh_snapshot(ops: list[tuple[str, str | None, dict[str, int]]]) -> None:
     live = ResourceCache()
     model: dict[str | None, dict[str, int]] = {None: {}, "n1": {}, "n2": {}}
+    base: dict[str, int] = {}
     for op, node, items in ops:
-        if op == "upsert":
+        if op == "base":  # the layer under the global set (not per node)
+            live.set_base(CLUSTER, {n: cluster(n, t) for n, t in items.items()})
+            base = dict(items)
+        elif op == "upsert":
             live.update(CLUSTER, {n: cluster(n, t) for n, t in items.items()}, node=node)
             model[node].update(items)
         elif op == "remove":
@@ -42,12 +46,20 @@ def test_incremental_updates_equal_a_fresh_snapshot(ops: list[tuple[str, str | N
         for who in ("n1", "n2"):
             live.view(who, CLUSTER)  # memoized views must be invalidated correctly
     fresh = ResourceCache()
+    fresh.set_base(CLUSTER, {n: cluster(n, t) for n, t in base.items()})
     for node, items in model.items():
         fresh.set_resources(CLUSTER, {n: cluster(n, t) for n, t in items.items()}, node=node)
     for who in ("n1", "n2", "n3"):
         a, b = live.view(who, CLUSTER), fresh.view(who, CLUSTER)
         assert a.version == b.version
         assert {n: r.sotw_field for n, r in a.resources.items()} == {n: r.sotw_field for n, r in b.resources.items()}
+        # Layers: the node's own over the global over the base.
+        expected = {**base, **model[None], **model.get(who, {})}
+        want = ResourceCache()
+        want.set_resources(CLUSTER, {n: cluster(n, t) for n, t in expected.items()})
+        assert {n: r.value for n, r in a.resources.items()} == {
+            n: r.value for n, r in want.view(who, CLUSTER).resources.items()
+        }
 
 
 def test_serialized_once_and_shared() -> None:

@@ -307,3 +307,36 @@ def test_every_service_answers_its_type(tmp_path: Path, service: str, delta: boo
             await channel.close()
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+@pytest.mark.parametrize("bound", [1, 2])
+def test_pushes_run_with_bounded_concurrency(tmp_path: Path, bound: int) -> None:
+    """``max_concurrent_pushes`` streams encode and write at once. A stream whose Envoy
+    does not read (a 16 MiB CDS answer that fills the flow-control windows) holds one
+    slot: with one slot the next stream waits for it, with two it is answered at once."""
+
+    async def body() -> None:
+        sock = tmp_path / "xds.sock"
+        server = XdsServer(XdsSettings(unix_socket=sock, max_concurrent_pushes=bound))
+        await server.start()
+        def channel() -> grpc.aio.Channel:
+            return grpc.aio.insecure_channel(f"unix:{sock}", options=[("grpc.max_receive_message_length", -1)])
+
+        stalled = Client(str(sock), node="stalled", channel=channel())
+        other = Client(str(sock), node="other", channel=channel())
+        try:
+            server.set_resources(CLUSTER, {f"c{i:05}-{'x' * 1000}": cluster(f"c{i:05}-{'x' * 1000}")
+                                           for i in range(16_000)})
+            await stalled.request(CLUSTER)  # answered at once, never read (yet)
+            await settle()
+            await other.request(CLUSTER)
+            if bound == 1:
+                assert await other.silent(1.0)  # waits for the slot the stalled stream holds
+                assert len((await stalled.recv(30)).resources) == 16_000  # frees it
+            assert len((await other.recv(30)).resources) == 16_000
+        finally:
+            await stalled.close()
+            await other.close()
+            await server.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 60))

@@ -21,6 +21,11 @@ def run(config: str | Path | None, **overrides: Any) -> None:
 
     settings = load_settings(config, **overrides)
     configure_logging()
+    k8s_api = None
+    if settings.k8s.enabled:  # a bad kubeconfig fails here, before the kernel is touched
+        from flagella.k8s import api_client
+
+        k8s_api = api_client(kubeconfig=settings.k8s.kubeconfig)
     net, ct = settings.network, settings.conntrack
     links = LinkSettings(
         ipaddress.IPv4Network(net.ipv4_cidr),
@@ -42,13 +47,22 @@ def run(config: str | Path | None, **overrides: Any) -> None:
         from flagella.agent.proxy import NodeProxy
 
         proxy = NodeProxy(settings, REGISTRY if settings.metrics_addr else None)
+    istio = None
+    if settings.istio.enabled:
+        from flagella.agent.istio import IstioSidecars
+
+        istio = IstioSidecars(settings, proxy.server if proxy else None)
     core = AgentCore(
         settings, datapath, build_identity_backend(settings.kvstore),
         enforcers=[proxy.enforcer] if proxy else [],
+        with_kernel=[istio.enforcer] if istio else [],
     )
     if proxy is not None:
         core.ipcache_listeners.append(proxy.set_ipcache)
-    run_agent(core, proxy)
+    if istio is not None:
+        sidecars = istio
+        core.ipcache_listeners.append(lambda desired: sidecars.set_ipcache(desired, core.engine.identities()))
+    run_agent(core, proxy, k8s_api, istio)
 
 
 def _redirect_settings(proxy: ProxySettings) -> RedirectSettings | None:

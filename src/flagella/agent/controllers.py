@@ -27,6 +27,9 @@ class Controller:
     name: str
     interval: float
     func: Callable[[], Any]
+    #: Run under the agent lock; False for a controller that takes it itself, only
+    #: around its state changes (its I/O must not stall the API).
+    locked: bool = True
     runs: int = 0
     failures: int = 0
     consecutive_failures: int = 0

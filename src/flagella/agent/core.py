@@ -14,6 +14,14 @@ endpoint and label changes wait (bounded) for the regenerations they caused;
 a policy import returns its revision at once, and ``wait_for_revision`` (``policy
 import --wait``) waits until every endpoint realized it with every enforcer.
 
+Pods of a Kubernetes cluster (`flagella.agent.cluster` relays the watchers):
+`set_pod_labels` records a pod's labels and service account by namespace/name and
+applies them to the endpoint of that pod, at once when it exists, or when it is
+created later (by the CNI plugin or the CLI, with the pod's name): the cluster's
+labels replace any given at creation. `use_node_pod_cidrs` narrows the address
+allocators to this node's PodCIDRs; while a required one (``k8s.require_*``) is
+unknown, endpoint creation is refused with an error naming the flag.
+
 Crash safety: an endpoint record is saved before its kernel objects are
 created and deleted after they are removed; `restore` finishes or undoes
 whatever a crash left: pods whose creation did not finish are removed, map
@@ -43,8 +51,8 @@ from flagella.endpoint.addressing import PodAddressAllocator
 from flagella.endpoint.regeneration import Enforcer, Pipeline
 from flagella.errors import DatapathError, FieldError, InputError, PolicyValidationError
 from flagella.identity import Allocator, SQLiteBackend
-from flagella.identity._allocator import Backend
-from flagella.ipcache import desired_ipcache
+from flagella.identity._allocator import Backend, labels_key
+from flagella.ipcache import ClusterState, NodeRecord, desired_ipcache
 from flagella.istio import sidecar as istio_sidecar
 from flagella.policy.api import Policy, parse_policy
 from flagella.policy.engine import PolicyEngine
@@ -76,9 +84,12 @@ class AgentCore:
         identity_backend: Backend | None = None,
         enforcers: Sequence[Enforcer] = (),
         clock: Clock | None = None,
+        with_kernel: Sequence[Enforcer] = (),
     ) -> None:
         """``enforcers`` (the xDS server's) complete before the kernel datapath applies:
-        a port is redirected only once the proxy ACKed its listener and policy."""
+        a port is redirected only once the proxy ACKed its listener and policy.
+        ``with_kernel`` (Istio sidecars) are applied next to the kernel: they never
+        hold its policy back, their completions still make the endpoint ready."""
         self.settings = settings
         self.dp = datapath
         self.state_dir = Path(settings.state_dir)
@@ -109,15 +120,24 @@ class AgentCore:
         net = settings.network
         self.ipam4 = PodAddressAllocator(ipaddress.IPv4Network(net.ipv4_cidr))
         self.ipam6 = PodAddressAllocator(ipaddress.IPv6Network(net.ipv6_cidr)) if net.ipv6_cidr else None
+        #: Why endpoints cannot be created yet (a required PodCIDR still unknown).
+        self.pod_cidr_missing = _missing_pod_cidrs(settings, v4=False, v6=False)
         self.kernel = DatapathEnforcer(datapath, settings.proxy.ingress_port, settings.proxy.egress_port)
         #: Called with the whole desired ipcache after every ipcache write (the node
         #: proxy's peer sets follow identities and addresses through it).
         self.ipcache_listeners: list[Callable[[Mapping[IPNetwork, int]], None]] = []
         self.pipeline = Pipeline(
-            [self.kernel], settings.regeneration, clock, on_change=self._endpoint_changed, first=enforcers
+            [self.kernel, *with_kernel], settings.regeneration, clock, on_change=self._endpoint_changed, first=enforcers
         )
         for ident, labels in reserved_identity_labels().items():
             self.engine.set_identity(ident, labels)
+        kv = settings.kvstore
+        #: Cluster mode (etcd): the other nodes and their endpoints, see `apply_cluster`.
+        self.cluster = ClusterState(kv.node_name, kv.cluster_prefix) if kv.backend == "etcd" else None
+        #: Identities of remote endpoints this node has handed to the policy engine.
+        self.remote_identities: set[int] = set()
+        self._cluster_errors: list[str] = []
+        self._node_routes: dict[IPNetwork, Any] | None = None
 
     def _endpoint_changed(self, ep: Endpoint) -> None:
         if ep.id in self.endpoints:
@@ -247,6 +267,11 @@ class AgentCore:
         """
         _check_name("endpoint name", name)
         _check_name("namespace", namespace)
+        if self.pod_cidr_missing:
+            raise InputError(f"endpoint {namespace}/{name}: {self.pod_cidr_missing}")
+        known = self.known_pods.get((namespace, name))
+        if known is not None:  # the cluster's word on the pod wins
+            labels, service_account, init_identity = known[0], known[1], False
         if service_account is not None:
             _check_name("--service-account", service_account)
         for ep in self.endpoints.values():
@@ -274,7 +299,7 @@ class AgentCore:
                 mtu=mtu,
                 init_identity=init_identity,
             )
-            ep.netns = pod_netns_name(namespace, name)
+            ep.netns = pod_netns_name(namespace, name, self.settings.pod_netns_prefix)
             self.dp.check_pod_name(ep.netns)  # before any record: a pod not ours is never touched
         except BaseException:
             self._release_addresses(v4, v6)
@@ -373,8 +398,8 @@ class AgentCore:
         (its number is handed out again, maybe to other labels: a stale key would
         grant the newcomer what the old holder was allowed). Returns the endpoints
         whose policy changed."""
-        if self.allocator.release(ident) > 0:
-            return set()
+        if self.allocator.release(ident) > 0 or ident in self.remote_identities:
+            return set()  # still held here, or by another node's endpoints
         return self.engine.remove_identity(ident)
 
     def set_endpoint_labels(self, ref: str | int, set_labels: Mapping[str, str], unset: Iterable[str]) -> Endpoint:
@@ -391,6 +416,8 @@ class AgentCore:
         self._relabel([ep], change)
         return ep
 
+    # -- the cluster's pods and nodes ------------------------------------------------
+
     def set_pod_labels(
         self, namespace: str, name: str, labels: Mapping[str, str], service_account: str | None = None
     ) -> Endpoint | None:
@@ -406,11 +433,11 @@ class AgentCore:
             _check_name("service account", service_account)
         check_pod_labels(labels, "labels")
         self.known_pods[(namespace, name)] = (dict(labels), service_account)
-        ep = next(
-            (e for e in self.endpoints.values() if e.namespace == namespace and e.name == name), None
-        )
+        ep = self.find_pod(namespace, name)
         if ep is None:
             return None
+        if not ep.init_identity and (ep.labels, ep.service_account) == (dict(labels), service_account):
+            return ep  # a pod update that changed nothing the identity depends on
 
         def change(e: Endpoint) -> None:
             e.labels, e.service_account, e.init_identity = dict(labels), service_account, False
@@ -421,6 +448,29 @@ class AgentCore:
     def forget_pod(self, namespace: str, name: str) -> None:
         """The pod is gone from the cluster: drop the labels `set_pod_labels` remembered."""
         self.known_pods.pop((namespace, name), None)
+
+    def find_pod(self, namespace: str, name: str) -> Endpoint | None:
+        for ep in self.endpoints.values():
+            if ep.namespace == namespace and ep.name == name:
+                return ep
+        return None
+
+    def use_node_pod_cidrs(self, ipv4: str, ipv6: str) -> None:
+        """Allocate pod addresses from this node's PodCIDRs (each inside ``network.*``);
+        addresses of existing endpoints stay theirs."""
+        net = self.settings.network
+        v4 = ipaddress.IPv4Network(ipv4) if ipv4 else None
+        v6 = ipaddress.IPv6Network(ipv6) if ipv6 else None
+        if v4 is not None and not v4.subnet_of(ipaddress.IPv4Network(net.ipv4_cidr)):
+            raise InputError(f"node PodCIDR {v4}: outside network.ipv4_cidr {net.ipv4_cidr}")
+        if v6 is not None and (not net.ipv6_cidr or not v6.subnet_of(ipaddress.IPv6Network(net.ipv6_cidr))):
+            raise InputError(f"node PodCIDR {v6}: outside network.ipv6_cidr {net.ipv6_cidr or '(none)'}")
+        if v4 is not None and v4 != self.ipam4.cidr:
+            self.ipam4 = PodAddressAllocator(v4, [a for a in self.ipam4.in_use if a in v4])
+        if v6 is not None and self.ipam6 is not None and v6 != self.ipam6.cidr:
+            self.ipam6 = PodAddressAllocator(v6, [a for a in self.ipam6.in_use if a in v6])
+        self.pod_cidr_missing = _missing_pod_cidrs(self.settings, v4=v4 is not None, v6=v6 is not None)
+        log.info("node-pod-cidrs", ipv4=str(self.ipam4.cidr), ipv6=str(self.ipam6.cidr) if self.ipam6 else None)
 
     def set_namespace_labels(self, namespace: str, set_labels: Mapping[str, str], unset: Iterable[str]) -> dict[str, str]:
         _check_name("namespace", namespace)
@@ -452,7 +502,8 @@ class AgentCore:
     # -- policy --------------------------------------------------------------------
 
     def import_policies(self, documents: list[Any], sources: list[str] | None = None) -> int:
-        """Import atomically; return the new revision without waiting for it to be realized."""
+        """Parse and import atomically; return the new revision without waiting for it
+        to be realized."""
         errors: list[FieldError] = []
         policies: list[Policy] = []
         for i, doc in enumerate(documents):
@@ -464,6 +515,10 @@ class AgentCore:
         if errors:
             self.stats.import_errors += 1
             raise PolicyValidationError(errors)
+        return self.upsert_policies(policies)
+
+    def upsert_policies(self, policies: list[Policy]) -> int:
+        """Import parsed policies (the CLI's and the cluster's path); the new revision."""
         all_after = {**self.engine.policies, **{p.key: p for p in policies}}
         self._sync_cidr_identities(all_after.values())
         revision, affected = self.engine.upsert_policies(policies)
@@ -482,6 +537,17 @@ class AgentCore:
         if not keys and not everything:
             raise InputError(f"no policy named {', '.join(sorted(names))}")
         revision, affected = self.engine.delete_policies(keys)
+        self._save_policies()
+        self.regenerate(affected, revision)
+        self._gc_cidr_identities()
+        return revision
+
+    def delete_policy(self, kind: str, namespace: str, name: str) -> int:
+        """Delete exactly one policy (no error when absent: the cluster's delete is final)."""
+        key = (kind, namespace, name)
+        if key not in self.engine.policies:
+            return self.engine.revision
+        revision, affected = self.engine.delete_policies([key])
         self._save_policies()
         self.regenerate(affected, revision)
         self._gc_cidr_identities()
@@ -572,7 +638,84 @@ class AgentCore:
             self.cidr_identities,
             self.host_ips,
             ((addr, ep.identity) for ep in self.endpoints.values() for addr in ep.addresses()),
+            self.cluster.remote_ipcache() if self.cluster is not None else None,
         )
+
+    # -- cluster mode ---------------------------------------------------------------------
+
+    def node_record(self) -> NodeRecord:
+        """This node as it announces itself: name, node IPs (the host's), pod CIDRs."""
+        assert self.cluster is not None
+        net = self.settings.network
+        cidrs = [ipaddress.ip_network(c) for c in (net.ipv4_cidr, net.ipv6_cidr) if c]
+        return NodeRecord(self.cluster.local_node, tuple(self.host_ips), tuple(cidrs))
+
+    def cluster_entries(self) -> dict[str, str]:
+        """The keys this node should have in the kvstore (its node record and endpoints)."""
+        assert self.cluster is not None
+        endpoints = (
+            (addr, ep.identity, labels_key(self._security_labels(ep)), ep.named_ports)
+            for ep in self.endpoints.values()
+            for addr in ep.addresses()
+        )
+        return self.cluster.own_entries(self.node_record(), endpoints)
+
+    def apply_cluster(self, pairs: list[tuple[str, str]]) -> dict[str, str]:
+        """Take a full read of the cluster prefix: remote endpoints and nodes into the
+        ipcache, their identities into the policy engine. Returns `cluster_entries`."""
+        assert self.cluster is not None
+        change = self.cluster.replace(pairs)
+        if self.cluster.errors != self._cluster_errors:
+            for error in self.cluster.errors:
+                log.warning("kvstore-entry-skipped", error=error)
+            self._cluster_errors = list(self.cluster.errors)
+        if change.nodes_added or change.nodes_removed:
+            log.info("nodes-changed", added=sorted(change.nodes_added), removed=sorted(change.nodes_removed))
+        # Policy before ipcache: a remote pod's address maps to its identity only once
+        # every local endpoint's policy knows that identity (no window of false drops;
+        # a removal fails closed meanwhile). Bounded by the completion timeout.
+        affected = self._sync_remote_identities()
+        if affected:
+            self._regenerate_and_wait(affected)
+        if change.prefixes:
+            self._write_ipcache(change.prefixes)
+        if self.settings.network.auto_direct_node_routes:
+            own = [ipaddress.ip_network(c) for c in (self.settings.network.ipv4_cidr, self.settings.network.ipv6_cidr) if c]
+            routes = self.cluster.node_routes(own)
+            if routes != self._node_routes:
+                self._node_routes = None  # a failure below retries on the next run
+                self.dp.set_node_routes(routes)
+                self._node_routes = routes
+        return self.cluster_entries()
+
+    def _sync_remote_identities(self) -> set[int]:
+        """Remote endpoints' identities known to the policy engine, exactly; returns the
+        local endpoints whose policy changed."""
+        assert self.cluster is not None
+        wanted = self.cluster.identities()
+        affected: set[int] = set()
+        for ident, announced in sorted(wanted.items()):
+            labels = self.allocator.labels(ident)  # the backend's cache, else etcd by id
+            if labels is None or labels_key(labels) != announced:
+                # Ids are reused: the cache may hold what the id meant before.
+                labels = self.allocator.labels_fresh(ident)
+            if labels is None or labels_key(labels) != announced:
+                log.warning("remote-identity-unknown", identity=ident, announced=announced)
+                continue
+            if self.engine.universe.selectors.labels(ident) != labels:
+                affected |= self.engine.set_identity(ident, labels)
+            self.remote_identities.add(ident)
+        extras = self.cluster.extras()
+        for ident in sorted(self.remote_identities):
+            addrs, named = extras.get(ident, (frozenset(), {}))
+            affected |= self.engine.set_remote_extras(ident, addrs, named)
+        local = {ep.identity for ep in self.endpoints.values()} | set(self.cidr_identities.values())
+        for ident in sorted(self.remote_identities - wanted.keys()):
+            self.remote_identities.discard(ident)
+            affected |= self.engine.set_remote_extras(ident, frozenset(), {})
+            if ident not in local:
+                affected |= self.engine.remove_identity(ident)
+        return affected
 
     def sync_all(self, count: bool = True) -> int:
         """Repair drift in every map and every program attachment; return the number of repairs."""
@@ -629,7 +772,38 @@ class AgentCore:
             "attach_repairs": dict(self.stats.attach_repairs),
             "regenerations": dict(self.pipeline.stats.outcomes),
             "not_ready": sorted(ep.id for ep in self.endpoints.values() if ep.state == State.NOT_READY),
+            **({"cluster": self.cluster_status()} if self.cluster is not None else {}),
         }
+
+    def cluster_status(self) -> dict[str, Any]:
+        assert self.cluster is not None
+        return {
+            "node": self.cluster.local_node,
+            "nodes": {
+                name: {"ips": [str(a) for a in r.ips], "pod_cidrs": [str(c) for c in r.pod_cidrs]}
+                for name, r in sorted(self.cluster.nodes.items())
+            },
+            "remote_endpoints": {
+                str(addr): ident for eps in self.cluster.endpoints.values() for addr, ident in eps.items()
+            },
+            "errors": list(self.cluster.errors),
+        }
+
+
+def _missing_pod_cidrs(settings: AgentSettings, *, v4: bool, v6: bool) -> str:
+    """Why endpoints must wait: a PodCIDR the ``k8s.require_*`` settings demand is unknown."""
+    k8s = settings.k8s
+    if not k8s.enabled:
+        return ""
+    missing = [
+        flag for flag, wanted, have in (
+            ("--k8s-require-ipv4-pod-cidr", k8s.require_ipv4_pod_cidr, v4),
+            ("--k8s-require-ipv6-pod-cidr", k8s.require_ipv6_pod_cidr, v6),
+        ) if wanted and not have
+    ]
+    if not missing:
+        return ""
+    return f"waiting for node {k8s.node_name}'s PodCIDR ({', '.join(missing)})"
 
 
 def _parse_address(value: str | None, version: int, flag: str) -> Any:

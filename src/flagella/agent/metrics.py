@@ -1,12 +1,13 @@
 """Prometheus metrics, computed on each scrape from the agent's live state.
 
 Names follow Cilium (``cilium_`` becomes ``flagella_``): drop and forward
-counters come from the kernel's per-CPU metrics map, summed over CPUs.
+counters come from the kernel's per-CPU metrics map, summed over CPUs, and
+the node proxy's L7 denials join the drops (reason ``Policy denied (L7)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
@@ -33,9 +34,15 @@ def reason_name(code: int) -> str:
 
 
 class AgentCollector(Collector):
-    def __init__(self, core: AgentCore, controllers: Callable[[], Sequence[Controller]]) -> None:
+    def __init__(
+        self,
+        core: AgentCore,
+        controllers: Callable[[], Sequence[Controller]],
+        l7_drops: Callable[[], Mapping[tuple[str, str], int]] | None = None,
+    ) -> None:
         self.core = core
         self.controllers = controllers
+        self.l7_drops = l7_drops
 
     def collect(self) -> Iterator[Any]:
         core = self.core
@@ -55,6 +62,8 @@ class AgentCollector(Collector):
             else:
                 drops.add_metric([reason_name(reason), direction], c.packets)
                 drop_bytes.add_metric([reason_name(reason), direction], c.bytes)
+        for (l7_reason, direction), n in (self.l7_drops() if self.l7_drops else {}).items():
+            drops.add_metric([l7_reason, direction], n)  # requests; no byte count
         yield from (drops, drop_bytes, fwd, fwd_bytes)
         yield GaugeMetricFamily("flagella_endpoint_count", "Endpoints", value=len(core.endpoints))
         states = GaugeMetricFamily("flagella_endpoint_state", "Endpoints per state", labels=["endpoint_state"])
@@ -95,14 +104,17 @@ class AgentCollector(Collector):
 
 
 def start_metrics(
-    core: AgentCore, controllers: Callable[[], Sequence[Controller]], extra: Sequence[Collector] = ()
+    core: AgentCore,
+    controllers: Callable[[], Sequence[Controller]],
+    extra: Sequence[Collector] = (),
+    l7_drops: Callable[[], Mapping[tuple[str, str], int]] | None = None,
 ) -> None:
     """Serve the agent's metrics, and ``extra`` collectors' (the node proxy's)."""
     addr = core.settings.metrics_addr
     if not addr:
         return
     host, _, port = addr.rpartition(":")
-    collector = AgentCollector(core, controllers)
+    collector = AgentCollector(core, controllers, l7_drops)
     REGISTRY.register(collector)
     for c in extra:
         REGISTRY.register(c)

@@ -9,6 +9,10 @@ gain from interleaving them), while controllers run on their intervals:
 * ``ct-gc`` deletes expired conntrack entries;
 * ``events`` drains the kernel's event ring into the monitor subscribers.
 
+With ``k8s`` settings the Kubernetes watchers run on threads of their own; each
+change they bring runs as one more request under the lock
+(`flagella.agent.cluster`).
+
 A controller that raises is counted as failing until its next success
 (``controllers_failing`` metric, ``status``).
 
@@ -38,7 +42,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -46,6 +50,8 @@ from flagella import rpc
 from flagella.agent.cni import CniAttachments, write_conflist
 from flagella.agent.controllers import Controller, run_controller
 from flagella.agent.core import AgentCore, parse_kv
+from flagella.agent.istio import IstioSidecars
+from flagella.agent.kvstore import ClusterSync, cluster_backend, run_locked
 from flagella.agent.metrics import DIRECTIONS, reason_name, start_metrics
 from flagella.agent.proxy import NodeProxy
 from flagella.agent.settings import connection_cap
@@ -60,6 +66,7 @@ from flagella.xds.server import XdsServer
 from flagella.xds.status import rows_to_json
 
 log = structlog.get_logger("flagella.agent")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -73,12 +80,17 @@ class AgentServer:
     connections: int = 0
     xds: XdsServer | None = None  # started and stopped with the agent when set
     proxy: NodeProxy | None = None  # the node proxy (its xDS server becomes ``xds``)
+    cluster: Any = None  # the Kubernetes watchers (`flagella.k8s.Controller`) when configured
+    k8s_api: Any = None  # their `kubernetes.client.ApiClient` (built from the settings when None)
+    istio: IstioSidecars | None = None  # Istio sidecar mode (on the same xDS server)
 
     def __post_init__(self) -> None:
         s = self.core.settings
         if self.proxy is not None:
             self.xds = self.proxy.server
             self.proxy.sinks.append(self._broadcast)
+        elif self.istio is not None:
+            self.xds = self.istio.server
         self.max_connections = connection_cap(s.api, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # One trace at a time: an abandoned trace finishes its current query before the next starts.
         self.trace_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace")
@@ -87,6 +99,14 @@ class AgentServer:
             Controller("ct-gc", s.conntrack.gc_interval_s, self.core.ct_gc),
             Controller("ct-gc-non-tcp", s.conntrack.gc_interval_non_tcp_s, lambda: self.core.ct_gc(tcp=False)),
         ]
+        backend = cluster_backend(self.core.allocator.backend)
+        if backend is not None and self.core.cluster is not None:
+            self.cluster_sync = ClusterSync(backend, s.kvstore.cluster_prefix)
+            self.controllers += [
+                Controller("kvstore-sync", s.kvstore.sync_interval_s, self._kvstore_sync, locked=False),
+                # gc txns are guarded by etcd revisions, not by the agent lock
+                Controller("identity-gc", s.kvstore.gc_interval_s, backend.gc, locked=False),
+            ]
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": lambda p: self.status(),
             "endpoint.create": self.endpoint_create,
@@ -131,7 +151,33 @@ class AgentServer:
         out["controllers"] = [c.to_json() for c in self.controllers]
         out["controllers_failing"] = len(failing)
         out["uptime_s"] = round(time.time() - self.started, 1)
+        if self.cluster is not None:
+            out["k8s"] = {
+                "node": self.core.settings.k8s.node_name,
+                "runtime": self.cluster.runtime,
+                "skipped": self.cluster.skipped_total,
+                "waiting": self.core.pod_cidr_missing,
+            }
         return out
+
+    async def run_locked(self, fn: Callable[[], Any]) -> Any:
+        """``fn`` as one request: under the lock, off the loop."""
+        async with self.lock:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    def start_cluster(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the Kubernetes watchers; their changes run through `run_locked` on ``loop``."""
+        from flagella.agent.cluster import ClusterBridge
+        from flagella.k8s import compose
+
+        k8s = self.core.settings.k8s
+
+        def locked(fn: Callable[[], Any]) -> Any:
+            return asyncio.run_coroutine_threadsafe(self.run_locked(fn), loop).result()
+
+        self.cluster = compose(ClusterBridge(self.core, k8s, locked), k8s, self.k8s_api)
+        self.cluster.start()
+        log.info("k8s-watchers-started", node=k8s.node_name, runtime=self.cluster.runtime)
 
     def endpoint_create(self, p: dict[str, Any]) -> dict[str, Any]:
         named: dict[str, list[tuple[int, int]]] = {}
@@ -292,10 +338,14 @@ class AgentServer:
         ]
 
     def bpf_metrics(self) -> list[dict[str, Any]]:
-        return [
+        rows = [
             {"reason": reason_name(reason), "direction": DIRECTIONS.get(d, "UNKNOWN"), "packets": c.packets, "bytes": c.bytes}
             for (reason, d), c in sorted(self.core.dp.metrics().items())
         ]
+        # The node proxy's denied requests, as Cilium counts L7 drops next to the kernel's.
+        l7 = self.proxy.l7_drops() if self.proxy is not None else {}
+        rows += [{"reason": r, "direction": d, "packets": n, "bytes": 0} for (r, d), n in l7.items()]
+        return rows
 
     # -- serving -------------------------------------------------------------------
 
@@ -416,13 +466,22 @@ class AgentServer:
         conf = write_conflist(self.core.settings)  # the runtime may call the plugin from now on
         if conf is not None:
             log.info("cni-conf-written", path=str(conf))
-        start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [])
+        start_metrics(self.core, lambda: self.controllers, [self.proxy] if self.proxy else [],
+                      self.proxy.l7_drops if self.proxy else None)
+        if self.istio is not None:
+            await self.istio.start()  # before the server serves; starts it unless it is the proxy's
         if self.proxy is not None:
             await self.proxy.start()
-        elif self.xds is not None:
+        elif self.xds is not None and self.istio is None:
             await self.xds.start()
-        tasks = [asyncio.create_task(run_controller(c, self.clock, self.lock)) for c in self.controllers]
+        self.loop = asyncio.get_running_loop()
+        tasks = [
+            asyncio.create_task(run_controller(c, self.clock, self.lock if c.locked else asyncio.Lock()))
+            for c in self.controllers
+        ]
         tasks.append(asyncio.create_task(self.pump_events()))
+        if self.core.settings.k8s.enabled:
+            self.start_cluster(asyncio.get_running_loop())
         if stop is None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -431,16 +490,30 @@ class AgentServer:
         log.info("agent-ready", socket=path)
         async with server:
             await stop.wait()
+        if self.cluster is not None:
+            # Watcher threads may wait for the lock: the loop must run while they stop.
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.stop)
         for t in tasks:
             t.cancel()
+        if self.istio is not None:
+            await self.istio.stop()
         if self.proxy is not None:
             await self.proxy.stop()
-        elif self.xds is not None:
+        elif self.xds is not None and self.istio is None:
             await self.xds.stop()
         self.trace_worker.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         log.info("agent-stopped")
+
+
+    def _kvstore_sync(self) -> None:
+        """Runs in an executor thread: etcd I/O outside the lock, state changes inside."""
+
+        def locked(fn: Callable[[], _T]) -> _T:
+            return asyncio.run_coroutine_threadsafe(run_locked(self.lock, fn), self.loop).result()
+
+        self.cluster_sync.run(self.core.apply_cluster, locked)
 
 
 class AgentBusy(FlagellaError):
@@ -510,9 +583,13 @@ def _policy_row(key: PolicyKey, verdict: int, proxy_port: int, packets: int, nby
     }
 
 
-def run_agent(core: AgentCore, proxy: NodeProxy | None = None) -> None:
+def run_agent(
+    core: AgentCore, proxy: NodeProxy | None = None, k8s_api: Any = None, istio: IstioSidecars | None = None
+) -> None:
     core.restore()
-    server = AgentServer(core, proxy=proxy)
+    if istio is not None:
+        istio.ensure_init_policy(core)
+    server = AgentServer(core, proxy=proxy, k8s_api=k8s_api, istio=istio)
     try:
         asyncio.run(server.serve())
     finally:

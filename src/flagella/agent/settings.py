@@ -10,6 +10,9 @@ mirror these groups, e.g.::
     api: {max_request_bytes: 16777216, idle_timeout_s: 30, max_connections: 0}
     kvstore: {backend: etcd, endpoints: ["http://127.0.0.1:2379"], lease_ttl_s: 15}
     proxy: {enabled: true, ingress_port: 15001, egress_port: 15002, start_at_agent_start: false}
+    k8s: {kubeconfig: /etc/kubernetes/flagella.kubeconfig, node_name: node-a,
+          require_ipv4_pod_cidr: true, container_runtime: auto}
+    istio: {enabled: true, trust_domain: cluster.local, init_policy: {dns_ports: [53], namespaces: [istio-system]}}
     cni: {conf_dir: /etc/cni/net.d, mtu: 0}
 
 Unknown keys are errors that name the key.
@@ -30,6 +33,8 @@ import yaml
 from flagella.endpoint.regeneration import RegenerationSettings
 from flagella.errors import InputError
 from flagella.identity import Backend
+from flagella.istio.workload import IstioSettings
+from flagella.k8s.translate import K8sSettings
 from flagella.policy.resolver import PolicySettings
 from flagella.proxy.ports import ProxySettings
 
@@ -41,6 +46,10 @@ class NetworkSettings:
     mtu: int = 1500
     #: Bytes of encapsulation overhead; 0 = no tunnel (routes keep the device MTU).
     tunnel_overhead: int = 0
+    #: Cluster mode: route every other node's pod CIDRs via its node IP, as the node
+    #: records in the kvstore announce them (Cilium's ``auto-direct-node-routes``; the
+    #: nodes share a layer-2 network).
+    auto_direct_node_routes: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,20 +95,30 @@ class KvstoreSettings:
     timeout_s: float = 2.0
     #: Key prefix shared by the cluster's agents.
     prefix: str = "flagella/identities"
-    #: This node's name in reference keys; default: the host name.
+    #: This node's name in reference keys and its node record; default: the host name.
     node: str = ""
+    #: Key prefix of the cluster state: node records and endpoint ipcache entries.
+    cluster_prefix: str = "flagella/cluster"
+    #: Seconds between reads of the cluster state (and publishing this node's part).
+    sync_interval_s: float = 1.0
+    #: Seconds between identity garbage collections (identities of dead agents).
+    gc_interval_s: float = 60.0
+
+    @property
+    def node_name(self) -> str:
+        import socket
+
+        return self.node or socket.gethostname()
 
 
 def build_identity_backend(kv: KvstoreSettings) -> Backend | None:
     """The identity `Backend` the settings select; None for the local (SQLite) default."""
     if kv.backend == "local":
         return None
-    import socket
-
     from flagella.identity import EtcdBackend
 
     return EtcdBackend(
-        kv.endpoints, node=kv.node or socket.gethostname(), prefix=kv.prefix,
+        kv.endpoints, node=kv.node_name, prefix=kv.prefix,
         lease_ttl_s=kv.lease_ttl_s, timeout_s=kv.timeout_s,
     )
 
@@ -150,6 +169,9 @@ class AgentSettings:
     metrics_addr: str = "127.0.0.1:9962"
     trace_events: bool = False
     label_prefixes: tuple[str, ...] = ()
+    #: Put before every pod's netns name (``<prefix><namespace>_<name>``): several
+    #: clusters' nodes on one machine (tests, demos) never claim each other's pods.
+    pod_netns_prefix: str = ""
     network: NetworkSettings = field(default_factory=NetworkSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
@@ -158,6 +180,9 @@ class AgentSettings:
     api: ApiSettings = field(default_factory=ApiSettings)
     kvstore: KvstoreSettings = field(default_factory=KvstoreSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    #: The Kubernetes watchers (`flagella.k8s`); off unless a kubeconfig or in-cluster is set.
+    k8s: K8sSettings = field(default_factory=K8sSettings)
+    istio: IstioSettings = field(default_factory=IstioSettings)
     cni: CniSettings = field(default_factory=CniSettings)
 
     @property
@@ -192,6 +217,8 @@ class AgentSettings:
         for name in ("tcp_established_s", "tcp_syn_s", "non_tcp_s", "closing_s"):
             if getattr(self.conntrack, name) <= 0:
                 raise InputError(f"conntrack.{name}: must be positive")
+        if not re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,15})?", self.pod_netns_prefix):
+            raise InputError("pod_netns_prefix: at most 16 of [A-Za-z0-9_.-], starting with a letter or digit")
         if self.attach_mode not in ("auto", "tcx", "tc"):
             raise InputError("attach_mode: must be auto, tcx or tc")
         if self.controllers.sync_interval_s <= 0:
@@ -221,6 +248,13 @@ class AgentSettings:
             raise InputError("kvstore.timeout_s: must be a positive number of seconds")
         if "/" in kv.node:
             raise InputError("kvstore.node: must not contain '/'")
+        if not kv.cluster_prefix.strip("/"):
+            raise InputError("kvstore.cluster_prefix: must not be empty")
+        if kv.cluster_prefix.rstrip("/") == kv.prefix.rstrip("/"):
+            raise InputError("kvstore.cluster_prefix: must differ from kvstore.prefix")
+        for name in ("sync_interval_s", "gc_interval_s"):
+            if not 0 < getattr(kv, name) < float("inf"):
+                raise InputError(f"kvstore.{name}: must be a positive number of seconds")
         if self.cni.mtu and not 576 <= self.cni.mtu <= 65520:
             raise InputError("cni.mtu: must be 0 (the host's route MTU) or 576-65520")
         if "/" in self.cni.conf_name or not self.cni.conf_name.endswith(".conflist"):
@@ -228,6 +262,7 @@ class AgentSettings:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.cni.network_name):
             raise InputError("cni.network_name: must be letters, digits, '_', '.', '-'")
         self.proxy.validate()
+        self.k8s.validate()
         return self
 
 
@@ -247,7 +282,10 @@ def _build(cls: Any, data: Mapping[str, Any], path: str) -> Any:
         elif isinstance(default, tuple):
             if not isinstance(value, list):
                 raise InputError(f"{where}: expected a list")
-            kwargs[f.name] = tuple(str(v) for v in value)
+            item = type(default[0]) if default and isinstance(default[0], int) else str
+            if item is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise InputError(f"{where}: expected a list of numbers")
+            kwargs[f.name] = tuple(item(v) for v in value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise InputError(f"{where}: expected true or false")
@@ -274,7 +312,14 @@ def load_settings(path: str | Path | None, **overrides: Any) -> AgentSettings:
             raise InputError(f"settings file {path}: {exc}") from None
         data = loaded or {}
     settings: AgentSettings = _build(AgentSettings, data, "")
-    clean = {k: v for k, v in overrides.items() if v is not None}
+    clean: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):  # a group: override only the fields given
+            group = {k: v for k, v in value.items() if v is not None}
+            if group:
+                clean[key] = replace(getattr(settings, key), **group)
+        elif value is not None:
+            clean[key] = value
     if clean:
         settings = replace(settings, **clean)
     return settings.validate()

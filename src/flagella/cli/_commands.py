@@ -71,12 +71,42 @@ def agent(
     socket: SocketOpt = None,
     metrics_addr: Annotated[str | None, typer.Option("--metrics-addr", help="HOST:PORT, '' disables")] = None,
     bpf_dir: Annotated[str | None, typer.Option("--bpf-dir")] = None,
+    k8s_kubeconfig: Annotated[
+        str | None, typer.Option("--k8s-kubeconfig", help="Watch the cluster this kubeconfig names")
+    ] = None,
+    k8s_in_cluster: Annotated[
+        bool | None, typer.Option("--k8s-in-cluster", help="Watch the cluster the agent's pod runs in")
+    ] = None,
+    k8s_node_name: Annotated[
+        str | None, typer.Option("--k8s-node-name", envvar="K8S_NODE_NAME", help="This node's name")
+    ] = None,
+    k8s_require_ipv4_pod_cidr: Annotated[
+        bool | None, typer.Option("--k8s-require-ipv4-pod-cidr", help="No endpoints until the node has an IPv4 PodCIDR")
+    ] = None,
+    k8s_require_ipv6_pod_cidr: Annotated[
+        bool | None, typer.Option("--k8s-require-ipv6-pod-cidr", help="No endpoints until the node has an IPv6 PodCIDR")
+    ] = None,
+    ipv6_cluster_alloc_cidr: Annotated[
+        str | None, typer.Option("--ipv6-cluster-alloc-cidr", help="Every node's IPv6 PodCIDR lies inside it")
+    ] = None,
+    container_runtime: Annotated[
+        str | None, typer.Option("--container-runtime", help="auto (from its socket), docker, containerd, crio, none")
+    ] = None,
+    k8s_create_endpoints: Annotated[
+        bool | None, typer.Option("--k8s-create-endpoints", help="No CNI plugin: the agent creates pods' endpoints")
+    ] = None,
 ) -> None:
     """Run the agent in the foreground."""
     from flagella.agent import run
 
+    k8s = {
+        "kubeconfig": k8s_kubeconfig, "in_cluster": k8s_in_cluster, "node_name": k8s_node_name,
+        "require_ipv4_pod_cidr": k8s_require_ipv4_pod_cidr, "require_ipv6_pod_cidr": k8s_require_ipv6_pod_cidr,
+        "ipv6_cluster_alloc_cidr": ipv6_cluster_alloc_cidr, "container_runtime": container_runtime,
+        "create_endpoints": k8s_create_endpoints,
+    }
     try:
-        run(config, state_dir=state_dir, socket=socket, metrics_addr=metrics_addr, bpf_dir=bpf_dir)
+        run(config, state_dir=state_dir, socket=socket, metrics_addr=metrics_addr, bpf_dir=bpf_dir, k8s=k8s)
     except InputError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -98,10 +128,18 @@ def status(socket: SocketOpt = None, output: OutputOpt = "text") -> None:
                 f"Controller Status: {healthy}/{len(ctl)} healthy",
                 f"Map repairs: {sum(r['repairs'].values())}",
                 f"Attachment repairs: {sum(r.get('attach_repairs', {}).values())}",
+                *_k8s_status_lines(r.get("k8s")),
             ]
         )
 
     emit(result, output, text)
+
+
+def _k8s_status_lines(k8s: dict[str, Any] | None) -> list[str]:
+    if not k8s:
+        return []
+    line = f"Kubernetes: node {k8s['node']}, runtime {k8s['runtime']}, {k8s['skipped']} objects skipped"
+    return [line + (f"; {k8s['waiting']}" if k8s.get("waiting") else "")]
 
 
 # -- endpoints -------------------------------------------------------------------------------

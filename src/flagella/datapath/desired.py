@@ -96,11 +96,6 @@ def _entries(
 
 def _value(entry: Entry, proxy_port: int, precedence: int = 0) -> PolicyValue:
     if entry.verdict == Verdict.REDIRECT:
-        if entry.l7 is not None and entry.l7.parser != "http":
-            # The node proxy has HTTP chains only (Kafka through Envoy's ext_proc is not
-            # wired into the agent yet): a flow redirected there would find no chain and be
-            # closed. Such ports are allowed at L3/L4, as before the proxy (NOTES.md).
-            return _interned(Verdict.ALLOW, 0, precedence)
         return _interned(Verdict.REDIRECT, proxy_port, precedence)
     return _interned(entry.verdict, 0, precedence)
 

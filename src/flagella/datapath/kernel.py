@@ -34,7 +34,7 @@ from flagella.datapath import maps as m
 from flagella.datapath import redirect
 from flagella.datapath.entries import EndpointRow, PolicyEntry, PolicyKey, PolicyValue
 from flagella.datapath.events import reason_text
-from flagella.datapath.links import LinkSettings, PodNetwork, prepare_host
+from flagella.datapath.links import LinkSettings, PodNetwork, ensure_node_routes, prepare_host
 from flagella.datapath.loader import DatapathSettings, load_datapath
 from flagella.datapath.port import Counters, CTRow, IPAddress, IPNetwork, PodInfo
 from flagella.errors import DatapathError
@@ -280,6 +280,9 @@ class KernelDatapath:
     def host_addresses(self) -> list[IPAddress]:
         return [a for a in self.pods.host_addresses() if not a.is_link_local and not a.is_loopback]
 
+    def set_node_routes(self, routes: dict[IPNetwork, IPAddress]) -> None:
+        ensure_node_routes(routes)
+
     def attach(self, ifindex: int) -> list[str]:
         return list(self._dp.attach(ifindex))
 
@@ -291,7 +294,7 @@ class KernelDatapath:
         with contextlib.suppress(DatapathError):  # the device is already gone
             self._dp.detach(ifindex)
 
-    def delete_policy(self, keys: Collection[PolicyKey]) -> int:
+    def delete_policy_entries(self, keys: Collection[PolicyKey]) -> int:
         return self.policy.map.delete_many(keys)
 
     def bump_generation(self) -> None:

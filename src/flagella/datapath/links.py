@@ -88,6 +88,7 @@ __all__ = [
 log = structlog.get_logger("flagella.datapath.links")
 
 IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 
 GATEWAY_IPV4 = IPv4Address("169.254.1.1")
 GATEWAY_IPV6 = IPv6Address("fe80::1")
@@ -211,6 +212,43 @@ def prepare_host(settings: LinkSettings) -> None:
                 changed.append(describe_route(route))
     if changed:
         log.info("host_prepared", changed=changed)
+
+
+def ensure_node_routes(routes: dict[IPNetwork, IPAddress]) -> list[str]:
+    """Routes to the other nodes' pod CIDRs via their node IPs (direct routing).
+
+    Flagella's gateway routes in the main table become exactly ``routes`` (pod routes
+    have no gateway, so they are never touched). A route the kernel refuses (a gateway
+    not on any local subnet) is skipped and named in the `DatapathError` raised after
+    the others were applied. Returns what changed, ``ip route`` style.
+    """
+    changed: list[str] = []
+    refused: list[str] = []
+    with _netlink.host() as host:
+        present = {
+            r.dst: r
+            for r in host.routes()
+            if r.protocol == ROUTE_PROTOCOL and r.gateway is not None and r.kind != RTN_UNREACHABLE
+        }
+        for dst, gateway in sorted(routes.items(), key=lambda kv: str(kv[0])):
+            if dst in present and present[dst].gateway == gateway:
+                continue
+            route = Route(dst, None, gateway=gateway, protocol=ROUTE_PROTOCOL)
+            try:
+                host.replace_route(route)
+            except DatapathError as exc:
+                refused.append(f"{describe_route(route)}: {exc}")
+                continue
+            changed.append(describe_route(route))
+        for dst, route in present.items():
+            if dst not in routes:
+                host.delete_route(route)
+                changed.append(f"deleted {describe_route(route)}")
+    if changed:
+        log.info("node_routes_changed", changed=changed)
+    if refused:
+        raise DatapathError("node routes refused: " + "; ".join(refused))
+    return changed
 
 
 class PodNetwork:

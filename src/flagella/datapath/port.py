@@ -23,18 +23,20 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def pod_netns_name(namespace: str, name: str) -> str:
+def pod_netns_name(namespace: str, name: str, prefix: str = "") -> str:
     """The netns of pod ``namespace/name`` (both DNS labels: no ``_``); distinct pods get
     distinct names.
 
-    ``<namespace>_<name>``, or, when that exceeds 64 characters (a netns name's limit
-    here), both truncated plus ``__`` and a hash of the pair: two underscores, so a long
-    name never equals a short one."""
-    short = f"{namespace}_{name}"
+    ``<prefix><namespace>_<name>``, or, when that exceeds 64 characters (a netns name's
+    limit here), both truncated plus ``__`` and a hash of the pair: two underscores, so a
+    long name never equals a short one. ``prefix`` (the agent's ``pod_netns_prefix``, at
+    most 16 characters) keeps the pods of several clusters on one machine apart."""
+    short = f"{prefix}{namespace}_{name}"
     if len(short) <= 64:
         return short
     digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:16]
-    return f"{namespace[:20]}_{name[:20]}__{digest}"
+    keep = (64 - len(prefix) - 19) // 2
+    return f"{prefix}{namespace[:keep]}_{name[:keep]}__{digest}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ class Datapath(Protocol):
     def remove_pod(self, name: str) -> None: ...
     def list_pods(self) -> list[PodInfo]: ...
     def host_addresses(self) -> list[IPAddress]: ...
+    def set_node_routes(self, routes: dict[IPNetwork, IPAddress]) -> None:
+        """Routes to other nodes' pod CIDRs (CIDR -> node IP) become exactly ``routes``."""
+        ...
 
     def attach(self, ifindex: int) -> list[str]:
         """Make both programs run on ``ifindex`` (check and repair); return the programs
@@ -119,7 +124,7 @@ class Datapath(Protocol):
 
     def detach(self, ifindex: int) -> None: ...
 
-    def delete_policy(self, keys: Collection[PolicyKey]) -> int:
+    def delete_policy_entries(self, keys: Collection[PolicyKey]) -> int:
         """Delete these policy entries (absent ones are skipped), in as few writes as the
         map allows; return how many were present."""
         ...
@@ -159,6 +164,7 @@ class MemoryDatapath:
         self.generation = 0  # bumps of the verdict cache generation
         self._next_ifindex = 100
         self.host = [ipaddress.ip_address("192.0.2.1")]
+        self.node_routes: dict[IPNetwork, IPAddress] = {}
 
     def start(self) -> None:
         pass
@@ -202,6 +208,9 @@ class MemoryDatapath:
     def host_addresses(self) -> list[IPAddress]:
         return list(self.host)
 
+    def set_node_routes(self, routes: dict[IPNetwork, IPAddress]) -> None:
+        self.node_routes = dict(routes)
+
     def attach(self, ifindex: int) -> list[str]:
         if ifindex in self.attached:
             return []
@@ -211,7 +220,7 @@ class MemoryDatapath:
     def detach(self, ifindex: int) -> None:
         self.attached.discard(ifindex)
 
-    def delete_policy(self, keys: Collection[PolicyKey]) -> int:
+    def delete_policy_entries(self, keys: Collection[PolicyKey]) -> int:
         return sum(1 for k in keys if self.policy.pop(k, None) is not None)
 
     def bump_generation(self) -> None:

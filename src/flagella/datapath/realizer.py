@@ -160,7 +160,7 @@ class DatapathEnforcer:
                             ingress_wild_mask=row.ingress_wild_mask | old[1].ingress_wild_mask,
                             egress_wild_mask=row.egress_wild_mask | old[1].egress_wild_mask,
                         )
-                    self.dp.delete_policy(deletes)
+                    self.dp.delete_policy_entries(deletes)
                 self.dp.endpoints[ifindex] = row
             except BaseException:
                 # The deletes may not have happened: the next apply makes sure they do.
@@ -215,7 +215,7 @@ class DatapathEnforcer:
                 keys = [*(written or ()), *unsure]
                 # Entries written before a crash are known to nobody: look for them.
                 keys += [k for k in self.dp.policy if k.ep_id == endpoint.id]
-                self.dp.delete_policy(set(keys))
+                self.dp.delete_policy_entries(set(keys))
             finally:
                 self.dp.bump_generation()
 
@@ -261,7 +261,7 @@ class DatapathEnforcer:
                     if upserts:
                         self.dp.policy.update(upserts)
                     if deletes:
-                        self.dp.delete_policy(deletes)
+                        self.dp.delete_policy_entries(deletes)
                     repaired["policy"] += len(upserts) + len(deletes)
                     want = self.rows.get(ep_id)
                     if want is not None and actual_rows.get(want[0]) != want[1]:

@@ -137,6 +137,15 @@ class Allocator:
         key = self.backend.get(ident)
         return None if key is None else key_labels(key)
 
+    def labels_fresh(self, ident: int) -> LabelSet | None:
+        """`labels`, re-read from a shared store whose cache may be stale (an id that
+        another node freed and re-allocated to other labels)."""
+        refresh = getattr(self.backend, "refresh", None)
+        if refresh is None or ident in self._reserved:
+            return self.labels(ident)
+        key = refresh(ident)
+        return None if key is None else key_labels(key)
+
     def all(self) -> dict[int, LabelSet]:
         out = dict(self._reserved)
         for ident, key, _refs in self.backend.items():

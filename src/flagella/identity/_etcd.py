@@ -50,7 +50,7 @@ import hashlib
 import logging
 import random
 import threading
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 from flagella.identity._allocator import MAX_IDENTITY, MIN_ALLOCATED_ID, IdentityExhausted
@@ -449,6 +449,24 @@ class EtcdBackend:
         self._learn(hit[0][1], ident)
         return hit[0][1]
 
+    # -- the node's other kvstore state -------------------------------------------
+
+    def session(self, work: Callable[[EtcdClient, int], Awaitable[_T]]) -> _T:
+        """Run ``work(client, lease)`` with this node's etcd connection and lease.
+
+        For the rest of the node's cluster state (its ipcache entries and node
+        record, `flagella.agent.kvstore`): what it puts on ``lease`` vanishes with
+        the node. Raises `KvstoreUnavailable` while offline; an unreachable etcd
+        during ``work`` marks the node offline (the keepalive task reconnects).
+        """
+
+        async def run() -> _T:
+            if not self.online or not self.lease:
+                raise KvstoreUnavailable("etcd unreachable: this node is offline")
+            return await self._etcd(work(self._client, self.lease))
+
+        return self._call(run())
+
     # -- the Backend protocol -----------------------------------------------------
 
     def lookup(self, key: str) -> int | None:
@@ -458,6 +476,29 @@ class EtcdBackend:
     def get(self, ident: int) -> str | None:
         hit = self._by_id.get(ident)
         return hit if hit is not None else self._call(self._get(ident))
+
+    def refresh(self, ident: int) -> str | None:
+        """The label key of ``ident`` as etcd has it now (the cache follows); the cached
+        one while offline. An id this node holds cannot have changed."""
+        if ident in self._refs or not self.online:
+            return self._by_id.get(ident)
+
+        async def run() -> str | None:
+            try:
+                hit = kv_pairs(await self._etcd(self._client.range(self._k("id", str(ident)))))
+            except KvstoreUnavailable:
+                return self._by_id.get(ident)
+            old = self._by_id.get(ident)
+            if not hit:
+                if old is not None and ident not in self._refs:
+                    self._forget(old, ident)
+                return None
+            if old is not None and old != hit[0][1]:
+                self._forget(old, ident)
+            self._learn(hit[0][1], ident)
+            return hit[0][1]
+
+        return self._call(run())
 
     def acquire(self, key: str, lowest_free_from: int) -> int:
         return self._call(self._acquire(key, lowest_free_from))

@@ -26,6 +26,8 @@ from flagella.policy.labels import NAMESPACE_LABEL
 
 @dataclass(frozen=True)
 class InitPolicySettings:
+    #: Import the policy when the agent's Istio mode is on.
+    enabled: bool = True
     dns_ports: Sequence[int] = (53,)
     namespaces: Sequence[str] = field(default=("istio-system",))
     #: The namespace the CiliumNetworkPolicy is created in (it selects reserved:init anyway).

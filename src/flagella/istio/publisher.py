@@ -1,11 +1,13 @@
 """Glue: per-workload ECDS configs on a running `XdsServer`.
 
-Theory of operation. The global ECDS resource `FILTER_NAME` is deny-all,
-so a sidecar that no workload was published for (an unknown pod, a node id
-the agent cannot map) gets denied, like one before its first config. A
-published workload gets its config as a per-node resource under every node
-id its sidecar may send (one per pod address), which replaces the global
-one for that node only. `publish` returns the server's completion: it
+Theory of operation. The ECDS resource `FILTER_NAME` of the cache's base
+layer is deny-all (the base layer survives the node proxy replacing its
+global filter set on the same server), so a sidecar that no workload was
+published for (an unknown pod, a node id the agent cannot map) gets
+denied, like one before its first config. A published workload gets its
+configs (HTTP RBAC, and the Kafka filters of its Kafka ports) as per-node
+resources under every node id its sidecar may send (one per pod address),
+which replace the base one for that node only. `publish` returns the server's completion: it
 resolves once every connected sidecar of the workload ACKed the config.
 `check_nodes` logs connected sidecars that match no published workload
 (and nodes that are not sidecars at all), once per node id.
@@ -18,7 +20,7 @@ policy in force, and a restarted agent republishes before it serves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import structlog
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
@@ -32,6 +34,7 @@ from flagella.istio.workload import (
     node_id,
     parse_node,
 )
+from flagella.xds.cache import Message
 from flagella.xds.server import XdsServer
 from flagella.xds.types import EXTENSION_CONFIG
 
@@ -43,17 +46,23 @@ class IstioPublisher:
         self.server = server
         self._nodes: dict[tuple[str, str], tuple[str, ...]] = {}
         self._reported: set[str] = set()
-        server.set_resources(EXTENSION_CONFIG, {FILTER_NAME: ecds_resource(deny_all_config())})
+        server.set_base(EXTENSION_CONFIG, {FILTER_NAME: ecds_resource(deny_all_config())})
 
     def publish(
-        self, pod: str, namespace: str, addresses: Iterable[IPAddress], config: http_rbac_pb2.RBAC
+        self, pod: str, namespace: str, addresses: Iterable[IPAddress], config: http_rbac_pb2.RBAC,
+        extra: Mapping[str, Message] | None = None,
     ) -> asyncio.Future[list[None]]:
-        resource = {FILTER_NAME: ecds_resource(config)}
+        """Set the workload's resources: ``config`` as `FILTER_NAME`, and ``extra``
+        (the Kafka filters); a later publish replaces them all."""
+        resource: dict[str, Message] = {**(extra or {}), FILTER_NAME: ecds_resource(config)}
         ids = tuple(sorted(node_id(pod, namespace, a) for a in addresses))
         for stale in set(self._nodes.get((namespace, pod), ())) - set(ids):
             self.server.cache.forget_node(stale)
         self._nodes[(namespace, pod)] = ids
         return asyncio.gather(*(self.server.set_resources(EXTENSION_CONFIG, resource, node=n) for n in ids))
+
+    def node_ids(self, pod: str, namespace: str) -> tuple[str, ...]:
+        return self._nodes.get((namespace, pod), ())
 
     def remove(self, pod: str, namespace: str) -> asyncio.Future[list[None]]:
         """Back to deny-all for the pod's node ids (a deleted pod's address may be reused)."""

@@ -15,13 +15,16 @@ adds the label to the identity, so policies can select injected pods
 
 For such an endpoint the sidecar enforces HTTP after TLS termination, so
 the kernel must not redirect its inbound HTTP to the node proxy (it would
-see only ciphertext): `kernel_policy` turns every ingress REDIRECT whose
-parser is HTTP into ALLOW for the same (peer, protocol, port) key. L3/L4
-stays exactly as resolved: which peers reach which ports is still decided
-in BPF, and UDP, ICMP and IPv6, which the sidecar ignores, are enforced
-there. Kafka and egress redirects are kept (the sidecar only gets inbound
-HTTP policy here). The sidecar's own config is built from the untouched
-policy (`workload.workload_rbac`).
+see only ciphertext): `kernel_policy` turns every ingress REDIRECT (HTTP
+and Kafka, whose sidecar filters come over ECDS too) into ALLOW for the
+same (peer, protocol, port) key. L3/L4 stays exactly as resolved: which
+peers reach which ports is still decided in BPF, and UDP, ICMP and IPv6,
+which the sidecar ignores, are enforced there. Egress redirects are kept
+(the sidecar only gets inbound policy). The sidecar's own config is built from the untouched
+ingress, which `kernel_policy` carries along: it returns a `SidecarPolicy`,
+an `EndpointPolicy` that every enforcer realizes as usual, with the resolved
+ingress attached as ``sidecar_ingress`` for the one that feeds the sidecar
+(`flagella.istio.enforcer`), so both come from the same snapshot.
 
 Pure: no I/O.
 """
@@ -29,6 +32,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flagella.policy.labels import ISTIO_SIDECAR_LABEL, Label, LabelSet
@@ -62,14 +66,24 @@ def is_sidecar(labels: LabelSet) -> bool:
     return Label("k8s", ISTIO_SIDECAR_LABEL, "true") in labels
 
 
-def kernel_policy(policy: EndpointPolicy) -> EndpointPolicy:
-    """``policy`` with the sidecar's inbound HTTP redirects turned into plain allows."""
+@dataclass
+class SidecarPolicy(EndpointPolicy):
+    """What the enforcers realize for a pod with a sidecar, and what its sidecar gets.
+
+    ``sidecar_ingress`` is the resolved ingress before `kernel_policy` (the HTTP
+    redirects the sidecar enforces after mTLS)."""
+
+    sidecar_ingress: MapState | None = None
+
+
+def kernel_policy(policy: EndpointPolicy) -> SidecarPolicy:
+    """``policy`` with the sidecar's inbound redirects turned into plain allows."""
     ingress = MapState(policy.ingress.enforced)
     for key, entry in policy.ingress:
-        if entry.verdict == Verdict.REDIRECT and entry.l7 is not None and entry.l7.parser == "http":
+        if entry.verdict == Verdict.REDIRECT:
             entry = Entry(Verdict.ALLOW, None, entry.rules)
         ingress.set(key, entry)
-    return EndpointPolicy(ingress, policy.egress.copy(), policy.selected)
+    return SidecarPolicy(ingress, policy.egress.copy(), policy.selected, sidecar_ingress=policy.ingress)
 
 
-__all__ = ["SIDECAR_LABEL_KEY", "SOCKET_DIR", "detect_sidecar", "is_sidecar", "kernel_policy"]
+__all__ = ["SIDECAR_LABEL_KEY", "SOCKET_DIR", "SidecarPolicy", "detect_sidecar", "is_sidecar", "kernel_policy"]

@@ -26,11 +26,21 @@ set unless `IstioSettings.authenticated_only`; a peer without one (label
 selectors on non-mesh peers, CIDRs, world) by its source addresses, which
 Istio's REDIRECT interception keeps real.
 
+`workload_kafka` is the Kafka part (spec xds-envoy-istio 3.6, Kafka via
+network ext_proc): for each inbound port with Kafka rules, two ECDS
+resources for the network filters an EnvoyFilter inserts in that port's
+inbound chain, before Istio's ``tcp_proxy``: the network RBAC whose shadow
+rules name the peer's identity (`kafka_resource_names`; principals: SPIFFE id
+AND addresses, as for HTTP) and the network ext_proc config that sends the
+bytes to the agent over the socket mounted into the pod. The chain key
+carries the endpoint id, so the agent's Kafka processor finds the rules.
+
 Pure: builds protobuf messages, does no I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -42,8 +52,17 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from flagella.errors import InputError
+from flagella.istio.initpolicy import InitPolicySettings
 from flagella.policy.labels import NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL, LabelSet
-from flagella.policy.mapstate import ANY_IDENTITY, MapState
+from flagella.policy.mapstate import ANY_IDENTITY, MapState, Verdict
+from flagella.proxy.kafka_envoy import (
+    ChainKey,
+    identity_rbac,
+    ip_principals,
+    kafka_ext_proc,
+    sidecar_grpc_service,
+    spiffe_principals,
+)
 from flagella.proxy.l7policy import MAX_PORTS_PER_DIRECTION, http_redirect_ports, port_redirects
 from flagella.proxy.rbac import RBAC_TYPE_URL, PeerSet, http_rbac
 
@@ -58,17 +77,31 @@ _POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 @dataclass(frozen=True)
 class IstioSettings:
-    """- `trust_domain`: the mesh's SPIFFE trust domain (Istio's ``cluster.local``).
+    """The ``istio`` group of the agent settings.
+
+    - `enabled`: serve sidecars their policy over ECDS on the agent's xDS
+      socket (the node proxy's, or a server of its own when the proxy is off),
+      and import the init policy.
+    - `trust_domain`: the mesh's SPIFFE trust domain (Istio's ``cluster.local``).
     - `authenticated_only`: match service-account peers by SPIFFE id alone,
       not also by source address (for peers whose addresses the agent does
-      not know, e.g. behind an egress gateway)."""
+      not know, e.g. behind an egress gateway).
+    - `socket_in_pod`: the xDS socket's path inside pods (the mount of
+      ``manifests/istio/pod-annotations.yaml``), the Kafka filters' target.
+    - `init_policy`: the ``reserved:init`` policy the agent imports
+      (`flagella.istio.initpolicy`); ``init_policy.enabled: false`` imports none."""
 
+    enabled: bool = False
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     authenticated_only: bool = False
+    socket_in_pod: str = "/var/run/flagella/xds.sock"
+    init_policy: InitPolicySettings = dataclasses.field(default_factory=InitPolicySettings)
 
     def __post_init__(self) -> None:
         if not self.trust_domain or "/" in self.trust_domain or any(c.isspace() for c in self.trust_domain):
             raise InputError(f"istio.trust_domain: {self.trust_domain!r} is not a SPIFFE trust domain")
+        if not self.socket_in_pod.startswith("/"):
+            raise InputError(f"istio.socket_in_pod: {self.socket_in_pod!r} must be an absolute path")
 
 
 @dataclass(frozen=True)
@@ -205,6 +238,54 @@ def ecds_resource(config: http_rbac_pb2.RBAC) -> extension_pb2.TypedExtensionCon
     return out
 
 
+def kafka_resource_names(port: int) -> tuple[str, str]:
+    """The ECDS names of a Kafka port's network RBAC and network ext_proc filters."""
+    return f"flagella.kafka.rbac.{port}", f"flagella.kafka.ext_proc.{port}"
+
+
+def kafka_ports(ingress: MapState) -> list[int]:
+    """Every TCP port some Kafka REDIRECT key of ``ingress`` names, ascending."""
+    ports: set[int] = set()
+    for key, entry in ingress:
+        if entry.verdict == Verdict.REDIRECT and entry.l7 is not None and entry.l7.parser == "kafka":
+            if key.end_port - key.port >= MAX_PORTS_PER_DIRECTION:
+                raise InputError(f"kafka rules on ports {key.port}-{key.end_port}: a sidecar takes single ports")
+            ports.update(range(key.port, key.end_port + 1))
+    return sorted(ports)
+
+
+def workload_kafka(
+    endpoint_id: int,
+    ingress: MapState,
+    peers: Mapping[int, PeerSet],
+    identities: Mapping[int, LabelSet],
+    settings: IstioSettings,
+    socket_in_pod: str,
+) -> dict[str, extension_pb2.TypedExtensionConfig]:
+    """The sidecar's Kafka filter configs (ECDS resources by name) for every Kafka port."""
+    spiffe = identity_spiffe_ids({i: ls for i, ls in identities.items() if i != ANY_IDENTITY}, settings.trust_domain)
+    by_ip = ip_principals({i: p for i, p in peers.items() if i != ANY_IDENTITY})
+    by_id = spiffe_principals({i: [uri] for i, uri in spiffe.items()})
+    principals: dict[int, list[rbac_pb2.Principal]] = {}
+    for ident in sorted(set(by_ip) | set(by_id)):
+        if ident not in by_id:
+            principals[ident] = by_ip[ident]
+        elif settings.authenticated_only or ident not in by_ip:
+            principals[ident] = by_id[ident]
+        else:
+            principals[ident] = [rbac_pb2.Principal(and_ids=rbac_pb2.Principal.Set(ids=[*by_id[ident], *by_ip[ident]]))]
+    service = sidecar_grpc_service(socket_in_pod)
+    out: dict[str, extension_pb2.TypedExtensionConfig] = {}
+    for port in kafka_ports(ingress):
+        chain = ChainKey(endpoint_id, False, port)
+        rbac_name, ext_proc_name = kafka_resource_names(port)
+        for name, message in ((rbac_name, identity_rbac(chain, principals)), (ext_proc_name, kafka_ext_proc(chain, service))):
+            resource = extension_pb2.TypedExtensionConfig(name=name)
+            resource.typed_config.Pack(message)
+            out[name] = resource
+    return out
+
+
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
     "FILTER_NAME",
@@ -213,8 +294,11 @@ __all__ = [
     "deny_all_config",
     "ecds_resource",
     "identity_spiffe_ids",
+    "kafka_ports",
+    "kafka_resource_names",
     "node_id",
     "parse_node",
     "spiffe_id",
+    "workload_kafka",
     "workload_rbac",
 ]

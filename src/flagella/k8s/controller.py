@@ -1,6 +1,6 @@
 """The Kubernetes watchers wired to the agent through a small interface.
 
-`ClusterSink` is what the agent implements (the lead wires it into agent/core):
+`ClusterSink` is what the agent implements (`flagella.agent.cluster`):
 policies in and out (parsed `Policy` documents from `flagella.policy.api`),
 namespace labels, pods of this node, and nodes. `compose` builds one `Watcher`
 per kind and a `Controller` that runs them on threads and translates their
@@ -8,16 +8,21 @@ events (`flagella.k8s.translate`) into sink calls.
 
 After every CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy upsert the
 controller writes this node's entry of the object's ``status.nodes``: ``ok``
-with the revision the sink answered and the annotations mirrored, or ``error``
-with the parser's message (nothing of a rejected policy is applied: the sink is
-not called). Objects that fail translation are logged and skipped; one bad pod
+with the revision the sink answered, ``enforcing`` once the sink says that
+revision is realized on every endpoint (`ClusterSink.wait_realized`, bounded by
+``status_wait_s``; written again with ``enforcing`` once it is, if it was not)
+and the annotations mirrored; or ``error`` with the parser's
+or the agent's message (nothing of a rejected policy is applied). Objects that
+fail translation, or that the sink refuses, are logged and skipped; one bad pod
 never stops the watch.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -57,18 +62,27 @@ class ClusterSink(Protocol):
     """What the agent does with cluster state. Calls come from watcher threads."""
 
     def upsert_policy(self, policy: Policy) -> int:
-        """Import (or replace) one policy; answer the policy revision now in force."""
+        """Import (or replace) one policy, all or nothing; answer its policy revision."""
+
+    def wait_realized(self, revision: int, timeout: float) -> bool:
+        """Wait until every endpoint enforces ``revision``; False when one still lags."""
 
     def delete_policy(self, kind: str, namespace: str, name: str) -> None: ...
 
     def set_namespace_labels(self, namespace: str, labels: Mapping[str, str]) -> None: ...
 
     def upsert_pod(self, pod: PodInfo) -> None:
-        """Create or relabel this node's endpoint for the pod (labels already filtered)."""
+        """Label this node's endpoint of the pod (labels already filtered), or remember
+        the labels for the endpoint the CNI plugin creates later."""
 
     def delete_pod(self, namespace: str, name: str) -> None: ...
 
     def upsert_node(self, node: NodeInfo) -> None: ...
+
+    def resync(self, kind: str, present: set[tuple[str, str]]) -> None:
+        """After a full list of ``kind`` (policies, pods): the (namespace, name) the cluster
+        holds. What the sink took from the cluster earlier (before a restart) and is not
+        among them was deleted while nobody watched."""
 
     def delete_node(self, name: str) -> None: ...
 
@@ -91,7 +105,10 @@ class Controller:
         self.sink = sink
         self.settings = settings.validate()
         self.clock = clock
-        self.skipped: list[str] = []  # messages of objects that failed translation
+        #: The latest messages of objects skipped (failed translation, or the sink refused
+        #: them), and how many were skipped since the start.
+        self.skipped: collections.deque[str] = collections.deque(maxlen=100)
+        self.skipped_total = 0
         pods_on_node = f"spec.nodeName={settings.node_name}" if settings.node_name else ""
         table: list[tuple[Resource, Callable[[str, Obj], None], str]] = [
             (NAMESPACES, self._namespace, ""),
@@ -101,23 +118,46 @@ class Controller:
             (CCNPS, self._policy, ""),
             (PODS, self._pod, pods_on_node),
         ]
-        self.watchers = [Watcher(api, r, h, field_selector=f, timeout_s=timeout_s) for r, h, f in table]
+        self.watchers = [
+            Watcher(api, r, h, field_selector=f, timeout_s=timeout_s, on_listed=self._listed(r))
+            for r, h, f in table
+        ]
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        #: The revision of each CNP/CCNP ("kind/namespace/name") whose status was written last.
+        self._status_revision: dict[str, int] = {}
         #: The node's container runtime (`compose` detects it; "none" until then).
         self.runtime = "none"
 
     # -- event handlers -------------------------------------------------------------
 
+    def _listed(self, resource: Resource) -> Callable[[Mapping[str, Obj]], None] | None:
+        if resource not in (NETWORK_POLICIES, CNPS, CCNPS, PODS):
+            return None
+
+        def listed(objects: Mapping[str, Obj]) -> None:
+            present = {(ns, name) for ns, _, name in (k.partition("/") for k in objects)}
+            try:
+                self.sink.resync(resource.kind, present)
+            except FlagellaError as exc:
+                self._skip(f"{resource.kind} resync", exc)
+
+        return listed
+
     def _skip(self, what: str, exc: FlagellaError) -> None:
         log.warning("k8s-object-skipped", object=what, error=str(exc))
         self.skipped.append(str(exc))
+        self.skipped_total += 1
 
     def _namespace(self, op: str, obj: Obj) -> None:
         try:
             name, labels = namespace_labels(obj)
         except InputError as exc:
             return self._skip("namespace", exc)
-        self.sink.set_namespace_labels(name, labels if op == "upsert" else {})
+        try:
+            self.sink.set_namespace_labels(name, labels if op == "upsert" else {})
+        except FlagellaError as exc:
+            self._skip(f"namespace {name}", exc)
 
     def _node(self, op: str, obj: Obj) -> None:
         if op == "delete":
@@ -125,13 +165,16 @@ class Controller:
             return
         try:
             self.sink.upsert_node(node_info(obj, self.settings))
-        except InputError as exc:
+        except FlagellaError as exc:
             self._skip("node", exc)
 
     def _pod(self, op: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
         if op == "delete":
-            self.sink.delete_pod(str(meta.get("namespace", "")), str(meta.get("name", "")))
+            try:
+                self.sink.delete_pod(str(meta.get("namespace", "")), str(meta.get("name", "")))
+            except FlagellaError as exc:
+                self._skip("pod", exc)
             return
         try:
             pod = pod_info(obj)
@@ -144,14 +187,21 @@ class Controller:
         if pod.dropped:
             log.info("k8s-pod-reserved-labels-overwritten", pod=f"{pod.namespace}/{pod.name}",
                      keys=list(pod.dropped))
-        self.sink.upsert_pod(pod)
+        try:
+            self.sink.upsert_pod(pod)
+        except FlagellaError as exc:
+            self._skip(f"pod {pod.namespace}/{pod.name}", exc)
 
     def _policy(self, op: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
         kind = str(obj.get("kind", ""))
         ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        self._status_revision.pop(f"{kind}/{ns}/{name}", None)
         if op == "delete":
-            self.sink.delete_policy(kind, ns, name)
+            try:
+                self.sink.delete_policy(kind, ns, name)
+            except FlagellaError as exc:
+                self._skip(kind, exc)
             return
         document = {k: v for k, v in obj.items() if k != "status"}
         try:
@@ -166,7 +216,24 @@ class Controller:
             self._skip(kind, exc)
             self._write_status(obj, revision=0, error=str(exc))
             return
-        self._write_status(obj, revision=revision, enforcing=True)
+        if obj.get("kind") in (CNPS.kind, CCNPS.kind) and self.settings.node_name:
+            key = f"{kind}/{ns}/{name}"
+            self._status_revision[key] = revision
+            enforcing = self.sink.wait_realized(revision, self.settings.status_wait_s)
+            self._write_status(obj, revision=revision, enforcing=enforcing)
+            if not enforcing:
+                threading.Thread(
+                    target=self._status_once_realized, args=(obj, key, revision), name="k8s-status", daemon=True
+                ).start()
+
+    def _status_once_realized(self, obj: Obj, key: str, revision: int) -> None:
+        """Rewrite the status with ``enforcing`` once ``revision`` is realized, unless the
+        policy changed (or went) meanwhile: its newer status is the one that counts."""
+        while not self._stopping.is_set() and self._status_revision.get(key) == revision:
+            if self.sink.wait_realized(revision, self.settings.status_wait_s):
+                if self._status_revision.get(key) == revision:
+                    self._write_status(obj, revision=revision, enforcing=True)
+                return
 
     def _write_status(self, obj: Obj, *, revision: int, error: str = "", enforcing: bool = False) -> None:
         kind = obj.get("kind")
@@ -199,24 +266,57 @@ class Controller:
             w.list()
 
     def start(self) -> None:
+        """List every kind but pods first (retrying until the API server answers), then
+        watch all: a pod's endpoint never precedes its node's PodCIDR, its namespace's
+        labels or the policies that select it."""
+        t = threading.Thread(target=self._bootstrap, name="k8s-sync", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _bootstrap(self) -> None:
         for w in self.watchers:
+            while w.resource is not PODS and not w.stopped:
+                try:
+                    w.list()
+                    break
+                except Exception as exc:  # WatchError, urllib3's: the API server is not there yet
+                    log.warning("k8s-list-failed", kind=w.resource.kind, error=str(exc))
+                    w.wait(1.0)
+        for w in self.watchers:
+            if w.stopped:
+                return
             t = threading.Thread(target=w.run, name=f"k8s-{w.resource.plural}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def stop(self) -> None:
+        self._stopping.set()
         for w in self.watchers:
             w.stop()
+        deadline = time.monotonic() + 5.0  # a thread in a long watch read is a daemon: left behind
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
-def api_client(host: str = "", token: str = "") -> client.ApiClient:
-    """In-cluster configuration when ``host`` is empty, else that URL (tests, kubeconfig-less)."""
+def api_client(host: str = "", token: str = "", *, kubeconfig: str = "") -> client.ApiClient:
+    """The client for ``kubeconfig`` when given, else ``host`` (tests), else in-cluster."""
+    if kubeconfig:
+        from kubernetes import config
+
+        try:
+            api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, persist_config=False
+            )
+        except (OSError, config.ConfigException) as exc:
+            raise InputError(f"k8s.kubeconfig: {kubeconfig}: {exc}") from None
+        return api
     if not host:
         from kubernetes import config
 
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException as exc:
+            raise InputError(f"k8s.in_cluster: {exc}") from None
         return client.ApiClient()
     cfg = client.Configuration()
     cfg.host = host
@@ -230,15 +330,17 @@ def compose(
     settings: K8sSettings,
     api: client.ApiClient | None = None,
     *,
-    runtime_root: str = "/",
+    runtime_root: str = "",
 ) -> Controller:
     """The watchers for this node, feeding ``sink``; call ``start()`` to run them.
 
-    ``runtime_root`` is where the host's /run is visible (``/host`` in the DaemonSet);
-    the detected (or forced) container runtime is `Controller.runtime`.
+    ``runtime_root`` (default: the settings') is where the host's /run is visible
+    (``/host`` in the DaemonSet); the detected (or forced) container runtime is `Controller.runtime`.
     """
-    ctl = Controller(api if api is not None else api_client(), sink, settings)
-    ctl.runtime = detect_runtime(runtime_root, settings.container_runtime)
+    if api is None:
+        api = api_client(kubeconfig=settings.kubeconfig)
+    ctl = Controller(api, sink, settings)
+    ctl.runtime = detect_runtime(runtime_root or settings.runtime_root, settings.container_runtime)
     return ctl
 
 

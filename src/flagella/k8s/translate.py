@@ -35,9 +35,16 @@ RUNTIMES = ("docker", "containerd", "crio")
 
 @dataclass(frozen=True)
 class K8sSettings:
-    """Options of the Kubernetes integration (Cilium's flag names in the comments)."""
+    """Options of the Kubernetes integration (Cilium's flag names in the comments).
 
-    #: This node's name (``K8S_NODE_NAME``); only its pods are endpoints here.
+    The agent watches the cluster when `enabled`: a kubeconfig is given, or it runs
+    in a pod (``in_cluster``)."""
+
+    #: --k8s-kubeconfig: the kubeconfig file naming the API server and credentials.
+    kubeconfig: str = ""
+    #: --k8s-in-cluster: the service account's token and the KUBERNETES_SERVICE_* variables.
+    in_cluster: bool = False
+    #: This node's name (``K8S_NODE_NAME``, --k8s-node-name); only its pods are endpoints here.
     node_name: str = ""
     #: --k8s-require-ipv4-pod-cidr: refuse a node object without an IPv4 PodCIDR.
     require_ipv4_pod_cidr: bool = False
@@ -47,8 +54,27 @@ class K8sSettings:
     ipv6_cluster_alloc_cidr: str = ""
     #: --container-runtime: ``auto`` detects from the sockets, else one of `RUNTIMES` or ``none``.
     container_runtime: str = "auto"
+    #: Where the host's /run is visible to the agent (``/host`` in the DaemonSet).
+    runtime_root: str = "/"
+    #: Without a CNI plugin: the agent itself creates the endpoint of each pod of this
+    #: node it learns of (addresses from the pod's status, else allocated) and deletes it
+    #: with the pod. With ``flagella-cni`` the plugin creates them; leave this off.
+    create_endpoints: bool = False
+    #: Seconds a CNP status waits for the policy's revision to be realized on every
+    #: endpoint before it is written with ``enforcing: false``.
+    status_wait_s: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kubeconfig) or self.in_cluster
 
     def validate(self) -> K8sSettings:
+        if self.kubeconfig and self.in_cluster:
+            raise InputError("k8s: kubeconfig and in_cluster exclude each other")
+        if self.enabled and not self.node_name:
+            raise InputError("k8s.node_name: required to watch a cluster (--k8s-node-name, K8S_NODE_NAME)")
+        if not 0 < self.status_wait_s < float("inf"):
+            raise InputError("k8s.status_wait_s: must be a positive number of seconds")
         if self.ipv6_cluster_alloc_cidr:
             try:
                 ipaddress.IPv6Network(self.ipv6_cluster_alloc_cidr)

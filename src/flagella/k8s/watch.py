@@ -92,10 +92,15 @@ class Watcher:
         *,
         field_selector: str = "",
         timeout_s: int = 300,
+        on_listed: Callable[[Mapping[str, Obj]], None] | None = None,
     ) -> None:
+        """``on_listed`` gets the whole local copy after every list (the first one included):
+        what the cluster holds, so that state kept from before the agent started and gone
+        from the cluster meanwhile can be dropped."""
         self.api = api
         self.resource = resource
         self.handler = handler
+        self.on_listed = on_listed
         self.field_selector = field_selector
         self.timeout_s = timeout_s
         self.state = "list"
@@ -142,6 +147,8 @@ class Watcher:
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
         self.state = "list"
         self._step("listed")
+        if self.on_listed is not None:
+            self.on_listed(self.objects)
 
     def _events(self) -> Iterator[Obj] | None:
         resp = self._get([
@@ -227,6 +234,14 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when stopped meanwhile."""
+        self._stop.wait(seconds)
 
 
 def request(

@@ -56,6 +56,8 @@ class PolicyEngine:
         self._endpoint_selectors: dict[int, set[LabelSelector]] = {}
         self._broad_users: set[int] = set()  # endpoints with entity/CIDR/requires/named peers
         self._selected: dict[int, list[Rule]] = {}
+        #: identity -> (addresses, named ports) of its endpoints on other nodes (cluster mode)
+        self.remote_extras: dict[int, tuple[frozenset[IPAddress], NamedPorts]] = {}
 
     # -- rules -------------------------------------------------------------
 
@@ -167,10 +169,28 @@ class PolicyEngine:
             return self._identity_changed(ep.identity, [])
         return set()
 
+    def set_remote_extras(self, ident: int, addresses: frozenset[IPAddress], named_ports: NamedPorts) -> set[int]:
+        """The addresses and named ports of ``ident``'s endpoints on other nodes (an
+        ipBlock selects them by address, a named port resolves on them); returns the
+        endpoints whose policy changed."""
+        if addresses or named_ports:
+            self.remote_extras[ident] = (addresses, named_ports)
+        else:
+            self.remote_extras.pop(ident, None)
+        if not self._refresh_identity_extras(ident):
+            return set()
+        self.universe.changed()
+        return self._identity_changed(ident, [])
+
     def _refresh_identity_extras(self, ident: int) -> set[int]:
-        """Recompute an identity's addresses and named ports; return {ident} if they changed."""
+        """Recompute an identity's addresses and named ports (its local endpoints' and
+        `remote_extras`); return {ident} if they changed."""
         addrs: set[IPAddress] = set()
         named: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        remote_addrs, remote_named = self.remote_extras.get(ident, (frozenset(), {}))
+        addrs |= remote_addrs
+        for name, ports in remote_named.items():
+            named[name] |= ports
         for e in self.endpoints.values():
             if e.identity == ident:
                 addrs |= e.addresses

@@ -1,24 +1,33 @@
-"""The xDS enforcer: an endpoint's HTTP rules, published to the node Envoy.
+"""The xDS enforcer: an endpoint's HTTP and Kafka rules, published to the node Envoy.
 
 Theory of operation
 -------------------
 `XdsEnforcer` implements the regeneration pipeline's `Enforcer` seam. On
 ``apply`` it computes, in the caller's thread and without I/O, the
 endpoint's HTTP port policies for both directions (`direction_http_policy`,
-peers from the agent's desired ipcache via `peer_sets`; the host identity,
-and world with ``legacy_host_allows_world``, gets the L7 wildcard on
-ingress, spec 3.3), then hands a publish coroutine to the xDS server's
+peers from the agent's desired ipcache via `peer_sets`; the host override of
+spec 3.3 is already in the resolved policy) and its Kafka port policies
+(`direction_kafka_policy`), then hands a publish coroutine to the xDS server's
 loop. That coroutine records the endpoint and replaces three resource sets
 built from *every* endpoint's redirects:
 
 - CDS: the ``ORIGINAL_DST`` cluster;
 - LDS: the two transparent listeners (one filter chain per endpoint,
-  direction and redirected port; a direction without chains has none);
-- ECDS: one RBAC `TypedExtensionConfig` per endpoint, direction and port.
+  direction and redirected port; a direction without chains has none). A
+  Kafka port's chain is identity RBAC -> ext_proc -> tcp_proxy
+  (`flagella.proxy.kafka_node`);
+- ECDS: one RBAC `TypedExtensionConfig` per endpoint, direction and port
+  (HTTP: the rules; Kafka: the peers' address sets, naming the identity).
+
+The Kafka rules themselves never go to Envoy: the agent's ext_proc service
+asks `kafka_rules` (on the xDS loop) per connection, and after each
+publication ``on_kafka_change`` lets it re-apply the rules to the
+connections already open, so a tightened policy holds from their next
+request.
 
 The completion resolves when every connected Envoy has ACKed the LDS and
 ECDS versions that include this publication (or a later one), and fails on
-a NACK (the reason is Envoy's error detail). An endpoint without HTTP
+a NACK (the reason is Envoy's error detail). An endpoint without L7
 redirects completes at once. With redirects and no Envoy connected, the
 completion stays pending (``waiting-for-enforcers``) until one connects and
 ACKs, and fails after ``envoy_wait_s``: the kernel must never redirect into
@@ -26,12 +35,13 @@ nothing. `refresh_peers` (identity or ipcache change) rebuilds only the
 ECDS resources: the listeners do not change.
 
 `on_redirects` is called (on the xDS loop) the first time some endpoint has
-HTTP redirects: the agent starts Envoy then.
+L7 redirects: the agent starts Envoy then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import threading
 from collections.abc import Callable, Coroutine, Mapping
@@ -43,9 +53,17 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from flagella.endpoint.model import Endpoint
 from flagella.endpoint.regeneration import Completion
-from flagella.policy.mapstate import MapState
+from flagella.policy.mapstate import L7Policy, MapState
 from flagella.policy.resolver import EndpointPolicy
-from flagella.proxy.l7policy import DirectionHTTPPolicy, direction_http_policy, port_redirects
+from flagella.proxy.kafka_envoy import ChainKey
+from flagella.proxy.kafka_node import identity_filter_name, identity_rbac, kafka_node_chain
+from flagella.proxy.l7policy import (
+    DirectionHTTPPolicy,
+    DirectionKafkaPolicy,
+    direction_http_policy,
+    direction_kafka_policy,
+    port_redirects,
+)
 from flagella.proxy.listeners import (
     ACCESS_LOG_CLUSTER,
     ORIGINAL_DST_CLUSTER,
@@ -66,7 +84,6 @@ log = structlog.get_logger("flagella.proxy")
 
 INGRESS_LISTENER = "flagella-ingress"
 EGRESS_LISTENER = "flagella-egress"
-HOST_IDENTITY, WORLD_IDENTITY = 1, 2
 
 
 @dataclass(frozen=True)
@@ -84,10 +101,15 @@ class _Entry:
     egress_state: MapState
     ingress: DirectionHTTPPolicy
     egress: DirectionHTTPPolicy
+    ingress_kafka: DirectionKafkaPolicy = DirectionKafkaPolicy()
+    egress_kafka: DirectionKafkaPolicy = DirectionKafkaPolicy()
 
     @property
     def redirects(self) -> int:
-        return len(self.ingress.ports) + len(self.egress.ports)
+        return (
+            len(self.ingress.ports) + len(self.egress.ports)
+            + len(self.ingress_kafka.ports) + len(self.egress_kafka.ports)
+        )
 
 
 class XdsEnforcer:
@@ -103,6 +125,7 @@ class XdsEnforcer:
         envoy_wait_s: float = 60.0,
         on_redirects: Callable[[], None] | None = None,
         access_log: bool = True,
+        on_kafka_change: Callable[[], None] | None = None,
     ) -> None:
         self.server = server
         self.loop = loop
@@ -111,19 +134,26 @@ class XdsEnforcer:
         self._backlog_lock = threading.Lock()
         self.ports = ports
         self._peers = peers
-        self._wildcards = (HOST_IDENTITY, WORLD_IDENTITY) if legacy_host_allows_world else (HOST_IDENTITY,)
+        # The host override of spec 3.3 (and world's, with legacy_host_allows_world) is
+        # already in the resolved policy: the resolver gives the host's L3 allow the
+        # wildcard L7 rule only with allow_localhost "always"; adding it here again would
+        # overrule "policy". The argument stays for callers; the policy decides.
+        del legacy_host_allows_world
+        self._wildcards: tuple[int, ...] = ()
         self._envoy_wait_s = envoy_wait_s
         self._on_redirects = on_redirects
+        self._on_kafka_change = on_kafka_change
         self._access_log = ACCESS_LOG_CLUSTER if access_log else None
         self._entries: dict[int, _Entry] = {}  # touched on the loop only
         self._ever_redirected = False
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The xDS server runs on ``loop`` now: publish what waited for it."""
+    def bind(self, loop: asyncio.AbstractEventLoop) -> list[concurrent.futures.Future[None]]:
+        """The xDS server runs on ``loop`` now: publish what waited for it. The futures
+        are done once those publications are in the server's cache (they wait for no
+        ACK: restore's applies completed at once)."""
         with self._backlog_lock:
             self.loop, backlog, self._backlog = loop, self._backlog, []
-        for coro in backlog:
-            asyncio.run_coroutine_threadsafe(coro, loop)
+        return [asyncio.run_coroutine_threadsafe(coro, loop) for coro in backlog]
 
     def _run(self, coro: Coroutine[Any, Any, None]) -> None:
         with self._backlog_lock:
@@ -140,6 +170,12 @@ class XdsEnforcer:
         if not entry.redirects:
             # Nothing for the kernel to redirect: dropping the chains can come later.
             self._run(self._publish(endpoint.id, None, None))
+            return Completion.completed()
+        if self.loop is None:
+            # Agent restore, before the xDS server serves: no Envoy can ACK yet. The
+            # kernel holds what Envoy ACKed before the restart (it never redirects
+            # earlier) and Envoy keeps that config; the publication goes out at `bind`.
+            self._run(self._publish(endpoint.id, entry, None))
             return Completion.completed()
         completion = Completion()
         self._run(self._publish(endpoint.id, entry, completion))
@@ -168,22 +204,43 @@ class XdsEnforcer:
             egress,
             direction_http_policy(endpoint.id, addrs, ingress, False, peers, self._wildcards),
             direction_http_policy(endpoint.id, addrs, egress, True, peers, ()),
+            direction_kafka_policy(endpoint.id, addrs, ingress, False, self._wildcards),
+            direction_kafka_policy(endpoint.id, addrs, egress, True, ()),
         )
+
+    def kafka_rules(self, chain: ChainKey, identity: int) -> L7Policy | None:
+        """The Kafka rules ``identity`` is held to on ``chain`` (on the xDS loop, where the
+        entries live); None when the chain is gone or the kernel never redirects that peer."""
+        entry = self._entries.get(chain.endpoint_id)
+        if entry is None:
+            return None
+        for port in (entry.egress_kafka if chain.egress else entry.ingress_kafka).ports:
+            if port.redirect.chain == chain:
+                return port.rules_for(identity)
+        return None
+
+    def endpoint_identity(self, endpoint_id: int) -> int | None:
+        entry = self._entries.get(endpoint_id)
+        return None if entry is None else entry.endpoint.identity
 
     def _listeners(self) -> dict[str, Message]:
         ecds = ads_config_source()
         entries = list(self._entries.values())
         ingress = [p.redirect for e in entries for p in e.ingress.ports]
         egress = [p.redirect for e in entries for p in e.egress.ports]
+        kafka_in = [kafka_node_chain(p.redirect, ecds) for e in _by_id(entries) for p in e.ingress_kafka.ports]
+        kafka_out = [kafka_node_chain(p.redirect, ecds) for e in _by_id(entries) for p in e.egress_kafka.ports]
         out: dict[str, Message] = {}
         # Envoy rejects a listener without filter chains: a direction without
         # redirects has no listener (nothing is redirected to its port).
-        for name, port, redirects in (
-            (INGRESS_LISTENER, self.ports.ingress, ingress),
-            (EGRESS_LISTENER, self.ports.egress, egress),
+        for name, port, redirects, kafka in (
+            (INGRESS_LISTENER, self.ports.ingress, ingress, kafka_in),
+            (EGRESS_LISTENER, self.ports.egress, egress, kafka_out),
         ):
-            if redirects:
-                out[name] = transparent_listener(name, port, redirects, ecds, self._access_log)
+            if redirects or kafka:
+                out[name] = transparent_listener(
+                    name, port, redirects, ecds, self._access_log, other_chains=kafka
+                )
         return out
 
     def _filters(self) -> dict[str, Message]:
@@ -192,6 +249,12 @@ class XdsEnforcer:
         for e in entries:
             for p in (*e.ingress.ports, *e.egress.ports):
                 out[p.redirect.filter_name] = typed_extension_config(p.redirect.filter_name, p.rbac)
+        if any(e.ingress_kafka.ports or e.egress_kafka.ports for e in entries):
+            peers = self._peers()
+            for e in entries:
+                for k in (*e.ingress_kafka.ports, *e.egress_kafka.ports):
+                    name = identity_filter_name(k.redirect.chain)
+                    out[name] = typed_extension_config(name, identity_rbac(k.redirect.chain, peers))
         local_by_port: dict[int, http_rbac_pb2.RBAC] = {}
         for e in entries:
             for p in e.egress.ports:
@@ -233,6 +296,7 @@ class XdsEnforcer:
             self._push(EXTENSION_CONFIG, self._filters())
             self._push(CLUSTER, {ORIGINAL_DST_CLUSTER: original_dst_cluster()})
             self._push(LISTENER, self._listeners())
+            self._kafka_changed()
             if completion is None:
                 return
             error = await self._await_acks()
@@ -250,6 +314,14 @@ class XdsEnforcer:
             i: self._entry(e.endpoint, e.ingress_state, e.egress_state, peers) for i, e in self._entries.items()
         }
         self._push(EXTENSION_CONFIG, self._filters())
+        self._kafka_changed()
+
+    def _kafka_changed(self) -> None:
+        if self._on_kafka_change is not None:
+            try:
+                self._on_kafka_change()
+            except Exception:  # never let a listener break the publication
+                log.exception("kafka-rules-refresh-failed")
 
     def _push(self, type_url: str, resources: Mapping[str, Message]) -> None:
         # The server's own completion (per change) is not ours: `_await_acks` checks
@@ -293,6 +365,10 @@ class XdsEnforcer:
                 if t.version_acked != want:
                     waiting.append(f"{row.node} has not ACKed {url.rsplit('.', 1)[-1]} {want[:12]}")
         return "; ".join(waiting)
+
+
+def _by_id(entries: list[_Entry]) -> list[_Entry]:
+    return sorted(entries, key=lambda e: e.endpoint.id)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

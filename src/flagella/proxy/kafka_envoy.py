@@ -31,7 +31,20 @@ does the same for that connection only.
 
 The rules come from a `KafkaRulesLookup` the agent provides, asked once per
 connection with the chain and the peer's identity; None closes the
-connection (fail closed: a chain exists only while its rules do).
+connection (fail closed: a chain exists only while its rules do). After a
+policy or identity change the agent calls `KafkaExtProcService.refresh`: every
+open connection asks the lookup again and holds its next request to the
+answer (no rules any more: every request is denied).
+
+*Wire path.* Envoy sends every read and write as one message (with the
+forwarded metadata on each) and every byte comes back in the answer, so on
+large produce batches protobuf's own copies were a third of the service's
+CPU. `register` therefore installs `Process` over raw bytes: `parse_request`
+reads the three fields of ``ProcessingRequest`` straight off the wire (the data
+as a view, no copy; anything unusual, such as a repeated field, goes through
+protobuf instead) and `data_response` writes the answer with one copy. The
+protobuf-level `KafkaExtProcService.Process` stays for direct callers and
+shares the per-message core (`_respond`).
 
 The builders are pure (protobuf messages only); the service does gRPC I/O.
 """
@@ -40,12 +53,13 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-from envoy.config.core.v3 import address_pb2, grpc_service_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, grpc_service_pb2
 from envoy.config.listener.v3 import listener_components_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.ext_proc.v3 import ext_proc_pb2
@@ -77,6 +91,7 @@ RBAC_NAMESPACE = "envoy.filters.network.rbac"
 _POLICY_ID = "shadow_effective_policy_id"
 _PREFIX = re.compile(r"flagella_kafka_(\d+)_(ingress|egress)_(\d+)_")
 _IDENTITY = re.compile(r"identity-(\d+)")
+_DENY_ALL = L7Policy("kafka")
 
 
 @dataclass(frozen=True)
@@ -149,7 +164,8 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
     """``envoy.service.network_ext_proc.v3.NetworkExternalProcessor`` for Kafka chains.
 
     Register on any ``grpc.aio`` server with `register`. ``on_record`` gets every
-    judged request (monitor, metrics); ``settings_for`` may give per-chain
+    judged request (monitor, metrics), ``on_peer_record`` the same with the connection's
+    `Peer` (chain and identity); ``settings_for`` may give per-chain
     processor settings per peer (the default: transparent, nothing rewritten for addresses).
     """
 
@@ -160,67 +176,243 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
         codec: KafkaCodec | None = None,
         on_record: Callable[[KafkaAccessRecord], None] | None = None,
         settings_for: Callable[[Peer], KafkaSettings] | None = None,
+        on_peer_record: Callable[[Peer, KafkaAccessRecord], None] | None = None,
     ) -> None:
         self.rules = rules
         self.codec = codec or KafkaCodec()
         self.on_record = on_record
+        self.on_peer_record = on_peer_record
+        #: The open connections and whose they are (`refresh`, `on_peer_record`).
+        self._live: weakref.WeakKeyDictionary[KafkaConnection, Peer] = weakref.WeakKeyDictionary()
         self.settings_for = settings_for or (lambda _peer: KafkaSettings())
         self.topic_ids = TopicIds()
+        #: Connections closed on a frame that could not be parsed (policy_l7_total parse_errors).
+        self.unparsable = 0
         #: Close reasons, newest last (bounded): why the service closed connections.
         self.closes: list[str] = []
 
     def register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_NetworkExternalProcessorServicer_to_server(self, server)
+        """Serve ``NetworkExternalProcessor/Process`` on ``server``, over raw bytes (`parse_request`)."""
+        handlers = {"Process": grpc.stream_stream_rpc_method_handler(self.process_wire)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
-    def _connection(self, request: pb.ProcessingRequest) -> KafkaConnection:
-        peer = peer_from_metadata(_struct_fields(request.metadata))
+    def refresh(self) -> None:
+        """The rules changed: every open connection gets its peer's current rules (on the
+        server's loop, like the lookup). A peer left without rules is denied everything."""
+        for conn, peer in list(self._live.items()):
+            policy = self.rules(peer.chain, peer.identity)
+            conn.update_policy(policy if policy is not None else _DENY_ALL)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._live)
+
+    def _connection(self, metadata: base_pb2.Metadata) -> KafkaConnection:
+        peer = peer_from_metadata(_struct_fields(metadata))
         policy = self.rules(peer.chain, peer.identity)
         if policy is None:
             raise KafkaMetadataError(f"no Kafka rules for identity {peer.identity} on {peer.chain.name}")
-        return KafkaConnection(
+        conn = KafkaConnection(
             peer.identity, policy, codec=self.codec, topic_ids=self.topic_ids,
             settings=self.settings_for(peer),
         )
+        self._live[conn] = peer
+        return conn
 
     def _closed(self, reason: str) -> pb.ProcessingResponse:
+        self._note_close(reason)
+        return pb.ProcessingResponse(connection_status=pb.ProcessingResponse.CLOSE)
+
+    def _note_close(self, reason: str) -> None:
+        if reason.startswith("unparsable"):
+            self.unparsable += 1
         self.closes.append(reason)
         del self.closes[:-100]
-        return pb.ProcessingResponse(connection_status=pb.ProcessingResponse.CLOSE)
+
+    def _respond(
+        self, conn: KafkaConnection, upstream: bool, data: bytes | memoryview
+    ) -> bytes | memoryview | None:
+        """The bytes Envoy injects for one read (``upstream``) or write; None: close."""
+        out: KafkaOutput = (
+            conn.receive_from_client(data) if upstream else conn.receive_from_broker(data)
+        )
+        if self.on_record is not None:
+            for record in out.records:
+                self.on_record(record)
+        if self.on_peer_record is not None and out.records:
+            peer = self._live[conn]
+            for record in out.records:
+                self.on_peer_record(peer, record)
+        if out.close is not None:
+            self._note_close(out.close)
+            return None
+        return out.to_broker if upstream else out.to_client
 
     async def Process(  # noqa: N802 (the gRPC method's name)
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        """The service over protobuf messages (direct callers; `register` serves `process_wire`)."""
         conn: KafkaConnection | None = None
         async for request in request_iterator:
             try:
                 if conn is None:
-                    conn = self._connection(request)
-                response, close = self._answer(conn, request)
+                    conn = self._connection(request.metadata)
+                upstream = request.HasField("read_data")
+                data = request.read_data if upstream else request.write_data
+                payload = self._respond(conn, upstream, data.data)
             except Exception as exc:  # one connection fails closed, never the service
                 _log.warning("kafka ext_proc: closing a connection: %s", exc)
                 yield self._closed(f"{type(exc).__name__}: {exc}")
                 return
-            yield response
-            if close:
+            if payload is None:
+                yield pb.ProcessingResponse(connection_status=pb.ProcessingResponse.CLOSE)
                 return
+            response = pb.ProcessingResponse(data_processing_status=pb.ProcessingResponse.MODIFIED)
+            answer = response.read_data if upstream else response.write_data
+            answer.data = bytes(payload)
+            answer.end_of_stream = data.end_of_stream
+            yield response
 
-    def _answer(self, conn: KafkaConnection, request: pb.ProcessingRequest) -> tuple[pb.ProcessingResponse, bool]:
-        upstream = request.HasField("read_data")
-        data = request.read_data if upstream else request.write_data
-        out: KafkaOutput = (
-            conn.receive_from_client(data.data) if upstream else conn.receive_from_broker(data.data)
-        )
-        if self.on_record is not None:
-            for record in out.records:
-                self.on_record(record)
-        if out.close is not None:
-            return self._closed(out.close), True
-        payload = pb.Data(data=out.to_broker if upstream else out.to_client, end_of_stream=data.end_of_stream)
-        response = pb.ProcessingResponse(data_processing_status=pb.ProcessingResponse.MODIFIED)
-        (response.read_data if upstream else response.write_data).CopyFrom(payload)
-        return response, False
+    async def process_wire(
+        self, request_iterator: AsyncIterator[bytes], context: object
+    ) -> AsyncIterator[bytes]:
+        """`Process` over serialized messages: what `register` serves (module docstring)."""
+        conn: KafkaConnection | None = None
+        async for raw in request_iterator:
+            try:
+                request = parse_request(raw)
+                if conn is None:
+                    conn = self._connection(request.metadata())
+                payload = self._respond(conn, request.upstream, request.data)
+            except Exception as exc:  # one connection fails closed, never the service
+                _log.warning("kafka ext_proc: closing a connection: %s", exc)
+                self._note_close(f"{type(exc).__name__}: {exc}")
+                yield _CLOSE
+                return
+            if payload is None:
+                yield _CLOSE
+                return
+            yield data_response(request.upstream, payload, request.end_of_stream)
+
+
+# -- the wire path -------------------------------------------------------------------------
+
+SERVICE_NAME = "envoy.service.network_ext_proc.v3.NetworkExternalProcessor"
+_CLOSE = pb.ProcessingResponse(connection_status=pb.ProcessingResponse.CLOSE).SerializeToString()
+_LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
+#: ProcessingResponse: read_data = 1, write_data = 2, data_processing_status = 3 (MODIFIED).
+_MODIFIED = bytes([3 << 3 | _VARINT, pb.ProcessingResponse.MODIFIED])
+
+
+class WireError(ValueError):
+    """A ProcessingRequest that is not valid protobuf."""
+
+
+@dataclass(frozen=True)
+class WireRequest:
+    """One ProcessingRequest: its direction, data (a view into the message) and metadata."""
+
+    upstream: bool  # read_data (client -> broker); else write_data
+    data: bytes | memoryview
+    end_of_stream: bool
+    _metadata: memoryview | base_pb2.Metadata | None
+
+    def metadata(self) -> base_pb2.Metadata:
+        if isinstance(self._metadata, base_pb2.Metadata):
+            return self._metadata
+        return base_pb2.Metadata.FromString(bytes(self._metadata or b""))
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 64, 7):
+        if pos >= len(buf):
+            raise WireError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if value >> 64:
+                raise WireError("varint out of range")
+            return value, pos
+    raise WireError("varint longer than 10 bytes")
+
+
+def _fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """(field, wire type, start, end) of each field in ``buf[start:end]``; varints as their value."""
+    out = []
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if not 0 < field < 1 << 29:
+            raise WireError(f"field number {field}")
+        if wire == _LEN:
+            size, pos = _varint(buf, pos)
+            out.append((field, wire, pos, pos + size))
+            pos += size
+        elif wire == _VARINT:
+            value, pos = _varint(buf, pos)
+            out.append((field, wire, value, value))
+        elif wire in (_I64, _I32):
+            pos += 8 if wire == _I64 else 4
+        else:
+            raise WireError(f"wire type {wire}")
+        if pos > end:
+            raise WireError("truncated field")
+    return out
+
+
+def parse_request(raw: bytes) -> WireRequest:
+    """A serialized ProcessingRequest, read without copying its data (module docstring)."""
+    try:
+        fields = _fields(raw, 0, len(raw))
+        top = [f for f in fields if f[1] == _LEN and f[0] in (1, 2, 3)]
+        numbers = [f[0] for f in top]
+        if len(set(numbers)) == len(numbers) and not (1 in numbers and 2 in numbers):
+            view = memoryview(raw)
+            data: memoryview | bytes = b""
+            end_of_stream = False
+            upstream = 1 in numbers
+            metadata: memoryview | None = None
+            for number, _wire, start, end in top:
+                if number == 3:
+                    metadata = view[start:end]
+                    continue
+                for field, wire, a, b in _fields(raw, start, end):
+                    if field == 1 and wire == _LEN:
+                        data = view[a:b]
+                    elif field == 2 and wire == _VARINT:
+                        end_of_stream = a != 0
+            return WireRequest(upstream, data, end_of_stream, metadata)
+    except WireError:
+        pass
+    # Anything unusual (a repeated message field merges; both directions; bad bytes): protobuf.
+    request = pb.ProcessingRequest.FromString(raw)
+    upstream = request.HasField("read_data")
+    payload = request.read_data if upstream else request.write_data
+    return WireRequest(upstream, payload.data, payload.end_of_stream, request.metadata)
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def data_response(upstream: bool, payload: bytes | memoryview, end_of_stream: bool) -> bytes:
+    """ProcessingResponse{read_data or write_data: {data, end_of_stream}, MODIFIED}, serialized
+    as protobuf would, with ``payload`` copied once."""
+    head = b"\x0a" + _uvarint(len(payload)) if len(payload) else b""
+    tail = b"\x10\x01" if end_of_stream else b""
+    size = len(head) + len(payload) + len(tail)
+    tag = b"\x0a" if upstream else b"\x12"
+    return b"".join((tag, _uvarint(size), head, payload, tail, _MODIFIED))
 
 
 # -- builders ----------------------------------------------------------------------------
@@ -358,19 +550,24 @@ def kafka_filter_chain(
 
 __all__ = [
     "RBAC_NAMESPACE",
+    "SERVICE_NAME",
     "ChainKey",
     "KafkaExtProcService",
     "KafkaMetadataError",
     "KafkaRedirect",
     "KafkaRulesLookup",
     "Peer",
+    "WireError",
+    "WireRequest",
     "agent_grpc_service",
+    "data_response",
     "identity_rbac",
     "ip_principals",
     "kafka_enforcement_filters",
     "kafka_ext_proc",
     "kafka_filter_chain",
     "kafka_network_filters",
+    "parse_request",
     "peer_from_metadata",
     "sidecar_grpc_service",
     "spiffe_principals",

@@ -195,7 +195,8 @@ def access_log_to_agent(log_name: str, cluster: str = ACCESS_LOG_CLUSTER) -> acc
     )
 
 
-def _cidr(addr: IPAddress) -> address_pb2.CidrRange:
+def cidr_range(addr: IPAddress) -> address_pb2.CidrRange:
+    """One address as a host-length ``CidrRange`` (filter chain matches)."""
     return address_pb2.CidrRange(
         address_prefix=str(addr), prefix_len=wrappers_pb2.UInt32Value(value=addr.max_prefixlen)
     )
@@ -211,7 +212,7 @@ def filter_chain(
     match = listener_components_pb2.FilterChainMatch(
         destination_port=wrappers_pb2.UInt32Value(value=redirect.port)
     )
-    cidrs = [_cidr(a) for a in redirect.addresses]
+    cidrs = [cidr_range(a) for a in redirect.addresses]
     if redirect.egress:
         match.source_prefix_ranges.extend(cidrs)
     else:
@@ -256,9 +257,12 @@ def transparent_listener(
     ecds: config_source_pb2.ConfigSource | None,
     access_log_cluster: str | None = None,
     ipv6: bool = True,
+    other_chains: Iterable[listener_components_pb2.FilterChain] = (),
 ) -> listener_pb2.Listener:
-    """One direction's listener on 127.0.0.1 (and ::1) at ``port``."""
+    """One direction's listener on 127.0.0.1 (and ::1) at ``port``: a chain per HTTP
+    redirect, then ``other_chains`` (Kafka, `flagella.proxy.kafka_node`)."""
     chains = [filter_chain(r, ecds, access_log_cluster) for r in sorted(redirects, key=_redirect_order)]
+    chains += list(other_chains)
     listener = listener_pb2.Listener(
         name=name,
         address=address_pb2.Address(
@@ -331,6 +335,7 @@ __all__ = [
     "UPSTREAM_MARK",
     "access_log_to_agent",
     "ads_config_source",
+    "cidr_range",
     "deny_all",
     "filter_chain",
     "filter_name",

@@ -218,6 +218,12 @@ class _Side:
         return self.one_of([self.all_of([self.header(m) for m in header_matchers(r)]) for r in rules])
 
 
+def peer_condition(peers: PeerSet | None, egress: bool) -> rbac_pb2.Permission | rbac_pb2.Principal:
+    """"The peer is in this address set": a principal on ingress (source address), a
+    permission on egress (destination address); nothing matches an empty set."""
+    return _Side(egress).peers(peers)
+
+
 def http_rbac(
     redirects: Iterable[tuple[int, L7Policy]],
     peers: Mapping[int, PeerSet],
@@ -454,4 +460,5 @@ __all__ = [
     "http_rbac",
     "local_ingress_rbac",
     "peer_sets",
+    "peer_condition",
 ]

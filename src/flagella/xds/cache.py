@@ -8,8 +8,11 @@ every stream. `serializations` counts the protobuf serializations, so a test
 or a benchmark can check that a change costs one serialization per changed
 resource, whatever the number of streams.
 
-A node's view of a type is the global resources overlaid with the node's own
-(a node resource replaces a global one of the same name). Its version is a
+A node's view of a type is the base resources overlaid with the global ones,
+overlaid with the node's own (a node resource replaces a global one of the
+same name, a global one a base one). The base layer holds what one owner
+guarantees every node (Istio's deny-all ``flagella.rbac``) while another owner
+replaces the global set of the same type wholesale (the node proxy's filters). Its version is a
 hash of the sorted (name, resource version) pairs, so equal content means an
 equal version whatever the path that led to it (full sets or increments).
 Views are memoized and dropped when their type changes.
@@ -99,6 +102,7 @@ class ResourceCache:
     """Global and per-node resources by type URL, with memoized per-node views."""
 
     def __init__(self) -> None:
+        self._base: dict[str, dict[str, CachedResource]] = {}
         self._global: dict[str, dict[str, CachedResource]] = {}
         self._nodes: dict[str, dict[str, dict[str, CachedResource]]] = {}
         self._views: dict[tuple[str, str], TypeView] = {}
@@ -129,6 +133,15 @@ class ResourceCache:
             table[name] = self._resource(type_url, name, resources[name])
         self._invalidate(type_url, node)
 
+    def set_base(self, type_url: str, resources: Mapping[str, Message]) -> None:
+        """Replace the base set of `type_url`: what every node has unless the global
+        set or its own names the same resource (`set_resources` leaves it alone)."""
+        table = self._base.setdefault(type_url, {})
+        table.clear()
+        for name in sorted(resources):
+            table[name] = self._resource(type_url, name, resources[name])
+        self._invalidate(type_url, None)
+
     def update(
         self,
         type_url: str,
@@ -154,7 +167,8 @@ class ResourceCache:
         cached = self._views.get(key)
         if cached is not None:
             return cached
-        merged = dict(self._global.get(type_url, _EMPTY))
+        merged = dict(self._base.get(type_url, _EMPTY))
+        merged.update(self._global.get(type_url, _EMPTY))
         merged.update(self._nodes.get(node, {}).get(type_url, _EMPTY))
         view = TypeView(
             type_url=type_url,
@@ -165,4 +179,4 @@ class ResourceCache:
         return view
 
     def type_urls(self, node: str) -> set[str]:
-        return set(self._global) | set(self._nodes.get(node, {}))
+        return set(self._base) | set(self._global) | set(self._nodes.get(node, {}))

@@ -240,6 +240,11 @@ class XdsServer:
         self.cache.set_resources(type_url, resources, node)
         return self._changed_type(type_url, node)
 
+    def set_base(self, type_url: str, resources: Mapping[str, Message]) -> asyncio.Future[None]:
+        """Replace the base resources of `type_url` (see `ResourceCache.set_base`)."""
+        self.cache.set_base(type_url, resources)
+        return self._changed_type(type_url, None)
+
     def update(
         self,
         type_url: str,

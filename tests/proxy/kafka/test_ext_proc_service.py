@@ -5,8 +5,9 @@ and fail-closed on anything it cannot judge."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
+import pytest
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,10 +21,13 @@ from flagella.proxy.kafka_envoy import (
     KafkaExtProcService,
     KafkaRedirect,
     Peer,
+    WireRequest,
+    data_response,
     identity_rbac,
     ip_principals,
     kafka_enforcement_filters,
     kafka_filter_chain,
+    parse_request,
     peer_from_metadata,
     sidecar_grpc_service,
     spiffe_principals,
@@ -56,12 +60,32 @@ def write(data: bytes) -> pb.ProcessingRequest:
     return req
 
 
+PATHS = ["protobuf", "wire"]
+path = PATHS[0]
+
+
+@pytest.fixture(autouse=True, scope="module", params=PATHS)
+def _path(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test runs on both service paths: `Process` (protobuf messages) and
+    `process_wire` (serialized messages, what `register` serves)."""
+    global path
+    path = request.param
+    yield
+    path = PATHS[0]
+
+
 def run(service: KafkaExtProcService, requests: list[pb.ProcessingRequest]) -> list[Response]:
     async def feed() -> AsyncIterator[pb.ProcessingRequest]:
         for r in requests:
             yield r
 
+    async def feed_wire() -> AsyncIterator[bytes]:
+        for r in requests:
+            yield r.SerializeToString()
+
     async def collect() -> list[Response]:
+        if path == "wire":
+            return [Response.FromString(r) async for r in service.process_wire(feed_wire(), None)]
         return [r async for r in service.Process(feed(), None)]  # type: ignore[arg-type]
 
     return asyncio.run(collect())
@@ -160,3 +184,113 @@ def test_sidecar_filters_use_spiffe_and_google_grpc() -> None:
     assert config.grpc_service.google_grpc.target_uri == "unix:/var/run/flagella/agent.sock"
     assert list(config.metadata_options.forwarding_namespaces.untyped) == [RBAC_NAMESPACE]
     assert not config.failure_mode_allow
+
+
+def test_refresh_feeds_new_rules_to_open_connections_and_records_name_the_peer() -> None:
+    """A policy change reaches a connection that is already open (from its next request);
+    a peer left without rules is denied everything, answered in order, not cut off."""
+    current: dict[str, L7Policy | None] = {"rules": PRODUCE_ANNOUNCE}
+    seen: list[tuple[Peer, str, tuple[str, ...]]] = []
+    service = KafkaExtProcService(
+        lambda c, i: current["rules"], codec=CODEC,
+        on_peer_record=lambda peer, rec: seen.append((peer, rec.verdict, rec.topics)),
+    )
+
+    async def scenario() -> list[Response]:
+        first_done, refreshed = asyncio.Event(), asyncio.Event()
+
+        async def feed() -> AsyncIterator[pb.ProcessingRequest]:
+            yield read(produce(1, "empire-announce"))
+            await first_done.wait()
+            await refreshed.wait()
+            yield read(produce(2, "empire-announce"))
+
+        out: list[Response] = []
+        async for response in service.Process(feed(), None):  # type: ignore[arg-type]
+            out.append(response)
+            if len(out) == 1:
+                assert service.open_connections == 1
+                first_done.set()
+                current["rules"] = None  # the chain's rules for this peer are gone
+                service.refresh()
+                refreshed.set()
+        return out
+
+    allowed, denied = asyncio.run(scenario())
+    assert allowed.read_data.data == produce(1, "empire-announce")
+    # The second produce is substituted (ApiVersions v0, same correlation id) and stays open.
+    assert denied.read_data.data != produce(2, "empire-announce")
+    assert denied.connection_status != Response.CLOSE
+    assert seen == [(Peer(CHAIN, 1003), "forwarded", ("empire-announce",)),
+                    (Peer(CHAIN, 1003), "denied", ("empire-announce",))]
+
+
+def test_unparsable_frames_are_counted() -> None:
+    service = KafkaExtProcService(lambda c, i: PRODUCE_ANNOUNCE, codec=CODEC)
+    [closed] = run(service, [read(b"\x00\x00\x00\x0c\x00\x00\x00\x00garbagegarb")])
+    assert closed.connection_status == Response.CLOSE
+    assert service.unparsable == 1 and service.closes[0].startswith("unparsable")
+    run(service, [read(produce(3, "empire-announce"))])  # a good frame: not counted
+    assert service.unparsable == 1
+
+
+# -- the wire path's protobuf reading and writing ----------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(upstream=st.booleans(), payload=st.binary(max_size=300), eos=st.booleans())
+def test_data_response_is_what_protobuf_writes(upstream: bool, payload: bytes, eos: bool) -> None:
+    expected = Response(data_processing_status=Response.MODIFIED)
+    answer = expected.read_data if upstream else expected.write_data
+    answer.data = payload
+    answer.end_of_stream = eos
+    assert data_response(upstream, payload, eos) == expected.SerializeToString()
+    assert data_response(upstream, memoryview(payload), eos) == expected.SerializeToString()
+
+
+def _as_protobuf(request: WireRequest) -> tuple[bool, bytes, bool, object]:
+    return request.upstream, bytes(request.data), request.end_of_stream, request.metadata()
+
+
+def _expected(raw: bytes) -> tuple[bool, bytes, bool, object]:
+    message = pb.ProcessingRequest.FromString(raw)
+    upstream = message.HasField("read_data")
+    data = message.read_data if upstream else message.write_data
+    return upstream, data.data, data.end_of_stream, message.metadata
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    direction=st.sampled_from(["read", "write", "none"]), payload=st.binary(max_size=300),
+    eos=st.booleans(), policy=st.none() | st.sampled_from(["identity-1003", "identity-7"]),
+)
+def test_parse_request_reads_what_protobuf_reads(direction: str, payload: bytes, eos: bool, policy: str | None) -> None:
+    message = metadata(policy)
+    if direction != "none":
+        data = message.read_data if direction == "read" else message.write_data
+        data.data = payload
+        data.end_of_stream = eos
+    raw = message.SerializeToString()
+    assert _as_protobuf(parse_request(raw)) == _expected(raw)
+
+
+def test_parse_request_leaves_unusual_messages_to_protobuf() -> None:
+    first, second = read(b"abc"), read(b"def")
+    second.read_data.end_of_stream = True
+    merged = first.SerializeToString() + second.SerializeToString()  # repeated fields merge
+    both = read(b"abc")
+    both.write_data.data = b"xyz"  # both directions: read wins, as HasField says
+    for raw in (merged, both.SerializeToString()):
+        assert _as_protobuf(parse_request(raw)) == _expected(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_parse_request_of_garbage_agrees_with_protobuf_or_raises(raw: bytes) -> None:
+    try:
+        expected = _expected(raw)
+    except Exception:
+        with pytest.raises(Exception):  # noqa: B017,PT011 (protobuf's DecodeError or ours)
+            _as_protobuf(parse_request(raw))
+        return
+    assert _as_protobuf(parse_request(raw)) == expected

@@ -23,7 +23,7 @@ from flagella.policy.trace import TraceQuery, Tracer
 from flagella.proxy.kafka import KafkaCodec, TopicIds
 from tests.support.cases import load_cases
 from tests.support.kafka_broker import BrokerMissing, broker_with_topics
-from tests.support.kafka_clients import CLIENTS, consume, list_topics, produce
+from tests.support.kafka_clients import CLIENTS, consume, list_topics, produce, read_frame
 from tests.support.kafka_relay import KafkaRelay
 from tests.support.trace_probe import side
 
@@ -124,17 +124,7 @@ def _send(sock: socket.socket, frame: bytes) -> None:
 
 
 def _read_frame(sock: socket.socket) -> bytes:
-    def exact(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    (size,) = struct.unpack(">i", exact(4))
-    return exact(size)
+    return read_frame(sock)
 
 
 def test_denied_fetch_is_answered_in_order_and_the_connection_stays_open(broker) -> None:

@@ -59,6 +59,41 @@ def test_frames_split_across_reads_are_held_until_whole() -> None:
     assert [r.verdict for o in outs for r in o.records] == ["forwarded"]
 
 
+def test_allowed_frames_pass_on_as_the_bytes_that_came() -> None:
+    """A read of whole allowed frames is handed back as is (no copy); a trailing partial
+    frame is held back, and the completed frame then goes out whole."""
+    conn = connection()
+    first, second, third = (produce(i, "empire-announce") for i in (1, 2, 3))
+    read = first + second
+    assert conn.receive_from_client(read).to_broker is read
+    out = conn.receive_from_client(third + second[:5])
+    assert out.to_broker == third
+    assert conn.receive_from_client(second[5:]).to_broker == second
+    assert [c.correlation_id for c in conn.pending] == [1, 2, 3, 2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["allowed", "denied"]), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(1, 200), min_size=1, max_size=5),
+)
+def test_allowed_frames_reach_the_broker_unchanged_in_any_chunking(kinds, cuts) -> None:  # type: ignore[no-untyped-def]
+    conn = connection()
+    frames = [produce(i, "empire-announce" if kind == "allowed" else "secret")
+              for i, kind in enumerate(kinds)]
+    wire = b"".join(frames)
+    upstream = b""
+    pos = 0
+    for cut in itertools.cycle(cuts):
+        if pos >= len(wire):
+            break
+        upstream += conn.receive_from_client(wire[pos : pos + cut]).to_broker
+        pos += cut
+    expected = [f if kind == "allowed" else CODEC.substitute_request(CODEC.decode_request(f[4:]))
+                for f, kind in zip(frames, kinds, strict=True)]
+    assert upstream == b"".join(expected)
+
+
 def test_denial_keeps_answer_order() -> None:
     conn = connection(OUTPOST)
     allowed_1 = CODEC.encode_request(18, 3, 1, "c", {"ClientSoftwareName": "x", "ClientSoftwareVersion": "1"})
@@ -211,8 +246,10 @@ def test_large_answers_stream_through() -> None:
     conn = connection()
     conn.receive_from_client(produce(1, "empire-announce"))
     answer = CODEC.encode_response(0, 9, 1, {"Responses": [{"Name": "x" * 5000, "PartitionResponses": []}]})
-    pieces = [conn.receive_from_broker(answer[i : i + 1000]).to_client for i in range(0, len(answer), 1000)]
+    reads = [answer[i : i + 1000] for i in range(0, len(answer), 1000)]
+    pieces = [conn.receive_from_broker(read).to_client for read in reads]
     assert all(pieces) and b"".join(pieces) == answer
+    assert pieces[1] is reads[1]  # a read inside the answer is handed on as is
 
 
 # -- error responses of every type and version ----------------------------------------

@@ -40,6 +40,12 @@ correlation id, so a denial cannot simply drop a request or inject an answer:
 
 `pending` holds one entry per request awaiting an answer, in order, with what
 to do with that answer (the transition table `_ANSWER`).
+
+Every byte of the connection passes through here, so the common case copies
+nothing: frames are decoded in place (views into the read), a read made only of
+allowed, unchanged frames is handed back as is, and so is a read that lies
+inside an answer passing through. A frame split across reads is gathered, and
+copied once when whole.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from flagella.proxy.kafka._wire import KafkaDecodeError, KafkaEncodeError, Struc
 _SIZE: Final = struct.Struct(">i")
 
 Verdict = Literal["forwarded", "denied"]
+_Chunks = list[bytes | memoryview]
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,9 @@ class KafkaAccessRecord:
 
 @dataclass
 class KafkaOutput:
-    to_broker: bytes = b""
-    to_client: bytes = b""
+    #: Bytes for each side: the very input (or a view of it) when it passes unchanged.
+    to_broker: bytes | memoryview = b""
+    to_client: bytes | memoryview = b""
     records: list[KafkaAccessRecord] = field(default_factory=list)
     #: Set when the connection must be closed (both sides), after sending the bytes above.
     close: str | None = None
@@ -171,34 +179,63 @@ class KafkaConnection:
 
     # -- client -> broker ------------------------------------------------------------
 
-    def receive_from_client(self, data: bytes) -> KafkaOutput:
+    def receive_from_client(self, data: bytes | memoryview) -> KafkaOutput:
         out = KafkaOutput()
         if self.closed is not None:
             out.close = self.closed
             return out
+        if not isinstance(data, bytes | memoryview):
+            data = bytes(data)  # a bytearray may change under us; bytes and views of them do not
         buf = self._requests
-        buf += data
-        to_broker = bytearray()
-        while len(buf) >= 4:
-            size = _SIZE.unpack_from(buf, 0)[0]
+        if buf:
+            # A frame split across reads: gather until one is complete, then decode the
+            # gathered bytes like a fresh read (one copy per completed frame, not per read).
+            buf += data
+            if not self._frame_ready(buf):
+                return out
+            data = bytes(buf)
+            buf.clear()
+        view = memoryview(data)
+        total = len(data)
+        pos = 0
+        chunks: list[bytes | memoryview] = []  # what goes to the broker, in order
+        unchanged = True  # every frame so far goes to the broker as it came
+        while total - pos >= 4:
+            size = _SIZE.unpack_from(data, pos)[0]
             if size < 0 or size > self.settings.max_request_bytes:
                 self._close(out, f"request frame of {size} bytes (limit "
                                  f"{self.settings.max_request_bytes})")
                 break
-            if len(buf) < 4 + size:
+            end = pos + 4 + size
+            if end > total:
                 break
-            payload = bytes(buf[4 : 4 + size])
-            del buf[: 4 + size]
+            frame = view[pos:end]
+            pos = end
+            before = len(chunks)
             try:
-                request = self.codec.decode_request(payload)
-                self._judge(request, to_broker, out)
+                request = self.codec.decode_request(frame[4:], frame=frame)
+                self._judge(request, chunks, out)
             except (KafkaDecodeError, KafkaEncodeError) as exc:
                 self._close(out, f"unparsable request: {exc}")
                 break
             if out.close is not None:
                 break
-        out.to_broker = bytes(to_broker)
+            unchanged = unchanged and len(chunks) == before + 1 and chunks[-1] is frame
+        if out.close is None and pos < total:
+            buf += view[pos:]
+        if out.close is None and unchanged:
+            # The common case: allowed frames, passed on as they came, without a copy.
+            out.to_broker = data if pos == total else data[:pos]
+        else:
+            out.to_broker = b"".join(chunks)
         return out
+
+    def _frame_ready(self, buf: bytearray) -> bool:
+        """Whether ``buf`` starts with a whole frame, or with a size that closes the connection."""
+        if len(buf) < 4:
+            return False
+        size: int = _SIZE.unpack_from(buf, 0)[0]
+        return size < 0 or size > self.settings.max_request_bytes or len(buf) >= 4 + size
 
     def _policy_request(self, request: KafkaRequest) -> PolicyRequest:
         topics = self.codec.request_topics(request)
@@ -222,7 +259,7 @@ class KafkaConnection:
             topics_known=known and resolved,
         )
 
-    def _judge(self, request: KafkaRequest, to_broker: bytearray, out: KafkaOutput) -> None:
+    def _judge(self, request: KafkaRequest, to_broker: _Chunks, out: KafkaOutput) -> None:
         query = self._policy_request(request)
         rewrite = not self.policy.wildcard or self.settings.advertised_broker is not None
         if request.api_key == METADATA and request.body is not None and rewrite:
@@ -233,18 +270,18 @@ class KafkaConnection:
         expects_response = self.codec.expects_response(request)
         if allowed and request.api_key == API_VERSIONS:
             if request.known:
-                to_broker += request.frame
+                to_broker.append(request.frame)
                 self.pending.append(_Pending(
                     request.correlation_id, _Answer.VERSIONS, api_version=request.api_version
                 ))
             else:
-                to_broker += self.codec.substitute_request(request)
+                to_broker.append(self.codec.substitute_request(request))
                 self.pending.append(_Pending(
                     request.correlation_id, _Answer.VERSIONS, error=UNSUPPORTED_VERSION
                 ))
             return
         if allowed:
-            to_broker += request.frame
+            to_broker.append(request.frame)
             if not expects_response:
                 return
             advertise = (
@@ -263,17 +300,17 @@ class KafkaConnection:
                              f"v{request.api_version} has no known error response")
             return
         forged = self.codec.error_response(request)
-        to_broker += self.codec.substitute_request(request)
+        to_broker.append(self.codec.substitute_request(request))
         self.pending.append(_Pending(request.correlation_id, _Answer.REPLACE, forged=forged))
 
     def _metadata(
-        self, request: KafkaRequest, query: PolicyRequest, to_broker: bytearray, out: KafkaOutput
+        self, request: KafkaRequest, query: PolicyRequest, to_broker: _Chunks, out: KafkaOutput
     ) -> None:
         assert request.body is not None
         base = PolicyRequest(query.api_key, query.api_version, query.client_id)
         if not l7_allows(self.policy, base):
             out.records.append(self._record(request, query, "denied"))
-            to_broker += self.codec.substitute_request(request)
+            to_broker.append(self.codec.substitute_request(request))
             self.pending.append(_Pending(
                 request.correlation_id, _Answer.REPLACE, forged=self.codec.error_response(request)
             ))
@@ -291,9 +328,9 @@ class KafkaConnection:
             else:
                 refused.append(entry)
         if refused:
-            to_broker += self.codec.metadata_request(request, keep)
+            to_broker.append(self.codec.metadata_request(request, keep))
         else:
-            to_broker += request.frame
+            to_broker.append(request.frame)
         refused_names = tuple(self._entry_label(e) for e in refused)
         out.records.append(self._record(request, query, "forwarded", refused_names))
         self.pending.append(_Pending(
@@ -331,13 +368,18 @@ class KafkaConnection:
 
     # -- broker -> client ------------------------------------------------------------
 
-    def receive_from_broker(self, data: bytes) -> KafkaOutput:
+    def receive_from_broker(self, data: bytes | memoryview) -> KafkaOutput:
         out = KafkaOutput()
         if self.closed is not None:
             out.close = self.closed
             return out
-        to_client = bytearray()
         buf = self._responses
+        if not buf and self._passthrough >= len(data):
+            # Inside a large answer that passes unchanged (Fetch): hand the read on as is.
+            self._passthrough -= len(data)
+            out.to_client = data if isinstance(data, bytes | memoryview) else bytes(data)
+            return out
+        to_client = bytearray()
         if self._passthrough and not buf:
             n = min(self._passthrough, len(data))
             to_client += data[:n]

@@ -33,7 +33,7 @@ topics by id; the caller resolves them).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -72,6 +72,10 @@ _HEAD: Final = struct.Struct(">hhi")
 _PARTITION_NAMES: Final = frozenset({"Partition", "PartitionIndex", "Index", "PartitionId"})
 
 
+#: A request type and version's spec (None: unknown), header version, header and body flexibility.
+_Layout = tuple[MessageSpec | None, int, bool, bool]
+
+
 @dataclass(frozen=True)
 class KafkaRequest:
     """One decoded request frame. ``body`` is None for a type or version the catalog lacks."""
@@ -81,7 +85,9 @@ class KafkaRequest:
     correlation_id: int
     client_id: str | None
     body: Struct | None
-    frame: bytes  # the whole frame, size prefix included
+    #: The whole frame, size prefix included (a view into the bytes it was decoded from,
+    #: when the caller passed it).
+    frame: bytes | memoryview
 
     @property
     def known(self) -> bool:
@@ -94,7 +100,7 @@ class RequestTopics:
     ids: tuple[bytes, ...]
 
 
-def frame(payload: bytes | bytearray) -> bytes:
+def framed(payload: bytes | bytearray) -> bytes:
     return _SIZE.pack(len(payload)) + payload
 
 
@@ -128,6 +134,7 @@ class KafkaCodec:
 
     def __init__(self, catalog: Catalog | None = None) -> None:
         self.catalog = catalog or default_catalog()
+        self._request_layouts: dict[tuple[int, int], _Layout] = {}
         self._topic_bearing = frozenset(
             key for key, spec in self.catalog.requests.items() if _carries_topics(spec.fields)
         )
@@ -165,23 +172,28 @@ class KafkaCodec:
 
     # -- requests ------------------------------------------------------------------
 
-    def decode_request(self, payload: bytes | memoryview) -> KafkaRequest:
-        """Decode a request frame's payload (the bytes after the size)."""
+    def decode_request(
+        self, payload: bytes | memoryview, *, frame: bytes | memoryview | None = None
+    ) -> KafkaRequest:
+        """Decode a request frame's payload (the bytes after the size). A caller that holds
+        the whole frame (size included) passes it as ``frame``, so it is not copied."""
         r = Reader(payload)
         if r.remaining < _HEAD.size:
             raise KafkaDecodeError("request shorter than its header")
         api_key, api_version, correlation_id = _HEAD.unpack_from(payload, 0)
-        spec = self.request_spec(api_key, api_version)
+        layout = self._request_layouts.get((api_key, api_version))
+        if layout is None:
+            layout = self._request_layout(api_key, api_version)
+        spec, hv, header_flexible, body_flexible = layout
         header_spec = self.catalog.request_header
         if spec is None:
             # Unknown type or version: header v1's client id still follows, and is all we read.
             header = decode_struct(header_spec.fields, 1, False, r)
             body = None
         else:
-            hv = self._request_header_version(spec, api_version)
-            header = decode_struct(header_spec.fields, hv, hv in header_spec.flexible, r)
+            header = decode_struct(header_spec.fields, hv, header_flexible, r)
             try:
-                body = decode_struct(spec.fields, api_version, api_version in spec.flexible, r)
+                body = decode_struct(spec.fields, api_version, body_flexible, r)
             except KafkaDecodeError as exc:
                 raise exc.within(f"{spec.name} v{api_version}") from None
             # Bytes after the body are ignored, as the broker ignores them (librdkafka's
@@ -192,8 +204,21 @@ class KafkaCodec:
             correlation_id=correlation_id,
             client_id=header.get("ClientId"),
             body=body,
-            frame=frame(bytes(payload)),
+            frame=frame if frame is not None else framed(bytes(payload)),
         )
+
+    def _request_layout(self, api_key: int, api_version: int) -> _Layout:
+        """The spec, header version and flexibility of a request type and version, cached."""
+        spec = self.request_spec(api_key, api_version)
+        if spec is None:
+            layout: _Layout = (None, 1, False, False)
+        else:
+            hv = self._request_header_version(spec, api_version)
+            layout = (spec, hv, hv in self.catalog.request_header.flexible,
+                      api_version in spec.flexible)
+        if len(self._request_layouts) < 4096:  # bounded: versions come from the wire
+            self._request_layouts[(api_key, api_version)] = layout
+        return layout
 
     def encode_request(
         self, api_key: int, api_version: int, correlation_id: int, client_id: str | None,
@@ -207,7 +232,7 @@ class KafkaCodec:
                   "CorrelationId": correlation_id, "ClientId": client_id}
         encode_struct(header_spec.fields, hv, hv in header_spec.flexible, header, out)
         encode_struct(spec.fields, api_version, api_version in spec.flexible, body, out)
-        return frame(out)
+        return framed(out)
 
     def request_topics(self, request: KafkaRequest) -> RequestTopics:
         spec = self.request_spec(request.api_key, request.api_version)
@@ -215,14 +240,7 @@ class KafkaCodec:
             return RequestTopics((), ())
         names: list[str] = []
         ids: list[bytes] = []
-        for field, value in _walk(spec.fields, request.body):
-            if field.entity == "topicName":
-                if isinstance(value, list):
-                    names.extend(v for v in value if isinstance(v, str))
-                elif isinstance(value, str):
-                    names.append(value)
-            elif field.name == "TopicId" and isinstance(value, bytes) and any(value):
-                ids.append(value)
+        _collect_topics(spec.fields, request.body, names, ids)
         return RequestTopics(tuple(dict.fromkeys(names)), tuple(dict.fromkeys(ids)))
 
     def substitute_request(self, request: KafkaRequest) -> bytes:
@@ -267,7 +285,7 @@ class KafkaCodec:
             {"CorrelationId": correlation_id}, out,
         )
         encode_struct(spec.fields, api_version, api_version in spec.flexible, body, out)
-        return frame(out)
+        return framed(out)
 
     def error_response(self, request: KafkaRequest, code: int | None = None) -> bytes:
         """The response of ``request``'s type and version that refuses it with ``code``."""
@@ -316,16 +334,51 @@ def _carries_topics(fields: Sequence[FieldSpec]) -> bool:
     return False
 
 
-def _walk(fields: Sequence[FieldSpec], value: Mapping[str, Any]) -> Iterator[tuple[FieldSpec, Any]]:
-    """Every (field, value) of a decoded struct, depth first."""
+_NAME, _ID, _NESTED = range(3)
+#: id(fields) -> (fields, the fields that are or hold topics: name, kind, children, array).
+_TOPIC_FIELDS: dict[
+    int, tuple[Sequence[FieldSpec], tuple[tuple[str, int, Sequence[FieldSpec], bool], ...]]
+] = {}
+
+
+def _topic_fields(
+    fields: Sequence[FieldSpec],
+) -> tuple[tuple[str, int, Sequence[FieldSpec], bool], ...]:
+    hit = _TOPIC_FIELDS.get(id(fields))
+    if hit is not None and hit[0] is fields:
+        return hit[1]
+    out: list[tuple[str, int, Sequence[FieldSpec], bool]] = []
     for field in fields:
-        if field.name not in value:
+        if field.entity == "topicName":
+            out.append((field.name, _NAME, (), field.is_array))
+        elif field.name == "TopicId":
+            out.append((field.name, _ID, (), field.is_array))
+        elif field.fields is not None and _carries_topics(field.fields):
+            out.append((field.name, _NESTED, field.fields, field.is_array))
+    _TOPIC_FIELDS[id(fields)] = (fields, tuple(out))
+    return tuple(out)
+
+
+def _collect_topics(
+    fields: Sequence[FieldSpec], value: Mapping[str, Any], names: list[str], ids: list[bytes]
+) -> None:
+    """Append the topic names and non-zero topic ids of a decoded struct, depth first,
+    visiting only the fields that are or hold topics."""
+    for name, kind, children, is_array in _topic_fields(fields):
+        if name not in value:
             continue
-        item = value[field.name]
-        yield field, item
-        if field.fields is not None and item is not None:
-            for element in item if field.is_array else (item,):
-                yield from _walk(field.fields, element)
+        item = value[name]
+        if kind == _NAME:
+            if isinstance(item, list):
+                names.extend(v for v in item if isinstance(v, str))
+            elif isinstance(item, str):
+                names.append(item)
+        elif kind == _ID:
+            if isinstance(item, bytes) and any(item):
+                ids.append(item)
+        elif item is not None:
+            for element in item if is_array else (item,):
+                _collect_topics(children, element, names, ids)
 
 
 def _is_error_code(field: FieldSpec) -> bool:

@@ -25,7 +25,8 @@ Every malformed input raises `KafkaDecodeError` naming the field path
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from flagella.errors import FlagellaError
@@ -94,6 +95,10 @@ class Reader:
         return value
 
     def uvarint(self) -> int:
+        pos = self.pos
+        if pos < self.end and self.buf[pos] < 0x80:  # one byte: nearly every length and count
+            self.pos = pos + 1
+            return int(self.buf[pos])
         value = 0
         for shift in range(0, 35, 7):
             if self.pos >= self.end:
@@ -122,6 +127,24 @@ def _flexible(field: FieldSpec, version: int, flexible: bool) -> bool:
 
 
 # -- decoding ---------------------------------------------------------------------------
+#
+# The tree is compiled once per (struct, version, flexible) into closures: a `_StructPlan`
+# holds, in wire order, each present field's name and a decoder that reads its value, so
+# decoding walks no version range and dispatches on no type name. The closures raise
+# exactly what an interpreter of the tree would, with the same field paths.
+
+_Decoder = Callable[[Reader], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _StructPlan:
+    inline: tuple[tuple[str, _Decoder], ...]
+    tagged: Mapping[int, tuple[str, _Decoder]]  # tag -> name, decoder (in a sub-reader)
+    flexible: bool
+
+
+#: (id(fields), version, flexible) -> (fields, plan); fields kept so the id stays theirs.
+_PLANS: dict[tuple[int, int, bool], tuple[Sequence[FieldSpec], _StructPlan]] = {}
 
 
 def _length(r: Reader, compact: bool, classic: struct.Struct) -> int:
@@ -134,83 +157,135 @@ def _length(r: Reader, compact: bool, classic: struct.Struct) -> int:
     return value
 
 
-def _decode_scalar(type_: str, r: Reader, compact: bool, nullable: bool) -> Any:
+def _scalar_decoder(type_: str, compact: bool, nullable: bool) -> _Decoder:
     fmt = _FIXED.get(type_)
     if fmt is not None:
-        return r.fixed(fmt)
+        size = fmt.size
+        unpack = fmt.unpack_from
+
+        def fixed(r: Reader) -> Any:
+            pos = r.pos
+            if size > r.end - pos:
+                raise KafkaDecodeError("truncated")
+            r.pos = pos + size
+            return unpack(r.buf, pos)[0]
+
+        return fixed
     if type_ == "uuid":
-        return r.take(16)
+        return lambda r: r.take(16)
     if type_ == "string":
-        n = _length(r, compact, _I16)
-        if n < 0:
-            if not nullable:
-                raise KafkaDecodeError("null in a non-nullable string")
-            return None
-        try:
-            return r.take(n).decode("utf-8")
-        except UnicodeDecodeError:
-            raise KafkaDecodeError("string is not UTF-8") from None
-    # bytes, records
-    n = _length(r, compact, _I32)
-    if n < 0:
-        if not nullable:
-            raise KafkaDecodeError("null in non-nullable bytes")
-        return None
-    return r.take(n)
 
+        def string(r: Reader) -> str | None:
+            n = _length(r, compact, _I16)
+            if n < 0:
+                if not nullable:
+                    raise KafkaDecodeError("null in a non-nullable string")
+                return None
+            try:
+                return r.take(n).decode("utf-8")
+            except UnicodeDecodeError:
+                raise KafkaDecodeError("string is not UTF-8") from None
 
-def _decode_value(field: FieldSpec, version: int, flexible: bool, r: Reader) -> Any:
-    compact = _flexible(field, version, flexible)
-    nullable = version in field.nullable
-    if field.is_array:
+        return string
+
+    def blob(r: Reader) -> bytes | None:  # bytes, records
         n = _length(r, compact, _I32)
         if n < 0:
             if not nullable:
-                raise KafkaDecodeError("null in a non-nullable array")
+                raise KafkaDecodeError("null in non-nullable bytes")
             return None
-        if n > r.remaining:
-            raise KafkaDecodeError(f"array of {n} elements in {r.remaining} bytes")
+        return r.take(n)
+
+    return blob
+
+
+def _value_decoder(field: FieldSpec, version: int, flexible: bool) -> _Decoder:
+    compact = _flexible(field, version, flexible)
+    nullable = version in field.nullable
+    if field.is_array:
         if field.fields is not None:
-            items = []
-            for i in range(n):
+            plan = _struct_plan(field.fields, version, flexible)
+
+            def element(r: Reader, i: int) -> Any:
                 try:
-                    items.append(decode_struct(field.fields, version, flexible, r))
+                    return _run(plan, r)
                 except KafkaDecodeError as exc:
                     raise exc.within(f"[{i}]") from None
-            return items
-        return [_decode_scalar(field.element, r, compact, False) for _ in range(n)]
+        else:
+            scalar = _scalar_decoder(field.element, compact, False)
+
+            def element(r: Reader, i: int) -> Any:
+                return scalar(r)
+
+        def array(r: Reader) -> list[Any] | None:
+            n = _length(r, compact, _I32)
+            if n < 0:
+                if not nullable:
+                    raise KafkaDecodeError("null in a non-nullable array")
+                return None
+            if n > r.end - r.pos:
+                raise KafkaDecodeError(f"array of {n} elements in {r.end - r.pos} bytes")
+            return [element(r, i) for i in range(n)]
+
+        return array
     if field.fields is not None:
-        if nullable and r.fixed(_I8) < 0:
-            return None
-        return decode_struct(field.fields, version, flexible, r)
-    return _decode_scalar(field.type, r, compact, nullable)
+        plan = _struct_plan(field.fields, version, flexible)
+        if not nullable:
+            return lambda r: _run(plan, r)
+
+        def nullable_struct(r: Reader) -> Struct | None:
+            if r.fixed(_I8) < 0:
+                return None
+            return _run(plan, r)
+
+        return nullable_struct
+    return _scalar_decoder(field.type, compact, nullable)
 
 
-def decode_struct(
-    fields: Sequence[FieldSpec], version: int, flexible: bool, r: Reader
-) -> Struct:
-    out: Struct = {}
-    tagged: dict[int, FieldSpec] = {}
+def _struct_plan(fields: Sequence[FieldSpec], version: int, flexible: bool) -> _StructPlan:
+    key = (id(fields), version, flexible)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is fields:
+        return hit[1]
+    inline: list[tuple[str, _Decoder]] = []
+    tagged: dict[int, tuple[str, _Decoder]] = {}
     for field in fields:
         if version not in field.versions:
             continue
         if flexible and version in field.tagged:
             assert field.tag is not None
-            tagged[field.tag] = field
+            tagged[field.tag] = (field.name, _value_decoder(field, version, True))
             continue
+        inline.append((field.name, _value_decoder(field, version, flexible)))
+    plan = _StructPlan(tuple(inline), tagged, flexible)
+    _PLANS[key] = (fields, plan)
+    return plan
+
+
+def _run(plan: _StructPlan, r: Reader) -> Struct:
+    out: Struct = {}
+    for name, decode in plan.inline:
         try:
-            out[field.name] = _decode_value(field, version, flexible, r)
+            out[name] = decode(r)
         except KafkaDecodeError as exc:
-            raise exc.within(field.name) from None
-    if flexible:
-        _decode_tagged(tagged, version, r, out)
+            raise exc.within(name) from None
+    if plan.flexible:
+        _decode_tagged(plan.tagged, r, out)
     return out
 
 
-def _decode_tagged(tagged: Mapping[int, FieldSpec], version: int, r: Reader, out: Struct) -> None:
+def decode_struct(
+    fields: Sequence[FieldSpec], version: int, flexible: bool, r: Reader
+) -> Struct:
+    return _run(_struct_plan(fields, version, flexible), r)
+
+
+def _decode_tagged(tagged: Mapping[int, tuple[str, _Decoder]], r: Reader, out: Struct) -> None:
     count = r.uvarint()
     if count > r.remaining:
         raise KafkaDecodeError(f"{count} tagged fields in {r.remaining} bytes")
+    if not count:
+        return
     unknown: list[tuple[int, bytes]] = []
     last = -1
     for _ in range(count):
@@ -219,19 +294,20 @@ def _decode_tagged(tagged: Mapping[int, FieldSpec], version: int, r: Reader, out
         if tag <= last:
             raise KafkaDecodeError(f"tagged field {tag} out of order")
         last = tag
-        field = tagged.get(tag)
-        if field is None:
+        known = tagged.get(tag)
+        if known is None:
             unknown.append((tag, r.take(size)))
             continue
+        name, decode = known
         if size > r.remaining:
-            raise KafkaDecodeError("truncated", field.name)
+            raise KafkaDecodeError("truncated", name)
         sub = Reader(r.buf, r.pos, r.pos + size)
         try:
-            out[field.name] = _decode_value(field, version, True, sub)
+            out[name] = decode(sub)
         except KafkaDecodeError as exc:
-            raise exc.within(field.name) from None
+            raise exc.within(name) from None
         if sub.pos != sub.end:
-            raise KafkaDecodeError(f"{sub.end - sub.pos} bytes left over", field.name)
+            raise KafkaDecodeError(f"{sub.end - sub.pos} bytes left over", name)
         r.pos += size
     if unknown:
         out["_tagged"] = unknown

@@ -867,6 +867,112 @@ static __always_inline void frag_record(struct endpoint_info *ep, int egress, st
 	frag4.update(&fk, &ports);
 }
 
+/* Local delivery (Cilium's ipv4_local_delivery, for the cached case only).
+ *
+ * Called by from_pod for a packet that passed from the verdict cache (ESTABLISHED,
+ * or a REPLY whose flow's verdict is current under a non-zero generation). If the
+ * FIB sends the packet to another local endpoint's host veth (same node, resolved
+ * neighbour), and that endpoint's ingress would pass it from its own verdict cache
+ * too (the same two lookups to_pod's first half makes, with the same conditions),
+ * the destination's half is done here: its CT entry is touched, the packet counted
+ * as forwarded to the pod, the L2 addresses and TTL/hop limit rewritten as
+ * forwarding would, and the packet goes into the destination pod with
+ * bpf_redirect_peer(), skipping the host stack and to_pod. Anything else (a NEW
+ * flow, a stale or denied verdict, a REDIRECT flow, a fragment, a packet the host
+ * would answer, TTL <= 1, a destination that is not (or no longer) an endpoint
+ * with this address) returns 0 and takes the stack path, where to_pod decides in
+ * full. Requiring a cached verdict on both ends also keeps NAT'ed flows (service
+ * VIPs, the proxy's transparent upstream) on the stack path: the two ends never
+ * saw the same tuple. Returns the redirect verdict, or 0. */
+static __always_inline int local_deliver(struct __sk_buff *skb, struct scratch *s,
+					 struct dp_config *cfg, __u32 gen, __u64 now)
+{
+	struct flow *f = &s->f;
+	if (!cfg || !(cfg->flags & CFG_F_LOCAL_DELIVERY) || !gen || f->frag != FRAG_NONE ||
+	    !verdict_cacheable(skb, f, 0))
+		return 0;
+	struct bpf_fib_lookup fib = {};
+	fib.ifindex = skb->ifindex;
+	if (f->family == 4) {
+		fib.family = 2; /* AF_INET */
+		__builtin_memcpy(&fib.ipv4_src, &f->saddr[12], 4);
+		__builtin_memcpy(&fib.ipv4_dst, &f->daddr[12], 4);
+	} else {
+		fib.family = 10; /* AF_INET6 */
+		copy16((__u8 *)fib.ipv6_src, f->saddr);
+		copy16((__u8 *)fib.ipv6_dst, f->daddr);
+	}
+	/* tot_len 0: the helper checks the skb against the route's MTU itself, GSO-aware
+	 * (a pod's TCP sends GSO packets far above the MTU). */
+	fib.l4_protocol = f->proto;
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	__u32 dst_ifindex = fib.ifindex;
+	if (dst_ifindex == skb->ifindex)
+		return 0;
+	struct endpoint_info *dep = endpoints.lookup(&dst_ifindex);
+	if (!dep)
+		return 0;
+	/* The endpoint at that device must own the address: a stale route or a reused
+	 * ifindex never delivers. */
+	if (f->family == 4 ? dep->ipv4 != ((const __u32 *)f->daddr)[3] :
+			     !eq16(dep->ipv6, f->daddr))
+		return 0;
+
+	/* The destination's ingress, from its verdict cache only. */
+	struct ct_key *key = &s->key;
+	key->ep_id = dep->ep_id;
+	key->egress = 0;
+	struct ct_entry *entry = ct.lookup(key);
+	int reply = 0;
+	if (!(entry && entry->expires_ns > now)) {
+		if (f->proto == PROTO_ICMP || f->proto == PROTO_ICMPV6)
+			return 0;
+		struct ct_key *other = &s->other;
+		other->ep_id = dep->ep_id;
+		other->egress = 1;
+		other->proto = f->proto;
+		other->pad = 0;
+		copy16(other->saddr, f->daddr);
+		copy16(other->daddr, f->saddr);
+		other->sport = f->dport;
+		other->dport = f->sport;
+		entry = ct.lookup(other);
+		if (!(entry && entry->expires_ns > now))
+			return 0;
+		reply = 1;
+	}
+	if ((entry->flags & CT_F_DENIED) || entry->verdict_gen != gen)
+		return 0;
+
+	/* What forwarding would do: TTL / hop limit, then the L2 addresses. */
+	if (f->family == 4) {
+		__u8 ttl;
+		if (load_bytes(skb, ETH_HLEN_ + 8, &ttl, 1) < 0 || ttl <= 1)
+			return 0;
+		__u8 nttl = ttl - 1;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN_ + 10, bpf_htons((__u16)ttl << 8),
+					bpf_htons((__u16)nttl << 8), 2) < 0 ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN_ + 8, &nttl, 1, 0) < 0)
+			return 0;
+	} else {
+		__u8 hop;
+		if (load_bytes(skb, ETH_HLEN_ + 7, &hop, 1) < 0 || hop <= 1)
+			return 0;
+		hop -= 1;
+		if (bpf_skb_store_bytes(skb, ETH_HLEN_ + 7, &hop, 1, 0) < 0)
+			return 0;
+	}
+	__u8 macs[12];
+	__builtin_memcpy(macs, fib.dmac, 6);
+	__builtin_memcpy(macs + 6, fib.smac, 6);
+	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
+		return 0;
+	ct_touch(entry, f, reply, cfg, now, skb->len);
+	count(0, DIR_INGRESS, skb->len);
+	return bpf_redirect_peer(dst_ifindex, 0);
+}
+
 /* First half: parse, anti-spoofing, identity, conntrack classification. */
 static __always_inline int classify(struct __sk_buff *skb, int egress)
 {
@@ -938,7 +1044,7 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 			if (entry->flags & CT_F_DENIED)
 				goto tombstone; /* ESTABLISHED, denied under this generation */
 			ct_touch(entry, f, 0, cfg, now, skb->len);
-			goto pass; /* ESTABLISHED, verdict cached */
+			goto pass_cached; /* ESTABLISHED, verdict cached */
 		}
 	} else if ((f->proto != PROTO_ICMP && f->proto != PROTO_ICMPV6) ||
 		   f->icmp_kind == ICMP_KIND_ECHO_REPLY) {
@@ -957,6 +1063,8 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 			if (!(entry->flags & CT_F_DENIED) &&
 			    (!entry->verdict_gen || entry->verdict_gen == gen)) {
 				ct_touch(entry, f, 1, cfg, now, skb->len);
+				if (entry->verdict_gen)
+					goto pass_cached;
 				goto pass; /* REPLY, its flow's verdict is current (or never cached) */
 			}
 			if ((entry->flags & CT_F_DENIED) && gen && entry->verdict_gen == gen)
@@ -975,6 +1083,13 @@ tombstone:
 	entry->expires_ns = now + ct_lifetime(cfg, f->proto, entry->flags);
 	return drop(skb, DROP_POLICY, dir, ep, f, 0, state);
 
+pass_cached:
+	if (egress) {
+		frag_record(ep, egress, f);
+		count(0, dir, skb->len);
+		ret = local_deliver(skb, s, cfg, gen, now);
+		return ret ? ret : TC_ACT_OK;
+	}
 pass:
 	frag_record(ep, egress, f);
 pass_untracked:

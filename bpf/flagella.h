@@ -113,6 +113,8 @@ struct ct_entry {
 
 /* config: ARRAY[1]; a zero lifetime means the built-in default */
 #define CFG_F_TRACE_NEW 0x1   /* emit a trace event for every new flow that passes */
+#define CFG_F_LOCAL_DELIVERY 0x2 /* from_pod hands cached flows between local pods straight
+				  * to the destination (see local_deliver() in flagella.c) */
 
 struct dp_config {
 	__u64 ct_tcp_ns;

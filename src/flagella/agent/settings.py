@@ -166,6 +166,10 @@ class AgentSettings:
     #: How programs are attached to pods: ``auto`` (tcx links where the kernel has them,
     #: else clsact), ``tcx`` or ``tc`` (clsact filters) to force one.
     attach_mode: str = "auto"
+    #: Pod-to-pod traffic on this node whose verdict both ends have cached goes from the
+    #: source's program straight into the destination pod (bpf_redirect_peer), skipping
+    #: the host stack; everything else takes the stack path (see bpf/flagella.c).
+    local_delivery: bool = True
     metrics_addr: str = "127.0.0.1:9962"
     trace_events: bool = False
     label_prefixes: tuple[str, ...] = ()

@@ -189,6 +189,8 @@ class KernelSettings:
     attach_mode: str = "auto"  # DatapathSettings.attach
     #: The proxy redirect plumbing to install; None: none, ingress REDIRECTs drop.
     redirect: redirect.RedirectSettings | None = None
+    #: DatapathConfig.local_delivery: cached local pod-to-pod flows skip the host stack.
+    local_delivery: bool = True
 
 
 class KernelDatapath:
@@ -222,6 +224,7 @@ class KernelDatapath:
                 trace_new_flows=self.settings.trace_events,
                 reentry_ifindex=reentry.ifindex if reentry else 0,
                 reentry_mac=reentry.mac if reentry else bytes(6),
+                local_delivery=s.local_delivery,
             )
         )
         install_host_mark()

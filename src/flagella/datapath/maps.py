@@ -192,6 +192,10 @@ class CtEntry:
         return self.expires_ns > now_ns
 
 
+CFG_F_TRACE_NEW = 0x1  # flagella.h CFG_F_*
+CFG_F_LOCAL_DELIVERY = 0x2
+
+
 @dataclass(frozen=True)
 class DatapathConfig:
     """The ``config`` map: conntrack lifetimes (Cilium 1.1's), feature flags, and the
@@ -205,6 +209,9 @@ class DatapathConfig:
     trace_new_flows: bool = False
     reentry_ifindex: int = 0
     reentry_mac: bytes = bytes(6)
+    #: from_pod hands flows between two local pods that both ends' verdict caches pass
+    #: straight into the destination pod (bpf_redirect_peer), skipping the host stack.
+    local_delivery: bool = False
 
     def __post_init__(self) -> None:
         if len(self.reentry_mac) != 6:
@@ -216,7 +223,8 @@ class DatapathConfig:
             ct_syn_ns=self.ct_syn_ns,
             ct_non_tcp_ns=self.ct_non_tcp_ns,
             ct_closing_ns=self.ct_closing_ns,
-            flags=1 if self.trace_new_flows else 0,
+            flags=(CFG_F_TRACE_NEW if self.trace_new_flows else 0)
+            | (CFG_F_LOCAL_DELIVERY if self.local_delivery else 0),
             reentry_ifindex=self.reentry_ifindex,
             reentry_mac=(ctypes.c_uint8 * 6)(*self.reentry_mac),
         )
@@ -229,9 +237,10 @@ class DatapathConfig:
             s.ct_syn_ns or d.ct_syn_ns,
             s.ct_non_tcp_ns or d.ct_non_tcp_ns,
             s.ct_closing_ns or d.ct_closing_ns,
-            bool(s.flags & 1),
+            bool(s.flags & CFG_F_TRACE_NEW),
             s.reentry_ifindex,
             bytes(s.reentry_mac),
+            bool(s.flags & CFG_F_LOCAL_DELIVERY),
         )
 
 

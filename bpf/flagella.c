@@ -57,6 +57,14 @@
  * it if policy allows. Packets passed from the cache are not added to the
  * counters of the policy entry that allowed their flow.
  *
+ * Local delivery (config flag CFG_F_LOCAL_DELIVERY, setting `local_delivery`): a
+ * packet that from_pod passes from the verdict cache and whose destination is
+ * another endpoint of this node that would pass it from its own ingress verdict
+ * cache is finished in from_pod: the destination's CT entry and counter, TTL and
+ * MACs as forwarding would set them, then bpf_redirect_peer() into the pod. The
+ * host stack and to_pod never see it; every other packet takes the stack path
+ * (local_deliver() lists the conditions).
+ *
  * The work is split in two programs per direction joined by a tail call, as
  * Cilium does: `from_pod`/`to_pod` parse and classify the packet against
  * conntrack; NEW, ESTABLISHED and re-checked REPLY packets continue in
@@ -898,6 +906,9 @@ static __always_inline int local_deliver(struct __sk_buff *skb, struct scratch *
 		__builtin_memcpy(&fib.ipv4_src, &f->saddr[12], 4);
 		__builtin_memcpy(&fib.ipv4_dst, &f->daddr[12], 4);
 	} else {
+		/* A link-local source (anti-spoofing lets it out) is never forwarded. */
+		if (f->saddr[0] == 0xfe && (f->saddr[1] & 0xc0) == 0x80)
+			return 0;
 		fib.family = 10; /* AF_INET6 */
 		copy16((__u8 *)fib.ipv6_src, f->saddr);
 		copy16((__u8 *)fib.ipv6_dst, f->daddr);

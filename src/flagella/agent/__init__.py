@@ -37,7 +37,7 @@ def run(config: str | Path | None, **overrides: Any) -> None:
         KernelSettings(
             settings.bpf_dir, links, ct.tcp_established_s, ct.tcp_syn_s, ct.non_tcp_s,
             ct.closing_s, settings.trace_events, settings.attach_mode,
-            _redirect_settings(settings.proxy), settings.local_delivery,
+            _redirect_settings(settings.proxy), local_delivery=settings.local_delivery,
         )
     )
     proxy = None

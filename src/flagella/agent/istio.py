@@ -12,6 +12,10 @@ loop with the API:
   gRPC server: the sidecars' ``ExtensionConfigDiscoveryService`` streams
   next to the node Envoy's ADS), else a server of its own on the same
   socket path (``proxy.xds_socket``, default ``<state_dir>/xds.sock``);
+- the sidecars' Kafka chains call the `KafkaExtProcService` on that server:
+  the node proxy's (the agent adds `SidecarEnforcer.kafka_rules` to its
+  lookups), else one of our own, registered on our server; either way the
+  enforcer refreshes it after every publication;
 - the core's ipcache listener hands the peers' address sets and labels to
   the enforcer (`set_ipcache`), so a new pod or a relabel republishes the
   meshed workloads' configs;
@@ -37,6 +41,8 @@ from flagella.datapath.port import IPNetwork
 from flagella.istio.enforcer import SidecarEnforcer
 from flagella.istio.initpolicy import init_policy
 from flagella.policy.labels import LabelSet
+from flagella.policy.mapstate import L7Policy
+from flagella.proxy.kafka_envoy import ChainKey, KafkaExtProcService
 from flagella.proxy.rbac import peer_sets
 from flagella.xds.server import XdsServer, XdsSettings
 from flagella.xds.status import XdsMetrics
@@ -50,14 +56,25 @@ WATCH_INTERVAL_S = 2.0
 
 
 class IstioSidecars:
-    def __init__(self, settings: AgentSettings, server: XdsServer | None = None) -> None:
-        """``server``: the node proxy's xDS server; None builds one (started by `start`)."""
+    def __init__(
+        self, settings: AgentSettings, server: XdsServer | None = None, kafka: KafkaExtProcService | None = None
+    ) -> None:
+        """``server``: the node proxy's xDS server, ``kafka`` the Kafka service on it (the
+        caller makes it ask `SidecarEnforcer.kafka_rules` too); None builds both (the
+        server is started by `start`)."""
         self.settings = settings
         self.own_server = server is None
+        self.kafka = kafka or KafkaExtProcService(self._kafka_rules)
         self.server = server or XdsServer(
-            XdsSettings(unix_socket=Path(settings.xds_socket_path)), metrics=XdsMetrics(None)
+            XdsSettings(unix_socket=Path(settings.xds_socket_path)), metrics=XdsMetrics(None),
+            services=[self.kafka.register],
         )
-        self.enforcer = SidecarEnforcer(self.server, settings.istio, settings.istio.socket_in_pod)
+        self.enforcer = SidecarEnforcer(
+            self.server, settings.istio, settings.istio.socket_in_pod, on_kafka_change=self.kafka.refresh
+        )
+
+    def _kafka_rules(self, chain: ChainKey, identity: int) -> L7Policy | None:
+        return self.enforcer.kafka_rules(chain, identity)
         self._watch: asyncio.Task[None] | None = None
 
     def set_ipcache(self, desired: Mapping[IPNetwork, int], identities: Mapping[int, LabelSet]) -> None:

@@ -53,8 +53,8 @@ spec:
 
 
 class Agent:
-    def __init__(self, tmp_path: Path, start: bool = True) -> None:
-        self.settings = AgentSettings(state_dir=str(tmp_path), istio=IstioSettings(enabled=True))
+    def __init__(self, tmp_path: Path, start: bool = True, istio: IstioSettings | None = None, **settings: Any) -> None:
+        self.settings = AgentSettings(state_dir=str(tmp_path), istio=istio or IstioSettings(enabled=True), **settings)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

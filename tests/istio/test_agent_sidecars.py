@@ -270,3 +270,47 @@ def test_kafka_service_on_the_own_server_serves_the_sidecar_chains(agent: Agent)
     core.wait_idle()
     assert agent.run(rules(chain, luke.identity)) is None  # (after the removal, on the loop)
     assert conn.policy == L7Policy("kafka")
+
+
+def test_with_the_node_proxy_its_kafka_service_serves_the_sidecar_chains(tmp_path: Path) -> None:
+    """The agent's wiring with the node proxy on: one server, one Kafka service, which asks
+    the sidecar enforcer for the chains the node proxy's enforcer has not."""
+    from flagella.agent.proxy import NodeProxy
+
+    settings = AgentSettings(state_dir=str(tmp_path), istio=IstioSettings(enabled=True))
+    proxy = NodeProxy(settings)
+    istio = IstioSidecars.for_agent(settings, proxy)
+    assert istio.server is proxy.server and istio.kafka is proxy.kafka and not istio.own_server
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    async def bind() -> None:
+        proxy.enforcer.bind(asyncio.get_running_loop())
+        await istio.start()
+
+    async def on_loop(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    run(bind())
+    core = AgentCore(settings, MemoryDatapath(), enforcers=[proxy.enforcer], with_kernel=[istio.enforcer])
+    try:
+        core.restore()
+        luke = core.create_endpoint("luke", labels={"app": "luke"}, service_account="luke")
+        leia = core.create_endpoint("leia", labels={"app": "leia"}, service_account="leia", istio_sidecar=True)
+        assert core.wait_for_revision(core.import_policies([POLICY]), timeout=30) == []
+        chain = ChainKey(leia.id, False, 9092)
+        assert run(on_loop(proxy.enforcer.kafka_rules, chain, luke.identity)) is None  # no node chain
+        rules = run(on_loop(proxy.kafka.rules, chain, luke.identity))
+        assert rules is not None and l7_allows(rules, KafkaRequest(1, 4, topics=("deathstar-plans",)))
+        assert not l7_allows(rules, KafkaRequest(0, 3, topics=("deathstar-plans",)))
+        # Monitor lines of the sidecar chain name leia as the local endpoint.
+        assert run(on_loop(proxy._endpoint_identity, leia.id)) == leia.identity
+    finally:
+        core.close()
+        run(istio.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)

@@ -51,9 +51,7 @@ def run(config: str | Path | None, **overrides: Any) -> None:
     if settings.istio.enabled:
         from flagella.agent.istio import IstioSidecars
 
-        istio = IstioSidecars(settings, proxy.server if proxy else None, proxy.kafka if proxy else None)
-        if proxy is not None:
-            proxy.add_kafka_rules(istio.enforcer.kafka_rules, istio.enforcer.endpoint_identity)
+        istio = IstioSidecars.for_agent(settings, proxy)
     core = AgentCore(
         settings, datapath, build_identity_backend(settings.kvstore),
         enforcers=[proxy.enforcer] if proxy else [],

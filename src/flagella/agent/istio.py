@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -46,6 +47,9 @@ from flagella.proxy.kafka_envoy import ChainKey, KafkaExtProcService
 from flagella.proxy.rbac import peer_sets
 from flagella.xds.server import XdsServer, XdsSettings
 from flagella.xds.status import XdsMetrics
+
+if TYPE_CHECKING:
+    from flagella.agent.proxy import NodeProxy
 
 __all__ = ["IstioSidecars"]
 
@@ -72,6 +76,16 @@ class IstioSidecars:
         self.enforcer = SidecarEnforcer(
             self.server, settings.istio, settings.istio.socket_in_pod, on_kafka_change=self.kafka.refresh
         )
+
+    @classmethod
+    def for_agent(cls, settings: AgentSettings, proxy: NodeProxy | None) -> IstioSidecars:
+        """On the node proxy's server and Kafka service when it is on (which then asks
+        this enforcer for the sidecars' chains), else on servers of our own."""
+        if proxy is None:
+            return cls(settings)
+        istio = cls(settings, proxy.server, proxy.kafka)
+        proxy.add_kafka_rules(istio.enforcer.kafka_rules, istio.enforcer.endpoint_identity)
+        return istio
 
     def _kafka_rules(self, chain: ChainKey, identity: int) -> L7Policy | None:
         return self.enforcer.kafka_rules(chain, identity)

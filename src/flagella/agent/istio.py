@@ -76,6 +76,7 @@ class IstioSidecars:
         self.enforcer = SidecarEnforcer(
             self.server, settings.istio, settings.istio.socket_in_pod, on_kafka_change=self.kafka.refresh
         )
+        self._watch: asyncio.Task[None] | None = None
 
     @classmethod
     def for_agent(cls, settings: AgentSettings, proxy: NodeProxy | None) -> IstioSidecars:
@@ -89,7 +90,6 @@ class IstioSidecars:
 
     def _kafka_rules(self, chain: ChainKey, identity: int) -> L7Policy | None:
         return self.enforcer.kafka_rules(chain, identity)
-        self._watch: asyncio.Task[None] | None = None
 
     def set_ipcache(self, desired: Mapping[IPNetwork, int], identities: Mapping[int, LabelSet]) -> None:
         """The core's ipcache listener (with the engine's identity labels)."""

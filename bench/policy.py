@@ -15,10 +15,14 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import structlog
 
@@ -96,8 +100,9 @@ def build(args, rnd):
     return engine, policies, endpoints
 
 
-def cidr_scale(n: int, endpoints: int = 100) -> dict[str, float]:
-    """A policy of ``n`` CIDRs selecting ``endpoints`` endpoints: import, then a new pod."""
+def cidr_scale(n: int, endpoints: int = 100, pods: int = 5) -> dict[str, object]:
+    """A policy of ``n`` CIDRs selecting ``endpoints`` endpoints: import, then ``pods`` new
+    pods one after the other (each one's time until the endpoints' maps hold its keys)."""
     nets = [f"198.{18 + i // 65536}.{(i // 256) % 256}.{i % 256}/32" for i in range(n)]
     policy = parse_policy({
         "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
@@ -136,26 +141,52 @@ def cidr_scale(n: int, endpoints: int = 100) -> dict[str, float]:
         assert not lagging, f"{len(lagging)} endpoints did not realize"
         return time.perf_counter() - t
 
+    resolved, realized, affected = [], [], set()
     try:
         realize_all = regenerate(set(eps), 1)
-        labels = k8s_labels({"app": "new"}, "default")
-        t0 = time.perf_counter()
-        affected = engine.upsert_endpoint(EndpointInfo(10_000, 99_999, labels,
-                                                       addresses=frozenset({ipaddress.ip_address("10.244.1.250")})))
-        new_pod = time.perf_counter() - t0
-        realized = regenerate(affected, 2)
+        for j in range(pods):
+            labels = k8s_labels({"app": f"new{j}"}, "default")
+            t0 = time.perf_counter()
+            affected = engine.upsert_endpoint(EndpointInfo(
+                10_000 + j, 99_000 + j, labels, addresses=frozenset({ipaddress.ip_address(f"10.244.1.{200 + j}")})))
+            resolved.append(time.perf_counter() - t0)
+            realized.append(resolved[-1] + regenerate(affected, 2 + j))
+            assert any(k.identity == 99_000 + j for k in enforcer.dp.policy), "the new pod's keys are not in the maps"
         entries = len(enforcer.dp.policy)
-        assert any(k.identity == 99_999 for k in enforcer.dp.policy), "the new pod's keys are not in the maps"
     finally:
         pipeline.stop()
     return {
         f"cidr{n}_import_s": round(imported, 2),
         f"cidr{n}_first_realization_s": round(realize_all, 2),
         f"cidr{n}_policy_entries": entries,
-        f"cidr{n}_new_endpoint_resolved_ms": round(new_pod * 1000, 1),
-        f"cidr{n}_new_endpoint_realized_ms": round((new_pod + realized) * 1000, 1),
+        f"cidr{n}_new_endpoint_resolved_ms": round(statistics.median(resolved) * 1000, 1),
+        f"cidr{n}_new_endpoint_realized_ms": round(statistics.median(realized) * 1000, 1),
+        f"cidr{n}_new_endpoint_realized_max_ms": round(max(realized) * 1000, 1),
+        f"cidr{n}_new_endpoint_realized_all_ms": [round(t * 1000, 1) for t in realized],
         f"cidr{n}_affected_endpoints": len(affected),
     }
+
+
+def side_by_side(baseline_src: str, runs: int, n: int, pods: int) -> dict[str, object]:
+    """:func:`cidr_scale` with ``baseline_src`` (e.g. main's src) and with this tree's,
+    alternately in fresh processes, ``runs`` times each (the machine is shared: noisy)."""
+    here = str(Path(__file__).resolve().parents[1] / "src")
+    out: dict[str, list[dict[str, object]]] = {"baseline": [], "flagella": []}
+    for _ in range(runs):
+        for name, src in (("baseline", baseline_src), ("flagella", here)):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--cidr-only", "--cidr-rules", str(n), "--pods", str(pods)],
+                env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True, check=True,
+            )
+            out[name].append(json.loads(proc.stdout))
+    summary: dict[str, object] = {"baseline_src": baseline_src, "runs": runs}
+    for key in ("new_endpoint_resolved_ms", "new_endpoint_realized_ms", "new_endpoint_realized_max_ms",
+                "first_realization_s"):
+        med = {name: statistics.median(float(r[f"cidr{n}_{key}"]) for r in rows)  # type: ignore[arg-type]
+               for name, rows in out.items()}
+        summary[key] = {**med, "each": {name: [r[f"cidr{n}_{key}"] for r in rows] for name, rows in out.items()},
+                        "baseline/flagella": round(med["baseline"] / med["flagella"], 1)}
+    return summary
 
 
 def main() -> None:
@@ -167,10 +198,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cidr-rules", type=int, default=5000)
     ap.add_argument("--cidr-only", action="store_true", help="run only the CIDR scale check")
+    ap.add_argument("--pods", type=int, default=5, help="new pods in the CIDR scale check")
+    ap.add_argument("--baseline-src", help="with --cidr-only: run it side by side with this src "
+                    "directory (e.g. /work/main/src), alternately in fresh processes")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each side with --baseline-src")
     args = ap.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    if args.cidr_only and args.baseline_src:
+        print(json.dumps(side_by_side(args.baseline_src, args.runs, args.cidr_rules, args.pods), indent=2))
+        return
     if args.cidr_only:
-        print(json.dumps(cidr_scale(args.cidr_rules), indent=2))
+        print(json.dumps(cidr_scale(args.cidr_rules, pods=args.pods), indent=2))
         return
     rnd = random.Random(args.seed)
     engine, policies, endpoints = build(args, rnd)
@@ -212,7 +250,7 @@ def main() -> None:
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
-    cidr = cidr_scale(args.cidr_rules)
+    cidr = cidr_scale(args.cidr_rules, pods=args.pods)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "rules": args.rules, "identities": args.identities, "endpoints": args.endpoints,

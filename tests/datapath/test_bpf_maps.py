@@ -149,6 +149,16 @@ def test_batch_update_and_delete(make: Factory) -> None:
     assert sorted(int.from_bytes(k, sys.byteorder) for k in m.keys()) == list(range(1, 500, 2))  # noqa: SIM118
 
 
+def test_batch_delete_skips_missing_keys(make: Factory) -> None:
+    """The kernel's batch delete stops at the first missing key: the rest still go."""
+    m = make(MapSpec("t_batchdel", MapType.HASH, 4, 8, 1000))
+    m.update_many((k32(i), bytes(8)) for i in range(10))
+    gone = [k32(0), k32(100), k32(101), k32(2), k32(0), k32(3), k32(102)]
+    assert m.delete_many(gone) == 3
+    assert sorted(int.from_bytes(k, sys.byteorder) for k in m.keys()) == [1, *range(4, 10)]  # noqa: SIM118
+    assert m.delete_many([k32(100)]) == 0 and m.delete_many([]) == 0
+
+
 def test_percpu_values_have_a_slot_per_cpu(make: Factory) -> None:
     m = make(small("metrics"))
     slot = 16

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from flagella.datapath.entries import PolicyKey, PolicyValue, Verdict
 from flagella.datapath.port import MemoryDatapath
 from flagella.datapath.realizer import DatapathEnforcer
 from flagella.endpoint import Endpoint
-from flagella.policy.mapstate import Entry, Key, MapState
+from flagella.policy.mapstate import Entry, Key, L7Policy, MapState
 from flagella.policy.resolver import EndpointPolicy
 
 
@@ -89,3 +92,83 @@ def test_remove_deletes_entries_nobody_remembers_writing() -> None:
     enforcer.remove(ep)
     assert dp.policy == {} and dp.endpoints == {}
     assert enforcer.sync() == 0
+
+
+# --- incremental realization: what the maps hold is what a full computation says ---------------
+
+_PEERS = [0, 1, 2, 65, 129]  # 1, 65 and 129 share a MapState chunk; 0 is any peer
+_KEYS = [
+    Key(peer, proto, first, last, prec)
+    for peer in _PEERS
+    for proto, first, last in ((0, 0, 65535), (6, 80, 80), (6, 80, 83), (6, 82, 95), (17, 53, 53))
+    for prec in (0, 3, -1)
+]
+_ENTRIES = [
+    Entry(Verdict.ALLOW), Entry(Verdict.DENY), Entry(Verdict.PASS),
+    Entry(Verdict.REDIRECT, L7Policy("http", wildcard=True)),
+]
+
+
+def _entry(key: Key, entry: Entry) -> Entry:
+    """UDP keys redirect to Kafka (a parser the node proxy lacks: allowed at L3/L4)."""
+    if entry.verdict == Verdict.REDIRECT and key.protocol == 17:
+        return Entry(Verdict.REDIRECT, L7Policy("kafka", wildcard=True))
+    return entry
+_change = st.one_of(
+    st.tuples(st.just("add"), st.booleans(), st.sampled_from(_KEYS), st.sampled_from(_ENTRIES)),
+    st.tuples(
+        st.just("replace"), st.booleans(), st.sampled_from(_PEERS),
+        st.lists(st.tuples(st.sampled_from(_KEYS), st.sampled_from(_ENTRIES)), max_size=3),
+    ),
+    st.tuples(st.just("enforce"), st.booleans(), st.booleans()),
+    # hand the enforcer: a copy (journaled), a fresh state (not journaled), or a copy whose
+    # write fails half-way
+    st.tuples(st.just("apply"), st.sampled_from(["copy", "fresh", "fail"])),
+)
+
+
+class _FailingPolicy(dict):  # type: ignore[type-arg]
+    fail = False
+
+    def update(self, *a: Any, **kw: Any) -> None:
+        super().update(*a, **kw)
+        if self.fail:
+            self.fail = False
+            raise OSError("map full")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_change, max_size=40))
+def test_incremental_apply_writes_what_a_full_computation_wants(changes: list[Any]) -> None:
+    dp = MemoryDatapath()
+    dp.policy = _FailingPolicy()  # type: ignore[assignment]
+    enforcer = DatapathEnforcer(dp, 15001, 15002)
+    ep = endpoint()
+    live = EndpointPolicy(MapState(True), MapState(False))
+    for change in [*changes, ("apply", "copy")]:
+        kind = change[0]
+        if kind == "apply":
+            policy = live.snapshot()
+            if change[1] == "fresh":
+                policy = EndpointPolicy(
+                    MapState(policy.ingress.enforced, dict(policy.ingress.entries)),
+                    MapState(policy.egress.enforced, dict(policy.egress.entries)),
+                )
+            dp.policy.fail = change[1] == "fail"  # type: ignore[attr-defined]
+            try:
+                enforcer.apply(ep, 1, policy)
+            except OSError:
+                continue
+            want, row = enforcer.desired(ep, policy)
+            assert dict(dp.policy) == want
+            assert dp.endpoints[ep.ifindex] == row
+            continue
+        state = live.egress if change[1] else live.ingress
+        if kind == "add":
+            state.add(change[2], _entry(change[2], change[3]))
+        elif kind == "replace":
+            state.replace_identity(
+                change[2], {k: _entry(k, e) for k, e in change[3] if k.identity == change[2]}
+            )
+        else:
+            state.enforced = change[2]

@@ -163,8 +163,9 @@ def test_policy_import_wait_returns_after_envoy_acked(agent: InProcessAgent, ups
         lambda: agent.proxy.server.update(CLUSTER, {"upstream": dead}, node=agent.proxy.node_id)  # type: ignore[union-attr]
     )
     wait_for(lambda: curl_method(port, "/v1/request-landing", tie_ip, "POST")[0] == 503, what="503 from Envoy")
-    wait_for(lambda: agent.proxy is not None and agent.proxy.l7_counts["parse_errors"] >= 1, what="an Error record")
-    metric = {s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples}
+    wait_for(lambda: agent.proxy is not None and agent.proxy.l7_counts["http", "parse_errors"] >= 1, what="an Error record")
+    metric = {s.labels["rule"]: s.value for fam in agent.proxy.collect() for s in fam.samples
+              if s.labels["proxy_type"] == "http"}
     assert metric["received"] == metric["denied"] + metric["forwarded"] + metric["parse_errors"]
 
     # An identity change reaches Envoy as ECDS only: relabel the tiefighter out of the empire.

@@ -141,10 +141,11 @@ class AgentCore:
 
     def _endpoint_changed(self, ep: Endpoint) -> None:
         if ep.id in self.endpoints:
-            self.store.save(ep)
+            self.store.save_later(ep)  # regeneration progress: restore recomputes it
 
     def close(self) -> None:
         self.pipeline.stop()
+        self.store.flush()
 
     # -- persistence -----------------------------------------------------------
 

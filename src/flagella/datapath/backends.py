@@ -71,6 +71,7 @@ class KernelMap:
         self.name = name or info.name
         self._cpus = _bpfsys.possible_cpus() if info.type in _PERCPU_TYPES else 1
         self._batch = info.type in _BATCH_TYPES
+        self._batch_delete = self._batch and info.type not in _ARRAY_TYPES
 
     @classmethod
     def open_pinned(cls, path: str | Path, expect: MapSpec | None = None) -> KernelMap:
@@ -161,7 +162,22 @@ class KernelMap:
         return len(pairs)
 
     def delete_many(self, keys: Iterable[bytes]) -> int:
-        return sum(1 for k in keys if self.delete(k))
+        """Delete in batches (BPF_MAP_DELETE_BATCH); a missing key is skipped, not an error."""
+        keys = list(keys)
+        if not self._batch_delete:
+            return sum(1 for k in keys if self.delete(k))
+        deleted = start = 0
+        while start < len(keys):
+            try:
+                n = _bpfsys.map_delete_batch(self._fd, b"".join(keys[start:]), len(keys) - start)
+            except BpfError as e:
+                if e.errno not in (22, 95, 524):  # EINVAL, EOPNOTSUPP, ENOTSUPP
+                    raise
+                self._batch_delete = False
+                return deleted + sum(1 for k in keys[start:] if self.delete(k))
+            deleted += n
+            start += n + 1  # the batch stops at a missing key: skip it
+        return deleted
 
     def close(self) -> None:
         if self._fd >= 0:

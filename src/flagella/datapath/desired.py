@@ -6,6 +6,9 @@ endpoint rows), and `diff` says what to write and what to delete. The same
 diff serves the regeneration of one endpoint and the sync controller that
 repairs drift (entries someone added or removed with bpftool).
 
+:func:`identity_entries` computes the entries of one peer identity only: the
+realizer recomputes just the identities whose MapState keys changed.
+
 MapState keys become kernel keys here: a port range is split into
 power-of-two aligned blocks (`port_blocks`), "any protocol" is protocol 0
 with all 16 port bits wildcarded, and two MapState keys that share a block
@@ -22,6 +25,7 @@ here; being exact there needs one value per tier in the kernel map.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
@@ -30,6 +34,7 @@ from flagella.policy.mapstate import (
     ANY_PROTOCOL,
     PORT_MAX,
     Entry,
+    Key,
     MapState,
     Verdict,
     port_blocks,
@@ -47,9 +52,36 @@ def policy_entries(
     ep_id: int, state: MapState, egress: bool, proxy_port: int
 ) -> tuple[dict[PolicyKey, PolicyValue], int]:
     """Kernel policy entries of one endpoint and direction, and the wild-bits mask."""
-    out: dict[PolicyKey, PolicyValue] = {}
+    out = _entries(ep_id, state, egress, proxy_port)
     mask = 0
-    for key, entry in state:
+    for bits in {k.wild_bits for k in out}:
+        mask |= 1 << bits
+    return out, mask
+
+
+def identity_entries(
+    ep_id: int, state: MapState, identity: int, egress: bool, proxy_port: int
+) -> dict[PolicyKey, PolicyValue]:
+    """The kernel entries of one peer identity: the part of :func:`policy_entries` that
+    the MapState keys of ``identity`` make (entries of two identities never merge)."""
+    entries = state.entries
+    return _entries(ep_id, ((k, entries[k]) for k in state.keys_of(identity)), egress, proxy_port)
+
+
+def wild_mask(widths: Mapping[int, int]) -> int:
+    """The endpoint row's mask of block widths, from a count of entries per width."""
+    mask = 0
+    for bits, n in widths.items():
+        if n > 0:
+            mask |= 1 << bits
+    return mask
+
+
+def _entries(
+    ep_id: int, keys: Iterable[tuple[Key, Entry]], egress: bool, proxy_port: int
+) -> dict[PolicyKey, PolicyValue]:
+    out: dict[PolicyKey, PolicyValue] = {}
+    for key, entry in keys:
         value = _value(entry, proxy_port, key.precedence)
         if key.protocol == ANY_PROTOCOL or (key.port == 0 and key.end_port == PORT_MAX):
             blocks = [(0, 16)]
@@ -59,14 +91,19 @@ def policy_entries(
             k = PolicyKey(ep_id, key.identity, egress, key.protocol, base, bits)
             old = out.get(k)
             out[k] = value if old is None else _merge(old, value)
-            mask |= 1 << bits
-    return out, mask
+    return out
 
 
 def _value(entry: Entry, proxy_port: int, precedence: int = 0) -> PolicyValue:
     if entry.verdict == Verdict.REDIRECT:
-        return PolicyValue(Verdict.REDIRECT, proxy_port, precedence)
-    return PolicyValue(entry.verdict, 0, precedence)
+        return _interned(Verdict.REDIRECT, proxy_port, precedence)
+    return _interned(entry.verdict, 0, precedence)
+
+
+@functools.lru_cache(maxsize=4096)
+def _interned(verdict: Verdict, proxy_port: int, precedence: int) -> PolicyValue:
+    """One object per distinct value: half a million entries share a handful of values."""
+    return PolicyValue(verdict, proxy_port, precedence)
 
 
 K = TypeVar("K", bound=Hashable)

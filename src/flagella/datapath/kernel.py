@@ -23,6 +23,7 @@ import contextlib
 import ipaddress
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -197,6 +198,9 @@ class KernelDatapath:
         self.pods = PodNetwork(self.link_settings)
         self._dp: Any = None
         self._events: Any = None
+        #: The bump is a read-modify-write of the config map: two endpoints' applies
+        #: (different threads) must not both write the same next generation.
+        self._generation = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -290,10 +294,14 @@ class KernelDatapath:
         with contextlib.suppress(DatapathError):  # the device is already gone
             self._dp.detach(ifindex)
 
+    def delete_policy_entries(self, keys: Collection[PolicyKey]) -> int:
+        return self.policy.map.delete_many(keys)
+
     def bump_generation(self) -> None:
         """Invalidate the verdicts cached in conntrack entries: call after every change of
         the policy, endpoints or ipcache maps (see struct ct_entry in bpf/flagella.h)."""
-        self._dp.maps.config.bump_generation()
+        with self._generation:
+            self._dp.maps.config.bump_generation()
 
     # -- reads -------------------------------------------------------------------------
 

@@ -415,6 +415,10 @@ class PolicyMap(_Typed):
     def delete(self, key: PolicyKey) -> bool:
         return self.backend.delete(_pack(_key_struct(key)))
 
+    def delete_many(self, keys: Iterable[PolicyKey]) -> int:
+        """Delete entries, in batches where the kernel can; returns how many were present."""
+        return self.backend.delete_many([_pack(_key_struct(k)) for k in keys])
+
     def items(self) -> dict[PolicyKey, PolicyEntry]:
         return {
             _key_from(_unpack(PolicyKeyStruct, k)): _entry_from(

@@ -124,6 +124,11 @@ class Datapath(Protocol):
 
     def detach(self, ifindex: int) -> None: ...
 
+    def delete_policy_entries(self, keys: Collection[PolicyKey]) -> int:
+        """Delete these policy entries (absent ones are skipped), in as few writes as the
+        map allows; return how many were present."""
+        ...
+
     def bump_generation(self) -> None:
         """Invalidate cached verdicts; called after every write of the three maps above."""
         ...
@@ -214,6 +219,9 @@ class MemoryDatapath:
 
     def detach(self, ifindex: int) -> None:
         self.attached.discard(ifindex)
+
+    def delete_policy_entries(self, keys: Collection[PolicyKey]) -> int:
+        return sum(1 for k in keys if self.policy.pop(k, None) is not None)
 
     def bump_generation(self) -> None:
         self.generation += 1

@@ -12,6 +12,18 @@ Theory of operation
   deleted the row keeps probing the old widths, so no packet sees a half-written
   policy. The kernel write returns before ``apply`` does, so the completion is
   complete when returned (or the call raises: a failed regeneration);
+* **incrementally**: the pipeline hands over MapState copies (O(1), copy on
+  write), and this enforcer keeps the copies it realized last. The MapState
+  journal (:meth:`~flagella.policy.mapstate.MapState.changed_since`) names the
+  keys changed since, or, for states with no common journal (a fresh resolution
+  after a policy change), :func:`~flagella.policy.mapstate.changed_keys` compares
+  them chunk by chunk. Only the peer identities of those keys are computed again
+  (kernel entries of two identities never merge), and the row's wildcard masks
+  come from a count of entries per width. New and changed entries go in one
+  batched update, stale ones in one batched delete, then the row, then one
+  generation bump. The first apply of an endpoint, and the one after a failed
+  write, compute every entry (the retry also deletes what the failed one meant
+  to);
 * **the ipcache**, by :meth:`set_ipcache`: the agent passes the whole desired
   ipcache and the prefixes that may have changed;
 * **the verdict-cache generation**, bumped after every write, inside the same
@@ -35,19 +47,32 @@ import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import structlog
 
-from flagella.datapath.desired import diff, policy_entries
+from flagella.datapath.desired import diff, identity_entries, policy_entries, wild_mask
 from flagella.datapath.entries import EndpointRow, PolicyKey, PolicyValue
 from flagella.datapath.port import Datapath, IPAddress, IPNetwork
 from flagella.endpoint.model import Endpoint
 from flagella.endpoint.regeneration import Completion
+from flagella.policy.mapstate import MapState, changed_keys
 from flagella.policy.resolver import EndpointPolicy
 
 __all__ = ["DatapathEnforcer"]
 
 log = structlog.get_logger("flagella.datapath")
+
+
+@dataclass
+class _Realized:
+    """What one endpoint's written entries were computed from (touched under its lock)."""
+
+    #: The MapState snapshots of the last apply (never changed afterwards).
+    ingress: MapState
+    egress: MapState
+    #: Written entries per wild-bits width, ingress and egress: the row's masks.
+    widths: tuple[Counter[int], Counter[int]]
 
 
 class DatapathEnforcer:
@@ -65,6 +90,10 @@ class DatapathEnforcer:
         self.ipcache: dict[IPNetwork, int] = {}
         #: ep_id -> whether its last apply wrote everything (a pod is attached only then).
         self.complete: dict[int, bool] = {}
+        #: ep_id -> the policy the written entries were computed from.
+        self._realized: dict[int, _Realized] = {}
+        #: ep_id -> entries a failed apply meant to delete (they may still be there).
+        self._unsure: dict[int, set[PolicyKey]] = {}
         self.repairs: Counter[str] = Counter()
         self._meta = threading.Lock()  # guards the dicts below, never held across writes
         self._locks: dict[int, threading.Lock] = {}
@@ -91,49 +120,102 @@ class DatapathEnforcer:
         return {**ingress, **egress}, row
 
     def apply(self, endpoint: Endpoint, revision: int, policy: EndpointPolicy) -> Completion:
-        desired, row = self.desired(endpoint, policy)
         ifindex = endpoint.ifindex
         with self._lock(endpoint.id):
             self._bump_version(endpoint.id)
-            actual = self.written.get(endpoint.id, {})
-            upserts, deletes = diff(actual, desired)
-            # What we want, even if the write below fails half-way: sync repairs to it.
-            self.written[endpoint.id] = desired
+            base = self._realized.pop(endpoint.id, None)
+            if base is not None and self.complete.get(endpoint.id):
+                written = self.written[endpoint.id]
+                upserts, deletes, widths = self._delta(endpoint.id, base, policy, written)
+            else:  # the first apply, or the last one failed: compute every entry
+                desired, _ = self.desired(endpoint, policy)
+                written = self.written.get(endpoint.id, {})
+                if base is None:
+                    upserts, deletes = diff(written, desired)
+                else:  # the last write stopped half-way: write every entry again
+                    maybe = written.keys() | self._unsure.pop(endpoint.id, set())
+                    upserts, deletes = dict(desired), [k for k in maybe if k not in desired]
+                widths = (Counter(k.wild_bits for k in desired if not k.egress),
+                          Counter(k.wild_bits for k in desired if k.egress))
+                written = desired
+            row = EndpointRow(
+                endpoint.id, endpoint.identity, policy.ingress.enforced, policy.egress.enforced,
+                wild_mask(widths[0]), wild_mask(widths[1]), endpoint.ipv4, endpoint.ipv6,
+            )
+            # What we want, even if the write below fails half-way: sync repairs to it,
+            # and the next apply writes every entry again.
+            old = self.rows.get(endpoint.id)
+            self.written[endpoint.id] = written
             self.rows[endpoint.id] = (ifindex, row)
+            self._realized[endpoint.id] = _Realized(policy.ingress, policy.egress, widths)
             self.complete[endpoint.id] = False
             try:
                 if upserts:
                     self.dp.policy.update(upserts)
-                old_row = self.dp.endpoints.get(ifindex)
-                if old_row is not None and deletes:
-                    # Keep probing the old wildcard widths until their entries are gone.
-                    self.dp.endpoints[ifindex] = dataclasses.replace(
-                        row,
-                        ingress_wild_mask=row.ingress_wild_mask | old_row.ingress_wild_mask,
-                        egress_wild_mask=row.egress_wild_mask | old_row.egress_wild_mask,
-                    )
-                for k in deletes:
-                    self.dp.policy.pop(k, None)
+                if deletes:
+                    if old is not None and old[0] == ifindex:
+                        # Keep probing the old wildcard widths until their entries are gone.
+                        self.dp.endpoints[ifindex] = dataclasses.replace(
+                            row,
+                            ingress_wild_mask=row.ingress_wild_mask | old[1].ingress_wild_mask,
+                            egress_wild_mask=row.egress_wild_mask | old[1].egress_wild_mask,
+                        )
+                    self.dp.delete_policy_entries(deletes)
                 self.dp.endpoints[ifindex] = row
+            except BaseException:
+                # The deletes may not have happened: the next apply makes sure they do.
+                self._unsure.setdefault(endpoint.id, set()).update(deletes)
+                raise
             finally:
-                self.dp.bump_generation()
+                self.dp.bump_generation()  # one bump per apply, after a partial write too
             self.complete[endpoint.id] = True
         return Completion.completed()
+
+    def _delta(
+        self, ep_id: int, base: _Realized, policy: EndpointPolicy, written: dict[PolicyKey, PolicyValue]
+    ) -> tuple[dict[PolicyKey, PolicyValue], list[PolicyKey], tuple[Counter[int], Counter[int]]]:
+        """The writes that take the entries of ``base``'s policy to ``policy``'s: only the
+        identities whose MapState keys changed are computed again. Updates ``written``
+        and the width counts in place (the caller owns them)."""
+        upserts: dict[PolicyKey, PolicyValue] = {}
+        deletes: list[PolicyKey] = []
+        sides = (
+            (False, base.ingress, policy.ingress, self.ingress_proxy_port, base.widths[0]),
+            (True, base.egress, policy.egress, self.egress_proxy_port, base.widths[1]),
+        )
+        for egress, before, after, port, widths in sides:
+            journaled = after.changed_since(before)
+            changed = changed_keys(before, after) if journaled is None else journaled
+            for ident in {k.identity for k in changed}:
+                old = identity_entries(ep_id, before, ident, egress, port)
+                new = identity_entries(ep_id, after, ident, egress, port)
+                for k, v in new.items():
+                    if k not in old:
+                        widths[k.wild_bits] += 1
+                    if written.get(k) != v:
+                        upserts[k] = written[k] = v
+                for k in old:
+                    if k not in new:
+                        widths[k.wild_bits] -= 1
+                        if written.pop(k, None) is not None:
+                            deletes.append(k)
+        return upserts, deletes, base.widths
 
     def remove(self, endpoint: Endpoint) -> None:
         with self._lock(endpoint.id):
             self._bump_version(endpoint.id)
             written = self.written.pop(endpoint.id, None)
             self.complete.pop(endpoint.id, None)
+            self._realized.pop(endpoint.id, None)
+            unsure = self._unsure.pop(endpoint.id, set())
             _, row = self.rows.pop(endpoint.id, (endpoint.ifindex, None))
             try:
                 if endpoint.ifindex:
                     self.dp.endpoints.pop(endpoint.ifindex, None)
-                keys = list(written) if written is not None else []
+                keys = [*(written or ()), *unsure]
                 # Entries written before a crash are known to nobody: look for them.
                 keys += [k for k in self.dp.policy if k.ep_id == endpoint.id]
-                for key in keys:
-                    self.dp.policy.pop(key, None)
+                self.dp.delete_policy_entries(set(keys))
             finally:
                 self.dp.bump_generation()
 
@@ -178,8 +260,8 @@ class DatapathEnforcer:
                     upserts, deletes = diff(by_ep.get(ep_id, {}), self.written.get(ep_id, {}))
                     if upserts:
                         self.dp.policy.update(upserts)
-                    for k in deletes:
-                        self.dp.policy.pop(k, None)
+                    if deletes:
+                        self.dp.delete_policy_entries(deletes)
                     repaired["policy"] += len(upserts) + len(deletes)
                     want = self.rows.get(ep_id)
                     if want is not None and actual_rows.get(want[0]) != want[1]:

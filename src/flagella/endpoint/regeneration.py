@@ -216,8 +216,9 @@ class Pipeline:
         offload: bool = True,
         first: Sequence[Enforcer] = (),
     ) -> None:
-        """``on_change`` is called (on the pipeline's loop) after each state change,
-        to persist the endpoint. With ``offload=False`` enforcers' ``apply`` runs on
+        """``on_change`` is called (on the pipeline's loop) after each state change
+        but the start of a regeneration (its outcome follows), to persist the endpoint
+        (progress only: restore recomputes it, so it need not be durable). With ``offload=False`` enforcers' ``apply`` runs on
         the loop itself (deterministic tests with in-memory enforcers)."""
         #: Stages, applied in order; each stage's completions before the next applies.
         self.stages = [list(first), list(enforcers)] if first else [list(enforcers)]
@@ -442,7 +443,7 @@ class Pipeline:
         """One regeneration; returns the failure reason, or None once realized."""
         ep = slot.endpoint
         started = self.clock.now()
-        self._set_state(ep, State.REGENERATING, "")
+        self._set_state(ep, State.REGENERATING, "", persist=False)  # the outcome is persisted
         error: str | None = None
         for stage in self.stages:
             error = await self._run_stage(slot, req, stage)
@@ -539,13 +540,13 @@ class Pipeline:
             return f"enforcer {', '.join(late)}: no completion within {timeout:g}s"
         return None
 
-    def _set_state(self, ep: Endpoint, state: State, reason: str) -> None:
+    def _set_state(self, ep: Endpoint, state: State, reason: str, persist: bool = True) -> None:
         if ep.state in (State.DISCONNECTING, State.DISCONNECTED):
             return
         if ep.state != state:
             ep.set_state(state)
         ep.state_reason = reason
-        if self._on_change is not None:
+        if persist and self._on_change is not None:
             self._on_change(ep)
 
     def _notify(self) -> None:

@@ -24,9 +24,10 @@ Within one precedence deny beats pass beats redirect beats allow.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import chain
 from typing import Literal
 
 from flagella.errors import ResolutionError
@@ -156,67 +157,195 @@ class Decision:
         return frozenset().union(*(e.rules for e in deciding)) if deciding else frozenset()
 
 
+#: A MapState keeps its entries in this many chunks (by peer identity), copied on write
+#: one by one: a change after a copy costs a chunk, not the whole state.
+_CHUNKS = 64
+#: The chunks nothing was written to yet, shared by every state and never written.
+_NO_ENTRIES: dict[Key, Entry] = {}
+_NO_KEYS: dict[int, Key | set[Key]] = {}
+
+
 class MapState:
-    """All keys of one endpoint and direction."""
+    """All keys of one endpoint and direction.
+
+    Copies are cheap and changes are journaled, so that an enforcer realizes only
+    what changed (see `flagella.datapath.realizer`):
+
+    * :meth:`copy` is O(1) in the number of keys: the copy shares the containers,
+      which are split into chunks by peer identity, and whichever of the two is
+      changed takes its own copy of the chunk it changes (copy-on-write; the
+      per-identity key sets are copied one by one, as they are touched);
+    * every change appends its key to a journal shared by a state and its copies;
+      a copy remembers how far the journal went, so :meth:`changed_since` answers
+      which keys a later copy may hold differently from an earlier one. Only the
+      state copies were taken from writes the journal: a changed copy starts a
+      journal of its own, which no earlier state shares (``changed_since`` then says
+      None: unknown). The journal is restarted when it outgrows the state.
+    """
 
     def __init__(self, enforced: bool, entries: dict[Key, Entry] | None = None) -> None:
         self.enforced = enforced
-        self.entries: dict[Key, Entry] = {}
-        self._by_identity: dict[int, set[Key]] = {}
+        #: Chunk i holds the keys whose identity % _CHUNKS is i, and their key sets.
+        self._chunks: list[dict[Key, Entry]] = [_NO_ENTRIES] * _CHUNKS
+        #: identity -> its key, or the set of its keys when it has several.
+        self._ids: list[dict[int, Key | set[Key]]] = [_NO_KEYS] * _CHUNKS
+        self._len = 0
+        #: Chunks, and identities' key sets, private to this state (not shared by a copy).
+        self._owned_chunks: set[int] = set()
+        self._owned: set[int] = set()
+        self._journal: list[Key] = []
+        #: How far this state has seen the journal: None while it is its writer.
+        self._journal_end: int | None = None
+        self._view = _Entries(self)
         for k, e in (entries or {}).items():
             self.add(k, e)
 
+    @property
+    def entries(self) -> Mapping[Key, Entry]:
+        """Key -> entry (read only: change it with :meth:`add`, :meth:`set`, ...)."""
+        return self._view
+
     def __len__(self) -> int:
-        return len(self.entries)
+        return self._len
 
     def __iter__(self) -> Iterator[tuple[Key, Entry]]:
-        return iter(self.entries.items())
+        return chain.from_iterable(c.items() for c in self._chunks if c)
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, MapState)
             and self.enforced == other.enforced
-            and self.entries == other.entries
+            and self._len == other._len
+            and self._chunks == other._chunks
         )
 
     def __repr__(self) -> str:
-        return f"MapState(enforced={self.enforced}, entries={len(self.entries)})"
+        return f"MapState(enforced={self.enforced}, entries={self._len})"
+
+    # -- changes (each one journaled) ------------------------------------------------------
+
+    def _changing(self, key: Key) -> dict[Key, Entry]:
+        """Journal ``key`` and make its chunk private; return the chunk."""
+        c = key.identity % _CHUNKS
+        if c not in self._owned_chunks:
+            self._chunks[c] = self._chunks[c].copy()
+            self._ids[c] = self._ids[c].copy()
+            self._owned_chunks.add(c)
+        if self._journal_end is not None:  # a copy that changes: a journal of its own
+            self._journal, self._journal_end = [], None
+        if len(self._journal) > 2 * self._len + 1024:
+            self._journal = []  # earlier copies' changed_since is unknown from here on
+        self._journal.append(key)
+        return self._chunks[c]
+
+    def _index(self, key: Key) -> None:
+        """Count a new key and index it by identity (after :meth:`_changing`)."""
+        self._len += 1
+        ident = key.identity
+        ids = self._ids[ident % _CHUNKS]
+        keys = ids.get(ident)
+        if keys is None:
+            ids[ident] = key  # (most identities have one key: no set for them)
+        elif isinstance(keys, Key):
+            ids[ident] = {keys, key}
+            self._owned.add(ident)
+        else:
+            if ident not in self._owned:
+                keys = ids[ident] = set(keys)
+                self._owned.add(ident)
+            keys.add(key)
 
     def add(self, key: Key, entry: Entry) -> None:
-        old = self.entries.get(key)
+        chunk = self._changing(key)
+        old = chunk.get(key)
         if old is None:
-            self.entries[key] = entry
-            self._by_identity.setdefault(key.identity, set()).add(key)
+            chunk[key] = entry
+            self._index(key)
         else:
-            self.entries[key] = old.merge(entry)
+            chunk[key] = old.merge(entry)
 
     def set(self, key: Key, entry: Entry) -> None:
-        if key not in self.entries:
-            self._by_identity.setdefault(key.identity, set()).add(key)
-        self.entries[key] = entry
-
-    def copy(self) -> MapState:
-        """An independent copy (entries are immutable, the containers are not)."""
-        out = MapState(self.enforced)
-        out.entries = dict(self.entries)
-        out._by_identity = {i: set(keys) for i, keys in self._by_identity.items()}
-        return out
-
-    def keys_of(self, identity: int) -> list[Key]:
-        return list(self._by_identity.get(identity, ()))
+        chunk = self._changing(key)
+        if key not in chunk:
+            self._index(key)
+        chunk[key] = entry
 
     def replace_identity(self, identity: int, entries: dict[Key, Entry]) -> None:
         """Swap all keys of one identity for ``entries`` (all of that identity)."""
-        for k in self._by_identity.pop(identity, ()):
-            del self.entries[k]
+        old = self.keys_of(identity)
+        for k in old:
+            del self._changing(k)[k]
+        if old:  # (the chunk is private now)
+            del self._ids[identity % _CHUNKS][identity]
+            self._owned.discard(identity)
+            self._len -= len(old)
         for k, e in entries.items():
             self.set(k, e)
 
+    # -- copies and their differences -------------------------------------------------------
+
+    def copy(self) -> MapState:
+        """An independent copy (entries are immutable; containers copy on write)."""
+        out = MapState(self.enforced)
+        out._chunks, out._ids, out._len = self._chunks.copy(), self._ids.copy(), self._len
+        self._owned_chunks, self._owned = set(), set()
+        out._journal = self._journal
+        out._journal_end = len(self._journal) if self._journal_end is None else self._journal_end
+        return out
+
+    def changed_since(self, earlier: MapState) -> frozenset[Key] | None:
+        """The keys whose entries may differ between ``earlier`` and this state, when
+        both are copies of one state and ``earlier`` was taken first; None when the
+        journal cannot tell (then compare the entries: :func:`changed_keys`)."""
+        end = len(self._journal) if self._journal_end is None else self._journal_end
+        start = earlier._journal_end
+        if earlier._journal is not self._journal or start is None or start > end:
+            return None
+        return frozenset(self._journal[start:end])
+
+    def keys_of(self, identity: int) -> list[Key]:
+        keys = self._ids[identity % _CHUNKS].get(identity)
+        if keys is None:
+            return []
+        return [keys] if isinstance(keys, Key) else list(keys)
+
     def lookup(self, identity: int, protocol: int, port: int) -> Decision:
-        matched = tuple(
-            (k, e) for k, e in self.entries.items() if k.matches(identity, protocol, port)
-        )
+        matched = tuple((k, e) for k, e in self if k.matches(identity, protocol, port))
         return decide(matched, self.enforced)
+
+
+class _Entries(Mapping[Key, Entry]):
+    """A read-only view of a MapState's entries, across its chunks."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: MapState) -> None:
+        self._state = state
+
+    def __getitem__(self, key: Key) -> Entry:
+        return self._state._chunks[key.identity % _CHUNKS][key]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, Key) and key in self._state._chunks[key.identity % _CHUNKS]
+
+    def __iter__(self) -> Iterator[Key]:
+        return chain.from_iterable(self._state._chunks)
+
+    def __len__(self) -> int:
+        return self._state._len
+
+
+def changed_keys(a: MapState, b: MapState) -> set[Key]:
+    """The keys whose entries differ between ``a`` and ``b`` (absent in one counts), by
+    comparing them (chunks a copy still shares are equal): what
+    :meth:`MapState.changed_since` answers from its journal."""
+    out: set[Key] = set()
+    for ca, cb in zip(a._chunks, b._chunks, strict=True):
+        if ca is cb:
+            continue
+        out.update(k for k, e in cb.items() if (o := ca.get(k)) is not e and o != e)
+        out.update(k for k in ca if k not in cb)
+    return out
 
 
 def decide(matched: Iterable[tuple[Key, Entry]], enforced: bool) -> Decision:

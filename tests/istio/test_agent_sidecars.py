@@ -28,7 +28,10 @@ from flagella.datapath.port import MemoryDatapath
 from flagella.endpoint import State
 from flagella.errors import InputError
 from flagella.istio.workload import FILTER_NAME, IstioSettings, kafka_resource_names, node_id
-from flagella.policy.mapstate import Verdict
+from flagella.policy.l7 import KafkaRequest, l7_allows
+from flagella.policy.mapstate import L7Policy, Verdict
+from flagella.proxy.kafka import KafkaConnection
+from flagella.proxy.kafka_envoy import ChainKey, Peer
 from flagella.xds.types import EXTENSION_CONFIG
 
 POLICY = yaml.safe_load("""
@@ -50,8 +53,8 @@ spec:
 
 
 class Agent:
-    def __init__(self, tmp_path: Path, start: bool = True) -> None:
-        self.settings = AgentSettings(state_dir=str(tmp_path), istio=IstioSettings(enabled=True))
+    def __init__(self, tmp_path: Path, start: bool = True, istio: IstioSettings | None = None, **settings: Any) -> None:
+        self.settings = AgentSettings(state_dir=str(tmp_path), istio=istio or IstioSettings(enabled=True), **settings)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -224,3 +227,90 @@ def test_istio_settings_from_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="istio.trust_domain"):
         load_settings(f)
     assert not load_settings(None).istio.enabled
+
+
+def test_kafka_service_on_the_own_server_serves_the_sidecar_chains(agent: Agent) -> None:
+    """No node proxy: the istio module's own server carries the Kafka service, whose rules
+    for a sidecar chain are the workload's ingress rules for that peer, kept current."""
+    core = agent.core
+    luke = core.create_endpoint("luke", labels={"app": "luke"}, service_account="luke")
+    vader = core.create_endpoint("vader", labels={"app": "vader"}, service_account="vader")
+    leia = core.create_endpoint("leia", labels={"app": "leia"}, service_account="leia", istio_sidecar=True)
+    assert core.wait_for_revision(core.import_policies([POLICY]), timeout=30) == []
+    chain = ChainKey(leia.id, False, 9092)
+    kafka = agent.istio.kafka
+
+    async def rules(c: ChainKey, identity: int) -> L7Policy | None:
+        return kafka.rules(c, identity)
+
+    consume = agent.run(rules(chain, luke.identity))
+    assert consume is not None and not consume.wildcard
+    assert l7_allows(consume, KafkaRequest(1, 4, topics=("deathstar-plans",)))
+    assert not l7_allows(consume, KafkaRequest(0, 3, topics=("deathstar-plans",)))
+    assert agent.run(rules(chain, vader.identity)) is None  # not redirected: closed
+    assert agent.run(rules(ChainKey(leia.id, True, 9092), luke.identity)) is None
+    assert agent.run(rules(ChainKey(luke.id, False, 9092), luke.identity)) is None  # not meshed
+    assert agent.run(rules(chain, 1)) == L7Policy("kafka", wildcard=True)  # the host, as for HTTP
+
+    # A policy change reaches the open connections (the service's refresh) from the next request.
+    conn = KafkaConnection(luke.identity, consume, codec=kafka.codec)
+
+    async def track() -> None:
+        kafka._live[conn] = Peer(chain, luke.identity)
+
+    agent.run(track())
+    updated = yaml.safe_load(yaml.safe_dump(POLICY).replace("role: consume", "role: produce"))
+    assert core.wait_for_revision(core.import_policies([updated]), timeout=30) == []
+    core.wait_idle()
+    agent.run(rules(chain, luke.identity))  # the publications on the loop ran before this
+    assert l7_allows(conn.policy, KafkaRequest(0, 3, topics=("deathstar-plans",)))
+    assert not l7_allows(conn.policy, KafkaRequest(1, 4, topics=("deathstar-plans",)))
+    # The pod leaves the mesh: no sidecar rules any more, open connections are denied everything.
+    core.delete_endpoint("leia")
+    core.wait_idle()
+    assert agent.run(rules(chain, luke.identity)) is None  # (after the removal, on the loop)
+    assert conn.policy == L7Policy("kafka")
+
+
+def test_with_the_node_proxy_its_kafka_service_serves_the_sidecar_chains(tmp_path: Path) -> None:
+    """The agent's wiring with the node proxy on: one server, one Kafka service, which asks
+    the sidecar enforcer for the chains the node proxy's enforcer has not."""
+    from flagella.agent.proxy import NodeProxy
+
+    settings = AgentSettings(state_dir=str(tmp_path), istio=IstioSettings(enabled=True))
+    proxy = NodeProxy(settings)
+    istio = IstioSidecars.for_agent(settings, proxy)
+    assert istio.server is proxy.server and istio.kafka is proxy.kafka and not istio.own_server
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    async def bind() -> None:
+        proxy.enforcer.bind(asyncio.get_running_loop())
+        await istio.start()
+
+    async def on_loop(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    run(bind())
+    core = AgentCore(settings, MemoryDatapath(), enforcers=[proxy.enforcer], with_kernel=[istio.enforcer])
+    try:
+        core.restore()
+        luke = core.create_endpoint("luke", labels={"app": "luke"}, service_account="luke")
+        leia = core.create_endpoint("leia", labels={"app": "leia"}, service_account="leia", istio_sidecar=True)
+        assert core.wait_for_revision(core.import_policies([POLICY]), timeout=30) == []
+        chain = ChainKey(leia.id, False, 9092)
+        assert run(on_loop(proxy.enforcer.kafka_rules, chain, luke.identity)) is None  # no node chain
+        rules = run(on_loop(proxy.kafka.rules, chain, luke.identity))
+        assert rules is not None and l7_allows(rules, KafkaRequest(1, 4, topics=("deathstar-plans",)))
+        assert not l7_allows(rules, KafkaRequest(0, 3, topics=("deathstar-plans",)))
+        # Monitor lines of the sidecar chain name leia as the local endpoint.
+        assert run(on_loop(proxy._endpoint_identity, leia.id)) == leia.identity
+    finally:
+        core.close()
+        run(istio.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)

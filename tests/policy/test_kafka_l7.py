@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flagella.policy.api import KAFKA_ROLES, KafkaRule
-from flagella.policy.l7 import KafkaRequest, kafka_allowed, kafka_topic_visible, valid_topic_name
+from flagella.policy.l7 import (
+    NO_TOPIC,
+    KafkaRequest,
+    kafka_allowed,
+    kafka_intersection,
+    kafka_topic_visible,
+    l7_allows,
+    valid_topic_name,
+)
+from flagella.policy.mapstate import L7Policy
 
 PRODUCE = KAFKA_ROLES["produce"]
 CONSUME = KAFKA_ROLES["consume"]
@@ -75,3 +86,49 @@ def test_metadata_for_all_topics_shows_only_allowed_ones() -> None:
 ])
 def test_topic_names(name: str, valid: bool) -> None:
     assert valid_topic_name(name) is valid
+
+
+# -- both of two policies (the node's egress chain to a local broker with ingress rules) --
+
+_rules = st.builds(
+    KafkaRule,
+    api_keys=st.frozensets(st.sampled_from([0, 1, 3]), max_size=2),
+    api_version=st.sampled_from([None, 0, 1]),
+    client_id=st.sampled_from(["", "a", "b"]),
+    topic=st.sampled_from(["", "t1", "t2"]),
+)
+_policies = st.builds(
+    lambda rules, wild: L7Policy("kafka", kafka=frozenset(rules), wildcard=wild),
+    st.lists(_rules, max_size=3), st.booleans(),
+)
+_requests = st.builds(
+    KafkaRequest,
+    api_key=st.sampled_from([0, 1, 3]),
+    api_version=st.sampled_from([0, 1]),
+    client_id=st.sampled_from(["", "a", "b"]),
+    topics=st.lists(st.sampled_from(["t1", "t2", "t3"]), max_size=2, unique=True).map(tuple),
+    topics_known=st.booleans(),
+)
+
+
+@settings(max_examples=2000)
+@given(_policies, _policies, _requests)
+def test_intersection_passes_exactly_what_both_pass(a: L7Policy, b: L7Policy, request_: KafkaRequest) -> None:
+    both = kafka_intersection(a, b)
+    assert l7_allows(both, request_) == (l7_allows(a, request_) and l7_allows(b, request_))
+    topic = "t1"
+    assert (both.wildcard or kafka_topic_visible(both.kafka, request_, topic)) == (
+        (a.wildcard or kafka_topic_visible(a.kafka, request_, topic))
+        and (b.wildcard or kafka_topic_visible(b.kafka, request_, topic))
+    )
+
+
+def test_intersection_of_different_topics_passes_topicless_requests_only() -> None:
+    a = L7Policy("kafka", kafka=frozenset({KafkaRule(frozenset({0, 3}), topic="t1")}))
+    b = L7Policy("kafka", kafka=frozenset({KafkaRule(frozenset({3}), topic="t2")}))
+    both = kafka_intersection(a, b)
+    assert both.kafka == {KafkaRule(frozenset({3}), topic=NO_TOPIC)}
+    assert l7_allows(both, req(3))  # Metadata for all topics: both pass it
+    assert not l7_allows(both, req(3, "t1")) and not l7_allows(both, req(0, "t1"))
+    assert not kafka_topic_visible(both.kafka, req(3), "t1")
+    assert not valid_topic_name(NO_TOPIC)

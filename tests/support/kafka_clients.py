@@ -23,16 +23,17 @@ class Outcome:
     values: list[bytes] = field(default_factory=list)
 
 
-def produce(client: str, address: str, topic: str, value: bytes) -> Outcome:
+def produce(client: str, address: str, topic: str, value: bytes, **config: Any) -> Outcome:
+    """``config``: more client settings (kafka-python keywords, e.g. an ``ssl_context``)."""
     if client == "kafka-python":
         from kafka.errors import KafkaError
 
         from kafka import KafkaProducer
 
-        producer = KafkaProducer(
-            bootstrap_servers=address, acks=1, retries=0, max_block_ms=10000,
-            request_timeout_ms=10000,
-        )
+        producer = KafkaProducer(**{
+            "bootstrap_servers": address, "acks": 1, "retries": 0, "max_block_ms": 10000,
+            "request_timeout_ms": 10000, **config,
+        })
         try:
             producer.send(topic, value).get(timeout=15)
             return Outcome(True)
@@ -45,7 +46,7 @@ def produce(client: str, address: str, topic: str, value: bytes) -> Outcome:
     errors: list[str] = []
     producer = Producer({
         "bootstrap.servers": address, "acks": 1, "message.timeout.ms": 10000,
-        "topic.metadata.refresh.interval.ms": 1000, "retries": 0,
+        "topic.metadata.refresh.interval.ms": 1000, "retries": 0, **config,
     })
     producer.produce(topic, value, on_delivery=lambda err, msg: errors.append(
         err.name() if err is not None else ""

@@ -33,6 +33,7 @@ from flagella.proxy.kafka import KafkaAccessRecord, KafkaCodec, KafkaSettings
 from flagella.proxy.kafka_envoy import (
     ChainKey,
     KafkaExtProcService,
+    KafkaRulesLookup,
     Peer,
     agent_grpc_service,
     ip_principals,
@@ -94,29 +95,31 @@ def _json(msg: object) -> dict[str, object]:
 @contextlib.contextmanager
 def kafka_envoy(
     broker: tuple[str, int], pods: Mapping[str, Pod], codec: KafkaCodec, *, enforce: bool = True,
-    relays: bool = True,
+    relays: bool = True, chain: ChainKey = CHAIN, rules: KafkaRulesLookup | None = None,
 ) -> Iterator[KafkaEnvoy]:
     """Envoy + the ext_proc service in front of ``broker``; ``enforce=False``: tcp_proxy only.
     ``relays=False`` (one pod, source 127.0.0.1): clients talk to Envoy itself, which
-    Metadata answers advertise (the benchmark's setting: no extra hop)."""
+    Metadata answers advertise (the benchmark's setting: no extra hop). ``chain`` is the
+    chain the stat prefix names; ``rules`` replaces the pods' policies as the lookup (the
+    pods' identities are then whatever the chain's peer is, e.g. a destination on egress)."""
     workdir = Path(tempfile.mkdtemp(prefix="flagella-kafka-envoy-"))
     socket_path = str(workdir / "agent.sock")
     by_identity = {p.identity: p for p in pods.values()}
     relay_port: dict[int, int] = {}
 
-    def rules(chain: ChainKey, identity: int) -> L7Policy | None:
+    def pod_rules(asked: ChainKey, identity: int) -> L7Policy | None:
         pod = by_identity.get(identity)
-        return pod.policy if pod is not None and chain == CHAIN else None
+        return pod.policy if pod is not None and asked == chain else None
 
     def settings(peer: Peer) -> KafkaSettings:
         return KafkaSettings(advertised_broker=("127.0.0.1", relay_port[peer.identity]))
 
-    service = KafkaExtProcService(rules, codec=codec, settings_for=settings)
+    service = KafkaExtProcService(rules or pod_rules, codec=codec, settings_for=settings)
     port = free_port()
     principals = ip_principals({
         p.identity: PeerSet((ipaddress.ip_network(f"{p.source}/32"),)) for p in pods.values()
     })
-    filters = kafka_network_filters(CHAIN, principals, agent_grpc_service(XDS_CLUSTER), upstream_cluster="broker")
+    filters = kafka_network_filters(chain, principals, agent_grpc_service(XDS_CLUSTER), upstream_cluster="broker")
     if not enforce:
         filters = filters[-1:]
     listener = {

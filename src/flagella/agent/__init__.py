@@ -51,7 +51,7 @@ def run(config: str | Path | None, **overrides: Any) -> None:
     if settings.istio.enabled:
         from flagella.agent.istio import IstioSidecars
 
-        istio = IstioSidecars(settings, proxy.server if proxy else None)
+        istio = IstioSidecars.for_agent(settings, proxy)
     core = AgentCore(
         settings, datapath, build_identity_backend(settings.kvstore),
         enforcers=[proxy.enforcer] if proxy else [],

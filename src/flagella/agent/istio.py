@@ -12,6 +12,10 @@ loop with the API:
   gRPC server: the sidecars' ``ExtensionConfigDiscoveryService`` streams
   next to the node Envoy's ADS), else a server of its own on the same
   socket path (``proxy.xds_socket``, default ``<state_dir>/xds.sock``);
+- the sidecars' Kafka chains call the `KafkaExtProcService` on that server:
+  the node proxy's (the agent adds `SidecarEnforcer.kafka_rules` to its
+  lookups), else one of our own, registered on our server; either way the
+  enforcer refreshes it after every publication;
 - the core's ipcache listener hands the peers' address sets and labels to
   the enforcer (`set_ipcache`), so a new pod or a relabel republishes the
   meshed workloads' configs;
@@ -28,6 +32,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -37,9 +42,14 @@ from flagella.datapath.port import IPNetwork
 from flagella.istio.enforcer import SidecarEnforcer
 from flagella.istio.initpolicy import init_policy
 from flagella.policy.labels import LabelSet
+from flagella.policy.mapstate import L7Policy
+from flagella.proxy.kafka_envoy import ChainKey, KafkaExtProcService
 from flagella.proxy.rbac import peer_sets
 from flagella.xds.server import XdsServer, XdsSettings
 from flagella.xds.status import XdsMetrics
+
+if TYPE_CHECKING:
+    from flagella.agent.proxy import NodeProxy
 
 __all__ = ["IstioSidecars"]
 
@@ -50,15 +60,36 @@ WATCH_INTERVAL_S = 2.0
 
 
 class IstioSidecars:
-    def __init__(self, settings: AgentSettings, server: XdsServer | None = None) -> None:
-        """``server``: the node proxy's xDS server; None builds one (started by `start`)."""
+    def __init__(
+        self, settings: AgentSettings, server: XdsServer | None = None, kafka: KafkaExtProcService | None = None
+    ) -> None:
+        """``server``: the node proxy's xDS server, ``kafka`` the Kafka service on it (the
+        caller makes it ask `SidecarEnforcer.kafka_rules` too); None builds both (the
+        server is started by `start`)."""
         self.settings = settings
         self.own_server = server is None
+        self.kafka = kafka or KafkaExtProcService(self._kafka_rules)
         self.server = server or XdsServer(
-            XdsSettings(unix_socket=Path(settings.xds_socket_path)), metrics=XdsMetrics(None)
+            XdsSettings(unix_socket=Path(settings.xds_socket_path)), metrics=XdsMetrics(None),
+            services=[self.kafka.register],
         )
-        self.enforcer = SidecarEnforcer(self.server, settings.istio, settings.istio.socket_in_pod)
+        self.enforcer = SidecarEnforcer(
+            self.server, settings.istio, settings.istio.socket_in_pod, on_kafka_change=self.kafka.refresh
+        )
         self._watch: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_agent(cls, settings: AgentSettings, proxy: NodeProxy | None) -> IstioSidecars:
+        """On the node proxy's server and Kafka service when it is on (which then asks
+        this enforcer for the sidecars' chains), else on servers of our own."""
+        if proxy is None:
+            return cls(settings)
+        istio = cls(settings, proxy.server, proxy.kafka)
+        proxy.add_kafka_rules(istio.enforcer.kafka_rules, istio.enforcer.endpoint_identity)
+        return istio
+
+    def _kafka_rules(self, chain: ChainKey, identity: int) -> L7Policy | None:
+        return self.enforcer.kafka_rules(chain, identity)
 
     def set_ipcache(self, desired: Mapping[IPNetwork, int], identities: Mapping[int, LabelSet]) -> None:
         """The core's ipcache listener (with the engine's identity labels)."""

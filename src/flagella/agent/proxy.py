@@ -13,7 +13,9 @@ started on the agent's loop with the API:
   and the `KafkaExtProcService` that Envoy's Kafka chains call (both
   through cluster ``flagella-xds`` of the bootstrap). The Kafka service asks
   the enforcer for a peer's rules per connection and is refreshed after
-  every publication (open connections get the new rules);
+  every publication (open connections get the new rules). Chains the
+  enforcer does not know go to the lookups added with `add_kafka_rules`
+  (the Istio sidecars' chains, `flagella.agent.istio`);
 - one Envoy runs under an `EnvoySupervisor` (restart with backoff; a
   restarted Envoy gets the whole config again over ADS). It starts at agent
   start with ``start_at_agent_start``, else when the enforcer first sees an
@@ -62,7 +64,7 @@ from flagella.proxy.accesslog import AccessLogServicer, L7Record, format_l7
 from flagella.proxy.enforcer import ProxyPorts, XdsEnforcer
 from flagella.proxy.envoy import EnvoyProcess, EnvoySupervisor, bootstrap
 from flagella.proxy.kafka import KafkaAccessRecord, default_catalog
-from flagella.proxy.kafka_envoy import ChainKey, KafkaExtProcService, Peer
+from flagella.proxy.kafka_envoy import ChainKey, KafkaExtProcService, KafkaRulesLookup, Peer
 from flagella.proxy.rbac import PeerSet, peer_sets
 from flagella.xds.server import XdsServer, XdsSettings
 from flagella.xds.status import XdsMetrics
@@ -93,6 +95,8 @@ class NodeProxy(Collector):
         self.kafka = KafkaExtProcService(
             self._kafka_rules, on_peer_record=self._kafka_record,
         )
+        #: Further Kafka rules lookups, asked in order for chains the enforcer has not.
+        self._kafka_lookups: list[tuple[KafkaRulesLookup, Callable[[int], int | None]]] = []
         self.server = XdsServer(
             XdsSettings(unix_socket=self.socket),
             metrics=XdsMetrics(registry),
@@ -141,15 +145,32 @@ class NodeProxy(Collector):
         event["line"] = format_l7(rec)
         self._emit(event)
 
+    def add_kafka_rules(self, lookup: KafkaRulesLookup, endpoint_identity: Callable[[int], int | None]) -> None:
+        """Serve another enforcer's Kafka chains (and name their endpoints' identities)."""
+        self._kafka_lookups.append((lookup, endpoint_identity))
+
     def _kafka_rules(self, chain: ChainKey, identity: int) -> L7Policy | None:
-        return self.enforcer.kafka_rules(chain, identity)
+        rules = self.enforcer.kafka_rules(chain, identity)
+        for lookup, _ in self._kafka_lookups:
+            if rules is not None:
+                break
+            rules = lookup(chain, identity)
+        return rules
+
+    def _endpoint_identity(self, endpoint_id: int) -> int | None:
+        local = self.enforcer.endpoint_identity(endpoint_id)
+        for _, lookup in self._kafka_lookups:
+            if local is not None:
+                break
+            local = lookup(endpoint_id)
+        return local
 
     def _kafka_record(self, peer: Peer, rec: KafkaAccessRecord) -> None:
         self.l7_counts["kafka", "received"] += 1
         self.l7_counts["kafka", rec.verdict] += 1
         if rec.verdict == "denied":
             self._l7_denied["EGRESS" if peer.chain.egress else "INGRESS"] += 1
-        local = self.enforcer.endpoint_identity(peer.chain.endpoint_id)
+        local = self._endpoint_identity(peer.chain.endpoint_id)
         self._emit(kafka_event(peer, rec, 0 if local is None else local))
 
     def _emit(self, event: dict[str, Any]) -> None:

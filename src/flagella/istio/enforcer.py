@@ -33,13 +33,23 @@ An endpoint without the flag completes at once (and loses what was
 published for it, should it have had the flag before). ``remove`` puts the
 pod's node ids back to deny-all. A peer change (`set_peers`) republishes
 every meshed workload: ECDS only, no completion.
+
+*Kafka rules.* The sidecar's Kafka chains call the agent's
+`KafkaExtProcService` (the node proxy's, or `flagella.agent.istio`'s own),
+whose stat prefix names the chain ``(endpoint, ingress, port)`` as on the
+node proxy. `kafka_rules` answers it from the published workloads (on the
+xDS loop, where they live): the workload's ingress Kafka rules on that port
+for the peer identity (the host gets every request, as for HTTP), None
+(close) for a chain no meshed workload has. After every publication,
+removal and peer change ``on_kafka_change`` re-applies the rules to the
+open connections (the service's ``refresh``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +62,10 @@ from flagella.istio.publisher import IstioPublisher
 from flagella.istio.sidecar import SidecarPolicy
 from flagella.istio.workload import IstioSettings, workload_kafka, workload_rbac
 from flagella.policy.labels import LabelSet
-from flagella.policy.mapstate import MapState
+from flagella.policy.mapstate import L7Policy, MapState
 from flagella.policy.resolver import EndpointPolicy
+from flagella.proxy.kafka_envoy import ChainKey
+from flagella.proxy.l7policy import DirectionKafkaPolicy, direction_kafka_policy
 from flagella.proxy.rbac import PeerSet
 from flagella.xds.cache import Message
 from flagella.xds.server import XdsError, XdsServer
@@ -70,6 +82,8 @@ HOST_IDENTITY = 1
 class _Workload:
     endpoint: Endpoint
     ingress: MapState
+    #: The ingress Kafka rules per port and peer (what `kafka_rules` answers from).
+    kafka: DirectionKafkaPolicy = DirectionKafkaPolicy()
 
 
 @dataclass(frozen=True)
@@ -81,9 +95,18 @@ class _Peers:
 class SidecarEnforcer:
     name = "istio"
 
-    def __init__(self, server: XdsServer, settings: IstioSettings, socket_in_pod: str) -> None:
-        """``socket_in_pod``: the agent's socket as the sidecar sees it (the Kafka filters' target)."""
+    def __init__(
+        self,
+        server: XdsServer,
+        settings: IstioSettings,
+        socket_in_pod: str,
+        on_kafka_change: Callable[[], None] | None = None,
+    ) -> None:
+        """``socket_in_pod``: the agent's socket as the sidecar sees it (the Kafka filters'
+        target); ``on_kafka_change``: called on the loop when `kafka_rules` may answer
+        differently (the Kafka service's ``refresh``)."""
         self.server = server
+        self.on_kafka_change = on_kafka_change
         self.settings = settings
         self.socket_in_pod = socket_in_pod
         self.publisher: IstioPublisher | None = None
@@ -126,7 +149,11 @@ class SidecarEnforcer:
         if not endpoint.istio_sidecar or not isinstance(policy, SidecarPolicy) or policy.sidecar_ingress is None:
             self._run(self._unpublish(endpoint.id))
             return Completion.completed()
-        workload = _Workload(endpoint, policy.sidecar_ingress)
+        addrs = sorted(endpoint.addresses(), key=lambda a: (a.version, int(a)))
+        workload = _Workload(
+            endpoint, policy.sidecar_ingress,
+            direction_kafka_policy(endpoint.id, addrs, policy.sidecar_ingress, False, (HOST_IDENTITY,)),
+        )
         resources = self.resources(workload, self._peers)  # pure, before the loop: errors fail this apply
         completion = Completion()
         if not self._run(self._publish(workload, resources, completion)):
@@ -137,6 +164,28 @@ class SidecarEnforcer:
 
     def remove(self, endpoint: Endpoint) -> None:
         self._run(self._unpublish(endpoint.id))
+
+    def kafka_rules(self, chain: ChainKey, identity: int) -> L7Policy | None:
+        """The Kafka rules ``identity`` is held to on a sidecar's chain (on the xDS loop);
+        None when no meshed workload has that chain."""
+        workload = self._workloads.get(chain.endpoint_id)
+        if workload is None or chain.egress:
+            return None
+        for port in workload.kafka.ports:
+            if port.redirect.chain == chain:
+                return port.rules_for(identity)
+        return None
+
+    def endpoint_identity(self, endpoint_id: int) -> int | None:
+        workload = self._workloads.get(endpoint_id)
+        return None if workload is None else workload.endpoint.identity
+
+    def _kafka_changed(self) -> None:
+        if self.on_kafka_change is not None:
+            try:
+                self.on_kafka_change()
+            except Exception:  # never let a listener break the publication
+                log.exception("istio-kafka-refresh-failed")
 
     # -- pure part ----------------------------------------------------------------------------
 
@@ -158,6 +207,7 @@ class SidecarEnforcer:
         try:
             assert self.publisher is not None
             self._workloads[ep.id] = workload
+            self._kafka_changed()
             acked = self.publisher.publish(ep.name, ep.namespace, ep.addresses(), *resources)
             await acked
         except XdsError as exc:
@@ -172,6 +222,8 @@ class SidecarEnforcer:
 
     async def _unpublish(self, ep_id: int) -> None:
         workload = self._workloads.pop(ep_id, None)
+        if workload is not None:
+            self._kafka_changed()
         if workload is not None and self.publisher is not None:
             self.publisher.remove(workload.endpoint.name, workload.endpoint.namespace).add_done_callback(_retrieve)
 
@@ -187,6 +239,7 @@ class SidecarEnforcer:
                 log.exception("istio-refresh-failed", endpoint=ep.id)
                 continue
             self.publisher.publish(ep.name, ep.namespace, ep.addresses(), *resources).add_done_callback(_retrieve)
+        self._kafka_changed()
 
     def check_nodes(self) -> list[str]:
         """Connected sidecars that match no meshed endpoint (logged once each; they have deny-all)."""

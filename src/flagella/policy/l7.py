@@ -18,6 +18,15 @@ only a matching rule without a topic. A topic name Kafka itself would refuse
 (`valid_topic_name`) is never allowed. Metadata for *all* topics passes like
 any topic-less request; the proxy then filters the answer with
 `kafka_topic_visible`, so the topic list does not leak (1.1 leaked it).
+
+Both of two Kafka policies (`kafka_intersection`, the node proxy's egress
+chain to a local broker that has ingress rules too) is one policy again: a
+rule per compatible pair of rules, with the keys intersected and the
+version, client id and topic the more specific of the two. A pair with two
+different topics matches but covers no topic (`NO_TOPIC`, a name Kafka
+never allows): each policy may pass a topic-less request on a topic rule, so
+the pair must too. Then `kafka_allowed` of the result equals the AND of the
+two (hypothesis checks it).
 """
 
 from __future__ import annotations
@@ -107,6 +116,36 @@ def kafka_allowed(rules: Iterable[KafkaRule], req: KafkaRequest) -> bool:
 def kafka_topic_visible(rules: Iterable[KafkaRule], req: KafkaRequest, topic: str) -> bool:
     """Whether ``topic`` may appear in the answer to ``req`` (a Metadata request)."""
     return kafka_allowed(rules, replace(req, topics=(topic,), topics_known=True))
+
+
+#: The topic of a rule that matches but covers no topic (not a valid topic name).
+NO_TOPIC = "\x00"
+
+
+def _rule_and(a: KafkaRule, b: KafkaRule) -> KafkaRule | None:
+    if a.api_keys and b.api_keys:
+        keys = a.api_keys & b.api_keys
+        if not keys:
+            return None
+    else:
+        keys = a.api_keys or b.api_keys
+    if None not in (a.api_version, b.api_version) and a.api_version != b.api_version:
+        return None
+    if a.client_id and b.client_id and a.client_id != b.client_id:
+        return None
+    topic = NO_TOPIC if a.topic and b.topic and a.topic != b.topic else a.topic or b.topic
+    version = a.api_version if a.api_version is not None else b.api_version
+    return KafkaRule(keys, version, a.client_id or b.client_id, topic)
+
+
+def kafka_intersection(a: L7Policy, b: L7Policy) -> L7Policy:
+    """The Kafka policy that passes what both ``a`` and ``b`` pass (module docstring)."""
+    if a.wildcard:
+        return b
+    if b.wildcard:
+        return a
+    rules = {r for ra in a.kafka for rb in b.kafka if (r := _rule_and(ra, rb)) is not None}
+    return L7Policy("kafka", kafka=frozenset(rules))
 
 
 def l7_allows(policy: L7Policy, request: HTTPRequest | KafkaRequest) -> bool:

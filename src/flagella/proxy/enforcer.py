@@ -23,7 +23,14 @@ The Kafka rules themselves never go to Envoy: the agent's ext_proc service
 asks `kafka_rules` (on the xDS loop) per connection, and after each
 publication ``on_kafka_change`` lets it re-apply the rules to the
 connections already open, so a tightened policy holds from their next
-request.
+request. On an egress chain the rules are the egress rules AND the ingress
+Kafka rules, on that port, of every local endpoint with the destination's
+identity for the source's identity (`kafka_intersection`): Envoy's upstream
+is not redirected again, so the egress chain judges for the local broker
+too, as the HTTP egress chain's second RBAC filter does. The processor
+knows the peer's identity, not its address; endpoints of one identity get
+one policy, so a remote destination of that identity is held to the rules
+its own node applies anyway.
 
 The completion resolves when every connected Envoy has ACKed the LDS and
 ECDS versions that include this publication (or a later one), and fails on
@@ -53,6 +60,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from flagella.endpoint.model import Endpoint
 from flagella.endpoint.regeneration import Completion
+from flagella.policy.l7 import kafka_intersection
 from flagella.policy.mapstate import L7Policy, MapState
 from flagella.policy.resolver import EndpointPolicy
 from flagella.proxy.kafka_envoy import ChainKey
@@ -216,8 +224,23 @@ class XdsEnforcer:
             return None
         for port in (entry.egress_kafka if chain.egress else entry.ingress_kafka).ports:
             if port.redirect.chain == chain:
-                return port.rules_for(identity)
+                rules = port.rules_for(identity)
+                if rules is None or not chain.egress:
+                    return rules
+                return self._and_local_ingress(rules, chain.port, entry.endpoint.identity, identity)
         return None
+
+    def _and_local_ingress(self, rules: L7Policy, port: int, source: int, destination: int) -> L7Policy:
+        """``rules`` AND the ingress Kafka rules of the local endpoints of ``destination``
+        on ``port`` for ``source`` (an endpoint that does not redirect ``source`` there
+        adds nothing: the kernel decides its L3/L4 on Envoy's upstream)."""
+        for e in self._entries.values():
+            if e.endpoint.identity != destination:
+                continue
+            for p in e.ingress_kafka.ports:
+                if p.redirect.chain.port == port and (ingress := p.rules_for(source)) is not None:
+                    rules = kafka_intersection(rules, ingress)
+        return rules
 
     def endpoint_identity(self, endpoint_id: int) -> int | None:
         entry = self._entries.get(endpoint_id)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flagella.endpoint.model import Endpoint
 from flagella.policy.api import KafkaRule
+from flagella.policy.l7 import KafkaRequest, l7_allows
 from flagella.policy.mapstate import ANY_IDENTITY, Entry, Key, L7Policy, MapState, Verdict
 from flagella.policy.resolver import EndpointPolicy
 from flagella.proxy.enforcer import ProxyPorts, XdsEnforcer
@@ -161,3 +162,41 @@ def test_monitor_line_names_both_identities_api_and_topics() -> None:
     assert line.startswith("-> endpoint 8 egress Request kafka port 9092, identity 600->300, verdict Forwarded "
                            "apiKey 3 (Metadata) apiVersion 9")
     assert line.endswith("clientID - topic a (refused: b)")
+
+
+def test_egress_rules_and_the_local_brokers_ingress_rules() -> None:
+    """A client's egress chain to a broker on this node judges by both sides' rules: Envoy's
+    upstream is not redirected again, so the broker's ingress chain never sees it."""
+    enforcer = XdsEnforcer(XdsServer(XdsSettings(unix_socket=Path("/nonexistent"))), None, dict,
+                           legacy_host_allows_world=False)
+    broker = endpoint()  # identity 500
+    client = Endpoint(id=8, name="hq", namespace="default", labels={}, identity=HQ,
+                      ipv4=ipaddress.IPv4Address("10.244.9.11"))
+    both_topics = L7Policy("kafka", kafka=frozenset({
+        KafkaRule(api_keys=frozenset({0, 3}), topic="empire-announce"),
+        KafkaRule(api_keys=frozenset({0, 3}), topic="deathstar-plans"),
+    }))
+    egress = MapState(False)
+    egress.add(Key(broker.identity, TCP, 9092, 9092), Entry(Verdict.REDIRECT, both_topics))
+    egress.add(Key(600, TCP, 9092, 9092), Entry(Verdict.REDIRECT, both_topics))  # a broker elsewhere
+    enforcer._entries[8] = enforcer._entry(client, MapState(True), egress, {})
+    out = ChainKey(8, True, 9092)
+    # No local broker with ingress rules yet: the egress rules alone.
+    assert enforcer.kafka_rules(out, broker.identity) == both_topics
+    enforcer._entries[7] = enforcer._entry(broker, kafka_policy(9092, {HQ: PRODUCE}).ingress, MapState(False), {})
+    rules = enforcer.kafka_rules(out, broker.identity)
+    assert rules is not None
+    produce = KafkaRequest(api_key=0, api_version=3, topics=("empire-announce",))
+    plans = KafkaRequest(api_key=0, api_version=3, topics=("deathstar-plans",))
+    fetch = KafkaRequest(api_key=1, api_version=4, topics=("empire-announce",))
+    assert l7_allows(rules, produce)
+    assert not l7_allows(rules, plans)  # egress allows it, the broker's ingress does not
+    assert not l7_allows(rules, fetch)  # neither allows it
+    # Another destination identity is judged by the egress rules alone.
+    assert enforcer.kafka_rules(out, 600) == both_topics
+    # The broker's ingress does not redirect the client at all (the kernel decides): no AND.
+    enforcer._entries[7] = enforcer._entry(broker, kafka_policy(9092, {OUTPOST: CONSUME}).ingress, MapState(False), {})
+    assert enforcer.kafka_rules(out, broker.identity) == both_topics
+    # The ingress chain itself is unchanged: its own rules only.
+    enforcer._entries[7] = enforcer._entry(broker, kafka_policy(9092, {HQ: PRODUCE}).ingress, MapState(False), {})
+    assert enforcer.kafka_rules(ChainKey(7, False, 9092), HQ) == PRODUCE

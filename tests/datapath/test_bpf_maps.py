@@ -319,6 +319,10 @@ def test_config_defaults_and_update(maps: DatapathMaps) -> None:
     cfg = DatapathConfig(ct_syn_ns=5 * 10**9, trace_new_flows=True)
     maps.config.set(cfg)
     assert maps.config.get() == cfg
+    for flags in ((True, False), (False, True), (True, True)):
+        cfg = DatapathConfig(trace_new_flows=flags[0], local_delivery=flags[1])
+        maps.config.set(cfg)
+        assert maps.config.get() == cfg
 
 
 def test_clear_empties_everything(maps: DatapathMaps) -> None:

@@ -81,6 +81,9 @@ def _envoy_process(broker: tuple[str, int], ready: mp.Queue, stop: mp.Event) -> 
     from tests.support.kafka_envoy import Pod, kafka_envoy
 
     from flagella.proxy.kafka import KafkaCodec
+    from flagella.proxy.kafka_envoy import tune_allocator
+
+    tune_allocator()  # as the agent does at start
 
     pods = {"producer": Pod(1001, POLICY, "127.0.0.1")}
     with kafka_envoy(broker, pods, KafkaCodec(), relays=False) as env:

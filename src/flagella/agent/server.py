@@ -62,6 +62,7 @@ from flagella.policy.api import PROTOCOL_NAMES, Policy
 from flagella.policy.labels import LabelSet
 from flagella.policy.query import parse_named_ports, parse_query
 from flagella.policy.trace import TraceQuery, Tracer
+from flagella.proxy.kafka_envoy import tune_allocator
 from flagella.xds.server import XdsServer
 from flagella.xds.status import rows_to_json
 
@@ -589,6 +590,7 @@ def run_agent(
     core.restore()
     if istio is not None:
         istio.ensure_init_policy(core)
+    tune_allocator()  # the Kafka ext_proc service moves ~1 MiB messages (its docstring)
     server = AgentServer(core, proxy=proxy, k8s_api=k8s_api, istio=istio)
     try:
         asyncio.run(server.serve())

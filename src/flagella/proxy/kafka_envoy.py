@@ -51,7 +51,9 @@ The builders are pure (protobuf messages only); the service does gRPC I/O.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import platform
 import re
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -295,6 +297,25 @@ class KafkaExtProcService(pb_grpc.NetworkExternalProcessorServicer):  # type: ig
                 yield _CLOSE
                 return
             yield data_response(request.upstream, payload, request.end_of_stream)
+
+
+def tune_allocator() -> bool:
+    """Keep this process's freed heap for the next large message (glibc only).
+
+    Every Kafka read and write crosses this process as a gRPC message of up to the
+    listener's buffer (1 MiB), several times over (grpc's buffers, the message, the
+    answer). With glibc's defaults each such buffer is returned to the kernel when freed
+    and faulted in again, page by page, when the next one comes: on a produce stream that
+    was a fifth of the service's CPU (BENCHMARKS.md, Kafka). So: allocations below 4 MiB
+    come from the heap, and up to 64 MiB of free heap is kept. Returns whether it applied.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(libc.mallopt(option, value) == 1 for option, value in (
+        (m_mmap_threshold, 4 << 20), (m_trim_threshold, 64 << 20), (m_top_pad, 16 << 20),
+    ))
 
 
 # -- the wire path -------------------------------------------------------------------------
@@ -571,4 +592,5 @@ __all__ = [
     "peer_from_metadata",
     "sidecar_grpc_service",
     "spiffe_principals",
+    "tune_allocator",
 ]

@@ -94,6 +94,52 @@ def test_allowed_frames_reach_the_broker_unchanged_in_any_chunking(kinds, cuts) 
     assert upstream == b"".join(expected)
 
 
+def big_produce(corr: int, records: int) -> bytes:
+    body = {"Acks": 1, "TimeoutMs": 1000, "TopicData": [{"Name": "empire-announce", "PartitionData": [
+        {"Index": 0, "Records": bytes(range(256)) * (records // 256)}]}]}
+    return CODEC.encode_request(0, 9, corr, "c", body)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.sampled_from([1, 3, 4, 5, 4096, (64 << 10) - 1, 64 << 10, 100_000]),
+                     min_size=1, max_size=8))
+def test_large_frames_split_into_small_and_large_reads_pass_whole(cuts) -> None:  # type: ignore[no-untyped-def]
+    """Split frames are held as views (large reads) and one shared buffer (small reads):
+    whatever the mix, each frame reaches the broker whole and unchanged, in order."""
+    conn = connection()
+    frames = [big_produce(1, 150_000), produce(2, "empire-announce"), big_produce(3, 70_000)]
+    wire = b"".join(frames)
+    upstream = bytearray()
+    pos = 0
+    for cut in itertools.cycle(cuts):
+        if pos >= len(wire):
+            break
+        upstream += conn.receive_from_client(wire[pos : pos + cut]).to_broker
+        pos += cut
+    assert bytes(upstream) == wire
+    assert [r.correlation_id for r in conn.pending] == [1, 2, 3]
+
+
+def test_a_trickled_frame_is_held_in_bounded_pieces() -> None:
+    """An attacker sending a large frame a byte at a time costs one buffer, not one
+    object per read."""
+    conn = connection()
+    frame = big_produce(1, 100_000)
+    for i in range(len(frame) - 1):
+        assert conn.receive_from_client(frame[i : i + 1]).to_broker == b""
+    assert len(conn._held) <= 2
+    assert conn.receive_from_client(frame[-1:]).to_broker == frame
+
+
+def test_records_decode_as_a_view_of_the_frame() -> None:
+    """A produce batch's records are not copied out of the frame they came in."""
+    frame = big_produce(1, 4096)
+    request = CODEC.decode_request(memoryview(frame)[4:], frame=memoryview(frame))
+    records = request.body["TopicData"][0]["PartitionData"][0]["Records"]
+    assert isinstance(records, memoryview) and records.readonly
+    assert records.obj is frame and records == bytes(range(256)) * 16
+
+
 def test_denial_keeps_answer_order() -> None:
     conn = connection(OUTPOST)
     allowed_1 = CODEC.encode_request(18, 3, 1, "c", {"ClientSoftwareName": "x", "ClientSoftwareVersion": "1"})

@@ -71,6 +71,9 @@ from flagella.proxy.kafka._protocol import (
 from flagella.proxy.kafka._wire import KafkaDecodeError, KafkaEncodeError, Struct
 
 _SIZE: Final = struct.Struct(">i")
+#: A read of a split frame at least this large is held as it came (a view); smaller ones are
+#: gathered into one buffer, so a trickle of tiny reads cannot grow the list without bound.
+_VIEW_BYTES: Final = 64 << 10
 
 Verdict = Literal["forwarded", "denied"]
 _Chunks = list[bytes | memoryview]
@@ -169,7 +172,11 @@ class KafkaConnection:
         self.settings = settings or KafkaSettings()
         self.pending: deque[_Pending] = deque()
         self.closed: str | None = None
-        self._requests = bytearray()
+        #: A frame split across reads: its reads so far (views, not copies), their size,
+        #: and the size the frame needs (0: not known yet).
+        self._held: list[bytes | bytearray | memoryview] = []
+        self._held_size = 0
+        self._held_need = 0
         self._responses = bytearray()
         self._passthrough = 0  # bytes of the current answer still to stream to the client
 
@@ -186,15 +193,21 @@ class KafkaConnection:
             return out
         if not isinstance(data, bytes | memoryview):
             data = bytes(data)  # a bytearray may change under us; bytes and views of them do not
-        buf = self._requests
-        if buf:
-            # A frame split across reads: gather until one is complete, then decode the
-            # gathered bytes like a fresh read (one copy per completed frame, not per read).
-            buf += data
-            if not self._frame_ready(buf):
+        if self._held:
+            # A frame split across reads: hold the reads (no copy) until it is complete, then
+            # decode them joined like a fresh read: one copy per completed frame.
+            if len(data) >= _VIEW_BYTES:
+                self._held.append(data)
+            elif isinstance(self._held[-1], bytearray):
+                self._held[-1] += data  # small reads share one buffer: bounded list overhead
+            else:
+                self._held.append(bytearray(data))
+            self._held_size += len(data)
+            if not self._frame_ready():
                 return out
-            data = bytes(buf)
-            buf.clear()
+            data = b"".join(self._held)
+            self._held.clear()
+            self._held_size = self._held_need = 0
         view = memoryview(data)
         total = len(data)
         pos = 0
@@ -222,20 +235,26 @@ class KafkaConnection:
                 break
             unchanged = unchanged and len(chunks) == before + 1 and chunks[-1] is frame
         if out.close is None and pos < total:
-            buf += view[pos:]
+            self._held.append(view[pos:])
+            self._held_size = total - pos
         if out.close is None and unchanged:
             # The common case: allowed frames, passed on as they came, without a copy.
-            out.to_broker = data if pos == total else data[:pos]
+            out.to_broker = data if pos == total else view[:pos]
         else:
             out.to_broker = b"".join(chunks)
         return out
 
-    def _frame_ready(self, buf: bytearray) -> bool:
-        """Whether ``buf`` starts with a whole frame, or with a size that closes the connection."""
-        if len(buf) < 4:
-            return False
-        size: int = _SIZE.unpack_from(buf, 0)[0]
-        return size < 0 or size > self.settings.max_request_bytes or len(buf) >= 4 + size
+    def _frame_ready(self) -> bool:
+        """Whether the held reads make a whole frame, or a size that closes the connection."""
+        if not self._held_need:
+            if self._held_size < 4:
+                return False
+            head = bytes(self._held[0][:4]) if len(self._held[0]) >= 4 else b"".join(self._held[:4])[:4]
+            size: int = _SIZE.unpack_from(head, 0)[0]
+            if size < 0 or size > self.settings.max_request_bytes:
+                return True  # decoded at once: the size check closes the connection
+            self._held_need = 4 + size
+        return self._held_size >= self._held_need
 
     def _policy_request(self, request: KafkaRequest) -> PolicyRequest:
         topics = self.codec.request_topics(request)

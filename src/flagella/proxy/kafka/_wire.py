@@ -87,6 +87,14 @@ class Reader:
         self.pos += n
         return bytes(self.buf[start : self.pos])
 
+    def view(self, n: int) -> memoryview:
+        """`take` without the copy: a read-only view into the buffer."""
+        if n < 0 or n > self.end - self.pos:
+            raise KafkaDecodeError("truncated")
+        start = self.pos
+        self.pos += n
+        return memoryview(self.buf)[start : self.pos].toreadonly()
+
     def fixed(self, fmt: struct.Struct) -> Any:
         if fmt.size > self.end - self.pos:
             raise KafkaDecodeError("truncated")
@@ -188,13 +196,17 @@ def _scalar_decoder(type_: str, compact: bool, nullable: bool) -> _Decoder:
 
         return string
 
-    def blob(r: Reader) -> bytes | None:  # bytes, records
+    # Records (a produce batch: nearly every byte of a large request) stay a view into the
+    # frame, which is never mutated; other bytes are copied (they are small, and kept).
+    take = Reader.view if type_ == "records" else Reader.take
+
+    def blob(r: Reader) -> bytes | memoryview | None:  # bytes, records
         n = _length(r, compact, _I32)
         if n < 0:
             if not nullable:
                 raise KafkaDecodeError("null in non-nullable bytes")
             return None
-        return r.take(n)
+        return take(r, n)
 
     return blob
 

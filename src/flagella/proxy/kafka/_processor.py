@@ -44,8 +44,9 @@ to do with that answer (the transition table `_ANSWER`).
 Every byte of the connection passes through here, so the common case copies
 nothing: frames are decoded in place (views into the read), a read made only of
 allowed, unchanged frames is handed back as is, and so is a read that lies
-inside an answer passing through. A frame split across reads is gathered, and
-copied once when whole.
+inside an answer passing through. A frame split across reads is held as the
+reads that brought it, joined once when whole; a produce's records decode as a
+view of the frame.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2 as d
 
+from flagella.errors import InputError
 from flagella.xds import FakeClock, XdsNack, XdsServer, XdsSettings
 from flagella.xds.server import SERVICES
 from flagella.xds.types import CLUSTER, EXTENSION_CONFIG, LISTENER, short_name
@@ -340,3 +341,42 @@ def test_pushes_run_with_bounded_concurrency(tmp_path: Path, bound: int) -> None
             await server.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_stream_that_stops_reading_gives_its_slot_back(tmp_path: Path) -> None:
+    """The attack a pod with the socket can make: subscribe, then never read. With one
+    push slot it would hold it, and no other Envoy would get another update. After
+    ``write_timeout`` it gives the slot back (counted): the next Envoy is answered while
+    the stalled one still has not read, and the stalled one loses nothing when it does."""
+
+    async def body() -> None:
+        sock = tmp_path / "xds.sock"
+        server = XdsServer(XdsSettings(unix_socket=sock, max_concurrent_pushes=1, write_timeout=1.0))
+        await server.start()
+
+        def channel() -> grpc.aio.Channel:
+            return grpc.aio.insecure_channel(f"unix:{sock}", options=[("grpc.max_receive_message_length", -1)])
+
+        stalled = Client(str(sock), node="stalled", channel=channel())
+        other = Client(str(sock), node="other", channel=channel())
+        try:
+            server.set_resources(CLUSTER, {f"c{i:05}-{'x' * 1000}": cluster(f"c{i:05}-{'x' * 1000}")
+                                           for i in range(16_000)})
+            await stalled.request(CLUSTER)  # a 16 MiB answer that fills the windows, never read
+            await settle()
+            await other.request(CLUSTER)
+            assert len((await other.recv(30)).resources) == 16_000
+            assert server.metrics.stalled._value.get() == 1
+            assert sorted(row.node for row in server.status()) == ["other", "stalled"]
+            assert len((await stalled.recv(30)).resources) == 16_000
+        finally:
+            await stalled.close()
+            await other.close()
+            await server.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_write_timeout_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="xds.write_timeout"):
+        XdsSettings(unix_socket=tmp_path / "x.sock", write_timeout=0)

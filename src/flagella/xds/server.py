@@ -80,6 +80,9 @@ class XdsSettings:
     - `debounce_quiet`/`debounce_max`: istiod's 100 ms / 10 s.
     - `max_concurrent_pushes`: streams encoding and writing at once.
     - `ack_timeout`: seconds before a completion fails with `XdsTimeout`.
+    - `write_timeout`: seconds a stream may hold a push slot writing one response. A
+      stream whose peer stops reading (a stalled or hostile client) then gives its slot
+      back and waits for its peer alone, so it cannot starve every other Envoy.
     """
 
     unix_socket: Path
@@ -92,12 +95,15 @@ class XdsSettings:
     debounce_max: float = 10.0
     max_concurrent_pushes: int = 64
     ack_timeout: float = 30.0
+    write_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.tcp_address and not (self.tls_cert and self.tls_key):
             raise InputError("xds.tcp_address: requires tls_cert and tls_key")
         if self.max_concurrent_pushes < 1:
             raise InputError("xds.max_concurrent_pushes: must be at least 1")
+        if not self.write_timeout > 0:
+            raise InputError("xds.write_timeout: must be > 0")
         if not 0 < self.debounce_quiet <= self.debounce_max:
             raise InputError("xds.debounce_quiet: must be > 0 and <= debounce_max")
 
@@ -330,9 +336,29 @@ class XdsServer:
             conn.wake.clear()
             if not conn.node:
                 continue
-            async with self._semaphore:
-                for payload in self._responses(conn):
-                    await context.write(payload)
+            write: asyncio.Future[None] | None = None
+            stalled = False
+            try:
+                async with self._semaphore:
+                    payloads = self._responses(conn)
+                    while payloads:
+                        write = asyncio.ensure_future(context.write(payloads.pop(0)))
+                        await asyncio.wait((write,), timeout=self.settings.write_timeout)
+                        if not write.done():
+                            stalled = True  # the peer stopped reading: give the slot back
+                            break
+                        write.result()
+                if stalled and write is not None:
+                    self.metrics.stalled.inc()
+                    log.warning("xds.stalled", node=conn.node, stream=conn.kind,
+                                waited=self.settings.write_timeout)
+                    await write  # on this stream's own time, holding no slot
+                    for payload in payloads:
+                        await context.write(payload)
+            except asyncio.CancelledError:
+                if write is not None:
+                    write.cancel()  # the stream ended: its write goes with it
+                raise
 
     def _responses(self, conn: _Connection) -> list[bytes]:
         types = sorted(conn.dirty, key=lambda u: (push_rank(u), u))

@@ -106,6 +106,11 @@ class XdsMetrics:
         self.pushes = Counter("flagella_xds_pushes", "xDS responses sent", ["type"], registry=reg)
         self.acks = Counter("flagella_xds_acks", "xDS ACKs received", ["type"], registry=reg)
         self.nacks = Counter("flagella_xds_nacks", "xDS NACKs received", ["type"], registry=reg)
+        self.stalled = Counter(
+            "flagella_xds_stalled_writes",
+            "xDS responses not taken within write_timeout (the stream gave its push slot back)",
+            registry=reg,
+        )
         self.push_latency = Histogram(
             "flagella_xds_push_latency_seconds",
             "Time from sending an xDS response to its ACK",

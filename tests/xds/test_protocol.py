@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -310,35 +311,44 @@ def test_every_service_answers_its_type(tmp_path: Path, service: str, delta: boo
     asyncio.run(asyncio.wait_for(body(), 30))
 
 
+@asynccontextmanager
+async def one_stream_not_reading(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[XdsServer, Client, Client]]:
+    """A server with a 16 MiB CDS answer (it fills the flow-control windows); ``stalled``
+    has asked for it and not read it, ``other`` has just asked."""
+    sock = tmp_path / "xds.sock"
+    server = XdsServer(XdsSettings(unix_socket=sock, **settings))
+    await server.start()
+
+    def channel() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(f"unix:{sock}", options=[("grpc.max_receive_message_length", -1)])
+
+    stalled = Client(str(sock), node="stalled", channel=channel())
+    other = Client(str(sock), node="other", channel=channel())
+    try:
+        server.set_resources(CLUSTER, {f"c{i:05}-{'x' * 1000}": cluster(f"c{i:05}-{'x' * 1000}")
+                                       for i in range(16_000)})
+        await stalled.request(CLUSTER)  # answered at once, never read (yet)
+        await settle()
+        await other.request(CLUSTER)
+        yield server, stalled, other
+    finally:
+        await stalled.close()
+        await other.close()
+        await server.stop(0)
+
+
 @pytest.mark.parametrize("bound", [1, 2])
 def test_pushes_run_with_bounded_concurrency(tmp_path: Path, bound: int) -> None:
     """``max_concurrent_pushes`` streams encode and write at once. A stream whose Envoy
-    does not read (a 16 MiB CDS answer that fills the flow-control windows) holds one
-    slot: with one slot the next stream waits for it, with two it is answered at once."""
+    does not read holds one slot (for ``write_timeout``, 10 s by default): with one slot
+    the next stream waits for it, with two it is answered at once."""
 
     async def body() -> None:
-        sock = tmp_path / "xds.sock"
-        server = XdsServer(XdsSettings(unix_socket=sock, max_concurrent_pushes=bound))
-        await server.start()
-        def channel() -> grpc.aio.Channel:
-            return grpc.aio.insecure_channel(f"unix:{sock}", options=[("grpc.max_receive_message_length", -1)])
-
-        stalled = Client(str(sock), node="stalled", channel=channel())
-        other = Client(str(sock), node="other", channel=channel())
-        try:
-            server.set_resources(CLUSTER, {f"c{i:05}-{'x' * 1000}": cluster(f"c{i:05}-{'x' * 1000}")
-                                           for i in range(16_000)})
-            await stalled.request(CLUSTER)  # answered at once, never read (yet)
-            await settle()
-            await other.request(CLUSTER)
+        async with one_stream_not_reading(tmp_path, max_concurrent_pushes=bound) as (_, stalled, other):
             if bound == 1:
                 assert await other.silent(1.0)  # waits for the slot the stalled stream holds
                 assert len((await stalled.recv(30)).resources) == 16_000  # frees it
             assert len((await other.recv(30)).resources) == 16_000
-        finally:
-            await stalled.close()
-            await other.close()
-            await server.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 60))
 
@@ -350,29 +360,13 @@ def test_a_stream_that_stops_reading_gives_its_slot_back(tmp_path: Path) -> None
     the stalled one still has not read, and the stalled one loses nothing when it does."""
 
     async def body() -> None:
-        sock = tmp_path / "xds.sock"
-        server = XdsServer(XdsSettings(unix_socket=sock, max_concurrent_pushes=1, write_timeout=1.0))
-        await server.start()
-
-        def channel() -> grpc.aio.Channel:
-            return grpc.aio.insecure_channel(f"unix:{sock}", options=[("grpc.max_receive_message_length", -1)])
-
-        stalled = Client(str(sock), node="stalled", channel=channel())
-        other = Client(str(sock), node="other", channel=channel())
-        try:
-            server.set_resources(CLUSTER, {f"c{i:05}-{'x' * 1000}": cluster(f"c{i:05}-{'x' * 1000}")
-                                           for i in range(16_000)})
-            await stalled.request(CLUSTER)  # a 16 MiB answer that fills the windows, never read
-            await settle()
-            await other.request(CLUSTER)
+        async with one_stream_not_reading(tmp_path, max_concurrent_pushes=1, write_timeout=1.0) as (
+            server, stalled, other,
+        ):
             assert len((await other.recv(30)).resources) == 16_000
             assert server.metrics.stalled._value.get() == 1
             assert sorted(row.node for row in server.status()) == ["other", "stalled"]
             assert len((await stalled.recv(30)).resources) == 16_000
-        finally:
-            await stalled.close()
-            await other.close()
-            await server.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 60))
 

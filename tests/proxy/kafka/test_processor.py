@@ -50,6 +50,18 @@ def versions_v0_answer(corr: int) -> bytes:
         {"ApiKey": 0, "MinVersion": 0, "MaxVersion": 99}, {"ApiKey": 1000, "MinVersion": 0, "MaxVersion": 1}]})
 
 
+def feed(conn: KafkaConnection, wire: bytes, cuts: list[int]) -> bytes:
+    """``wire`` from the client in reads of the sizes ``cuts`` (cycled): what reaches the broker."""
+    upstream = bytearray()
+    pos = 0
+    for cut in itertools.cycle(cuts):
+        if pos >= len(wire):
+            break
+        upstream += conn.receive_from_client(wire[pos : pos + cut]).to_broker
+        pos += cut
+    return bytes(upstream)
+
+
 def test_frames_split_across_reads_are_held_until_whole() -> None:
     conn = connection()
     frame = produce(1, "empire-announce")
@@ -81,14 +93,7 @@ def test_allowed_frames_reach_the_broker_unchanged_in_any_chunking(kinds, cuts) 
     conn = connection()
     frames = [produce(i, "empire-announce" if kind == "allowed" else "secret")
               for i, kind in enumerate(kinds)]
-    wire = b"".join(frames)
-    upstream = b""
-    pos = 0
-    for cut in itertools.cycle(cuts):
-        if pos >= len(wire):
-            break
-        upstream += conn.receive_from_client(wire[pos : pos + cut]).to_broker
-        pos += cut
+    upstream = feed(conn, b"".join(frames), cuts)
     expected = [f if kind == "allowed" else CODEC.substitute_request(CODEC.decode_request(f[4:]))
                 for f, kind in zip(frames, kinds, strict=True)]
     assert upstream == b"".join(expected)
@@ -109,14 +114,7 @@ def test_large_frames_split_into_small_and_large_reads_pass_whole(cuts) -> None:
     conn = connection()
     frames = [big_produce(1, 150_000), produce(2, "empire-announce"), big_produce(3, 70_000)]
     wire = b"".join(frames)
-    upstream = bytearray()
-    pos = 0
-    for cut in itertools.cycle(cuts):
-        if pos >= len(wire):
-            break
-        upstream += conn.receive_from_client(wire[pos : pos + cut]).to_broker
-        pos += cut
-    assert bytes(upstream) == wire
+    assert feed(conn, wire, cuts) == wire
     assert [r.correlation_id for r in conn.pending] == [1, 2, 3]
 
 
@@ -453,13 +451,7 @@ def test_answers_reach_the_client_in_request_order(plan, cuts) -> None:  # type:
         if kind == "allowed" else produce(i, "empire-announce", acks=0 if kind == "acks0" else 1)
         for i, kind in enumerate(plan)
     )
-    upstream = b""
-    pos = 0
-    for cut in itertools.cycle(cuts):
-        if pos >= len(wire):
-            break
-        upstream += conn.receive_from_client(wire[pos : pos + cut]).to_broker
-        pos += cut
+    upstream = feed(conn, wire, cuts)
     # The broker twin answers every request it received, in order.
     answers = b""
     for frame in split(upstream):

@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from envoy.extensions.filters.http.rbac.v3.rbac_pb2 import RBAC
+
 from flagella.endpoint.model import Endpoint
 from flagella.endpoint.regeneration import Completion
 from flagella.policy.api import HTTPRule
@@ -26,8 +28,9 @@ from flagella.policy.mapstate import Entry, Key, L7Policy, MapState, Verdict
 from flagella.policy.resolver import EndpointPolicy
 from flagella.proxy.enforcer import INGRESS_LISTENER, ProxyPorts, XdsEnforcer
 from flagella.proxy.envoy import EnvoyProcess, bootstrap, free_port
-from flagella.proxy.listeners import DENIED_BODY, filter_name
+from flagella.proxy.listeners import DENIED_BODY, filter_name, typed_extension_config
 from flagella.proxy.rbac import peer_sets
+from flagella.xds.cache import subset_version
 from flagella.xds.server import XdsServer, XdsSettings
 from flagella.xds.types import EXTENSION_CONFIG, LISTENER
 
@@ -122,6 +125,40 @@ def test_enforcer_publishes_and_completes_on_ack(tmp_path: Path) -> None:
             await asyncio.sleep(0.5)
             assert enforcer.sync_state() == ""
             assert active_listeners(await asyncio.to_thread(envoy.config_dump)) == set()
+        finally:
+            await asyncio.to_thread(envoy.stop)
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_sidecar_filter_on_the_same_server_does_not_hold_the_node_envoy(tmp_path: Path) -> None:
+    """With Istio sidecars the server also holds their ECDS filters (the deny-all base),
+    which the node Envoy never asks for. Its ECDS stream is sent, and ACKs, the version of
+    what it asked for: the enforcer waits for exactly the filters it published."""
+
+    async def main() -> None:
+        server = XdsServer(XdsSettings(unix_socket=tmp_path / "xds.sock", debounce_quiet=0.01, debounce_max=0.1))
+        await server.start()
+        server.set_base(EXTENSION_CONFIG, {"flagella.rbac": typed_extension_config("flagella.rbac", RBAC())})
+        port = free_port()
+        enforcer = XdsEnforcer(
+            server, asyncio.get_running_loop(), lambda: peer_sets({ipaddress.ip_network(f"{PEER}/32"): 300}),
+            ProxyPorts(ingress=port, egress=free_port()), envoy_wait_s=30, access_log=False,
+        )
+        ep = Endpoint(id=7, name="server", namespace="default", labels={}, ipv4=ipaddress.IPv4Address("127.0.0.1"))
+        envoy = EnvoyProcess(bootstrap("node-a", tmp_path / "xds.sock", free_port()), next(_base_ids))
+        try:
+            await asyncio.to_thread(envoy.start)
+            applied = enforcer.apply(ep, 1, http_policy(port, HTTPRule(method="GET", path="/public")))
+            await wait(applied)
+            assert applied.done and applied.error is None
+            assert enforcer.sync_state() == ""
+            view = server.cache.view("node-a", EXTENSION_CONFIG)
+            [ecds] = [t for row in server.status() for t in row.types if t.type_url == EXTENSION_CONFIG]
+            assert set(view.resources) == {"flagella.rbac", filter_name(7, False, port)}
+            assert ecds.version_acked == subset_version(view, {filter_name(7, False, port)}) != view.version
+            assert await asyncio.to_thread(curl, port, "/private", PEER) == (403, DENIED_BODY)
         finally:
             await asyncio.to_thread(envoy.stop)
             await server.stop()

@@ -374,3 +374,35 @@ def test_a_stream_that_stops_reading_gives_its_slot_back(tmp_path: Path) -> None
 def test_write_timeout_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="xds.write_timeout"):
         XdsSettings(unix_socket=tmp_path / "x.sock", write_timeout=0)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_a_change_to_names_a_stream_did_not_ask_for_is_no_change_for_it(tmp_path: Path, delta: bool) -> None:
+    """Two sidecars on one server, each subscribed to its own filter. A change to one's
+    filter is sent to it alone: the other gets nothing (SotW used to re-send it its
+    unchanged filter under the set's new version), and the completion waits for no ACK
+    of the other (in delta it used to wait for one that never came, until ack_timeout)."""
+
+    async def body() -> None:
+        async with running(tmp_path) as (server, clock, sock):
+            server.set_resources(EXTENSION_CONFIG, {"a": rbac_filter("a", "/a"), "b": rbac_filter("b", "/b")})
+            clients = {name: Client(sock, delta=delta, node=f"sidecar-{name}") for name in "ab"}
+            for name, client in clients.items():
+                await client.request(EXTENSION_CONFIG, names=[name])
+                first = await client.recv()
+                assert names_of(first) == [name]
+                await client.ack(first, names=[name])
+            await settle()
+            done = server.update(EXTENSION_CONFIG, {"b": rbac_filter("b", "/b2")})
+            await push(clock)
+            changed = await clients["b"].recv()
+            assert names_of(changed) == ["b"]
+            assert await clients["a"].silent(0.5)
+            await clients["b"].ack(changed, names=["b"])
+            await asyncio.wait_for(done, 5)  # ack_timeout is 10 s: no waiting on sidecar-a
+            registry = server.metrics.registry
+            assert registry.get_sample_value("flagella_xds_pushes_total", {"type": "ECDS"}) == 3
+            for client in clients.values():
+                await client.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

@@ -82,7 +82,7 @@ from flagella.proxy.listeners import (
     typed_extension_config,
 )
 from flagella.proxy.rbac import PeerSet, http_rbac, local_ingress_rbac
-from flagella.xds.cache import Message
+from flagella.xds.cache import Message, subset_version
 from flagella.xds.server import XdsServer
 from flagella.xds.types import CLUSTER, EXTENSION_CONFIG, LISTENER
 
@@ -153,6 +153,7 @@ class XdsEnforcer:
         self._on_kafka_change = on_kafka_change
         self._access_log = ACCESS_LOG_CLUSTER if access_log else None
         self._entries: dict[int, _Entry] = {}  # touched on the loop only
+        self._published: dict[str, frozenset[str]] = {}  # type URL -> names last pushed
         self._ever_redirected = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> list[concurrent.futures.Future[None]]:
@@ -350,6 +351,7 @@ class XdsEnforcer:
         # The server's own completion (per change) is not ours: `_await_acks` checks
         # the node's ACKed versions, which also covers an Envoy that connects later.
         self.server.set_resources(type_url, resources).add_done_callback(_retrieve)
+        self._published[type_url] = frozenset(resources)
 
     async def _await_acks(self) -> str | None:
         """Wait until every connected node ACKed the current listeners and filters;
@@ -376,7 +378,10 @@ class XdsEnforcer:
         for row in rows:
             types = {t.type_url: t for t in row.types}
             for url in (LISTENER, EXTENSION_CONFIG):
-                want = self.server.cache.view(row.node, url).version
+                view = self.server.cache.view(row.node, url)
+                # ECDS is asked for by name: what counts is the filters published here
+                # (the view may hold others: an Istio sidecar's, which this Envoy never asks for).
+                want = view.version if url == LISTENER else subset_version(view, self._published.get(url, ()))
                 t = types.get(url)
                 if t is None:
                     if url == EXTENSION_CONFIG and not self._filters():

@@ -23,7 +23,7 @@ No I/O here; the grpc services read views from this cache.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,6 +84,14 @@ def content_version(items: Iterable[tuple[str, str]]) -> str:
     for name, version in sorted(items):
         digest.update(name.encode() + b"\0" + version.encode() + b"\n")
     return digest.hexdigest()[:16]
+
+
+def subset_version(view: TypeView, names: Collection[str]) -> str:
+    """The content version of the resources of ``view`` named in ``names`` (those present):
+    what a stream subscribed to ``names`` is sent. Equals ``view.version`` when ``names``
+    covers the view (without hashing again)."""
+    wanted = [(n, r.version) for n, r in view.resources.items() if n in names]
+    return view.version if len(wanted) == len(view.resources) else content_version(wanted)
 
 
 @dataclass(frozen=True)

@@ -273,8 +273,8 @@ class XdsServer:
                 continue
             if node is not None and conn.node != node:
                 continue
-            if ts.version_acked == self.cache.view(conn.node, type_url).version:
-                continue
+            if ts.version_acked == ts.version_of(self.cache.view(conn.node, type_url)):
+                continue  # nothing it asked for changed: it gets nothing, so no ACK is awaited
             waiting.add(conn.id)
         if waiting:
             completion = _Completion(type_url, self._generation, waiting, future)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from flagella.errors import FlagellaError
 from flagella.xds._wire import field_str
-from flagella.xds.cache import CachedResource, TypeView
+from flagella.xds.cache import CachedResource, TypeView, subset_version
 from flagella.xds.types import FULL_STATE
 
 WILDCARD = "*"
@@ -170,6 +170,13 @@ class TypeState:
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
 
+    def version_of(self, view: TypeView) -> str:
+        """The version of what this subscription wants of ``view``: the view's own when it
+        wants all of it, else the content version of the resources it names. So a change to
+        resources a stream did not ask for (another sidecar's filters) is no change for it:
+        nothing is sent, and no completion waits for its ACK."""
+        return view.version if self.wildcard else subset_version(view, self.names)
+
 
 class StreamState:
     """Every type's state on one stream; `delta` picks the incremental variant."""
@@ -278,7 +285,7 @@ class StreamState:
 
     def _sotw_response(self, ts: TypeState, view: TypeView) -> Response | None:
         subscription = frozenset(ts.names | ({WILDCARD} if ts.wildcard else set()))
-        version = view.version
+        version = ts.version_of(view)
         wanted = {n: r for n, r in view.resources.items() if ts.wants(n)}
         names_changed = subscription != ts.names_at_send
         if not names_changed and version == ts.version_sent:
@@ -299,7 +306,8 @@ class StreamState:
         return Response(view.type_url, version, nonce, tuple(ordered), (), payload)
 
     def _delta_response(self, ts: TypeState, view: TypeView) -> Response | None:
-        if ts.phase is Phase.NACKED and view.version == ts.parked_version:
+        version = ts.version_of(view)
+        if ts.phase is Phase.NACKED and version == ts.parked_version:
             return None
         changed = [
             n
@@ -313,11 +321,11 @@ class StreamState:
         if not changed and not removed and not absent:
             if ts.phase is Phase.PENDING and not ts.nonce_sent and ts.known:
                 ts.fire(Event.IN_SYNC)
-                ts.version_sent = ts.version_acked = view.version
+                ts.version_sent = ts.version_acked = version
             return None
         nonce = self._next_nonce()
         payload = b"".join(
-            [field_str(1, view.version)]
+            [field_str(1, version)]
             + [view.resources[n].delta_field for n in changed]
             + [field_str(4, view.type_url), field_str(5, nonce)]
             + [field_str(6, n) for n in removed + absent]
@@ -330,6 +338,6 @@ class StreamState:
             del ts.known[n]
         ts.reported_absent -= set(changed)
         ts.reported_absent |= set(absent) | {n for n in removed if n in ts.names}
-        ts.nonce_sent, ts.version_sent = nonce, view.version
+        ts.nonce_sent, ts.version_sent = nonce, version
         ts.sent = {n: view.resources[n] for n in ts.known if n in view.resources}
-        return Response(view.type_url, view.version, nonce, tuple(changed), tuple(removed + absent), payload)
+        return Response(view.type_url, version, nonce, tuple(changed), tuple(removed + absent), payload)

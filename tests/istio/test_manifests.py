@@ -23,7 +23,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _hpo  # noqa: F401 (descriptor)
 from google.protobuf import json_format
 
-from flagella.istio.workload import FILTER_NAME
+from flagella.istio.sidecar import has_flagella_sidecar
+from flagella.istio.workload import FILTER_NAME, IstioSettings
+from flagella.k8s.translate import pod_info
 from flagella.policy.api import load_policies
 from flagella.proxy import listeners as _listeners  # noqa: F401 (registers the RBAC descriptors)
 
@@ -139,13 +141,28 @@ def test_bootstrap_override_is_a_bootstrap_with_the_static_cluster() -> None:
     assert pipe.path == "/var/run/flagella/xds.sock"
 
 
-def test_pod_annotations_mount_the_socket_dir() -> None:
+def test_pod_annotations_mount_the_xds_socket_dir_and_nothing_more() -> None:
+    """The pods mount the host directory of the agent's xDS socket (the DaemonSet's
+    ConfigMap), not the state dir with the agent's API socket, at the directory the
+    sidecar config (``socket_in_pod``) names; the agent recognizes exactly that mount."""
     (deploy,) = _docs("pod-annotations.yaml")
     ann = deploy["spec"]["template"]["metadata"]["annotations"]
     volumes = json.loads(ann["sidecar.istio.io/userVolume"])
     mounts = json.loads(ann["sidecar.istio.io/userVolumeMount"])
     assert volumes.keys() == mounts.keys() == {"flagella-sock"}
-    assert volumes["flagella-sock"]["hostPath"]["path"] == mounts["flagella-sock"]["mountPath"] == "/var/run/flagella"
+    (configmap,) = yaml.safe_load_all((ROOT / "manifests" / "configmap.yaml").read_text())
+    agent = yaml.safe_load(configmap["data"]["flagella.yaml"])
+    host_dir = volumes["flagella-sock"]["hostPath"]["path"]
+    assert host_dir == str(Path(agent["proxy"]["xds_socket"]).parent)
+    assert Path(agent["state_dir"]) != Path(host_dir)
+    assert mounts["flagella-sock"]["mountPath"] == str(Path(IstioSettings().socket_in_pod).parent)
+    pod = {"metadata": {"name": "leia", "namespace": "default",
+                        "annotations": {"sidecar.istio.io/status": "{}"}},
+           "spec": {"containers": [{"name": "istio-proxy", "volumeMounts": [
+               {"name": "flagella-sock", **mounts["flagella-sock"]}]}],
+               "volumes": [{"name": "flagella-sock", **volumes["flagella-sock"]}]}, "status": {}}
+    assert has_flagella_sidecar(pod_info(pod).istio_proxy_mounts, IstioSettings().socket_in_pod,
+                                agent["proxy"]["xds_socket"])
 
 
 @pytest.mark.parametrize("name", ["init-policy.yaml", "leia-policy.yaml"])

@@ -5,37 +5,74 @@ the same entries is the real datapath's (tests/system)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flagella.agent.core import AgentCore
 from flagella.agent.settings import AgentSettings
 from flagella.datapath.port import MemoryDatapath
 from flagella.endpoint import Endpoint
 from flagella.errors import InputError
-from flagella.istio.sidecar import SIDECAR_LABEL_KEY, detect_sidecar, is_sidecar
+from flagella.istio.sidecar import SIDECAR_LABEL_KEY, has_flagella_sidecar, is_sidecar
+from flagella.k8s.translate import pod_info
 from flagella.policy.mapstate import Verdict
 
-POD = {
-    "metadata": {"annotations": {"sidecar.istio.io/status": "{}"}, "labels": {"app": "leia"}},
-    "spec": {"containers": [
-        {"name": "leia"},
-        {"name": "istio-proxy", "volumeMounts": [{"name": "flagella-sock", "mountPath": "/var/run/flagella/"}]},
-    ]},
-}
+SOCKET_IN_POD = "/var/run/flagella/xds.sock"
+HOST_SOCKET = "/var/run/flagella/envoy/sockets/xds.sock"
 
 
-def test_detect_sidecar_like_cilium() -> None:
-    assert detect_sidecar(POD) == "true"
-    not_injected = {**POD, "metadata": {"labels": {}}}
-    assert detect_sidecar(not_injected) == "false"
-    no_mount = {**POD, "spec": {"containers": [{"name": "istio-proxy", "volumeMounts": [{"mountPath": "/etc/istio"}]}]}}
-    assert detect_sidecar(no_mount) == "false"
-    other_container = {**POD, "spec": {"containers": [{"name": "app", "volumeMounts": [{"mountPath": "/var/run/flagella"}]}]}}
-    assert detect_sidecar(other_container) == "false"
-    forced = {**POD, "metadata": {**POD["metadata"], "labels": {SIDECAR_LABEL_KEY: "false"}}}
-    assert detect_sidecar(forced) is None  # the user's label wins
-    assert detect_sidecar({}) == "false"
+def pod(*containers: dict[str, Any], annotated: bool = True, labels: dict[str, str] | None = None,
+        volumes: Any = None, native: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {"initContainers" if native else "containers": list(containers)}
+    if volumes is not None:
+        spec["volumes"] = volumes
+    meta: dict[str, Any] = {"name": "leia", "namespace": "default", "labels": labels or {"app": "leia"}}
+    if annotated:
+        meta["annotations"] = {"sidecar.istio.io/status": "{}"}
+    return {"metadata": meta, "spec": spec, "status": {}}
+
+
+PROXY = {"name": "istio-proxy", "volumeMounts": [{"name": "flagella-sock", "mountPath": "/var/run/flagella/"}]}
+HOST_DIR = [{"name": "flagella-sock", "hostPath": {"path": "/var/run/flagella/envoy/sockets"}}]
+
+
+def sidecar(obj: dict[str, Any]) -> bool:
+    return has_flagella_sidecar(pod_info(obj).istio_proxy_mounts, SOCKET_IN_POD, HOST_SOCKET)
+
+
+def test_a_sidecar_is_the_injected_proxy_mounting_the_agents_socket_dir() -> None:
+    assert sidecar(pod(PROXY, volumes=HOST_DIR))
+    assert sidecar(pod(PROXY, volumes=HOST_DIR, native=True))  # Kubernetes native sidecar
+    assert not sidecar(pod(PROXY, volumes=HOST_DIR, annotated=False))  # not injected
+    assert not sidecar(pod(PROXY, volumes=[{"name": "flagella-sock", "emptyDir": {}}]))
+    assert not sidecar(pod(PROXY, volumes=[{"name": "flagella-sock", "hostPath": {"path": "/var/run"}}]))
+    assert not sidecar(pod({**PROXY, "name": "app"}, volumes=HOST_DIR))  # another container
+    assert not sidecar(pod({"name": "istio-proxy", "volumeMounts": [
+        {"name": "flagella-sock", "mountPath": "/etc/istio"}]}, volumes=HOST_DIR))
+
+
+def test_the_pods_own_label_does_not_make_it_a_sidecar() -> None:
+    """Cilium 1.1 let the pod's label win; here it is agent-owned and dropped, so a pod
+    cannot switch off the node proxy's ingress L7 enforcement for itself."""
+    labelled = pod({"name": "app"}, labels={"app": "leia", SIDECAR_LABEL_KEY: "true"})
+    assert not sidecar(labelled)
+    assert SIDECAR_LABEL_KEY not in pod_info(labelled).labels
+
+
+@settings(max_examples=200, deadline=None)
+@given(volumes=st.recursive(st.none() | st.integers() | st.text(max_size=5),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                                st.sampled_from(["name", "hostPath", "path", "emptyDir"]), inner, max_size=3)),
+       mounts=st.lists(st.dictionaries(st.sampled_from(["name", "mountPath"]),
+                                       st.none() | st.integers() | st.text(max_size=20), max_size=2), max_size=3))
+def test_malformed_volumes_and_mounts_are_no_sidecar_and_no_error(volumes: Any, mounts: Any) -> None:
+    """What a pod's author controls, however shaped, never raises and never flags by accident."""
+    obj = pod({"name": "istio-proxy", "volumeMounts": mounts}, volumes=volumes)
+    assert sidecar(obj) is False
 
 
 POLICY = yaml.safe_load("""

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flagella.agent.settings import NetworkSettings
+from flagella.agent.settings import NetworkSettings, ProxySettings
 from flagella.datapath.entries import PolicyKey
 from flagella.endpoint import Endpoint
 from flagella.k8s import K8sSettings
@@ -331,7 +331,7 @@ def test_bad_kubeconfig_is_an_input_error(tmp_path: Path) -> None:
 _label_sets = st.sampled_from([{"app": "a"}, {"app": "b"}, {"app": "a", "tier": "x"}, {}])
 _ops = st.lists(
     st.tuples(st.sampled_from(["labels", "create", "delete", "forget"]), st.sampled_from(["p1", "p2"]),
-              _label_sets, st.sampled_from([None, "sa1", "sa2"])),
+              _label_sets, st.sampled_from([None, "sa1", "sa2"]), st.booleans()),
     max_size=12,
 )
 
@@ -340,8 +340,8 @@ _ops = st.lists(
 @given(ops=_ops)
 def test_pod_labels_in_any_order_with_endpoint_lifecycle(tmp_path_factory: pytest.TempPathFactory, ops: list[Any]) -> None:
     """Cluster labels, endpoint creates (given other labels), deletes and pod deletions in
-    any order: an endpoint of a pod the cluster knows always carries the cluster's labels and
-    service account, and its identity is the one its labels allocate."""
+    any order: an endpoint of a pod the cluster knows always carries the cluster's labels,
+    service account and sidecar flag, and its identity is the one its labels allocate."""
     from flagella.agent.core import AgentCore
     from flagella.agent.settings import AgentSettings
     from flagella.datapath.port import MemoryDatapath
@@ -349,10 +349,10 @@ def test_pod_labels_in_any_order_with_endpoint_lifecycle(tmp_path_factory: pytes
     core = AgentCore(AgentSettings(state_dir=str(tmp_path_factory.mktemp("podlabels"))), MemoryDatapath())
     core.restore()
     try:
-        for op, name, labels, sa in ops:
+        for op, name, labels, sa, sidecar in ops:
             ep = core.find_pod(NS, name)
             if op == "labels":
-                core.set_pod_labels(NS, name, labels, sa)
+                core.set_pod_labels(NS, name, labels, sa, sidecar)
             elif op == "create" and ep is None:
                 core.create_endpoint(name, NS, labels={"given": "cli"}, service_account="cli")
             elif op == "delete" and ep is not None:
@@ -362,7 +362,7 @@ def test_pod_labels_in_any_order_with_endpoint_lifecycle(tmp_path_factory: pytes
             for ep in core.endpoints.values():
                 known = core.known_pods.get((ep.namespace, ep.name))
                 if known is not None:
-                    assert (ep.labels, ep.service_account) == known and not ep.init_identity
+                    assert (ep.labels, ep.service_account, ep.istio_sidecar) == known and not ep.init_identity
                 assert core.allocator.labels(ep.identity) == core.security_labels(ep)
     finally:
         core.close()
@@ -420,3 +420,55 @@ def test_cni_plugin_add_with_the_watchers(start_agent: Callable[..., InProcessAg
     api.apply(k8s.PODS, k8s.pod(NS, "late", {"app": "shop"}, NODE, service_account="clerk"))
     late = dict(wait_endpoint(agent, "late", lambda e: not e["init_identity"]).to_json())
     assert late["identity"] == early["identity"]  # the same labels: the same identity
+
+
+def with_istio_proxy(pod: dict[str, Any], volume: dict[str, Any], mount_path: str = "/var/run/flagella") -> dict[str, Any]:
+    """``pod`` as Istio's injector leaves it, its istio-proxy mounting ``volume`` (userVolume)."""
+    pod["metadata"]["annotations"] = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
+    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.22.0",
+                                      "volumeMounts": [{"name": "flagella-sock", "mountPath": mount_path}]})
+    pod["spec"]["volumes"] = [{"name": "flagella-sock", **volume}]
+    return pod
+
+
+def test_istio_sidecar_flag_follows_the_pod(tmp_path: Path, api: FakeApiServer) -> None:
+    """With ``istio.enabled``, a pod whose istio-proxy mounts the directory of the agent's
+    xDS socket (hostPath) is flagged: its identity carries the sidecar label and its inbound
+    HTTP is left to the sidecar. An emptyDir at the same path, another host directory, or the
+    pod's own label do not flag it; the flag follows pod updates both ways."""
+    from flagella.istio.workload import IstioSettings
+
+    socket_dir = tmp_path / "sockets"
+    agent = InProcessAgent(
+        tmp_path / "agent", k8s=K8sSettings(kubeconfig=str(k8s.kubeconfig(tmp_path / "kubeconfig", api.url)),
+                                            node_name=NODE, status_wait_s=10, create_endpoints=True),
+        network=NetworkSettings(ipv4_cidr="10.244.0.0/16"), istio=IstioSettings(enabled=True),
+        proxy=ProxySettings(enabled=False, xds_socket=str(socket_dir / "xds.sock")),
+    )
+    try:
+        label = "io.cilium.k8s.policy.istiosidecarproxy"
+        real = {"hostPath": {"path": f"{socket_dir}/", "type": "Directory"}}
+        cases = {
+            "real": (with_istio_proxy(k8s.pod(NS, "real", {"app": "a"}, NODE, ips=("10.244.1.1",)), real), True),
+            "empty-dir": (with_istio_proxy(k8s.pod(NS, "empty-dir", {"app": "a"}, NODE, ips=("10.244.1.2",)),
+                                           {"emptyDir": {}}), False),
+            "other-dir": (with_istio_proxy(k8s.pod(NS, "other-dir", {"app": "a"}, NODE, ips=("10.244.1.3",)),
+                                           {"hostPath": {"path": str(tmp_path)}}), False),
+            "elsewhere": (with_istio_proxy(k8s.pod(NS, "elsewhere", {"app": "a"}, NODE, ips=("10.244.1.4",)),
+                                           real, mount_path="/etc/flagella"), False),
+            "own-label": (k8s.pod(NS, "own-label", {"app": "a", label: "true"}, NODE, ips=("10.244.1.5",)), False),
+        }
+        for pod, _ in cases.values():
+            api.apply(k8s.PODS, pod)
+        for name, (_, flagged) in cases.items():
+            ep = wait_endpoint(agent, name, lambda e, f=flagged: e["istio_sidecar"] is f)
+            identity = agent.call("identity.get", {"id": ep.identity})
+            assert (f"k8s:{label}=true" in identity["labels"]) is flagged, name
+
+        plain = k8s.pod(NS, "real", {"app": "a"}, NODE, ips=("10.244.1.1",))
+        api.apply(k8s.PODS, plain)  # the sidecar taken out: the flag goes
+        wait_endpoint(agent, "real", lambda e: e["istio_sidecar"] is False)
+        api.apply(k8s.PODS, with_istio_proxy(plain, real))  # and back
+        wait_endpoint(agent, "real", lambda e: e["istio_sidecar"] is True)
+    finally:
+        agent.close()

@@ -11,8 +11,9 @@ CLI's, through the same `AgentCore` operations:
   namespace and name);
 - namespace labels: `AgentCore.set_namespace_labels`, the CLI's ``namespace
   labels`` (keys the namespace lost are unset);
-- pods of this node: `AgentCore.set_pod_labels` labels the pod's endpoint, or
-  remembers the labels for the endpoint the CNI plugin creates later. With
+- pods of this node: `AgentCore.set_pod_labels` labels the pod's endpoint (and
+  flags a Flagella-aware Istio sidecar, `has_flagella_sidecar`), or remembers
+  both for the endpoint the CNI plugin creates later. With
   ``k8s.create_endpoints`` (no CNI plugin: tests, demos) the bridge creates the
   endpoint itself and deletes it with the pod (the agent stands in for the CNI);
 - this node's object: `AgentCore.use_node_pod_cidrs`.
@@ -38,6 +39,7 @@ import structlog
 
 from flagella.agent.core import AgentCore
 from flagella.errors import FlagellaError
+from flagella.istio.sidecar import has_flagella_sidecar
 from flagella.k8s import K8sSettings, NodeInfo, PodInfo
 from flagella.policy.api import Policy
 
@@ -130,7 +132,8 @@ class ClusterBridge:
     def _apply_pod(self, pod: PodInfo) -> None:
         key = (pod.namespace, pod.name)
         self.pending.pop(key, None)
-        ep = self.core.set_pod_labels(pod.namespace, pod.name, pod.labels, pod.service_account)
+        sidecar = self._has_sidecar(pod)
+        ep = self.core.set_pod_labels(pod.namespace, pod.name, pod.labels, pod.service_account, sidecar)
         if ep is None and self.settings.create_endpoints:
             v4 = next((ip for ip in pod.ips if "." in ip), None)
             v6 = next((ip for ip in pod.ips if ":" in ip), None)
@@ -139,6 +142,14 @@ class ClusterBridge:
             except FlagellaError:
                 self.pending[key] = pod
                 raise
+
+    def _has_sidecar(self, pod: PodInfo) -> bool:
+        """An Istio sidecar this agent serves: only with ``istio.enabled``, and only one
+        that mounts the directory of this agent's xDS socket (`has_flagella_sidecar`)."""
+        agent = self.core.settings
+        return agent.istio.enabled and has_flagella_sidecar(
+            pod.istio_proxy_mounts, agent.istio.socket_in_pod, agent.xds_socket_path
+        )
 
     def delete_pod(self, namespace: str, name: str) -> None:
         def apply() -> None:

@@ -113,7 +113,8 @@ class AgentCore:
         self.endpoints: dict[int, Endpoint] = {}
         self.namespace_labels: dict[str, dict[str, str]] = {}
         #: Labels and service account of pods the watcher reported (`set_pod_labels`).
-        self.known_pods: dict[tuple[str, str], tuple[dict[str, str], str | None]] = {}
+        #: What the cluster says of pods: labels, service account, Flagella-aware sidecar.
+        self.known_pods: dict[tuple[str, str], tuple[dict[str, str], str | None, bool]] = {}
         self.cidr_identities: dict[IPNetwork, int] = {}
         self.stats = Stats()
         self.host_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
@@ -271,7 +272,8 @@ class AgentCore:
             raise InputError(f"endpoint {namespace}/{name}: {self.pod_cidr_missing}")
         known = self.known_pods.get((namespace, name))
         if known is not None:  # the cluster's word on the pod wins
-            labels, service_account, init_identity = known[0], known[1], False
+            labels, service_account, istio_sidecar = known
+            init_identity = False
         if service_account is not None:
             _check_name("--service-account", service_account)
         for ep in self.endpoints.values():
@@ -419,10 +421,11 @@ class AgentCore:
     # -- the cluster's pods and nodes ------------------------------------------------
 
     def set_pod_labels(
-        self, namespace: str, name: str, labels: Mapping[str, str], service_account: str | None = None
+        self, namespace: str, name: str, labels: Mapping[str, str], service_account: str | None = None,
+        istio_sidecar: bool = False,
     ) -> Endpoint | None:
-        """The pod ``namespace/name`` has exactly these labels (and service account): the
-        Kubernetes watcher's entry point. Its endpoint leaves ``reserved:init`` for its real
+        """The pod ``namespace/name`` has exactly these labels (and service account, and a
+        Flagella-aware Istio sidecar or not): the Kubernetes watcher's entry point. Its endpoint leaves ``reserved:init`` for its real
         identity and waits (bounded) for the regenerations that causes. Before the pod's
         endpoint exists (the watcher usually sees a pod before its CNI ADD) the labels are
         remembered and the ADD uses them; returns the endpoint, or None when there is none yet.
@@ -432,15 +435,17 @@ class AgentCore:
         if service_account is not None:
             _check_name("service account", service_account)
         check_pod_labels(labels, "labels")
-        self.known_pods[(namespace, name)] = (dict(labels), service_account)
+        self.known_pods[(namespace, name)] = (dict(labels), service_account, istio_sidecar)
         ep = self.find_pod(namespace, name)
         if ep is None:
             return None
-        if not ep.init_identity and (ep.labels, ep.service_account) == (dict(labels), service_account):
-            return ep  # a pod update that changed nothing the identity depends on
+        now = (ep.labels, ep.service_account, ep.istio_sidecar)
+        if not ep.init_identity and now == (dict(labels), service_account, istio_sidecar):
+            return ep  # a pod update that changed nothing the identity or policy depends on
 
         def change(e: Endpoint) -> None:
             e.labels, e.service_account, e.init_identity = dict(labels), service_account, False
+            e.istio_sidecar = istio_sidecar
 
         self._relabel([ep], change)
         return ep

@@ -2,16 +2,18 @@
 
 Theory of operation. Cilium 1.1 (spec 6.6) labels a pod
 ``io.cilium.k8s.policy.istiosidecarproxy=true`` when its injected
-``istio-proxy`` container mounts the agent's socket directory; Flagella does
-the same with its own directory (`SOCKET_DIR`). `detect_sidecar` reads a
-Kubernetes Pod object (what a Kubernetes/CNI adapter sees) and returns
-the label value to add; a value the pod's owner set in the pod's labels wins, so
-it can be forced on or off. The label is agent-owned (``io.cilium.k8s.``),
-so a pod cannot claim it through its labels: the embedded agent learns it
-as the endpoint flag ``istio_sidecar`` (API ``endpoint create``), set by
-whoever creates the endpoint from the Pod object (`detect_sidecar`), and
-adds the label to the identity, so policies can select injected pods
-(e.g. "only injected pods reach istio-system"); `is_sidecar` reads it back.
+``istio-proxy`` container mounts the agent's socket directory. Flagella does
+the same, more strictly (`has_flagella_sidecar`): the mount must be at the
+directory of ``istio.socket_in_pod`` *and* be the hostPath directory that holds
+the agent's xDS socket, so an emptyDir at the right path does not count. The
+pod's own label does not decide either way (Cilium let it win): the label is
+agent-owned (``io.cilium.k8s.``), and a pod that could set it could switch off
+the node proxy's L7 ingress enforcement for itself. The Kubernetes watcher
+(`flagella.k8s.translate` reads the mounts, `flagella.agent.cluster` decides)
+sets the endpoint flag ``istio_sidecar`` from it, on the fly; the API's
+``endpoint create`` takes the flag directly. The flag adds the label to the
+identity, so policies can select injected pods (e.g. "only injected pods
+reach istio-system"); `is_sidecar` reads it back.
 
 For such an endpoint the sidecar enforces HTTP after TLS termination, so
 the kernel must not redirect its inbound HTTP to the node proxy (it would
@@ -31,34 +33,23 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from flagella.policy.labels import ISTIO_SIDECAR_LABEL, Label, LabelSet
 from flagella.policy.mapstate import Entry, MapState, Verdict
 from flagella.policy.resolver import EndpointPolicy
 
 SIDECAR_LABEL_KEY = ISTIO_SIDECAR_LABEL
-SOCKET_DIR = "/var/run/flagella"
-ISTIO_STATUS_ANNOTATION = "sidecar.istio.io/status"
-PROXY_CONTAINER = "istio-proxy"
 
 
-def detect_sidecar(pod: Mapping[str, Any]) -> str | None:
-    """``"true"``/``"false"`` for the sidecar label of a Kubernetes Pod object; None if the user set it."""
-    meta = pod.get("metadata") or {}
-    if SIDECAR_LABEL_KEY in (meta.get("labels") or {}):
-        return None
-    if ISTIO_STATUS_ANNOTATION not in (meta.get("annotations") or {}):
-        return "false"
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        if container.get("name") != PROXY_CONTAINER:
-            continue
-        for mount in container.get("volumeMounts") or []:
-            if str(mount.get("mountPath", "")).rstrip("/") == SOCKET_DIR:
-                return "true"
-    return "false"
+def has_flagella_sidecar(mounts: Iterable[tuple[str, str]], socket_in_pod: str, host_socket: str) -> bool:
+    """Whether an injected pod's ``istio-proxy`` mounts (mountPath, hostPath) include the
+    agent's xDS socket directory: ``socket_in_pod``'s directory, backed by the host
+    directory of ``host_socket``."""
+    want = (posixpath.dirname(posixpath.normpath(socket_in_pod)), posixpath.dirname(posixpath.normpath(host_socket)))
+    return any(h and (posixpath.normpath(m), posixpath.normpath(h)) == want for m, h in mounts)
 
 
 def is_sidecar(labels: LabelSet) -> bool:
@@ -86,4 +77,4 @@ def kernel_policy(policy: EndpointPolicy) -> SidecarPolicy:
     return SidecarPolicy(ingress, policy.egress.copy(), policy.selected, sidecar_ingress=policy.ingress)
 
 
-__all__ = ["SIDECAR_LABEL_KEY", "SOCKET_DIR", "SidecarPolicy", "detect_sidecar", "is_sidecar", "kernel_policy"]
+__all__ = ["SIDECAR_LABEL_KEY", "SidecarPolicy", "has_flagella_sidecar", "is_sidecar", "kernel_policy"]

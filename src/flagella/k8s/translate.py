@@ -108,6 +108,9 @@ class PodInfo:
     host_network: bool = False
     #: Pod-supplied label keys the agent owns, dropped from `labels` (for logs).
     dropped: tuple[str, ...] = field(default=())
+    #: An Istio-injected pod's ``istio-proxy`` container: its volume mounts as
+    #: (mountPath, the volume's hostPath or ""); empty for any other pod.
+    istio_proxy_mounts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,39 @@ def pod_info(pod: Mapping[str, Any]) -> PodInfo:
         ips=ips,
         host_network=bool(spec.get("hostNetwork", False)),
         dropped=tuple(sorted(k for k in raw if is_agent_owned(k))),
+        istio_proxy_mounts=_istio_proxy_mounts(meta, spec),
     )
+
+
+ISTIO_STATUS_ANNOTATION = "sidecar.istio.io/status"
+ISTIO_PROXY_CONTAINER = "istio-proxy"
+
+
+def _istio_proxy_mounts(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The mounts of an injected pod's ``istio-proxy`` container (a regular container, or
+    a native sidecar among the init containers), with the host path behind each; malformed
+    entries are skipped (the pod is then simply not one with a Flagella-aware sidecar)."""
+    annotations = meta.get("annotations")
+    if not isinstance(annotations, Mapping) or ISTIO_STATUS_ANNOTATION not in annotations:
+        return ()
+    host_paths: dict[str, str] = {}
+    for volume in _mappings(spec.get("volumes")):
+        host = volume.get("hostPath")
+        if isinstance(volume.get("name"), str) and isinstance(host, Mapping) and isinstance(host.get("path"), str):
+            host_paths[volume["name"]] = host["path"]
+    for container in (*_mappings(spec.get("containers")), *_mappings(spec.get("initContainers"))):
+        if container.get("name") != ISTIO_PROXY_CONTAINER:
+            continue
+        return tuple(
+            (mount["mountPath"], host_paths.get(str(mount.get("name")), ""))
+            for mount in _mappings(container.get("volumeMounts"))
+            if isinstance(mount.get("mountPath"), str)
+        )
+    return ()
+
+
+def _mappings(value: Any) -> list[Mapping[str, Any]]:
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
 
 
 def namespace_labels(ns: Mapping[str, Any]) -> tuple[str, dict[str, str]]:

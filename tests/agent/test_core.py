@@ -427,3 +427,22 @@ def test_pod_netns_prefix_keeps_names_valid_and_apart(tmp_path):
         core.close()
     with pytest.raises(InputError, match="pod_netns_prefix"):
         AgentSettings(pod_netns_prefix="-bad").validate()
+
+
+def test_host_addresses_are_read_again(core: AgentCore, dp: MemoryDatapath) -> None:
+    """An address the node gains is reserved:host from the next `host-addresses` run
+    (and the node proxy's peer sets hear it); one it loses stops being host."""
+    from flagella.identity import RESERVED_IDENTITIES
+
+    host = RESERVED_IDENTITIES["host"]
+    heard: list[dict[object, int]] = []
+    core.ipcache_listeners.append(lambda desired: heard.append(dict(desired)))
+    new = ipaddress.ip_network("198.51.100.7/32")
+    assert core.refresh_host_addresses() == 0 and not heard
+    assert new not in dp.ipcache
+    dp.host.append(ipaddress.ip_address("198.51.100.7"))
+    assert core.refresh_host_addresses() == 1
+    assert dp.ipcache[new] == host and heard[-1][new] == host
+    dp.host.remove(ipaddress.ip_address("198.51.100.7"))
+    assert core.refresh_host_addresses() == 1
+    assert new not in dp.ipcache and new not in heard[-1]

@@ -577,6 +577,20 @@ class AgentCore:
             self.regenerate(affected)
         self._write_ipcache(gone)
 
+    def refresh_host_addresses(self) -> int:
+        """Read the host's addresses again (the ``host-addresses`` controller): an address
+        the node gained (DHCP, a new interface) is ``reserved:host`` from now on, one it lost
+        is no longer. Returns how many changed."""
+        now = self.dp.host_addresses()
+        changed = set(now) ^ set(self.host_ips)
+        if not changed:
+            return 0
+        log.info("host-addresses-changed", added=sorted(map(str, set(now) - set(self.host_ips))),
+                 removed=sorted(map(str, set(self.host_ips) - set(now))))
+        self.host_ips = now
+        self._write_ipcache(ipaddress.ip_network(a) for a in changed)
+        return len(changed)
+
     def _write_ipcache(self, prefixes: Iterable[IPNetwork]) -> None:
         """Make these ipcache entries what the full desired ipcache says (an endpoint's
         own address wins over a policy CIDR that names it exactly)."""

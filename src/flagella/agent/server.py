@@ -97,6 +97,7 @@ class AgentServer:
         self.trace_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace")
         self.controllers = [
             Controller("sync-maps", s.controllers.sync_interval_s, self.core.sync_all),
+            Controller("host-addresses", s.controllers.sync_interval_s, self.core.refresh_host_addresses),
             Controller("ct-gc", s.conntrack.gc_interval_s, self.core.ct_gc),
             Controller("ct-gc-non-tcp", s.conntrack.gc_interval_non_tcp_s, lambda: self.core.ct_gc(tcp=False)),
         ]

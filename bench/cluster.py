@@ -10,6 +10,9 @@ A node polls the whole cluster prefix every ``kvstore.sync_interval_s`` (NOTES.m
 - read: one range over the prefix holding those entries (etcd + JSON gateway + decode);
 - diff: the pure `ClusterState.replace` of that read, first (everything new), again
   unchanged (the steady state), and with one entry changed;
+- quiet check: `ClusterSync.changed_since`, the two small reads (names of keys put since
+  the read's revision, and the key count) with which a run in which nothing changed
+  stops instead of reading and diffing (side by side with read + unchanged diff);
 - extras: `ClusterState.extras` (addresses and named ports per identity).
 
 The entries are spread over ``--nodes`` node names (the agent publishes them as its
@@ -56,7 +59,9 @@ def main() -> None:
     try:
         sync = ClusterSync(backend, prefix)
         (_n, took_publish) = timed(lambda: sync.publish(desired, []))
-        rows, took_read = timed(sync.read)
+        (rows, revision), took_read = timed(sync.read_at)
+        quiet, took_check = timed(lambda: sync.changed_since(revision, len(rows)))
+        assert quiet is False
         pairs = [(k, v) for k, v, _lease in rows]
         state = ClusterState("reader", prefix)
         _c, took_first = timed(lambda: state.replace(pairs))
@@ -77,6 +82,9 @@ def main() -> None:
     print(f"diff, unchanged             {took_same * 1000:8.1f} ms")
     print(f"diff, one entry changed     {took_one * 1000:8.1f} ms")
     print(f"extras                      {took_extras * 1000:8.1f} ms")
+    steady = took_read + took_same
+    print(f"quiet check (2 small reads) {took_check * 1000:8.1f} ms  vs read + unchanged diff "
+          f"{steady * 1000:.1f} ms: {steady / took_check:.0f}x less per quiet run")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class Node:
         self.sync = ClusterSync(self.backend, kv.cluster_prefix)
 
     def run_sync(self) -> None:
-        self.sync.run(self.core.apply_cluster, lambda fn: fn())
+        self.sync.run(self.core.apply_cluster, lambda fn: fn(), self.core.cluster_entries)
         assert self.core.wait_idle(10) == []
 
     def close(self) -> None:
@@ -269,3 +269,40 @@ def test_four_agents_race_for_identities_and_agree_on_the_ipcache(nodes: Callabl
                 continue
             for ep in other.core.endpoints.values():
                 assert node.dp.ipcache[net(f"{ep.ipv4}/32")] == ep.identity
+
+
+def test_a_quiet_run_stops_after_two_small_reads_and_any_change_reads_again(nodes: Callable[[str, int], Node]) -> None:
+    """The kvstore-sync run reads and diffs the whole prefix only when something changed:
+    another node's put, a key deleted by hand (as an expired lease does), or a pod of its
+    own. Otherwise two small reads tell it nothing did, and it stops."""
+    a, b = nodes("node-a", 1), nodes("node-b", 2)
+    b.core.create_endpoint("client", labels={"app": "client"})
+    b.run_sync()
+
+    def full_reads_of(run: Callable[[], None]) -> int:
+        before = a.sync.full_reads
+        run()
+        return a.sync.full_reads - before
+
+    a.run_sync()
+    a.run_sync()  # its own first publish is a change it reads back once
+    assert full_reads_of(a.run_sync) == 0 and a.sync.skipped >= 1
+
+    server = b.core.create_endpoint("server", labels={"app": "server"})
+    b.run_sync()
+    assert full_reads_of(a.run_sync) == 1  # another node's put
+    assert a.dp.ipcache[net(f"{server.ipv4}/32")] == server.identity
+    assert full_reads_of(a.run_sync) == 0
+
+    key = f"{a.sync.prefix}/ip/node-b/{server.ipv4}"
+
+    async def drop(client: EtcdClient, _lease: int) -> object:
+        return await client.txn([], [delete(key)], [])
+
+    a.backend.session(drop)
+    assert full_reads_of(a.run_sync) == 1  # a delete: the count moved
+    assert net(f"{server.ipv4}/32") not in a.dp.ipcache
+
+    a.core.create_endpoint("own", labels={"app": "own"})
+    assert full_reads_of(a.run_sync) == 1  # its own keys are not what it published
+    assert any(k.startswith(f"{a.sync.prefix}/ip/node-a/") for k, _v, _l in a.sync.read())

@@ -21,8 +21,16 @@ Theory of operation. One controller (``kvstore-sync``) runs every
 
 This is polling, not an etcd watch: the JSON gateway streams watches, but a
 full read per interval is simpler to make correct across outages (no
-revision bookkeeping, no compaction handling) and costs one range per node
-per second at test scale. A cluster of thousands of pods wants the watch.
+revision bookkeeping, no compaction handling). A run first asks whether
+anything changed, with two small reads: the names of keys under the prefix
+modified after the last full read's revision (etcd filters by revision only
+the keys it returns, so this is ``keys_only``, not ``count_only``), and the
+number of keys under the prefix. Any change makes one of
+them move (a put or a lease change modifies a key; a delete, by hand or by an
+expired lease, lowers the count unless a put raised it, and that put is
+modified). When neither moved and this node's own keys are what it last
+published, the run ends there: at 10,000 entries 11-13 ms instead of
+170-175 ms of read and diff (BENCHMARKS, cluster state).
 
 Outage: a failed read or publish fails the controller run and changes
 nothing: the ipcache and policy keep what the last successful read gave, so
@@ -54,16 +62,41 @@ class ClusterSync:
     def __init__(self, backend: EtcdBackend, prefix: str) -> None:
         self.backend = backend
         self.prefix = prefix.rstrip("/")
+        #: The last full read that was applied and published: (revision, key count), and
+        #: the session's lease then (a new session, after an outage, reads in full).
+        self._seen: tuple[int, int] | None = None
+        self._seen_lease = 0
+        self._published: dict[str, str] | None = None
+        self.full_reads = 0
+        self.skipped = 0
 
     def read(self) -> list[tuple[str, str, int]]:
         """(key, value, lease) of every key under the prefix."""
+        return self.read_at()[0]
 
-        async def work(client: EtcdClient, _lease: int) -> list[tuple[str, str, int]]:
+    def read_at(self) -> tuple[list[tuple[str, str, int]], int]:
+        """`read`, and the etcd revision it was read at."""
+        async def work(client: EtcdClient, _lease: int) -> tuple[list[tuple[str, str, int]], int]:
             answer = await client.range(self.prefix + "/", prefix=True)
-            return [
+            rows = [
                 (unb64(kv["key"]), unb64(kv.get("value", "")), int(kv.get("lease", 0)))
                 for kv in answer.get("kvs", [])
             ]
+            return rows, int(answer["header"]["revision"])
+
+        return self.backend.session(work)
+
+    def changed_since(self, revision: int, count: int) -> bool:
+        """Whether any key under the prefix was put after ``revision``, or the number of
+        keys is no longer ``count`` (module docstring)."""
+
+        async def work(client: EtcdClient, _lease: int) -> bool:
+            newer = await client.range(self.prefix + "/", prefix=True, keys_only=True,
+                                       min_mod_revision=revision + 1)
+            if newer.get("kvs"):
+                return True
+            total = await client.range(self.prefix + "/", prefix=True, count_only=True)
+            return int(total.get("count", 0)) != count
 
         return self.backend.session(work)
 
@@ -93,11 +126,22 @@ class ClusterSync:
         self,
         apply: Callable[[list[tuple[str, str]]], dict[str, str]],
         locked: Callable[[Callable[[], dict[str, str]]], dict[str, str]],
+        own: Callable[[], dict[str, str]] | None = None,
     ) -> None:
-        """One controller run: read, apply under the agent lock (``locked``), publish."""
-        rows = self.read()
+        """One controller run: read, apply under the agent lock (``locked``), publish.
+        With ``own`` (this node's keys as they should be, `AgentCore.cluster_entries`), a
+        run in which nothing changed, in etcd or here, stops after two small reads."""
+        quiet = (own is not None and self._seen is not None and self._seen_lease == self.backend.lease
+                 and not self.changed_since(*self._seen))
+        if quiet and own is not None and locked(own) == self._published:
+            self.skipped += 1
+            return
+        rows, revision = self.read_at()
+        self.full_reads += 1
         desired = locked(lambda: apply([(k, v) for k, v, _lease in rows]))
         self.publish(desired, self.own_keys(self.backend.node, rows))
+        self._seen, self._published = (revision, len(rows)), desired
+        self._seen_lease = self.backend.lease
 
 
 def cluster_backend(backend: object) -> EtcdBackend | None:

@@ -515,7 +515,7 @@ class AgentServer:
         def locked(fn: Callable[[], _T]) -> _T:
             return asyncio.run_coroutine_threadsafe(run_locked(self.lock, fn), self.loop).result()
 
-        self.cluster_sync.run(self.core.apply_cluster, locked)
+        self.cluster_sync.run(self.core.apply_cluster, locked, self.core.cluster_entries)
 
 
 class AgentBusy(FlagellaError):

@@ -161,12 +161,21 @@ class EtcdClient:
 
     # -- the calls the backend uses -------------------------------------------
 
-    async def range(self, key: str, *, prefix: bool = False, count_only: bool = False) -> dict[str, Any]:
+    async def range(
+        self, key: str, *, prefix: bool = False, count_only: bool = False, keys_only: bool = False,
+        min_mod_revision: int = 0,
+    ) -> dict[str, Any]:
+        """``min_mod_revision``: only keys last modified at that revision or later (etcd
+        applies it to the keys it returns: with ``count_only`` the count is not filtered)."""
         body: dict[str, Any] = {"key": b64(key)}
         if prefix:
             body["range_end"] = prefix_end(key)
         if count_only:
             body["count_only"] = True
+        if keys_only:
+            body["keys_only"] = True
+        if min_mod_revision:
+            body["min_mod_revision"] = str(min_mod_revision)
         return await self.call("kv/range", body)
 
     async def txn(

@@ -305,4 +305,6 @@ def test_a_quiet_run_stops_after_two_small_reads_and_any_change_reads_again(node
 
     a.core.create_endpoint("own", labels={"app": "own"})
     assert full_reads_of(a.run_sync) == 1  # its own keys are not what it published
+    # An etcd restored to an older revision (a backup) is a change too.
+    assert a.sync.changed_since(10**12, len(a.sync.read()))
     assert any(k.startswith(f"{a.sync.prefix}/ip/node-a/") for k, _v, _l in a.sync.read())

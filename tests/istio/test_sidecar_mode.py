@@ -53,6 +53,15 @@ def test_a_sidecar_is_the_injected_proxy_mounting_the_agents_socket_dir() -> Non
     assert not sidecar(pod({**PROXY, "name": "app"}, volumes=HOST_DIR))  # another container
     assert not sidecar(pod({"name": "istio-proxy", "volumeMounts": [
         {"name": "flagella-sock", "mountPath": "/etc/istio"}]}, volumes=HOST_DIR))
+    # subPath: the directory below the hostPath is what the container sees.
+    state_dir = [{"name": "flagella-sock", "hostPath": {"path": "/var/run/flagella"}}]
+    def sub(**extra: str) -> dict[str, Any]:
+        return {"name": "istio-proxy", "volumeMounts": [{**PROXY["volumeMounts"][0], **extra}]}  # type: ignore[index]
+    assert sidecar(pod(sub(subPath="envoy/sockets"), volumes=state_dir))
+    assert not sidecar(pod(PROXY, volumes=state_dir))  # the state dir itself: not the socket's
+    assert not sidecar(pod(sub(subPath="x"), volumes=HOST_DIR))
+    assert not sidecar(pod(sub(subPath="../envoy/sockets"), volumes=state_dir))
+    assert not sidecar(pod(sub(subPathExpr="$(POD)"), volumes=HOST_DIR))
 
 
 def test_the_pods_own_label_does_not_make_it_a_sidecar() -> None:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flagella.xds import NodeStatus, ResourceCache, StreamState, TypeStatus, render_proxy_status
+from flagella.xds.cache import content_version, named_resources, subset_version
 from flagella.xds.status import rows_from_json
 from flagella.xds.stream import TRANSITIONS, Event, IllegalTransition, Phase, Request, TypeState
 from flagella.xds.types import CLUSTER, EXTENSION_CONFIG
@@ -174,3 +175,19 @@ def test_stream_core_random_sequences(delta: bool, type_url: str, steps: list[tu
             if stale and not delta:
                 assert [n.__class__.__name__ for n in notes] == ["Ignored"]
                 assert ts is None or (ts.version_acked, ts.last_error) == before
+
+
+@settings(max_examples=100, deadline=None)
+@given(present=st.sets(st.sampled_from("abcdefgh")), names=st.sets(st.sampled_from("abcdefghij")))
+def test_a_subscriptions_version_covers_exactly_what_it_names(present: set[str], names: set[str]) -> None:
+    """Whichever side is smaller is walked; the result is the content version of the named
+    resources present, and the view's own version when they are all of it."""
+    cache = ResourceCache()
+    cache.set_resources(EXTENSION_CONFIG, {n: rbac_filter(n, f"/{n}") for n in present})
+    view = cache.view("node", EXTENSION_CONFIG)
+    named = named_resources(view, names)
+    assert set(named) == present & names
+    expected = content_version((n, view.resources[n].version) for n in present & names)
+    assert subset_version(view, names) == expected
+    if present <= names:
+        assert subset_version(view, names) == view.version

@@ -425,10 +425,11 @@ class AgentCore:
         istio_sidecar: bool = False,
     ) -> Endpoint | None:
         """The pod ``namespace/name`` has exactly these labels (and service account, and a
-        Flagella-aware Istio sidecar or not): the Kubernetes watcher's entry point. Its endpoint leaves ``reserved:init`` for its real
-        identity and waits (bounded) for the regenerations that causes. Before the pod's
-        endpoint exists (the watcher usually sees a pod before its CNI ADD) the labels are
-        remembered and the ADD uses them; returns the endpoint, or None when there is none yet.
+        Flagella-aware Istio sidecar or not): the Kubernetes watcher's entry point. Its
+        endpoint leaves ``reserved:init`` for its real identity and waits (bounded) for the
+        regenerations that causes. Before the pod's endpoint exists (the watcher usually
+        sees a pod before its CNI ADD) all of it is remembered and the ADD uses it; returns
+        the endpoint, or None when there is none yet.
         """
         _check_name("namespace", namespace)
         _check_name("pod name", name)

@@ -86,6 +86,12 @@ class ClusterSync:
 
         return self.backend.session(work)
 
+    def _quiet(self) -> bool:
+        """Nothing changed in etcd since the last full run, in the same session."""
+        if self._seen is None or self._seen_lease != self.backend.lease:
+            return False
+        return not self.changed_since(*self._seen)
+
     def changed_since(self, revision: int, count: int) -> bool:
         """Whether any key under the prefix was put after ``revision``, or the number of
         keys is no longer ``count`` (module docstring)."""
@@ -93,8 +99,8 @@ class ClusterSync:
         async def work(client: EtcdClient, _lease: int) -> bool:
             newer = await client.range(self.prefix + "/", prefix=True, keys_only=True,
                                        min_mod_revision=revision + 1)
-            if newer.get("kvs"):
-                return True
+            if newer.get("kvs") or int(newer["header"]["revision"]) < revision:
+                return True  # a put since; or an etcd restored to an older revision
             total = await client.range(self.prefix + "/", prefix=True, count_only=True)
             return int(total.get("count", 0)) != count
 
@@ -131,9 +137,7 @@ class ClusterSync:
         """One controller run: read, apply under the agent lock (``locked``), publish.
         With ``own`` (this node's keys as they should be, `AgentCore.cluster_entries`), a
         run in which nothing changed, in etcd or here, stops after two small reads."""
-        quiet = (own is not None and self._seen is not None and self._seen_lease == self.backend.lease
-                 and not self.changed_since(*self._seen))
-        if quiet and own is not None and locked(own) == self._published:
+        if own is not None and self._quiet() and locked(own) == self._published:
             self.skipped += 1
             return
         rows, revision = self.read_at()

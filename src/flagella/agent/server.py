@@ -591,7 +591,8 @@ def run_agent(
     core.restore()
     if istio is not None:
         istio.ensure_init_policy(core)
-    tune_allocator()  # the Kafka ext_proc service moves ~1 MiB messages (its docstring)
+    if proxy is not None or istio is not None:
+        tune_allocator()  # their Kafka ext_proc service moves ~1 MiB messages (its docstring)
     server = AgentServer(core, proxy=proxy, k8s_api=k8s_api, istio=istio)
     try:
         asyncio.run(server.serve())

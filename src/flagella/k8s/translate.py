@@ -23,6 +23,7 @@ naming the field. Nothing reads the network or the clock, except that
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,11 +204,24 @@ def _istio_proxy_mounts(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> tup
         if container.get("name") != ISTIO_PROXY_CONTAINER:
             continue
         return tuple(
-            (mount["mountPath"], host_paths.get(str(mount.get("name")), ""))
+            (mount["mountPath"], _host_dir(host_paths.get(str(mount.get("name")), ""), mount))
             for mount in _mappings(container.get("volumeMounts"))
             if isinstance(mount.get("mountPath"), str)
         )
     return ()
+
+
+def _host_dir(host_path: str, mount: Mapping[str, Any]) -> str:
+    """The host directory a mount shows: its volume's hostPath, below it with ``subPath``;
+    "" when it cannot be known here (``subPathExpr``, a subPath leaving the volume)."""
+    if not host_path or "subPathExpr" in mount:
+        return ""
+    sub = mount.get("subPath")
+    if sub in (None, ""):
+        return host_path
+    if not isinstance(sub, str) or sub.startswith("/") or ".." in sub.split("/"):
+        return ""  # the API server refuses these; never guess
+    return posixpath.join(host_path, sub)
 
 
 def _mappings(value: Any) -> list[Mapping[str, Any]]:

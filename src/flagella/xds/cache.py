@@ -90,8 +90,19 @@ def subset_version(view: TypeView, names: Collection[str]) -> str:
     """The content version of the resources of ``view`` named in ``names`` (those present):
     what a stream subscribed to ``names`` is sent. Equals ``view.version`` when ``names``
     covers the view (without hashing again)."""
-    wanted = [(n, r.version) for n, r in view.resources.items() if n in names]
-    return view.version if len(wanted) == len(view.resources) else content_version(wanted)
+    wanted = named_resources(view, names)
+    return view.version if len(wanted) == len(view.resources) else content_version(
+        (n, r.version) for n, r in wanted.items()
+    )
+
+
+def named_resources(view: TypeView, names: Collection[str]) -> dict[str, CachedResource]:
+    """The resources of ``view`` named in ``names`` (those present), walking the smaller
+    of the two: a sidecar names a few filters of a view that may hold the node proxy's
+    thousands, once per stream and change."""
+    if len(names) < len(view.resources):
+        return {n: view.resources[n] for n in names if n in view.resources}
+    return {n: r for n, r in view.resources.items() if n in names}
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from flagella.errors import FlagellaError
 from flagella.xds._wire import field_str
-from flagella.xds.cache import CachedResource, TypeView, subset_version
+from flagella.xds.cache import CachedResource, TypeView, named_resources, subset_version
 from flagella.xds.types import FULL_STATE
 
 WILDCARD = "*"
@@ -286,7 +286,7 @@ class StreamState:
     def _sotw_response(self, ts: TypeState, view: TypeView) -> Response | None:
         subscription = frozenset(ts.names | ({WILDCARD} if ts.wildcard else set()))
         version = ts.version_of(view)
-        wanted = {n: r for n, r in view.resources.items() if ts.wants(n)}
+        wanted = dict(view.resources) if ts.wildcard else named_resources(view, ts.names)
         names_changed = subscription != ts.names_at_send
         if not names_changed and version == ts.version_sent:
             return None

@@ -250,7 +250,11 @@ class KafkaConnection:
         if not self._held_need:
             if self._held_size < 4:
                 return False
-            head = bytes(self._held[0][:4]) if len(self._held[0]) >= 4 else b"".join(self._held[:4])[:4]
+            head = bytearray()
+            for piece in self._held:  # the size may straddle reads; never copy more than it
+                head += piece[: 4 - len(head)]
+                if len(head) == 4:
+                    break
             size: int = _SIZE.unpack_from(head, 0)[0]
             if size < 0 or size > self.settings.max_request_bytes:
                 return True  # decoded at once: the size check closes the connection
